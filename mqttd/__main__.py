@@ -1,0 +1,81 @@
+"""Command line: ``mqttd [-c FILE] [--host H] [-p PORT] [--data-dir DIR]``,
+``mqttd --check-config FILE``, or ``python -m mqttd``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import trio
+
+from mqttd.broker import Broker
+from mqttd.config import Config, ConfigError, load_config
+
+log = logging.getLogger("mqttd")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mqttd", description="An MQTT 3.1.1 broker for IoT fleets, on trio."
+    )
+    parser.add_argument(
+        "-c", "--config", metavar="FILE", help="YAML configuration file (default: built in)"
+    )
+    parser.add_argument("--host", help="listen on this address instead of the configured ones")
+    parser.add_argument(
+        "-p", "--port", type=int, help="listen on this port instead of the configured ones"
+    )
+    parser.add_argument("--data-dir", metavar="DIR", help="directory for the broker's data")
+    parser.add_argument(
+        "--check-config", metavar="FILE", help="check a configuration file and exit"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.check_config is not None:
+        try:
+            load_config(args.check_config)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        print(f"{args.check_config}: configuration OK")
+        return 0
+    try:
+        config = load_config(args.config).with_overrides(
+            host=args.host, port=args.port, data_dir=args.data_dir
+        )
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    logging.basicConfig(
+        level=config.logging.level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        trio.run(run, config)
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def run(config: Config) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down in order."""
+    broker = Broker(config)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(broker.serve)
+            async for signum in signals:
+                log.info("received %s", signal.Signals(signum).name)
+                broker.shutdown()
+                break
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""The broker: sessions, routing, retained messages and wills, composed.
+
+``Broker`` handles decoded packets synchronously for a :class:`Connection` (no I/O,
+no ``await``); ``Broker.serve`` runs it on the network (``mqttd.server``) inside the
+caller's nursery and reports the bound addresses::
+
+    broker = Broker(config)
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(broker.serve)
+        ...
+        broker.shutdown()          # ordered: listeners, wills, connections, storage
+
+or ``async with mqttd.broker.running(config) as broker: broker.port``.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from mqttd.codec import ClientIdRejected, MQTTError
+from mqttd.codec.errors import SessionTakenOver
+from mqttd.codec.packets import (
+    CONNECT,
+    DISCONNECT,
+    PINGREQ,
+    PROTOCOL_31,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    ConnAck,
+    Connect,
+    Disconnect,
+    Packet,
+    PingReq,
+    PubAck,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+    SubAck,
+    Subscribe,
+    UnsubAck,
+    Unsubscribe,
+    Will,
+)
+from mqttd.codec.reason import SUBACK_FAILURE
+from mqttd.config import Config
+from mqttd.protocol import Connection
+from mqttd.retained import RetainedStore
+from mqttd.router import Router
+from mqttd.session import Session
+from mqttd.topics import InvalidTopic, validate_topic_filter
+
+log = logging.getLogger(__name__)
+
+MAX_QOS = 2
+SHUTDOWN_FLUSH_TIMEOUT_S = 5.0
+
+
+@attrs.define(eq=False)
+class Broker:
+    config: Config = attrs.Factory(Config)
+    sessions: dict[str, Session] = attrs.Factory(dict)
+    router: Router = attrs.Factory(Router)
+    retained: RetainedStore = attrs.Factory(RetainedStore)
+    connections: set[Connection] = attrs.Factory(set)
+    addresses: list[tuple[str, int]] = attrs.Factory(list)
+    _shutdown_requested: trio.Event = attrs.Factory(trio.Event)
+    _handlers: dict[int, Callable[[Connection, Any], None]] = attrs.field(init=False)
+    # counters
+    connections_total: int = 0
+    messages_received: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self._handlers = {
+            CONNECT: self._on_connect,
+            PUBLISH: self._on_publish,
+            PUBACK: self._on_puback,
+            PUBREC: self._on_pubrec,
+            PUBREL: self._on_pubrel,
+            PUBCOMP: self._on_pubcomp,
+            SUBSCRIBE: self._on_subscribe,
+            UNSUBSCRIBE: self._on_unsubscribe,
+            PINGREQ: self._on_pingreq,
+            DISCONNECT: self._on_disconnect,
+        }
+
+    @property
+    def port(self) -> int:
+        """The port of the first listener (useful with port 0)."""
+        return self.addresses[0][1]
+
+    # -- connections (called by the I/O layer) ---------------------------------------
+
+    def new_connection(self, peer: str) -> Connection:
+        conn = Connection(peer=peer, max_packet_size=self.config.limits.max_packet_size_bytes)
+        self.connections.add(conn)
+        self.connections_total += 1
+        return conn
+
+    def handle_data(self, conn: Connection, data: bytes) -> None:
+        """Decode and handle everything complete in ``data``. Raises MQTTError (after
+        handling the packets that preceded the bad one) when the connection must end."""
+        try:
+            packets = conn.receive_data(data)
+        except MQTTError as exc:
+            self._dispatch(conn, exc.packets_before)
+            raise
+        self._dispatch(conn, packets)
+
+    def _dispatch(self, conn: Connection, packets: list[Packet]) -> None:
+        handlers = self._handlers
+        for packet in packets:
+            if conn.closing:
+                return
+            handlers[packet.TYPE](conn, packet)
+
+    def protocol_error(self, conn: Connection, exc: MQTTError) -> None:
+        """Answer a protocol error the way the protocol version allows, then close."""
+        log.warning("client %s: %s (%s); closing", conn.name, exc, type(exc).__name__)
+        if conn.session is None and exc.connack_code is not None:
+            conn.send_packet(ConnAck(False, exc.connack_code))
+            conn.close(exc, flush=True)
+        else:
+            conn.close(exc)
+
+    def connection_lost(self, conn: Connection) -> None:
+        """The connection is over, for whatever reason: publish the will unless the
+        client sent DISCONNECT, detach the session, discard it if clean."""
+        self.connections.discard(conn)
+        session = conn.session
+        if session is None:
+            return
+        conn.session = None
+        will, conn.will = conn.will, None
+        if session.connection is conn:
+            session.detach()
+        if not session.persistent and self.sessions.get(session.client_id) is session:
+            self._discard_session(session)
+        reason = conn.close_reason
+        log.info(
+            "client %s disconnected%s", conn.name, f" ({reason})" if reason is not None else ""
+        )
+        if will is not None:
+            self._publish_will(will)
+
+    # -- messages --------------------------------------------------------------------
+
+    def publish(self, message: Publish) -> int:
+        """Store (if retained) and route a message; returns the number of deliveries."""
+        if message.retain:
+            if message.payload:
+                self.retained.set(message.topic, message)
+            else:
+                self.retained.delete(message.topic)
+        return self.router.route(message)
+
+    def _publish_will(self, will: Will) -> None:
+        self.publish(Publish(will.topic, will.payload, will.qos, will.retain))
+
+    # -- packet handlers -------------------------------------------------------------
+
+    def _on_connect(self, conn: Connection, packet: Connect) -> None:
+        conn.protocol_level = packet.protocol_level
+        client_id = packet.client_id
+        if not client_id:
+            if not packet.clean_session:
+                raise ClientIdRejected("empty client identifier with clean session 0")
+            if packet.protocol_level == PROTOCOL_31:
+                raise ClientIdRejected("empty client identifier is not allowed in MQTT 3.1")
+            client_id = f"auto-{uuid.uuid4()}"
+        conn.client_id = client_id
+        conn.keepalive_s = packet.keepalive_s
+        session = self.sessions.get(client_id)
+        if session is not None and session.connection is not None:
+            self._take_over(session.connection)
+        if session is not None and (packet.clean_session or not session.persistent):
+            self._discard_session(session)
+            session = None
+        session_present = session is not None
+        if session is None:
+            limits = self.config.limits
+            session = Session(
+                client_id,
+                persistent=not packet.clean_session,
+                max_inflight=limits.max_inflight_messages,
+                max_queued=limits.max_queued_messages,
+            )
+            self.sessions[client_id] = session
+        conn.session = session
+        conn.will = packet.will
+        conn.send_packet(ConnAck(session_present, 0))
+        session.attach(conn)
+        log.info(
+            "client %s connected (MQTT %s, clean session %d, keepalive %ds, session present %d)",
+            conn.name,
+            "3.1" if packet.protocol_level == PROTOCOL_31 else "3.1.1",
+            packet.clean_session,
+            packet.keepalive_s,
+            session_present,
+        )
+
+    def _take_over(self, old: Connection) -> None:
+        """A second connection with the same client id: close the first. Its will is
+        published (it did not send DISCONNECT; MQTT-3.1.2-8, as mosquitto does)."""
+        log.info("client %s: taken over by a new connection; closing the old one", old.name)
+        session = old.session
+        will, old.will = old.will, None
+        old.session = None
+        if session is not None:
+            session.detach()
+        old.close(SessionTakenOver("session taken over by a new connection"))
+        if will is not None:
+            self._publish_will(will)
+
+    def _discard_session(self, session: Session) -> None:
+        self.router.trie.remove_client(session.client_id, list(session.subscriptions))
+        session.subscriptions.clear()
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+
+    def _on_publish(self, conn: Connection, packet: Publish) -> None:
+        self.messages_received += 1
+        qos = packet.qos
+        if not qos:
+            self.publish(packet)
+            return
+        packet_id = packet.packet_id
+        if qos == 1:
+            self.publish(packet)
+            conn.send(bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF)))
+            return
+        inbound = conn.session.inbound_qos2  # type: ignore[union-attr]
+        if packet_id not in inbound:  # exactly once: route on first receipt only
+            inbound.add(packet_id)
+            self.publish(packet)
+        conn.send(bytes((0x50, 2, packet_id >> 8, packet_id & 0xFF)))
+
+    def _on_puback(self, conn: Connection, packet: PubAck) -> None:
+        if not conn.session.on_puback(packet.packet_id):  # type: ignore[union-attr]
+            log.debug("client %s: PUBACK for unknown packet id %d", conn.name, packet.packet_id)
+
+    def _on_pubrec(self, conn: Connection, packet: PubRec) -> None:
+        if not conn.session.on_pubrec(packet.packet_id):  # type: ignore[union-attr]
+            log.debug("client %s: PUBREC for unknown packet id %d", conn.name, packet.packet_id)
+        conn.send_packet(PubRel(packet.packet_id))
+
+    def _on_pubrel(self, conn: Connection, packet: PubRel) -> None:
+        conn.session.inbound_qos2.discard(packet.packet_id)  # type: ignore[union-attr]
+        conn.send_packet(PubComp(packet.packet_id))
+
+    def _on_pubcomp(self, conn: Connection, packet: PubComp) -> None:
+        if not conn.session.on_pubcomp(packet.packet_id):  # type: ignore[union-attr]
+            log.debug("client %s: PUBCOMP for unknown packet id %d", conn.name, packet.packet_id)
+
+    def _on_subscribe(self, conn: Connection, packet: Subscribe) -> None:
+        session: Session = conn.session  # type: ignore[assignment]
+        trie = self.router.trie
+        codes = []
+        retained: list[tuple[Publish, int]] = []
+        for sub in packet.subscriptions:
+            try:
+                validate_topic_filter(sub.filter)
+            except InvalidTopic as exc:
+                log.info("client %s: refused subscription %r: %s", conn.name, sub.filter, exc)
+                codes.append(SUBACK_FAILURE)
+                continue
+            qos = min(sub.qos, MAX_QOS)
+            session.subscriptions[sub.filter] = qos
+            trie.add(sub.filter, session.client_id, session, qos)
+            codes.append(qos)
+            for _topic, message in self.retained.match(sub.filter):
+                retained.append((message, min(message.qos, qos)))
+        conn.send_packet(SubAck(packet.packet_id, tuple(codes)))
+        for message, qos in retained:
+            session.deliver(message, qos, True, None)
+
+    def _on_unsubscribe(self, conn: Connection, packet: Unsubscribe) -> None:
+        session: Session = conn.session  # type: ignore[assignment]
+        for topic_filter in packet.filters:
+            if session.subscriptions.pop(topic_filter, None) is not None:
+                self.router.trie.remove(topic_filter, session.client_id)
+        conn.send_packet(UnsubAck(packet.packet_id))
+
+    def _on_pingreq(self, conn: Connection, packet: PingReq) -> None:
+        conn.send(b"\xd0\x00")
+
+    def _on_disconnect(self, conn: Connection, packet: Disconnect) -> None:
+        conn.will = None  # a clean DISCONNECT discards the will (MQTT-3.14.4-3)
+        conn.close()
+
+    # -- running -----------------------------------------------------------------------
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on every configured listener and serve until :meth:`shutdown`.
+        Reports the bound ``[(host, port), ...]`` through ``task_status``."""
+        from mqttd.server.tcp import TCPServer  # the composition root knows the I/O layer
+
+        server = TCPServer(self)
+        async with trio.open_nursery() as services:
+            self.addresses = await services.start(server.serve)
+            for host, port in self.addresses:
+                log.info("mqttd listening on %s:%d", host, port)
+            task_status.started(self.addresses)
+            await self._shutdown_requested.wait()
+            log.info("shutting down: %d connections", len(self.connections))
+            await server.shutdown(SHUTDOWN_FLUSH_TIMEOUT_S)
+            services.cancel_scope.cancel()
+        log.info("mqttd stopped")
+
+    def shutdown(self) -> None:
+        """Ask :meth:`serve` to stop: listeners first, then connections (with a deadline)."""
+        self._shutdown_requested.set()
+
+    def close_all_connections(self, reason: MQTTError) -> None:
+        """Server shutdown: publish the wills of connected clients (as mosquitto does at
+        exit), then close every connection after flushing what is queued for it."""
+        wills = []
+        for conn in list(self.connections):
+            if conn.will is not None:
+                wills.append(conn.will)
+                conn.will = None
+        for will in wills:
+            self._publish_will(will)
+        for conn in list(self.connections):
+            conn.close(reason, flush=conn.session is not None)
+
+
+@asynccontextmanager
+async def running(config: Config | None = None) -> AsyncIterator[Broker]:
+    """Run a broker for the duration of the block; ``broker.port`` is the bound port."""
+    broker = Broker(config if config is not None else Config())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(broker.serve)
+        try:
+            yield broker
+        finally:
+            broker.shutdown()

@@ -1,0 +1,347 @@
+"""Incremental, sans-IO packet decoder.
+
+``Decoder.feed(data)`` appends bytes and returns every packet that is now complete.
+Packets are parsed from one buffer with an offset; the remainder is kept once per
+call. A Remaining Length above ``max_packet_size`` is rejected as soon as the fixed
+header is read, before the body is buffered.
+
+The decoder is symmetric: it decodes client-to-server and server-to-client packets
+alike (the broker rejects the ones a client may not send; the load generators and
+tests use the same decoder for the broker's replies). The protocol level is learned
+from CONNECT (or set by the caller) and selects the 3.x or 5.0 layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mqttd.codec.errors import (
+    MalformedPacket,
+    MQTTError,
+    PacketTooLarge,
+    ProtocolError,
+    TopicNameInvalid,
+    UnsupportedProtocolVersion,
+)
+from mqttd.codec.packets import (
+    PROTOCOL_31,
+    PROTOCOL_311,
+    PROTOCOL_5,
+    ConnAck,
+    Connect,
+    Disconnect,
+    Packet,
+    PingReq,
+    PingResp,
+    PubAck,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+    SubAck,
+    Subscribe,
+    Subscription,
+    UnsubAck,
+    Unsubscribe,
+    Will,
+)
+
+MAX_REMAINING_LENGTH = 268_435_455
+MAX_PACKET_SIZE = MAX_REMAINING_LENGTH + 5
+
+_PINGREQ = PingReq()
+_PINGRESP = PingResp()
+_DISCONNECT = Disconnect()
+
+Buffer = bytes | bytearray
+
+
+def _read_u16(data: Buffer, i: int, end: int, what: str) -> int:
+    if i + 2 > end:
+        raise MalformedPacket(f"packet ends inside {what}")
+    return (data[i] << 8) | data[i + 1]
+
+
+def _read_bin(data: Buffer, i: int, end: int, what: str) -> tuple[bytes, int]:
+    n = _read_u16(data, i, end, what)
+    i += 2
+    if i + n > end:
+        raise MalformedPacket(f"{what} length {n} runs past the end of the packet")
+    return bytes(data[i:i + n]), i + n
+
+
+def _read_str(data: Buffer, i: int, end: int, what: str) -> tuple[str, int]:
+    raw, i = _read_bin(data, i, end, what)
+    try:
+        s = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedPacket(f"{what} is not valid UTF-8") from None
+    if "\x00" in s:
+        raise MalformedPacket(f"{what} contains U+0000")
+    return s, i
+
+
+def _expect_flags(flags: int, expected: int, name: str) -> None:
+    if flags != expected:
+        raise MalformedPacket(f"{name} with reserved flags {flags:#06b}")
+
+
+class Decoder:
+    """Turns a byte stream into packets. One per connection."""
+
+    __slots__ = ("_buf", "max_packet_size", "protocol_level", "_decoders")
+
+    def __init__(self, max_packet_size: int = MAX_PACKET_SIZE, protocol_level: int = 0) -> None:
+        self._buf = bytearray()
+        self.max_packet_size = max_packet_size
+        # 0 until a CONNECT is seen (or set by a client-side caller)
+        self.protocol_level = protocol_level
+        self._decoders: tuple[Callable[[int, Buffer, int, int], Packet], ...] = (
+            self._reserved, self._connect, self._connack, self._publish, self._puback,
+            self._pubrec, self._pubrel, self._pubcomp, self._subscribe, self._suback,
+            self._unsubscribe, self._unsuback, self._pingreq, self._pingresp,
+            self._disconnect, self._reserved,
+        )
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for a packet that is not complete yet."""
+        return len(self._buf)
+
+    def feed(self, data: Buffer) -> list[Packet]:
+        """Add ``data``; return the packets completed by it, in order.
+
+        Raises :class:`MQTTError` for bad input; the exception's ``packets_before``
+        holds the packets that were complete before the bad one. After an error the
+        decoder must not be used again (the connection is closed).
+        """
+        buf: Buffer
+        if self._buf:
+            self._buf += data
+            buf = self._buf
+        else:
+            buf = data
+        n = len(buf)
+        pos = 0
+        out: list[Packet] = []
+        decoders = self._decoders
+        limit = self.max_packet_size
+        try:
+            while n - pos >= 2:
+                # Remaining Length: at most four bytes
+                i = pos + 1
+                byte = buf[i]
+                length = byte & 0x7F
+                shift = 7
+                while byte & 0x80:
+                    i += 1
+                    if i - pos > 4:
+                        raise MalformedPacket("Remaining Length longer than four bytes")
+                    if i >= n:
+                        break
+                    byte = buf[i]
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                else:
+                    i += 1
+                    end = i + length
+                    if end - pos > limit:
+                        raise PacketTooLarge(
+                            f"packet of {end - pos} bytes exceeds the maximum of {limit}"
+                        )
+                    if end > n:
+                        break
+                    first = buf[pos]
+                    out.append(decoders[first >> 4](first & 0x0F, buf, i, end))
+                    pos = end
+                    continue
+                break  # Remaining Length incomplete
+        except MQTTError as exc:
+            exc.packets_before = out
+            self._buf = bytearray()
+            raise
+        if pos >= n:
+            if buf is self._buf:
+                self._buf = bytearray()
+        elif buf is self._buf:
+            if pos:
+                del self._buf[:pos]
+        else:
+            self._buf = bytearray(buf[pos:])
+        return out
+
+    # -- one method per packet type: (flags, buffer, body start, body end) -> packet --
+
+    def _reserved(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
+        raise MalformedPacket("reserved packet type (0, or 15 before MQTT 5.0)")
+
+    def _connect(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
+        _expect_flags(flags, 0, "CONNECT")
+        name, i = _read_str(data, i, end, "protocol name")
+        if i + 4 > end:
+            raise MalformedPacket("CONNECT ends inside its variable header")
+        level = data[i]
+        cflags = data[i + 1]
+        keepalive = (data[i + 2] << 8) | data[i + 3]
+        i += 4
+        if (name, level) not in (("MQTT", PROTOCOL_311), ("MQIsdp", PROTOCOL_31)):
+            if name in ("MQTT", "MQIsdp"):
+                # MQTT-3.1.2-2: answer CONNACK 0x01 and close. 5.0 comes with its own issue.
+                raise UnsupportedProtocolVersion(f"protocol level {level} is not supported")
+            raise ProtocolError(f"unknown protocol name {name!r}")
+        if cflags & 0x01:
+            raise MalformedPacket("CONNECT reserved flag is set")
+        clean = bool(cflags & 0x02)
+        will_flag = cflags & 0x04
+        will_qos = (cflags >> 3) & 0x03
+        will_retain = bool(cflags & 0x20)
+        has_password = cflags & 0x40
+        has_username = cflags & 0x80
+        if will_qos == 3:
+            raise MalformedPacket("will QoS 3")
+        if not will_flag and (will_qos or will_retain):
+            raise MalformedPacket("will QoS/retain set without the will flag")
+        if has_password and not has_username:
+            raise MalformedPacket("password flag set without the user name flag")
+        client_id, i = _read_str(data, i, end, "client identifier")
+        will = None
+        if will_flag:
+            will_topic, i = _read_str(data, i, end, "will topic")
+            will_payload, i = _read_bin(data, i, end, "will message")
+            if not will_topic or "+" in will_topic or "#" in will_topic:
+                raise MalformedPacket(f"invalid will topic {will_topic!r}")
+            will = Will(will_topic, will_payload, will_qos, will_retain)
+        username = password = None
+        if has_username:
+            username, i = _read_str(data, i, end, "user name")
+        if has_password:
+            password, i = _read_bin(data, i, end, "password")
+        if i != end:
+            raise MalformedPacket(f"{end - i} unexpected bytes at the end of CONNECT")
+        self.protocol_level = level
+        return Connect(client_id, clean, keepalive, level, will, username, password)
+
+    def _connack(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
+        _expect_flags(flags, 0, "CONNACK")
+        if end - i != 2:
+            raise MalformedPacket("CONNACK must have a remaining length of 2")
+        if data[i] & 0xFE:
+            raise MalformedPacket("CONNACK reserved flags set")
+        return ConnAck(bool(data[i] & 1), data[i + 1])
+
+    def _publish(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
+        qos = (flags >> 1) & 0x03
+        if qos == 3:
+            raise MalformedPacket("PUBLISH with QoS 3")
+        dup = bool(flags & 0x08)
+        if dup and not qos:
+            raise MalformedPacket("DUP set on a QoS 0 PUBLISH")
+        if i + 2 > end:
+            raise MalformedPacket("packet ends inside topic name")
+        n = (data[i] << 8) | data[i + 1]
+        i += 2
+        if i + n > end:
+            raise MalformedPacket(f"topic name length {n} runs past the end of the packet")
+        try:
+            topic = str(data[i:i + n], "utf-8")
+        except UnicodeDecodeError:
+            raise MalformedPacket("topic name is not valid UTF-8") from None
+        if not topic or "+" in topic or "#" in topic or "\x00" in topic:
+            raise TopicNameInvalid(f"invalid topic name {topic!r}")
+        i += n
+        packet_id = 0
+        if qos:
+            if i + 2 > end:
+                raise MalformedPacket("packet ends inside packet identifier")
+            packet_id = (data[i] << 8) | data[i + 1]
+            if not packet_id:
+                raise ProtocolError("PUBLISH with packet identifier 0")
+            i += 2
+        return Publish(topic, bytes(data[i:end]), qos, bool(flags & 1), dup, packet_id)
+
+    def _ack_id(self, flags: int, expected: int, data: Buffer, i: int, end: int, name: str) -> int:
+        _expect_flags(flags, expected, name)
+        if end - i != 2:
+            raise MalformedPacket(f"{name} must have a remaining length of 2")
+        packet_id = (data[i] << 8) | data[i + 1]
+        if not packet_id:
+            raise ProtocolError(f"{name} with packet identifier 0")
+        return packet_id
+
+    def _puback(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
+        return PubAck(self._ack_id(flags, 0, data, i, end, "PUBACK"))
+
+    def _pubrec(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
+        return PubRec(self._ack_id(flags, 0, data, i, end, "PUBREC"))
+
+    def _pubrel(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
+        return PubRel(self._ack_id(flags, 2, data, i, end, "PUBREL"))
+
+    def _pubcomp(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
+        return PubComp(self._ack_id(flags, 0, data, i, end, "PUBCOMP"))
+
+    def _packet_id(self, data: Buffer, i: int, end: int, name: str) -> int:
+        packet_id = _read_u16(data, i, end, "packet identifier")
+        if not packet_id:
+            raise ProtocolError(f"{name} with packet identifier 0")
+        return packet_id
+
+    def _subscribe(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
+        _expect_flags(flags, 2, "SUBSCRIBE")
+        packet_id = self._packet_id(data, i, end, "SUBSCRIBE")
+        i += 2
+        subs = []
+        while i < end:
+            topic_filter, i = _read_str(data, i, end, "topic filter")
+            if i >= end:
+                raise MalformedPacket("SUBSCRIBE topic filter without requested QoS")
+            options = data[i]
+            i += 1
+            if options & 0xFC:
+                raise MalformedPacket(f"SUBSCRIBE options reserved bits set ({options:#04x})")
+            if options == 3:
+                raise MalformedPacket("SUBSCRIBE requested QoS 3")
+            subs.append(Subscription(topic_filter, options))
+        if not subs:
+            raise ProtocolError("SUBSCRIBE without topic filters")
+        return Subscribe(packet_id, tuple(subs))
+
+    def _suback(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
+        _expect_flags(flags, 0, "SUBACK")
+        packet_id = self._packet_id(data, i, end, "SUBACK")
+        return SubAck(packet_id, tuple(data[i + 2:end]))
+
+    def _unsubscribe(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
+        _expect_flags(flags, 2, "UNSUBSCRIBE")
+        packet_id = self._packet_id(data, i, end, "UNSUBSCRIBE")
+        i += 2
+        filters = []
+        while i < end:
+            topic_filter, i = _read_str(data, i, end, "topic filter")
+            filters.append(topic_filter)
+        if not filters:
+            raise ProtocolError("UNSUBSCRIBE without topic filters")
+        return Unsubscribe(packet_id, tuple(filters))
+
+    def _unsuback(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
+        return UnsubAck(self._ack_id(flags, 0, data, i, end, "UNSUBACK"))
+
+    def _empty(self, flags: int, i: int, end: int, name: str) -> None:
+        _expect_flags(flags, 0, name)
+        if end != i:
+            raise MalformedPacket(f"{name} must have a remaining length of 0")
+
+    def _pingreq(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
+        self._empty(flags, i, end, "PINGREQ")
+        return _PINGREQ
+
+    def _pingresp(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
+        self._empty(flags, i, end, "PINGRESP")
+        return _PINGRESP
+
+    def _disconnect(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
+        self._empty(flags, i, end, "DISCONNECT")
+        return _DISCONNECT
+
+
+__all__ = ["Decoder", "MAX_PACKET_SIZE", "MAX_REMAINING_LENGTH", "PROTOCOL_5"]

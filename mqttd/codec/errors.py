@@ -1,0 +1,91 @@
+"""Protocol errors that know their answer on the wire.
+
+Every error the codec or the broker raises for bad input is an :class:`MQTTError`.
+It carries:
+
+* ``reason_code`` - the MQTT 5.0 reason code (used in a CONNACK before the session
+  starts, or in a DISCONNECT after it);
+* ``connack_code`` - the MQTT 3.1/3.1.1 CONNACK return code when the error happens
+  while handling CONNECT and the 3.x protocol has an answer for it, else ``None``
+  (3.x has no DISCONNECT from the server: the connection is simply closed).
+
+``packets_before`` is set by the decoder: the packets that were complete in the same
+read before the bad one, so the caller can handle them first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mqttd.codec import reason
+
+
+class MQTTError(Exception):
+    reason_code: int = reason.UNSPECIFIED_ERROR
+    connack_code: int | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason_code: int | None = None,
+        connack_code: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        if reason_code is not None:
+            self.reason_code = reason_code
+        if connack_code is not None:
+            self.connack_code = connack_code
+        self.packets_before: list[Any] = []
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class MalformedPacket(MQTTError):
+    """The bytes do not form a valid packet (3.1.1 section 4.8: close the connection)."""
+
+    reason_code = reason.MALFORMED_PACKET
+
+
+class ProtocolError(MQTTError):
+    """A well-formed packet that the protocol does not allow here."""
+
+    reason_code = reason.PROTOCOL_ERROR
+
+
+class PacketTooLarge(MQTTError):
+    reason_code = reason.PACKET_TOO_LARGE
+
+
+class UnsupportedProtocolVersion(MQTTError):
+    reason_code = reason.UNSUPPORTED_PROTOCOL_VERSION
+    connack_code = reason.CONNACK_UNACCEPTABLE_PROTOCOL_VERSION
+
+
+class ClientIdRejected(MQTTError):
+    reason_code = reason.CLIENT_IDENTIFIER_NOT_VALID
+    connack_code = reason.CONNACK_IDENTIFIER_REJECTED
+
+
+class TopicNameInvalid(MQTTError):
+    reason_code = reason.TOPIC_NAME_INVALID
+
+
+class KeepAliveTimeout(MQTTError):
+    reason_code = reason.KEEP_ALIVE_TIMEOUT
+
+
+class SessionTakenOver(MQTTError):
+    reason_code = reason.SESSION_TAKEN_OVER
+
+
+class ServerShuttingDown(MQTTError):
+    reason_code = reason.SERVER_SHUTTING_DOWN
+    connack_code = reason.CONNACK_SERVER_UNAVAILABLE
+
+
+class ServerBusy(MQTTError):
+    reason_code = reason.SERVER_BUSY
+    connack_code = reason.CONNACK_SERVER_UNAVAILABLE

@@ -1,0 +1,292 @@
+"""Broker configuration: frozen attrs classes structured from YAML by cattrs.
+
+Every key has a default, so an empty file (or no file) is a valid configuration. Unknown keys
+and values of the wrong type are rejected; every error names the file and the key path, for
+example ``config/x.yaml: limits.max_inflight_messages: expected int, got 'abc'``.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import reprlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import attrs
+import cattrs
+import yaml
+from cattrs.cols import homogenous_tuple_structure_factory
+from cattrs.errors import (
+    BaseValidationError,
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+)
+from cattrs.gen import make_dict_structure_fn
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MQTT_MAX_PACKET_SIZE_BYTES = 268_435_455 + 5  # largest remaining length + fixed header
+
+
+class ConfigError(Exception):
+    """An invalid configuration: ``problems`` holds (key path, problem) pairs."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        super().__init__(source, problems)
+        self.source = source
+        self.problems = problems
+
+    def __str__(self) -> str:
+        return "\n".join(
+            f"{self.source}: {path}: {problem}" if path else f"{self.source}: {problem}"
+            for path, problem in self.problems
+        )
+
+
+class _Invalid(ValueError):
+    """A bad value of attribute ``name`` (validators), or of the value at hand (``name=""``)."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name}: {problem}" if name else problem)
+        self.name = name
+        self.problem = problem
+
+
+def _type_problem(value: Any, expected: type) -> str | None:
+    ok = isinstance(value, (int | float) if expected is float else expected)
+    if not ok or isinstance(value, bool):
+        return f"expected {expected.__name__}, got {reprlib.repr(value)}"
+    return None
+
+
+def _checked(expected: type, check: Callable[[Any], str | None] = lambda v: None) -> Any:
+    """An attrs validator: the value has type ``expected`` and ``check`` finds no problem."""
+
+    def validate(_instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        problem = _type_problem(value, expected) or check(value)
+        if problem:
+            raise _Invalid(attribute.name, problem)
+
+    return validate
+
+
+def _between(low: int, high: int) -> Any:
+    def check(v: int) -> str | None:
+        return None if low <= v <= high else f"must be between {low} and {high}, got {v}"
+
+    return _checked(int, check)
+
+
+def _at_least(low: int) -> Any:
+    return _checked(int, lambda v: None if v >= low else f"must be at least {low}, got {v}")
+
+
+def _non_empty(v: str) -> str | None:
+    return None if v else "must not be empty"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else f"must be greater than 0, got {v}"
+
+
+def _no_limit_or_positive(v: int) -> str | None:
+    return None if v == -1 or v >= 1 else f"must be -1 (no limit) or at least 1, got {v}"
+
+
+def _log_level(v: str) -> str | None:
+    if v in LOG_LEVELS:
+        return None
+    return f"must be one of {', '.join(LOG_LEVELS)}, got {reprlib.repr(v)}"
+
+
+def _to_float(value: Any) -> Any:
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+@attrs.frozen
+class Listener:
+    host: str = attrs.field(default="127.0.0.1", validator=_checked(str, _non_empty))
+    port: int = attrs.field(default=1883, validator=_between(0, 65535))  # 0 = any free port
+
+
+@attrs.frozen
+class Limits:
+    max_packet_size_bytes: int = attrs.field(
+        default=1_048_576, validator=_between(2, MQTT_MAX_PACKET_SIZE_BYTES)
+    )
+    connect_timeout_s: float = attrs.field(
+        default=10.0, converter=_to_float, validator=_checked(float, _positive)
+    )
+    max_connections: int = attrs.field(default=-1, validator=_checked(int, _no_limit_or_positive))
+    max_inflight_messages: int = attrs.field(default=20, validator=_at_least(1))
+    max_queued_messages: int = attrs.field(default=1000, validator=_at_least(1))
+    max_keepalive_s: int = attrs.field(default=65535, validator=_between(0, 65535))
+
+
+@attrs.frozen
+class Persistence:
+    data_dir: str = attrs.field(default="./data", validator=_checked(str, _non_empty))
+    db_file: str = attrs.field(default="mqttd.db", validator=_checked(str, _non_empty))
+
+    def db_path(self) -> pathlib.Path:
+        """The database file: ``db_file`` if absolute, else ``db_file`` inside ``data_dir``."""
+        return pathlib.Path(self.data_dir) / self.db_file  # an absolute db_file wins the join
+
+
+@attrs.frozen
+class Logging:
+    level: str = attrs.field(default="info", converter=_lower, validator=_checked(str, _log_level))
+
+
+def _at_least_one(v: tuple[Any, ...]) -> str | None:
+    return None if v else "at least one listener is required"
+
+
+@attrs.frozen
+class Config:
+    listeners: tuple[Listener, ...] = attrs.field(
+        default=(Listener(),), validator=_checked(tuple, _at_least_one)
+    )
+    limits: Limits = attrs.field(factory=Limits)
+    persistence: Persistence = attrs.field(factory=Persistence)
+    logging: Logging = attrs.field(factory=Logging)
+
+    def with_overrides(
+        self, host: str | None = None, port: int | None = None, data_dir: str | None = None
+    ) -> Config:
+        """Apply command-line overrides: ``--host``/``--port`` replace the listeners with one
+        listener (the first, overridden), like mosquitto's ``-p``; ``--data-dir`` replaces
+        ``persistence.data_dir``."""
+        try:
+            config = self
+            if host is not None or port is not None:
+                listener = self.listeners[0]
+                listener = listener if host is None else attrs.evolve(listener, host=host)
+                listener = listener if port is None else attrs.evolve(listener, port=port)
+                config = attrs.evolve(config, listeners=(listener,))
+            if data_dir is not None:
+                persistence = attrs.evolve(self.persistence, data_dir=data_dir)
+                config = attrs.evolve(config, persistence=persistence)
+        except _Invalid as exc:  # name the flag: --host, --port, --data-dir
+            flag = "--" + exc.name.replace("_", "-")
+            raise ConfigError("command line", [(flag, exc.problem)]) from None
+        return config
+
+
+_converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+
+
+def _strict(expected: type) -> Callable[[Any, Any], Any]:
+    def structure(value: Any, _type: Any) -> Any:
+        problem = _type_problem(value, expected)
+        if problem:
+            raise _Invalid("", problem)
+        return float(value) if expected is float else value
+
+    return structure
+
+
+for _scalar in (int, float, str):
+    _converter.register_structure_hook(_scalar, _strict(_scalar))
+
+
+def _section_hook(cls: type) -> Callable[[Any, Any], Any]:
+    """Structure an attrs class from a mapping; ``None`` (an empty YAML section) means defaults."""
+    structure: Callable[[Any, Any], Any] = make_dict_structure_fn(cls, _converter)
+
+    def structure_section(value: Any, _type: Any) -> Any:
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise _Invalid("", f"expected a mapping, got {reprlib.repr(value)}")
+        return structure(value, cls)
+
+    return structure_section
+
+
+_converter.register_structure_hook_factory(attrs.has, _section_hook)
+
+
+def _listeners_hook(type_: Any) -> Callable[[Any, Any], Any]:
+    """Structure the listeners tuple from a YAML list; ``None`` (an empty key) means default."""
+    structure = homogenous_tuple_structure_factory(type_, _converter)
+
+    def structure_listeners(value: Any, _type: Any) -> Any:
+        if value is None:
+            return attrs.fields(Config).listeners.default
+        if not isinstance(value, list):
+            raise _Invalid("", f"expected a list, got {reprlib.repr(value)}")
+        return structure(value, type_)
+
+    return structure_listeners
+
+
+_converter.register_structure_hook_factory(
+    lambda type_: type_ == tuple[Listener, ...], _listeners_hook
+)
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _problems(exc: BaseException, path: str) -> Iterator[tuple[str, str]]:
+    """Walk cattrs' nested validation errors, yielding (key path, problem) pairs."""
+    if isinstance(exc, ClassValidationError):
+        with_notes, others = exc.group_exceptions()
+        for sub, note in with_notes:
+            yield from _problems(sub, _join(path, note.name))
+        for sub in others:
+            yield from _problems(sub, path)
+    elif isinstance(exc, IterableValidationError):
+        with_index, others = exc.group_exceptions()
+        for sub, index_note in with_index:
+            yield from _problems(sub, f"{path}[{index_note.index}]")
+        for sub in others:
+            yield from _problems(sub, path)
+    elif isinstance(exc, ForbiddenExtraKeysError):
+        for key in sorted(exc.extra_fields, key=str):
+            yield _join(path, key), "unknown key"
+    elif isinstance(exc, _Invalid):
+        yield (_join(path, exc.name) if exc.name else path), exc.problem
+    else:
+        yield path, str(exc)
+
+
+def config_from_dict(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
+    """Build a Config from a parsed document; ``None`` (an empty document) gives the defaults."""
+    try:
+        return _converter.structure(data, Config)
+    except (BaseValidationError, _Invalid) as exc:
+        raise ConfigError(source, list(_problems(exc, ""))) from None
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    """Parse YAML text; ``source`` names it in error messages."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(source, [(where, f"invalid YAML: {exc.problem}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [("", f"invalid YAML: {exc}")]) from None
+    return config_from_dict(data, source)
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Load a YAML file; ``None`` gives the embedded default configuration."""
+    if path is None:
+        return Config()
+    source = os.fspath(path)
+    try:
+        text = pathlib.Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise ConfigError(source, [("", f"cannot read: {problem}")]) from None
+    return parse_config(text, source)

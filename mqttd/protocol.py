@@ -1,0 +1,153 @@
+"""Per-connection protocol state, sans-IO.
+
+``Connection.receive_data(bytes)`` decodes and returns the packets the broker must
+handle, enforcing the connection-level rules (CONNECT first and only once, nothing
+after DISCONNECT, no server-to-client packet types from a client). Output is
+appended to the outbox by ``send``/``send_packet``; the I/O layer drains it with
+``data_to_send()`` after the ``on_output`` callback tells it there is something.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import attrs
+
+from mqttd.codec import Decoder, MQTTError, ProtocolError
+from mqttd.codec.packets import (
+    CONNACK,
+    CONNECT,
+    DISCONNECT,
+    PINGRESP,
+    PROTOCOL_311,
+    SUBACK,
+    UNSUBACK,
+    Packet,
+    Will,
+)
+
+if TYPE_CHECKING:
+    from mqttd.session import Session
+
+_SERVER_ONLY = frozenset({CONNACK, SUBACK, UNSUBACK, PINGRESP})
+
+
+class State(enum.Enum):
+    AWAIT_CONNECT = "await-connect"
+    CONNECTED = "connected"
+    CLOSED = "closed"
+
+
+def _noop() -> None:
+    pass
+
+
+@attrs.define(eq=False)
+class Connection:
+    """One client connection as the broker sees it (no sockets here)."""
+
+    peer: str = "?"
+    max_packet_size: int = 268_435_460
+    decoder: Decoder = attrs.field(init=False)
+    state: State = State.AWAIT_CONNECT
+    protocol_level: int = PROTOCOL_311
+    client_id: str = ""
+    keepalive_s: int = 0
+    session: Session | None = None
+    will: Will | None = None
+    # output
+    outbox: list[bytes] = attrs.Factory(list)
+    outbox_bytes: int = 0
+    on_output: Callable[[], None] = _noop
+    # set by the broker to end the connection: the I/O layer flushes (if asked) and closes
+    closing: bool = False
+    close_reason: MQTTError | None = None
+    flush_before_close: bool = False
+    on_close: Callable[[], None] = _noop
+    # counters
+    packets_received: int = 0
+    dropped_qos0: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self.decoder = Decoder(self.max_packet_size)
+
+    @property
+    def name(self) -> str:
+        return f"{self.client_id or '<connecting>'} ({self.peer})"
+
+    def receive_data(self, data: bytes) -> list[Packet]:
+        """Decode ``data``. Raises MQTTError with ``packets_before`` set to the valid
+        packets preceding the error, which the caller handles before closing."""
+        try:
+            packets = self.decoder.feed(data)
+        except MQTTError as exc:
+            exc.packets_before = self._check(exc.packets_before, exc)
+            raise
+        return self._check(packets, None)
+
+    def _check(self, packets: list[Packet], pending: MQTTError | None) -> list[Packet]:
+        self.packets_received += len(packets)
+        if self.state is State.CONNECTED:
+            for index, packet in enumerate(packets):
+                kind = packet.TYPE
+                if kind == CONNECT or kind in _SERVER_ONLY:
+                    what = "a second CONNECT" if kind == CONNECT else f"{type(packet).__name__}"
+                    exc = ProtocolError(f"client sent {what}")
+                    exc.packets_before = packets[:index]
+                    raise exc
+                if kind == DISCONNECT:
+                    self.state = State.CLOSED
+                    return packets[: index + 1]
+            return packets
+        if self.state is State.CLOSED:
+            return []
+        if not packets:
+            return packets
+        if packets[0].TYPE != CONNECT:
+            raise ProtocolError(f"first packet is {type(packets[0]).__name__}, not CONNECT")
+        self.state = State.CONNECTED
+        rest = self._check(packets[1:], pending)
+        self.packets_received -= len(packets) - 1
+        return [packets[0], *rest]
+
+    # -- output ----------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        if not self.outbox:
+            self.outbox.append(data)
+            self.outbox_bytes = len(data)
+            self.on_output()
+        else:
+            self.outbox.append(data)
+            self.outbox_bytes += len(data)
+
+    def send_parts(self, head: bytes, middle: bytes, tail: bytes) -> None:
+        """Queue one packet given as three parts (a shared PUBLISH head, the packet id,
+        the shared payload) without concatenating them here."""
+        first = not self.outbox
+        self.outbox += (head, middle, tail)
+        self.outbox_bytes += len(head) + len(middle) + len(tail)
+        if first:
+            self.on_output()
+
+    def send_packet(self, packet: Packet) -> None:
+        self.send(packet.encode(self.protocol_level))
+
+    def data_to_send(self) -> bytes:
+        if not self.outbox:
+            return b""
+        data = b"".join(self.outbox)
+        self.outbox.clear()
+        self.outbox_bytes = 0
+        return data
+
+    def close(self, reason: MQTTError | None = None, *, flush: bool = False) -> None:
+        """Ask the I/O layer to end this connection (idempotent)."""
+        if not self.closing:
+            self.closing = True
+            self.state = State.CLOSED
+            self.close_reason = reason
+            self.flush_before_close = flush
+            self.on_close()
