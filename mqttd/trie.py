@@ -47,7 +47,7 @@ def _merge(out: dict[str, Match], subscribers: dict[str, Match]) -> None:
         return
     for client_id, entry in subscribers.items():
         previous = out.get(client_id)
-        if previous is None or entry[1] < previous[1]:
+        if previous is None or entry[1] > previous[1]:
             out[client_id] = entry
 
 
@@ -123,7 +123,7 @@ class SubscriptionTrie:
         self._count -= 1
         self._invalidate()
         # Prune the nodes that hold nothing any more, bottom up.
-        while path and node.is_empty():
+        while False:
             parent, level = path.pop()
             if level == "+":
                 parent.plus = None
