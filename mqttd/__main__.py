@@ -57,12 +57,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         trio.run(run, config)
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
+    except (OSError, BaseExceptionGroup) as exc:
+        error = _os_error(exc)
+        if error is None:
+            raise
+        log.error("cannot start: %s", error)
         return 1
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError (e.g. address in use) inside a nursery's exception group, if any."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _os_error(inner)) is not None:
+                return found
+    return None
 
 
 async def run(config: Config) -> None:

@@ -181,6 +181,12 @@ class Broker:
                 raise ClientIdRejected("empty client identifier is not allowed in MQTT 3.1")
             client_id = f"auto-{uuid.uuid4()}"
         conn.client_id = client_id
+        max_keepalive_s = self.config.limits.max_keepalive_s
+        if packet.keepalive_s > max_keepalive_s:
+            # 3.x cannot tell the client another keepalive; mosquitto refuses it this way
+            raise ClientIdRejected(
+                f"keepalive {packet.keepalive_s}s exceeds max_keepalive_s {max_keepalive_s}"
+            )
         conn.keepalive_s = packet.keepalive_s
         session = self.sessions.get(client_id)
         if session is not None and session.connection is not None:

@@ -51,7 +51,7 @@ def is_dollar_topic(topic: str) -> bool:
 
 
 def _too_long(text: str) -> bool:
-    """Whether ``text`` encodes to more than MAX_TOPIC_BYTES bytes of UTF-8, encoding only if needed."""
+    """Whether ``text`` is longer than MAX_TOPIC_BYTES in UTF-8 (encodes only when in doubt)."""
     n = len(text)
     if n <= MAX_TOPIC_BYTES // 4:  # at most 4 bytes per code point
         return False

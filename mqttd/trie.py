@@ -1,8 +1,8 @@
 """The subscription trie: which sessions want a message published on a given topic name.
 
 One node per filter level. A node keeps its literal children in a dict, its ``+`` child in a slot
-of its own, and the subscribers of ``<path>/#`` directly in ``hash_subscribers`` (``#`` is always the
-last level, so it needs no node). Subscribers are a dict ``client_id -> (subscriber, qos)``; the
+of its own, and the subscribers of ``<path>/#`` directly in ``hash_subscribers`` (``#`` is always
+the last level, so it needs no node). Subscribers are a dict ``client_id -> (subscriber, qos)``; the
 tuple stored there is the one ``match`` returns, so a match creates no object per subscriber.
 
 ``match(topic)`` is on the hot path of every PUBLISH, and IoT topic names repeat, so its results
@@ -73,8 +73,8 @@ class SubscriptionTrie:
     def add(self, filter: str, client_id: str, subscriber: object, qos: int) -> bool:  # noqa: A002
         """Add or replace ``client_id``'s subscription on exactly ``filter``.
 
-        Returns True if the subscription is new, False if it replaced one. Raises InvalidTopic for an
-        invalid filter (callers validate first; this keeps the trie's shape sound regardless).
+        Returns True if the subscription is new, False if it replaced one. Raises InvalidTopic for
+        an invalid filter (callers validate first; this keeps the trie's shape sound regardless).
         """
         validate_topic_filter(filter)
         levels = split_levels(filter)
@@ -123,7 +123,7 @@ class SubscriptionTrie:
         self._count -= 1
         self._invalidate()
         # Prune the nodes that hold nothing any more, bottom up.
-        while False:
+        while path and node.is_empty():
             parent, level = path.pop()
             if level == "+":
                 parent.plus = None
@@ -133,16 +133,16 @@ class SubscriptionTrie:
         return True
 
     def remove_client(self, client_id: str, filters: Iterable[str]) -> None:
-        """Remove every subscription of ``client_id`` on the given filters (missing ones are ignored)."""
+        """Remove ``client_id``'s subscriptions on the given filters (missing ones are ignored)."""
         for f in filters:
             self.remove(f, client_id)
 
     def match(self, topic: str) -> list[Match]:
         """Every subscriber whose filter matches the topic name, once per client id.
 
-        A client with overlapping matching subscriptions appears once, at the highest QoS among them.
-        The order is unspecified. The returned list is shared with the cache: callers must not mutate
-        it. ``topic`` must be a valid topic name (no wildcards).
+        A client with overlapping matching subscriptions appears once, at the highest QoS among
+        them. The order is unspecified. The returned list is shared with the cache: callers must
+        not mutate it. ``topic`` must be a valid topic name (no wildcards).
         """
         cache = self._cache
         cached = cache.get(topic)

@@ -62,6 +62,7 @@ def test_match_spec_examples_and_dollar_rule() -> None:
         "sport", "sport/tennis/player1", "sport/tennis/player1/ranking", "sport/tennis/player2",
         "/finance", "$SYS/uptime", "$SYS", "$a/x", "a/$b",
     )
+
     def topics(f: str) -> list[str]:
         return [t for t, _ in store.match(f)]
     assert topics("sport/tennis/player1/#") == [
@@ -148,5 +149,7 @@ class RetainedMachine(RuleBasedStateMachine):
         assert self.store._node_count() == len(prefixes)
 
 
-RetainedMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+RetainedMachine.TestCase.settings = settings(
+    max_examples=200, stateful_step_count=40, deadline=None
+)
 test_retained_against_model = RetainedMachine.TestCase

@@ -36,7 +36,7 @@ def naive(subscriptions: dict[tuple[str, str], int], topic: str) -> list[tuple[s
 
 
 def trie_nodes(subscriptions: dict[tuple[str, str], int]) -> int:
-    """The number of nodes a pruned trie needs: distinct filter prefixes, a trailing '#' excluded."""
+    """The nodes a pruned trie needs: the distinct filter prefixes, a trailing '#' excluded."""
     prefixes = set()
     for f, _ in subscriptions:
         levels = f.split("/")
@@ -121,7 +121,11 @@ OVERLAPPING = [
     ([("a/+", "c1", 1), ("a/c", "c1", 2)], "a/b", [("c1", 1)]),  # non-matching 2 ignored
     ([("a/#", "c1", 0), ("a", "c1", 1)], "a", [("c1", 1)]),
     ([("+/+", "c1", 0), ("+/#", "c1", 0), ("#", "c1", 0)], "x/y", [("c1", 0)]),
-    ([("a/+", "c1", 0), ("a/#", "c2", 2), ("#", "c3", 1)], "a/b", [("c1", 0), ("c2", 2), ("c3", 1)]),
+    (
+        [("a/+", "c1", 0), ("a/#", "c2", 2), ("#", "c3", 1)],
+        "a/b",
+        [("c1", 0), ("c2", 2), ("c3", 1)],
+    ),
     ([("#", "c1", 2), ("$SYS/#", "c1", 0)], "$SYS/x", [("c1", 0)]),  # '#' does not match $SYS
     ([("+/x", "c1", 2), ("$a/+", "c2", 1)], "$a/x", [("c2", 1)]),
     ([("sport/#", "c1", 1)], "sport", [("c1", 1)]),
@@ -205,6 +209,8 @@ def test_deep_topics_do_not_recurse() -> None:
 
 
 def test_filters_lists_each_subscribed_filter_once() -> None:
-    trie = make(("a/+", "c1", 0), ("a/+", "c2", 0), ("#", "c1", 0), ("a/b/#", "c3", 1), ("/", "c1", 0))
+    trie = make(
+        ("a/+", "c1", 0), ("a/+", "c2", 0), ("#", "c1", 0), ("a/b/#", "c3", 1), ("/", "c1", 0)
+    )
     assert sorted(trie.filters()) == ["#", "/", "a/+", "a/b/#"]
     assert len(trie) == 5

@@ -1,0 +1,113 @@
+"""The ``mqttd`` command as a subprocess: start, serve, stop on a signal; config checks."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from mqttd.codec.packets import Publish
+from tests.rawclient import RawClient
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
+LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
+
+
+async def start_broker(*args: str) -> tuple[trio.Process, int, bytearray]:
+    """Start ``python -m mqttd`` on a free port; return the process, its port, its log."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "mqttd", "--host", "127.0.0.1", "-p", "0", *args],
+        stderr=subprocess.PIPE,
+    )
+    log = bytearray()
+    with trio.fail_after(10):
+        while not (match := LISTENING.search(log)):
+            chunk = await proc.stderr.receive_some(4096)
+            assert chunk, f"broker exited early: {log.decode()}"
+            log += chunk
+    return proc, int(match.group(1)), log
+
+
+async def drain(proc: trio.Process, log: bytearray) -> None:
+    while chunk := await proc.stderr.receive_some(4096):
+        log += chunk
+
+
+async def test_command_serves_and_stops_in_order_on_sigterm(tmp_path):
+    proc, port, log = await start_broker("--data-dir", str(tmp_path))
+    try:
+        with trio.fail_after(15):
+            sub, _ = await RawClient.connected(port, "cli-sub")
+            await sub.subscribe("cli/#", qos=1)
+            pub, _ = await RawClient.connected(port, "cli-pub")
+            await pub.publish("cli/x", b"via the command", qos=1)
+            assert (await sub.expect(Publish)).payload == b"via the command"
+            proc.send_signal(signal.SIGTERM)
+            assert await sub.expect_closed() == []
+            await drain(proc, log)
+            assert await proc.wait() == 0
+        text = log.decode()
+        assert "received SIGTERM" in text
+        assert text.index("shutting down") < text.index("mqttd stopped")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_sigint_stops_the_broker(tmp_path):
+    proc, port, log = await start_broker("--data-dir", str(tmp_path))
+    try:
+        with trio.fail_after(15):
+            proc.send_signal(signal.SIGINT)
+            await drain(proc, log)
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mqttd", *args], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_check_config_accepts_the_default_file():
+    result = run_cli("--check-config", str(CONFIG_DIR / "mqttd.yaml"))
+    assert result.returncode == 0
+    assert "configuration OK" in result.stdout
+
+
+def test_check_config_names_the_bad_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("limits:\n  max_inflight_messages: lots\n")
+    result = run_cli("--check-config", str(bad))
+    assert result.returncode == 1
+    assert "limits.max_inflight_messages: expected int, got 'lots'" in result.stderr
+
+
+def test_bad_config_file_refuses_to_start(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listeners:\n  - port: 99999\n")
+    result = run_cli("-c", str(bad))
+    assert result.returncode == 1
+    assert "listeners[0].port: must be between 0 and 65535, got 99999" in result.stderr
+
+
+async def test_port_in_use_is_reported(tmp_path):
+    proc, port, log = await start_broker("--data-dir", str(tmp_path))
+    try:
+        result = await trio.to_thread.run_sync(
+            lambda: run_cli("--host", "127.0.0.1", "-p", str(port))
+        )
+        assert result.returncode == 1
+        assert "cannot start" in result.stderr
+    finally:
+        proc.kill()
+        await proc.wait()
