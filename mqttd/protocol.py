@@ -88,29 +88,31 @@ class Connection:
         return self._check(packets, None)
 
     def _check(self, packets: list[Packet], pending: MQTTError | None) -> list[Packet]:
+        """Apply the connection-level rules; raise ProtocolError (with the packets that
+        precede the offending one in ``packets_before``) when a packet breaks them."""
         self.packets_received += len(packets)
-        if self.state is State.CONNECTED:
-            for index, packet in enumerate(packets):
-                kind = packet.TYPE
-                if kind == CONNECT or kind in _SERVER_ONLY:
-                    what = "a second CONNECT" if kind == CONNECT else f"{type(packet).__name__}"
-                    exc = ProtocolError(f"client sent {what}")
-                    exc.packets_before = packets[:index]
-                    raise exc
-                if kind == DISCONNECT:
-                    self.state = State.CLOSED
-                    return packets[: index + 1]
-            return packets
-        if self.state is State.CLOSED:
+        state = self.state
+        if state is State.CONNECTED:
+            return self._check_connected(packets, 0)
+        if state is State.CLOSED or not packets:
             return []
-        if not packets:
-            return packets
         if packets[0].TYPE != CONNECT:
             raise ProtocolError(f"first packet is {type(packets[0]).__name__}, not CONNECT")
         self.state = State.CONNECTED
-        rest = self._check(packets[1:], pending)
-        self.packets_received -= len(packets) - 1
-        return [packets[0], *rest]
+        return self._check_connected(packets, 1)
+
+    def _check_connected(self, packets: list[Packet], start: int) -> list[Packet]:
+        for index in range(start, len(packets)):
+            kind = packets[index].TYPE
+            if kind == CONNECT or kind in _SERVER_ONLY:
+                what = "a second CONNECT" if kind == CONNECT else type(packets[index]).__name__
+                exc = ProtocolError(f"client sent {what}")
+                exc.packets_before = packets[:index]
+                raise exc
+            if kind == DISCONNECT:
+                self.state = State.CLOSED
+                return packets[: index + 1]
+        return packets
 
     # -- output ----------------------------------------------------------------------
 

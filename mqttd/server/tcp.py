@@ -94,6 +94,11 @@ class ClientHandler:
             except MQTTError as exc:
                 broker.protocol_error(conn, exc)
                 return
+            except Exception:
+                # a bug must cost one connection, never the broker
+                log.exception("client %s: internal error while handling its packets", conn.name)
+                conn.close()
+                return
             if conn.session is None:
                 deadline = connect_deadline
             elif conn.keepalive_s:

@@ -285,3 +285,33 @@ async def test_shutdown_closes_clients_and_publishes_wills():
             broker.shutdown()
             assert await client.expect_closed() == []
             assert broker.retained.get("status/dev").payload == b"offline"
+
+
+async def test_packets_between_two_connects_in_one_segment(broker):
+    """CONNECT + SUBSCRIBE + CONNECT in one write: the first two are handled, then the
+    connection is closed for the second CONNECT, and the broker keeps serving."""
+    from mqttd.codec.packets import SubAck, Subscribe, Subscription
+
+    with trio.fail_after(10):
+        client = await RawClient.open(broker.port)
+        await client.send(
+            Connect("twice").encode()
+            + Subscribe(1, (Subscription("a", 1),)).encode()
+            + Connect("twice").encode()
+        )
+        assert await client.expect_closed() == [ConnAck(False, 0), SubAck(1, (1,))]
+        await assert_healthy(broker.port)
+
+
+async def test_an_internal_error_costs_one_connection_not_the_broker(broker):
+    from mqttd.codec.packets import PINGREQ
+
+    def broken_handler(conn, packet):
+        raise RuntimeError("simulated bug in a packet handler")
+
+    broker._handlers[PINGREQ] = broken_handler
+    with trio.fail_after(10):
+        victim, _ = await RawClient.connected(broker.port, "victim")
+        await victim.send(PingReq())
+        assert await victim.expect_closed() == []
+        await assert_healthy(broker.port)
