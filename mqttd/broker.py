@@ -127,13 +127,12 @@ class Broker:
             handlers[packet.TYPE](conn, packet)
 
     def protocol_error(self, conn: Connection, exc: MQTTError) -> None:
-        """Answer a protocol error the way the protocol version allows, then close."""
+        """Answer a protocol error the way the protocol version allows, then close.
+        Replies already queued for the packets before the bad one are sent first."""
         log.warning("client %s: %s (%s); closing", conn.name, exc, type(exc).__name__)
         if conn.session is None and exc.connack_code is not None:
             conn.send_packet(ConnAck(False, exc.connack_code))
-            conn.close(exc, flush=True)
-        else:
-            conn.close(exc)
+        conn.close(exc, flush=True)
 
     def connection_lost(self, conn: Connection) -> None:
         """The connection is over, for whatever reason: publish the will unless the
