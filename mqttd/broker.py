@@ -19,7 +19,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import trio
@@ -285,7 +285,8 @@ class Broker:
             session.subscriptions[sub.filter] = qos
             trie.add(sub.filter, session.client_id, session, qos)
             codes.append(qos)
-            for _topic, message in self.retained.match(sub.filter):
+            for _topic, stored in self.retained.match(sub.filter):
+                message = cast(Publish, stored)
                 retained.append((message, min(message.qos, qos)))
         conn.send_packet(SubAck(packet.packet_id, tuple(codes)))
         for message, qos in retained:

@@ -32,7 +32,7 @@ class _Node:
 class RetainedStore:
     """Retained messages keyed by topic name (in memory)."""
 
-    __slots__ = ("_root", "_count")
+    __slots__ = ("_count", "_root")
 
     def __init__(self) -> None:
         self._root = _Node()
@@ -89,7 +89,7 @@ class RetainedStore:
             node = parent
         return True
 
-    def match(self, filter: str) -> list[tuple[str, object]]:  # noqa: A002 - the spec's noun
+    def match(self, filter: str) -> list[tuple[str, object]]:
         """Every (topic, message) whose topic name matches the (valid) filter, sorted by topic."""
         levels = split_levels(filter)
         n = len(levels)
@@ -115,9 +115,9 @@ class RetainedStore:
                     if not (at_root and is_dollar_topic(key)):
                         stack.append((child, i + 1))
             else:
-                child = node.children.get(level)
-                if child is not None:
-                    stack.append((child, i + 1))
+                literal = node.children.get(level)
+                if literal is not None:
+                    stack.append((literal, i + 1))
         found.sort(key=_by_topic)
         return found
 

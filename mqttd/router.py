@@ -41,7 +41,7 @@ class Router:
         publish_qos = message.qos
         for subscriber, granted in targets:
             subscriber.deliver(  # type: ignore[attr-defined]
-                message, publish_qos if publish_qos < granted else granted, False, parts
+                message, min(granted, publish_qos), False, parts
             )
         self.deliveries += len(targets)
         return len(targets)

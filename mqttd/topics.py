@@ -15,11 +15,11 @@ ordinary filter to these functions.
 from __future__ import annotations
 
 __all__ = [
-    "InvalidTopic",
     "LEVEL_SEPARATOR",
     "MAX_TOPIC_BYTES",
     "MULTI_LEVEL_WILDCARD",
     "SINGLE_LEVEL_WILDCARD",
+    "InvalidTopic",
     "is_dollar_topic",
     "is_valid_topic_filter",
     "is_valid_topic_name",
@@ -73,7 +73,7 @@ def validate_topic_name(topic: str) -> None:
         raise InvalidTopic(f"topic name is longer than {MAX_TOPIC_BYTES} bytes of UTF-8")
 
 
-def validate_topic_filter(filter: str) -> None:  # noqa: A002 - the spec's noun
+def validate_topic_filter(filter: str) -> None:
     """Raise InvalidTopic unless ``filter`` may be the topic filter of a SUBSCRIBE."""
     if not filter:
         raise InvalidTopic("topic filter is empty")
@@ -111,7 +111,7 @@ def is_valid_topic_filter(f: str) -> bool:
     return True
 
 
-def matches(filter: str, topic: str) -> bool:  # noqa: A002 - the spec's noun
+def matches(filter: str, topic: str) -> bool:
     """Whether the (valid) topic filter matches the (valid) topic name.
 
     The reference matcher: a direct reading of section 4.7, kept simple on purpose. The trie and the

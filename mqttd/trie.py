@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 
 from mqttd.topics import is_dollar_topic, split_levels, validate_topic_filter
 
-__all__ = ["SubscriptionTrie", "Match"]
+__all__ = ["Match", "SubscriptionTrie"]
 
 #: One match entry: the subscriber object given to ``add`` and the QoS to deliver at.
 Match = tuple[object, int]
@@ -28,7 +28,7 @@ DEFAULT_CACHE_COST = 1 << 20
 
 
 class _Node:
-    __slots__ = ("children", "plus", "hash_subscribers", "subscribers")
+    __slots__ = ("children", "hash_subscribers", "plus", "subscribers")
 
     def __init__(self) -> None:
         self.children: dict[str, _Node] = {}
@@ -54,7 +54,7 @@ def _merge(out: dict[str, Match], subscribers: dict[str, Match]) -> None:
 class SubscriptionTrie:
     """Subscriptions keyed by (topic filter, client id), matched against topic names."""
 
-    __slots__ = ("_root", "_count", "_cache", "_cache_size", "_cache_cost", "_max_cache_cost")
+    __slots__ = ("_cache", "_cache_cost", "_cache_size", "_count", "_max_cache_cost", "_root")
 
     def __init__(
         self, cache_size: int = DEFAULT_CACHE_SIZE, cache_cost: int = DEFAULT_CACHE_COST
@@ -70,7 +70,7 @@ class SubscriptionTrie:
         """The number of (filter, client id) subscriptions."""
         return self._count
 
-    def add(self, filter: str, client_id: str, subscriber: object, qos: int) -> bool:  # noqa: A002
+    def add(self, filter: str, client_id: str, subscriber: object, qos: int) -> bool:
         """Add or replace ``client_id``'s subscription on exactly ``filter``.
 
         Returns True if the subscription is new, False if it replaced one. Raises InvalidTopic for
@@ -103,7 +103,7 @@ class SubscriptionTrie:
             return True
         return False
 
-    def remove(self, filter: str, client_id: str) -> bool:  # noqa: A002
+    def remove(self, filter: str, client_id: str) -> bool:
         """Remove ``client_id``'s subscription on exactly ``filter``; True if it existed."""
         levels = split_levels(filter)
         hash_last = levels[-1] == "#"

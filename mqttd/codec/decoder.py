@@ -24,9 +24,9 @@ from mqttd.codec.errors import (
     UnsupportedProtocolVersion,
 )
 from mqttd.codec.packets import (
+    PROTOCOL_5,
     PROTOCOL_31,
     PROTOCOL_311,
-    PROTOCOL_5,
     ConnAck,
     Connect,
     Disconnect,
@@ -89,7 +89,7 @@ def _expect_flags(flags: int, expected: int, name: str) -> None:
 class Decoder:
     """Turns a byte stream into packets. One per connection."""
 
-    __slots__ = ("_buf", "max_packet_size", "protocol_level", "_decoders")
+    __slots__ = ("_buf", "_decoders", "max_packet_size", "protocol_level")
 
     def __init__(self, max_packet_size: int = MAX_PACKET_SIZE, protocol_level: int = 0) -> None:
         self._buf = bytearray()
@@ -344,4 +344,4 @@ class Decoder:
         return _DISCONNECT
 
 
-__all__ = ["Decoder", "MAX_PACKET_SIZE", "MAX_REMAINING_LENGTH", "PROTOCOL_5"]
+__all__ = ["MAX_PACKET_SIZE", "MAX_REMAINING_LENGTH", "PROTOCOL_5", "Decoder"]

@@ -14,6 +14,8 @@ encoder. Every case is checked:
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from mqttd.codec import Decoder, PacketTooLarge, encode_publish_parts
@@ -483,7 +485,7 @@ def test_publish_across_remaining_length_boundaries(remaining: int) -> None:
         assert decoder.feed(wire[n:n + 1]) == []
     cuts = sorted({head, head + 1, head + 3, len(wire) // 3, len(wire) - 1, len(wire)})
     out = []
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in itertools.pairwise(cuts):
         out += decoder.feed(wire[a:b])
         if b < len(wire):
             assert decoder.buffered == b

@@ -3,6 +3,8 @@ alone, several in a row, and cut into arbitrary chunks."""
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -214,7 +216,7 @@ def chunked(draw: st.DrawFn, data: bytes) -> list[bytes]:
     """``data`` cut at arbitrary points (empty chunks included)."""
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=20)))
     bounds = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 @STREAM_SETTINGS

@@ -118,7 +118,7 @@ async def test_refused_connect_gets_connack_code_then_close(connect, code):
 
 async def test_empty_client_id_with_clean_session_gets_generated_id(broker):
     with trio.fail_after(10):
-        client, connack = await RawClient.connected(broker.port, "")
+        _client, connack = await RawClient.connected(broker.port, "")
         assert connack == ConnAck(False, 0)
         (client_id,) = broker.sessions
         assert client_id.startswith("auto-")

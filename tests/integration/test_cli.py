@@ -60,7 +60,7 @@ async def test_command_serves_and_stops_in_order_on_sigterm(tmp_path):
 
 
 async def test_sigint_stops_the_broker(tmp_path):
-    proc, port, log = await start_broker("--data-dir", str(tmp_path))
+    proc, _port, log = await start_broker("--data-dir", str(tmp_path))
     try:
         with trio.fail_after(15):
             proc.send_signal(signal.SIGINT)
@@ -101,7 +101,7 @@ def test_bad_config_file_refuses_to_start(tmp_path):
 
 
 async def test_port_in_use_is_reported(tmp_path):
-    proc, port, log = await start_broker("--data-dir", str(tmp_path))
+    proc, port, _log = await start_broker("--data-dir", str(tmp_path))
     try:
         result = await trio.to_thread.run_sync(
             lambda: run_cli("--host", "127.0.0.1", "-p", str(port))

@@ -404,7 +404,7 @@ async def test_unsubscribe_stops_delivery(broker, protocol):
             await sub.subscribe("paho/marker", 1)
             await pub.publish("paho/unsub/a", b"before", 1)
             assert (await sub.message()).payload == b"before"
-            result, mid = sub.client.unsubscribe("paho/unsub/+")
+            result, _mid = sub.client.unsubscribe("paho/unsub/+")
             assert result == MQTT_ERR_SUCCESS
             await wait_until(
                 lambda: "paho/unsub/+" not in broker.sessions[sub.client_id].subscriptions,

@@ -101,7 +101,7 @@ def test_deep_topics_do_not_recurse() -> None:
 levels = st.sampled_from(["", "$SYS", "a", "b", "$a"])
 topic_names = st.lists(levels, min_size=1, max_size=4).map("/".join)
 filters = st.builds(
-    lambda ls, hash_: "/".join(ls + ["#"] if hash_ else ls),
+    lambda ls, hash_: "/".join([*ls, "#"] if hash_ else ls),
     st.lists(st.sampled_from(["", "$SYS", "a", "b", "+"]), max_size=4),
     st.booleans(),
 ).filter(bool)

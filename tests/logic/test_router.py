@@ -12,7 +12,9 @@ from mqttd.router import Router
 from mqttd.session import Session
 
 
-def subscriber(router: Router, client_id: str, *subs: tuple[str, int]) -> tuple[Session, Connection]:
+def subscriber(
+    router: Router, client_id: str, *subs: tuple[str, int]
+) -> tuple[Session, Connection]:
     session = Session(client_id, persistent=False, max_inflight=100)
     conn = Connection(peer=client_id)
     session.attach(conn)
@@ -91,8 +93,8 @@ def test_encoded_bytes_are_shared_between_subscribers_per_qos() -> None:
     _, c0 = subscriber(router, "s0", ("a/#", 0))
     message = Publish("a/b", b"payload", 2, packet_id=5)
     router.route(message)
-    head1, id1, tail1 = c1.outbox
-    head2, id2, tail2 = c2.outbox
+    head1, _id1, tail1 = c1.outbox
+    head2, _id2, tail2 = c2.outbox
     assert head1 is head2
     assert tail1 is tail2
     # the QoS 0 encoding is different (no packet id, other flags) and made once as well

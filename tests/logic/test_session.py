@@ -314,7 +314,7 @@ def test_attach_resends_inflight_with_dup_same_ids_in_order_then_fills_window() 
     session.on_puback(ids[b"c"])
     fresh = sent(conn2)
     assert [(p.payload, p.dup) for p in fresh] == [(b"q1", False), (b"q2", False)]
-    assert not set(p.packet_id for p in fresh) & {ids[b"d"], q0[0].packet_id}
+    assert not {p.packet_id for p in fresh} & {ids[b"d"], q0[0].packet_id}
 
 
 def test_attach_fills_window_from_queue() -> None:

@@ -49,7 +49,7 @@ def trie_nodes(subscriptions: dict[tuple[str, str], int]) -> int:
 filter_levels = st.sampled_from(["", "$SYS", "a", "b", "+"])
 topic_levels = st.sampled_from(["", "$SYS", "a", "b"])
 filters = st.builds(
-    lambda levels, hash_: "/".join(levels + ["#"] if hash_ else levels),
+    lambda levels, hash_: "/".join([*levels, "#"] if hash_ else levels),
     st.lists(filter_levels, max_size=3),
     st.booleans(),
 ).filter(bool)
