@@ -83,11 +83,11 @@ class Connection:
         try:
             packets = self.decoder.feed(data)
         except MQTTError as exc:
-            exc.packets_before = self._check(exc.packets_before, exc)
+            exc.packets_before = self._check(exc.packets_before)
             raise
-        return self._check(packets, None)
+        return self._check(packets)
 
-    def _check(self, packets: list[Packet], pending: MQTTError | None) -> list[Packet]:
+    def _check(self, packets: list[Packet]) -> list[Packet]:
         """Apply the connection-level rules; raise ProtocolError (with the packets that
         precede the offending one in ``packets_before``) when a packet breaks them."""
         self.packets_received += len(packets)

@@ -227,7 +227,13 @@ class Decoder:
             raise MalformedPacket("CONNACK must have a remaining length of 2")
         if data[i] & 0xFE:
             raise MalformedPacket("CONNACK reserved flags set")
-        return ConnAck(bool(data[i] & 1), data[i + 1])
+        present, code = bool(data[i] & 1), data[i + 1]
+        if self.protocol_level < PROTOCOL_5:
+            if code > 5:
+                raise MalformedPacket(f"CONNACK return code {code:#04x} is reserved")
+            if present and code:
+                raise MalformedPacket("CONNACK with session present and a refusal (MQTT-3.2.2-4)")
+        return ConnAck(present, code)
 
     def _publish(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
         qos = (flags >> 1) & 0x03
@@ -309,7 +315,12 @@ class Decoder:
     def _suback(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
         _expect_flags(flags, 0, "SUBACK")
         packet_id = self._packet_id(data, i, end, "SUBACK")
-        return SubAck(packet_id, tuple(data[i + 2:end]))
+        codes = tuple(data[i + 2:end])
+        if not codes:
+            raise ProtocolError("SUBACK without return codes")
+        if self.protocol_level < PROTOCOL_5 and any(c not in (0, 1, 2, 0x80) for c in codes):
+            raise MalformedPacket(f"SUBACK with a reserved return code in {codes}")
+        return SubAck(packet_id, codes)
 
     def _unsubscribe(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
         _expect_flags(flags, 2, "UNSUBSCRIBE")

@@ -113,6 +113,11 @@ CASES = [
     ("connack-length-3", h("20 03 000000"), MAL, "remaining length of 2"),
     ("connack-length-1", h("20 01 00"), MAL, "remaining length of 2"),
     ("connack-reserved-ack-flags", h("20 02 0200"), MAL, "reserved flags"),
+    ("connack-reserved-code", h("20 02 0006"), MAL, "return code 0x06 is reserved"),
+    ("connack-present-with-refusal", h("20 02 0103"), MAL, "MQTT-3.2.2-4"),
+    ("suback-no-return-codes", h("90 02 0001"), PROTO, "SUBACK without return codes"),
+    ("suback-reserved-code-3", h("90 03 0001 03"), MAL, "reserved return code"),
+    ("suback-reserved-code-7f", h("90 03 0001 7f"), MAL, "reserved return code"),
     # -- SUBSCRIBE (3.8) ------------------------------------------------------------
     (
         "subscribe-packet-id-0", h("82 06 0000 0001 61 00"),

@@ -85,7 +85,10 @@ def connects(draw: st.DrawFn) -> Connect:
     )
 
 
-connacks = st.builds(ConnAck, session_present=st.booleans(), return_code=st.integers(0, 5))
+connacks = st.one_of(
+    st.builds(ConnAck, session_present=st.booleans(), return_code=st.just(0)),
+    st.builds(ConnAck, session_present=st.just(False), return_code=st.integers(1, 5)),
+)
 
 
 @st.composite
