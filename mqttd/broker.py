@@ -16,6 +16,7 @@ or ``async with mqttd.broker.running(config) as broker: broker.port``.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -61,6 +62,9 @@ from mqttd.retained import RetainedStore
 from mqttd.router import Router
 from mqttd.session import Session
 from mqttd.topics import InvalidTopic, validate_topic_filter
+from persistence import ops
+from persistence.store import MEMORY, Snapshot, SqliteStore
+from persistence.writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,10 @@ class Broker:
     connections: set[Connection] = attrs.Factory(set)
     addresses: list[tuple[str, int]] = attrs.Factory(list)
     _shutdown_requested: trio.Event = attrs.Factory(trio.Event)
+    # the store's group-commit writer; None until serve() opens the store (or when the
+    # broker is driven without I/O, in which case nothing is persisted)
+    writer: GroupCommitWriter | None = None
+    _awaiting_commit: set[Connection] = attrs.Factory(set)
     _handlers: dict[int, Callable[[Connection, Any], None]] = attrs.field(init=False)
     # counters
     connections_total: int = 0
@@ -138,6 +146,7 @@ class Broker:
         """The connection is over, for whatever reason: publish the will unless the
         client sent DISCONNECT, detach the session, discard it if clean."""
         self.connections.discard(conn)
+        self._awaiting_commit.discard(conn)
         session = conn.session
         if session is None:
             return
@@ -145,6 +154,7 @@ class Broker:
         will, conn.will = conn.will, None
         if session.connection is conn:
             session.detach()
+            self._session_offline(session)
         if not session.persistent and self.sessions.get(session.client_id) is session:
             self._discard_session(session)
         reason = conn.close_reason
@@ -159,11 +169,39 @@ class Broker:
     def publish(self, message: Publish) -> int:
         """Store (if retained) and route a message; returns the number of deliveries."""
         if message.retain:
+            writer = self.writer
             if message.payload:
                 self.retained.set(message.topic, message)
-            else:
-                self.retained.delete(message.topic)
+                if writer is not None:
+                    writer.submit(ops.SetRetained(message.topic, message.payload, message.qos))
+            elif self.retained.delete(message.topic) and writer is not None:
+                writer.submit(ops.DeleteRetained(message.topic))
         return self.router.route(message)
+
+    def _reply(self, conn: Connection, data: bytes, ticket_before: int) -> None:
+        """Send a reply that acknowledges state: at once if handling the packet wrote
+        nothing to the store, else after the commit that holds it. Replies on one
+        connection keep their order."""
+        writer = self.writer
+        if writer is None or (writer.ticket == ticket_before and not conn.deferred):
+            conn.send(data)
+        else:
+            conn.deferred.append((writer.ticket, data))
+            self._awaiting_commit.add(conn)
+
+    def _on_commit(self, committed: int) -> None:
+        released = []
+        for conn in self._awaiting_commit:
+            deferred = conn.deferred
+            while deferred and deferred[0][0] <= committed:
+                conn.send(deferred.popleft()[1])
+            if not deferred:
+                released.append(conn)
+        for conn in released:
+            self._awaiting_commit.discard(conn)
+
+    def _ticket(self) -> int:
+        return self.writer.ticket if self.writer is not None else 0
 
     def _publish_will(self, will: Will) -> None:
         self.publish(Publish(will.topic, will.payload, will.qos, will.retain))
@@ -196,13 +234,18 @@ class Broker:
         session_present = session is not None
         if session is None:
             limits = self.config.limits
+            persistent = not packet.clean_session
             session = Session(
                 client_id,
-                persistent=not packet.clean_session,
+                persistent=persistent,
                 max_inflight=limits.max_inflight_messages,
                 max_queued=limits.max_queued_messages,
+                writer=self.writer if persistent else None,
+                page_size=self.config.persistence.queue_page_messages,
             )
             self.sessions[client_id] = session
+        if session.writer is not None:
+            session.writer.submit(ops.SaveSession(client_id, None))
         conn.session = session
         conn.will = packet.will
         conn.send_packet(ConnAck(session_present, 0))
@@ -225,6 +268,7 @@ class Broker:
         old.session = None
         if session is not None:
             session.detach()
+            self._session_offline(session)
         old.close(SessionTakenOver("session taken over by a new connection"))
         if will is not None:
             self._publish_will(will)
@@ -232,8 +276,33 @@ class Broker:
     def _discard_session(self, session: Session) -> None:
         self.router.trie.remove_client(session.client_id, list(session.subscriptions))
         session.subscriptions.clear()
+        session.discarded = True
+        if session.writer is not None:
+            session.writer.submit(ops.DeleteSession(session.client_id))
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+
+    def _session_offline(self, session: Session) -> None:
+        now = time.time()
+        session.disconnected_at = now
+        if session.writer is not None and not session.discarded:
+            session.writer.submit(ops.SaveSession(session.client_id, now))
+
+    def expire_sessions(self, now: float | None = None) -> int:
+        """Delete persistent sessions whose client has been away longer than
+        ``persistence.session_expiry_s``; returns how many."""
+        expiry_s = self.config.persistence.session_expiry_s
+        if expiry_s < 0:
+            return 0
+        limit = (time.time() if now is None else now) - expiry_s
+        expired = [
+            s for s in self.sessions.values()
+            if s.connection is None and s.disconnected_at is not None and s.disconnected_at < limit
+        ]
+        for session in expired:
+            log.info("session %s expired", session.client_id)
+            self._discard_session(session)
+        return len(expired)
 
     def _on_publish(self, conn: Connection, packet: Publish) -> None:
         self.messages_received += 1
@@ -242,15 +311,18 @@ class Broker:
             self.publish(packet)
             return
         packet_id = packet.packet_id
+        before = self._ticket()
         if qos == 1:
             self.publish(packet)
-            conn.send(bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF)))
+            self._reply(conn, bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF)), before)
             return
-        inbound = conn.session.inbound_qos2  # type: ignore[union-attr]
-        if packet_id not in inbound:  # exactly once: route on first receipt only
-            inbound.add(packet_id)
+        session: Session = conn.session  # type: ignore[assignment]
+        if packet_id not in session.inbound_qos2:  # exactly once: route on first receipt only
+            session.inbound_qos2.add(packet_id)
+            if session.writer is not None:
+                session.writer.submit(ops.AddInbound(session.client_id, packet_id))
             self.publish(packet)
-        conn.send(bytes((0x50, 2, packet_id >> 8, packet_id & 0xFF)))
+        self._reply(conn, bytes((0x50, 2, packet_id >> 8, packet_id & 0xFF)), before)
 
     def _on_puback(self, conn: Connection, packet: PubAck) -> None:
         if not conn.session.on_puback(packet.packet_id):  # type: ignore[union-attr]
@@ -262,8 +334,13 @@ class Broker:
         conn.send_packet(PubRel(packet.packet_id))
 
     def _on_pubrel(self, conn: Connection, packet: PubRel) -> None:
-        conn.session.inbound_qos2.discard(packet.packet_id)  # type: ignore[union-attr]
-        conn.send_packet(PubComp(packet.packet_id))
+        session: Session = conn.session  # type: ignore[assignment]
+        before = self._ticket()
+        if packet.packet_id in session.inbound_qos2:
+            session.inbound_qos2.discard(packet.packet_id)
+            if session.writer is not None:
+                session.writer.submit(ops.RemoveInbound(session.client_id, packet.packet_id))
+        self._reply(conn, PubComp(packet.packet_id).encode(), before)
 
     def _on_pubcomp(self, conn: Connection, packet: PubComp) -> None:
         if not conn.session.on_pubcomp(packet.packet_id):  # type: ignore[union-attr]
@@ -272,6 +349,7 @@ class Broker:
     def _on_subscribe(self, conn: Connection, packet: Subscribe) -> None:
         session: Session = conn.session  # type: ignore[assignment]
         trie = self.router.trie
+        before = self._ticket()
         codes = []
         retained: list[tuple[Publish, int]] = []
         for sub in packet.subscriptions:
@@ -284,20 +362,25 @@ class Broker:
             qos = min(sub.qos, MAX_QOS)
             session.subscriptions[sub.filter] = qos
             trie.add(sub.filter, session.client_id, session, qos)
+            if session.writer is not None:
+                session.writer.submit(ops.AddSubscription(session.client_id, sub.filter, qos))
             codes.append(qos)
             for _topic, stored in self.retained.match(sub.filter):
                 message = cast(Publish, stored)
                 retained.append((message, min(message.qos, qos)))
-        conn.send_packet(SubAck(packet.packet_id, tuple(codes)))
+        self._reply(conn, SubAck(packet.packet_id, tuple(codes)).encode(), before)
         for message, qos in retained:
             session.deliver(message, qos, True, None)
 
     def _on_unsubscribe(self, conn: Connection, packet: Unsubscribe) -> None:
         session: Session = conn.session  # type: ignore[assignment]
+        before = self._ticket()
         for topic_filter in packet.filters:
             if session.subscriptions.pop(topic_filter, None) is not None:
                 self.router.trie.remove(topic_filter, session.client_id)
-        conn.send_packet(UnsubAck(packet.packet_id))
+                if session.writer is not None:
+                    session.writer.submit(ops.RemoveSubscription(session.client_id, topic_filter))
+        self._reply(conn, UnsubAck(packet.packet_id).encode(), before)
 
     def _on_pingreq(self, conn: Connection, packet: PingReq) -> None:
         conn.send(b"\xd0\x00")
@@ -313,17 +396,74 @@ class Broker:
         Reports the bound ``[(host, port), ...]`` through ``task_status``."""
         from mqttd.server.tcp import TCPServer  # the composition root knows the I/O layer
 
+        if self.writer is None:
+            await trio.to_thread.run_sync(self.open_store)
+        writer: GroupCommitWriter = self.writer  # type: ignore[assignment]
         server = TCPServer(self)
-        async with trio.open_nursery() as services:
-            self.addresses = await services.start(server.serve)
-            for host, port in self.addresses:
-                log.info("mqttd listening on %s:%d", host, port)
-            task_status.started(self.addresses)
-            await self._shutdown_requested.wait()
-            log.info("shutting down: %d connections", len(self.connections))
-            await server.shutdown(SHUTDOWN_FLUSH_TIMEOUT_S)
-            services.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as services:
+                await services.start(writer.run)
+                services.start_soon(self._expiry_loop)
+                self.addresses = await services.start(server.serve)
+                for host, port in self.addresses:
+                    log.info("mqttd listening on %s:%d", host, port)
+                task_status.started(self.addresses)
+                await self._shutdown_requested.wait()
+                log.info("shutting down: %d connections", len(self.connections))
+                await server.shutdown(SHUTDOWN_FLUSH_TIMEOUT_S)
+                await writer.flush()  # storage last: everything the connections left
+                log.info(
+                    "store flushed: %d commits, %d writes", writer.commits, writer.ops_written
+                )
+                services.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await writer.aclose()
         log.info("mqttd stopped")
+
+    def open_store(self) -> None:
+        """Open the database (moving a corrupt one aside) and restore sessions,
+        subscriptions, inflight and queued messages and retained messages from it."""
+        cfg = self.config.persistence
+        path = MEMORY if cfg.in_memory else str(cfg.db_path())
+        store = SqliteStore.open(path, cfg.durability)
+        snapshot = store.load(time.time(), cfg.session_expiry_s)
+        self.writer = GroupCommitWriter(store, cfg.max_pending_writes)
+        self.writer.on_commit = self._on_commit
+        self._restore(snapshot)
+        log.info(
+            "store %s: restored %d sessions (%d subscriptions, %d inflight, %d queued), "
+            "%d retained messages; %d expired sessions deleted",
+            path, len(snapshot.sessions),
+            sum(len(s.subscriptions) for s in snapshot.sessions.values()),
+            sum(len(s.inflight) for s in snapshot.sessions.values()),
+            sum(s.queued for s in snapshot.sessions.values()),
+            len(snapshot.retained), len(snapshot.expired),
+        )
+
+    def _restore(self, snapshot: Snapshot) -> None:
+        writer: GroupCommitWriter = self.writer  # type: ignore[assignment]
+        limits = self.config.limits
+        trie = self.router.trie
+        for row in snapshot.sessions.values():
+            session = Session.restore(
+                row, writer,
+                max_inflight=limits.max_inflight_messages,
+                max_queued=limits.max_queued_messages,
+                page_size=self.config.persistence.queue_page_messages,
+            )
+            self.sessions[session.client_id] = session
+            for topic_filter, qos in session.subscriptions.items():
+                trie.add(topic_filter, session.client_id, session, qos)
+        for topic, payload, qos in snapshot.retained:
+            self.retained.set(topic, Publish(topic, payload, qos, True))
+        writer.next_message_id = snapshot.next_message_id
+
+    async def _expiry_loop(self) -> None:
+        interval_s = self.config.persistence.expiry_check_interval_s
+        while True:
+            await trio.sleep(interval_s)
+            self.expire_sessions()
 
     def shutdown(self) -> None:
         """Ask :meth:`serve` to stop: listeners first, then connections (with a deadline)."""

@@ -128,10 +128,39 @@ class Limits:
     max_keepalive_s: int = attrs.field(default=65535, validator=_between(0, 65535))
 
 
+DURABILITY_LEVELS = ("process_crash", "power_loss")
+MEMORY_DB = ":memory:"
+
+
+def _durability(v: str) -> str | None:
+    if v in DURABILITY_LEVELS:
+        return None
+    return f"must be one of {', '.join(DURABILITY_LEVELS)}, got {reprlib.repr(v)}"
+
+
+def _never_or_positive(v: int) -> str | None:
+    return None if v == -1 or v >= 1 else f"must be -1 (never) or at least 1, got {v}"
+
+
 @attrs.frozen
 class Persistence:
     data_dir: str = attrs.field(default="./data", validator=_checked(str, _non_empty))
     db_file: str = attrs.field(default="mqttd.db", validator=_checked(str, _non_empty))
+    durability: str = attrs.field(
+        default="process_crash", converter=_lower, validator=_checked(str, _durability)
+    )
+    session_expiry_s: int = attrs.field(
+        default=604_800, validator=_checked(int, _never_or_positive)
+    )
+    expiry_check_interval_s: float = attrs.field(
+        default=60.0, converter=_to_float, validator=_checked(float, _positive)
+    )
+    queue_page_messages: int = attrs.field(default=256, validator=_at_least(1))
+    max_pending_writes: int = attrs.field(default=50_000, validator=_at_least(1))
+
+    @property
+    def in_memory(self) -> bool:
+        return self.db_file == MEMORY_DB
 
     def db_path(self) -> pathlib.Path:
         """The database file: ``db_file`` if absolute, else ``db_file`` inside ``data_dir``."""

@@ -10,6 +10,7 @@ appended to the outbox by ``send``/``send_packet``; the I/O layer drains it with
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -61,6 +62,8 @@ class Connection:
     outbox: list[bytes] = attrs.Factory(list)
     outbox_bytes: int = 0
     on_output: Callable[[], None] = _noop
+    # replies held back until the store commits what they acknowledge: (ticket, bytes)
+    deferred: deque[tuple[int, bytes]] = attrs.Factory(deque)
     # set by the broker to end the connection: the I/O layer flushes (if asked) and closes
     closing: bool = False
     close_reason: MQTTError | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from mqttd.codec.packets import Publish
-from mqttd.session import PartsCache
+from mqttd.session import PartsCache, new_parts_cache
 from mqttd.trie import SubscriptionTrie
 
 
@@ -37,7 +37,7 @@ class Router:
         if not targets:
             self.messages_unmatched += 1
             return 0
-        parts: PartsCache = [None, None, None]
+        parts: PartsCache = new_parts_cache()
         publish_qos = message.qos
         for subscriber, granted in targets:
             subscriber.deliver(  # type: ignore[attr-defined]

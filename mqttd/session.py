@@ -1,34 +1,43 @@
 """Session state: subscriptions, outbound inflight window, packet ids, bounded queue.
 
-A session outlives its connection when it is persistent (clean session = 0). It
-holds the outbound QoS 1/2 messages that are in flight (sent, not yet acknowledged)
-and those waiting for the window to open (or for the client to come back), and the
-inbound QoS 2 packet ids received but not yet released (exactly-once: a PUBLISH with
-an id in that set is acknowledged again but not routed again).
+A session outlives its connection when it is persistent (clean session = 0). It holds
+the outbound QoS 1/2 messages in flight (sent, not yet acknowledged) and those waiting
+for the window to open or for the client to come back, and the inbound QoS 2 packet ids
+received but not yet released (exactly once: a PUBLISH with an id in that set is
+acknowledged again but not routed again).
 
-Everything here is synchronous: the broker calls these methods from a connection's
-reader task while it handles a packet, so no locks are needed.
+A persistent session writes every change to the store (``writer``) as typed operations.
+Its queue is a window onto the database: the oldest queued messages (at most
+``page_size``) are in RAM in ``queue``; newer ones are on disk only (``disk_count``
+of them, every one with a ``seq`` above ``disk_after``) and are read back a page at a
+time as the client drains the queue, so a long offline backlog costs no RAM.
+
+Everything here is synchronous: the broker calls it while handling a packet.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 import attrs
 
 from mqttd.codec.packets import Publish, PubRel, encode_publish_parts
+from persistence import ops
 
 if TYPE_CHECKING:
     from mqttd.protocol import Connection
+    from persistence.store import RestoredSession
+    from persistence.writer import GroupCommitWriter
 
-# an inflight entry: the message, the QoS it is delivered at, the RETAIN flag sent
-Delivery = tuple[Publish, int, bool]
-# (head, tail) per QoS for one routed message, filled lazily and shared by subscribers
-PartsCache = list["tuple[bytes, bytes] | None"]
+# An outbound delivery: (message, QoS delivered at, RETAIN flag sent, seq). ``seq`` numbers
+# a persistent session's deliveries (0 in clean sessions). In ``inflight`` a message of
+# None means "PUBREL sent" (QoS 2 after PUBREC).
+Delivery = tuple["Publish | None", int, bool, int]
+# Per routed message: encoded (head, tail) per QoS, shared by subscribers, and the stored
+# message id once a persistent session has stored it (slot 3).
+PartsCache = list
 
-RELEASED: Final = None  # inflight value of a QoS 2 message whose PUBREL was sent
-_MISSING: Final = object()
 
 # QoS 0 messages are dropped (and counted) rather than buffered beyond this many bytes
 # of unsent output for one connection. Issue #4 makes this a configured budget.
@@ -38,7 +47,7 @@ _PACKET_ID_BYTES = [i.to_bytes(2, "big") for i in range(65536)]
 
 
 def new_parts_cache() -> PartsCache:
-    return [None, None, None]
+    return [None, None, None, 0]
 
 
 @attrs.define(eq=False)
@@ -47,25 +56,65 @@ class Session:
     persistent: bool
     max_inflight: int = 20
     max_queued: int = 1000
+    writer: GroupCommitWriter | None = None  # persistent sessions only
+    page_size: int = 256
     subscriptions: dict[str, int] = attrs.Factory(dict)  # filter -> granted QoS
-    inflight: dict[int, Delivery | None] = attrs.Factory(dict)  # insertion order = send order
+    inflight: dict[int, Delivery] = attrs.Factory(dict)  # insertion order = send order
     queue: deque[Delivery] = attrs.Factory(deque)
     inbound_qos2: set[int] = attrs.Factory(set)
     connection: Connection | None = None
     next_packet_id: int = 1
+    next_seq: int = 1
+    disk_count: int = 0  # queued on disk only (persistent sessions)
+    disk_after: int = 0  # every disk-only seq is above this
+    loading: int = 0  # deliveries being read back from disk
+    pending_drops: int = 0  # drops that fall on the page being read back
+    disconnected_at: float | None = None
+    discarded: bool = False
     # counters
     sent: int = 0
     dropped: int = 0
     dropped_qos0: int = 0
+
+    @classmethod
+    def restore(
+        cls,
+        row: RestoredSession,
+        writer: GroupCommitWriter,
+        *,
+        max_inflight: int,
+        max_queued: int,
+        page_size: int,
+    ) -> Session:
+        session = cls(
+            row.client_id, True, max_inflight, max_queued, writer, page_size,
+            subscriptions=dict(row.subscriptions),
+            inbound_qos2=set(row.inbound_qos2),
+            next_seq=row.next_seq,
+            disk_count=row.queued,
+            disk_after=row.queued_after,
+            disconnected_at=row.disconnected_at,
+        )
+        for seq, packet_id, state, qos, retain, topic, payload in row.inflight:
+            message = None if state == 2 else Publish(topic, payload, qos, retain)
+            session.inflight[packet_id] = (message, qos, retain, seq)
+        if session.inflight:
+            session.next_packet_id = max(session.inflight) % 65535 + 1
+        return session
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting for the window (in RAM, being read back, or on disk)."""
+        return len(self.queue) + self.loading + self.disk_count - self.pending_drops
 
     # -- outbound ----------------------------------------------------------------------
 
     def deliver(
         self, message: Publish, qos: int, retain: bool, parts: PartsCache | None
     ) -> None:
-        """Hand one message to this session at ``qos``. ``parts`` caches the encoded
-        (head, tail) per QoS across the subscribers of one routed message (``None`` when
-        the encoding is specific to this delivery, e.g. a retained message)."""
+        """Hand one message to this session at ``qos``. ``parts`` is shared by the
+        subscribers of one routed message (``None`` when the encoding is specific to this
+        delivery, e.g. a retained message sent on SUBSCRIBE)."""
         conn = self.connection
         if not qos:
             if conn is None:
@@ -77,10 +126,41 @@ class Session:
             conn.send_parts(head, b"", tail)
             self.sent += 1
             return
-        if conn is not None and not self.queue and len(self.inflight) < self.max_inflight:
-            self._send_new(conn, message, qos, retain, parts)
+        writer = self.writer
+        window_open = (
+            conn is not None
+            and not self.queue
+            and not self.loading
+            and not self.disk_count
+            and len(self.inflight) < self.max_inflight
+        )
+        if writer is None:
+            if window_open:
+                self._send_new(conn, message, qos, retain, parts, 0)  # type: ignore[arg-type]
+            else:
+                self.queue.append((message, qos, retain, 0))
+                if len(self.queue) > self.max_queued:
+                    self._drop_oldest()
+            return
+        message_id = parts[3] if parts is not None else 0
+        if not message_id:
+            message_id = writer.add_message(message.topic, message.payload, message.qos)
+            if parts is not None:
+                parts[3] = message_id
+        seq = self.next_seq
+        self.next_seq = seq + 1
+        packet_id = 0
+        if window_open:
+            packet_id = self._send_new(conn, message, qos, retain, parts, seq)  # type: ignore[arg-type]
+        elif not self.loading and not self.disk_count and len(self.queue) < self.page_size:
+            self.queue.append((message, qos, retain, seq))
         else:
-            self._enqueue((message, qos, retain))
+            if not self.disk_count and not self.loading:
+                self.disk_after = seq - 1
+            self.disk_count += 1
+        writer.submit(ops.AddDelivery(self.client_id, seq, message_id, qos, retain, packet_id))
+        if not packet_id and self.queued > self.max_queued:
+            self._drop_oldest()
 
     def _send_new(
         self,
@@ -89,62 +169,103 @@ class Session:
         qos: int,
         retain: bool,
         parts: PartsCache | None,
-    ) -> None:
-        packet_id = self._allocate_packet_id()
-        self.inflight[packet_id] = (message, qos, retain)
-        head, tail = _parts(message, qos, retain, parts)
-        conn.send_parts(head, _PACKET_ID_BYTES[packet_id], tail)
-        self.sent += 1
-
-    def _enqueue(self, delivery: Delivery) -> None:
-        queue = self.queue
-        if len(queue) >= self.max_queued:
-            queue.popleft()
-            self.dropped += 1
-        queue.append(delivery)
-
-    def _allocate_packet_id(self) -> int:
+        seq: int,
+    ) -> int:
         packet_id = self.next_packet_id
         inflight = self.inflight
         while packet_id in inflight:
             packet_id = packet_id % 65535 + 1
         self.next_packet_id = packet_id % 65535 + 1
+        inflight[packet_id] = (message, qos, retain, seq)
+        head, tail = _parts(message, qos, retain, parts)
+        conn.send_parts(head, _PACKET_ID_BYTES[packet_id], tail)
+        self.sent += 1
         return packet_id
 
+    def _drop_oldest(self) -> None:
+        """The queue is over budget: drop its oldest message (counted)."""
+        self.dropped += 1
+        if self.queue:
+            seq = self.queue.popleft()[3]
+            if self.writer is not None:
+                self.writer.submit(ops.RemoveDelivery(self.client_id, seq))
+        elif self.loading:
+            self.pending_drops += 1  # the oldest are on the page being read back
+        elif self.disk_count and self.writer is not None:
+            self.disk_count -= 1
+            self.writer.submit(ops.DropOldestQueued(self.client_id, self.disk_after))
+
     def pump(self) -> None:
-        """Move queued messages into the inflight window while it has room."""
+        """Move queued messages into the inflight window while it has room; read the next
+        page back from disk when the in-RAM part runs low."""
         conn = self.connection
+        if conn is None:
+            return
         queue = self.queue
-        while queue and conn is not None and len(self.inflight) < self.max_inflight:
-            message, qos, retain = queue.popleft()
-            self._send_new(conn, message, qos, retain, None)
+        writer = self.writer
+        while queue and len(self.inflight) < self.max_inflight:
+            message, qos, retain, seq = queue.popleft()
+            packet_id = self._send_new(conn, message, qos, retain, None, seq)  # type: ignore[arg-type]
+            if writer is not None:
+                writer.submit(ops.SetInflight(self.client_id, seq, packet_id))
+        if self.disk_count and not self.loading and len(queue) <= self.page_size // 2:
+            count = min(self.page_size, self.disk_count)
+            self.disk_count -= count
+            self.loading = count
+            writer.submit(  # type: ignore[union-attr]
+                ops.LoadQueued(self.client_id, self.disk_after, count, self._page_loaded)
+            )
+
+    def _page_loaded(self, rows: list[ops.QueuedRow]) -> None:
+        if self.discarded:
+            return
+        missing = self.loading - len(rows)
+        self.loading = 0
+        if missing > 0:  # rows removed under us (should not happen): keep the counts honest
+            self.disk_count = max(0, self.disk_count - missing)
+        if rows:
+            self.disk_after = rows[-1].seq
+        for row in rows:
+            message = Publish(row.topic, row.payload, row.qos, row.retain)
+            self.queue.append((message, row.qos, row.retain, row.seq))
+        drops, self.pending_drops = self.pending_drops, 0
+        for _ in range(drops):
+            self._drop_oldest()
+            self.dropped -= 1  # counted when it was decided
+        self.pump()
 
     def on_puback(self, packet_id: int) -> bool:
-        entry = self.inflight.get(packet_id, _MISSING)
-        if entry is _MISSING or entry is RELEASED or entry[1] != 1:  # type: ignore[index]
+        entry = self.inflight.get(packet_id)
+        if entry is None or entry[0] is None or entry[1] != 1:
             return False
         del self.inflight[packet_id]
-        if self.queue:
-            self.pump()
+        self._acknowledged(entry[3])
         return True
 
     def on_pubrec(self, packet_id: int) -> bool:
         """QoS 2 step 2: the PUBLISH is never sent again, a PUBREL is (by the caller)."""
-        entry = self.inflight.get(packet_id, _MISSING)
-        if entry is RELEASED:
-            return True
-        if entry is _MISSING or entry[1] != 2:  # type: ignore[index]
+        entry = self.inflight.get(packet_id)
+        if entry is None or entry[1] != 2:
             return False
-        self.inflight[packet_id] = RELEASED
+        if entry[0] is not None:
+            self.inflight[packet_id] = (None, 2, False, entry[3])
+            if self.writer is not None:
+                self.writer.submit(ops.SetReleased(self.client_id, entry[3]))
         return True
 
     def on_pubcomp(self, packet_id: int) -> bool:
-        if self.inflight.get(packet_id, _MISSING) is not RELEASED:
+        entry = self.inflight.get(packet_id)
+        if entry is None or entry[0] is not None:
             return False
         del self.inflight[packet_id]
-        if self.queue:
-            self.pump()
+        self._acknowledged(entry[3])
         return True
+
+    def _acknowledged(self, seq: int) -> None:
+        if self.writer is not None:
+            self.writer.submit(ops.RemoveDelivery(self.client_id, seq))
+        if self.queue or self.disk_count:
+            self.pump()
 
     # -- connection lifecycle ----------------------------------------------------------
 
@@ -152,11 +273,11 @@ class Session:
         """Bind to a new connection: resend what is in flight (PUBLISH with DUP=1, or
         PUBREL) with the original packet ids and order, then fill the window."""
         self.connection = conn
-        for packet_id, entry in self.inflight.items():
-            if entry is RELEASED:
+        self.disconnected_at = None
+        for packet_id, (message, qos, retain, _seq) in self.inflight.items():
+            if message is None:
                 conn.send_packet(PubRel(packet_id))
             else:
-                message, qos, retain = entry
                 head, tail = encode_publish_parts(message.topic, message.payload, qos, retain, True)
                 conn.send_parts(head, _PACKET_ID_BYTES[packet_id], tail)
         self.pump()
@@ -173,4 +294,4 @@ def _parts(
     parts = cache[qos]
     if parts is None:
         parts = cache[qos] = encode_publish_parts(message.topic, message.payload, qos, retain)
-    return parts
+    return parts  # type: ignore[no-any-return]

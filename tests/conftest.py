@@ -1,18 +1,24 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from mqttd.broker import Broker, running
-from mqttd.config import Config, Limits, Listener
+from mqttd.config import Config, Limits, Listener, Persistence
 
 
-def make_config(**limits: object) -> Config:
-    """A config listening on 127.0.0.1, port 0 (a free port), with ``limits`` overridden."""
+def make_config(data_dir: Path | str | None = None, **limits: object) -> Config:
+    """A config listening on 127.0.0.1, port 0 (a free port), with ``limits`` overridden.
+    The store is SQLite in memory unless ``data_dir`` names a directory for the file."""
+    persistence = (
+        Persistence(db_file=":memory:") if data_dir is None else Persistence(data_dir=str(data_dir))
+    )
     return Config(
         listeners=(Listener(host="127.0.0.1", port=0),),
         limits=Limits(**limits),  # type: ignore[arg-type]
+        persistence=persistence,
     )
 
 

@@ -74,7 +74,11 @@ class ClientHandler:
         receive_some = self.stream.receive_some
         connect_deadline = trio.current_time() + broker.config.limits.connect_timeout_s
         deadline = connect_deadline
+        writer = broker.writer
         while not conn.closing:
+            if writer is not None and writer.congested:
+                # the store is behind: stop reading (TCP backpressure) until it catches up
+                await writer.wait_uncongested()
             with trio.move_on_at(deadline) as timeout:
                 try:
                     data = await receive_some(RECEIVE_SIZE)

@@ -104,7 +104,7 @@ async def test_port_in_use_is_reported(tmp_path):
     proc, port, _log = await start_broker("--data-dir", str(tmp_path))
     try:
         result = await trio.to_thread.run_sync(
-            lambda: run_cli("--host", "127.0.0.1", "-p", str(port))
+            lambda: run_cli("--host", "127.0.0.1", "-p", str(port), "--data-dir", str(tmp_path))
         )
         assert result.returncode == 1
         assert "cannot start" in result.stderr

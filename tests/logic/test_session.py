@@ -6,7 +6,7 @@ from __future__ import annotations
 from mqttd.codec import Decoder
 from mqttd.codec.packets import Publish, PubRel
 from mqttd.protocol import Connection
-from mqttd.session import RELEASED, Session, new_parts_cache
+from mqttd.session import Session, new_parts_cache
 
 
 def msg(n: int | str, qos: int = 1, topic: str = "t") -> Publish:
@@ -200,7 +200,7 @@ def test_pubrec_or_pubcomp_for_a_qos1_message_is_refused() -> None:
     (p,) = sent(conn)
     assert session.on_pubrec(p.packet_id) is False
     assert session.on_pubcomp(p.packet_id) is False
-    assert session.inflight[p.packet_id] is not RELEASED
+    assert session.inflight[p.packet_id][0] is not None  # not released
 
 
 def test_qos2_outbound_flow() -> None:
@@ -211,9 +211,9 @@ def test_qos2_outbound_flow() -> None:
     assert p.qos == 2
     # PUBCOMP before PUBREC is unknown
     assert session.on_pubcomp(p.packet_id) is False
-    assert session.inflight[p.packet_id] is not RELEASED
+    assert session.inflight[p.packet_id][0] is not None  # not released
     assert session.on_pubrec(p.packet_id)
-    assert session.inflight[p.packet_id] is RELEASED
+    assert session.inflight[p.packet_id][0] is None  # released: PUBREL sent
     # still holds the window and the id: nothing else sent yet
     assert conn.data_to_send() == b""
     assert list(session.queue)
@@ -256,7 +256,8 @@ def test_duplicate_pubrec_changes_nothing() -> None:
     assert session.on_pubrec(p.packet_id)
     # a repeated PUBREC is answered with PUBREL again by the broker; the state stays released
     session.on_pubrec(p.packet_id)
-    assert session.inflight == {p.packet_id: RELEASED}
+    assert list(session.inflight) == [p.packet_id]
+    assert session.inflight[p.packet_id][0] is None  # released
     assert conn.data_to_send() == b""
 
 

@@ -1,0 +1,132 @@
+"""Typed operations the broker hands to the store, applied in order by the writer.
+
+They are NamedTuples: typed, immutable and as cheap to create as plain tuples (one
+``AddDelivery`` per persistent delivery is on the hot path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+
+class SaveSession(NamedTuple):
+    """Create or update a persistent session; ``disconnected_at`` (epoch seconds) is None while
+    its client is connected."""
+
+    client_id: str
+    disconnected_at: float | None
+
+
+class DeleteSession(NamedTuple):
+    """Delete a session with its subscriptions, queued/inflight messages and QoS 2 state."""
+
+    client_id: str
+
+
+class AddSubscription(NamedTuple):
+    client_id: str
+    filter: str
+    qos: int
+
+
+class RemoveSubscription(NamedTuple):
+    client_id: str
+    filter: str
+
+
+class AddMessage(NamedTuple):
+    """A message body, stored once however many sessions it is queued for."""
+
+    message_id: int
+    topic: str
+    payload: bytes
+    qos: int
+
+
+class AddDelivery(NamedTuple):
+    """Queue ``message_id`` for a session at position ``seq``; ``packet_id`` non-zero when
+    it is sent at once (inflight)."""
+
+    client_id: str
+    seq: int
+    message_id: int
+    qos: int
+    retain: bool
+    packet_id: int
+
+
+class SetInflight(NamedTuple):
+    """A queued delivery was sent with ``packet_id``."""
+
+    client_id: str
+    seq: int
+    packet_id: int
+
+
+class SetReleased(NamedTuple):
+    """QoS 2: PUBREC received, PUBREL sent; the PUBLISH is never sent again."""
+
+    client_id: str
+    seq: int
+
+
+class RemoveDelivery(NamedTuple):
+    """Acknowledged (or dropped): the message body goes when no delivery refers to it."""
+
+    client_id: str
+    seq: int
+
+
+class DropOldestQueued(NamedTuple):
+    """Drop the oldest queued (never sent) delivery with a ``seq`` above ``after_seq``."""
+
+    client_id: str
+    after_seq: int
+
+
+class AddInbound(NamedTuple):
+    """QoS 2 inbound: packet id received, PUBREL not yet."""
+
+    client_id: str
+    packet_id: int
+
+
+class RemoveInbound(NamedTuple):
+    client_id: str
+    packet_id: int
+
+
+class SetRetained(NamedTuple):
+    topic: str
+    payload: bytes
+    qos: int
+
+
+class DeleteRetained(NamedTuple):
+    topic: str
+
+
+class QueuedRow(NamedTuple):
+    seq: int
+    qos: int
+    retain: bool
+    topic: str
+    payload: bytes
+
+
+class LoadQueued(NamedTuple):
+    """Read (in order with the writes) up to ``limit`` queued deliveries with a ``seq``
+    above ``after_seq``; ``callback`` gets the rows in the trio task after the commit."""
+
+    client_id: str
+    after_seq: int
+    limit: int
+    callback: Callable[[list[QueuedRow]], None]
+
+
+Op = (
+    SaveSession | DeleteSession | AddSubscription | RemoveSubscription | AddMessage
+    | AddDelivery | SetInflight | SetReleased | RemoveDelivery | DropOldestQueued | AddInbound
+    | RemoveInbound | SetRetained | DeleteRetained | LoadQueued
+)

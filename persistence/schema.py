@@ -1,0 +1,92 @@
+"""Database schema, created and migrated with sqlite-utils' ``Migrations``.
+
+Inspect a database with the sqlite-utils CLI, e.g.::
+
+    sqlite-utils tables data/mqttd.db --counts
+    sqlite-utils rows data/mqttd.db sessions
+
+Tables:
+
+- ``sessions``: one row per persistent session (``disconnected_at`` NULL while connected;
+  a session expires `persistence.session_expiry_s` after it).
+- ``subscriptions``: (client_id, filter) -> granted QoS.
+- ``messages``: message bodies (payload as BLOB, never decoded), stored once; ``refs``
+  counts the deliveries that refer to a message, kept by triggers, and the row is
+  deleted when the last delivery goes.
+- ``deliveries``: the per-session queue, in ``seq`` order; ``state`` 0 = queued,
+  1 = sent and awaiting PUBACK/PUBREC (``packet_id`` set), 2 = PUBREL sent.
+- ``inbound_qos2``: QoS 2 packet ids received and not yet released by PUBREL.
+- ``retained``: the retained message per topic.
+- ``schema_version``: the schema version number and the mqttd version that wrote it
+  (``_sqlite_migrations`` lists the migrations applied).
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+MIGRATION_SET = "mqttd"
+migrations = Migrations(MIGRATION_SET)
+
+
+_INITIAL = [
+    """CREATE TABLE sessions (
+        client_id TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        disconnected_at REAL
+    )""",
+    """CREATE TABLE subscriptions (
+        client_id TEXT NOT NULL,
+        filter TEXT NOT NULL,
+        qos INTEGER NOT NULL,
+        PRIMARY KEY (client_id, filter)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        topic TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        qos INTEGER NOT NULL,
+        refs INTEGER NOT NULL DEFAULT 0
+    )""",
+    """CREATE TABLE deliveries (
+        client_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        message_id INTEGER NOT NULL,
+        qos INTEGER NOT NULL,
+        retain INTEGER NOT NULL,
+        packet_id INTEGER,
+        state INTEGER NOT NULL,
+        PRIMARY KEY (client_id, seq)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE inbound_qos2 (
+        client_id TEXT NOT NULL,
+        packet_id INTEGER NOT NULL,
+        PRIMARY KEY (client_id, packet_id)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE retained (
+        topic TEXT PRIMARY KEY,
+        payload BLOB NOT NULL,
+        qos INTEGER NOT NULL
+    )""",
+    """CREATE TRIGGER deliveries_ref AFTER INSERT ON deliveries BEGIN
+        UPDATE messages SET refs = refs + 1 WHERE id = NEW.message_id;
+    END""",
+    """CREATE TRIGGER deliveries_unref AFTER DELETE ON deliveries BEGIN
+        UPDATE messages SET refs = refs - 1 WHERE id = OLD.message_id;
+        DELETE FROM messages WHERE id = OLD.message_id AND refs <= 0;
+    END""",
+    """CREATE TABLE schema_version (
+        version INTEGER NOT NULL,
+        written_by TEXT NOT NULL
+    )""",
+]
+
+
+@migrations(name="0001_initial")
+def _initial(db: Database) -> None:
+    for statement in _INITIAL:
+        db.execute(statement)
+
+
+SCHEMA_VERSION = len(migrations._migrations)

@@ -1,0 +1,319 @@
+"""The SQLite store: opening (with integrity check and move-aside), migrations, applying a
+batch of operations in one transaction, and reading the state back at start-up.
+
+Everything here is synchronous and runs on the writer's worker thread (one connection,
+``check_same_thread=False``, used by one thread at a time).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+from sqlite_utils import Database
+
+from persistence import ops
+from persistence.schema import MIGRATION_SET, SCHEMA_VERSION, migrations
+
+log = logging.getLogger(__name__)
+
+MEMORY = ":memory:"
+WRITTEN_BY = "mqttd 0.1.0"
+
+
+class StoreError(Exception):
+    """The store cannot be used; the message says why and what to do."""
+
+
+class NewerSchemaError(StoreError):
+    pass
+
+
+@attrs.define(eq=False)
+class RestoredSession:
+    client_id: str
+    disconnected_at: float
+    subscriptions: dict[str, int] = attrs.Factory(dict)
+    # (seq, packet_id, state, qos, retain, topic, payload) in seq order; state 1 or 2
+    inflight: list[tuple[int, int, int, int, bool, str, bytes]] = attrs.Factory(list)
+    queued: int = 0  # queued deliveries (state 0), all on disk
+    queued_after: int = 0  # every queued seq is above this
+    next_seq: int = 1
+    inbound_qos2: set[int] = attrs.Factory(set)
+
+
+@attrs.define(eq=False)
+class Snapshot:
+    sessions: dict[str, RestoredSession]
+    retained: list[tuple[str, bytes, int]]
+    next_message_id: int
+    expired: list[str]
+
+
+# Operations applied with one executemany per run of the same type (NamedTuple fields are
+# the statement's parameters, in order).
+_STATEMENTS: dict[type, tuple[str, ...]] = {
+    ops.SaveSession: (
+        "INSERT INTO sessions (client_id, created_at, disconnected_at) "
+        "VALUES (?1, (julianday('now') - 2440587.5) * 86400.0, ?2) "
+        "ON CONFLICT (client_id) DO UPDATE SET disconnected_at = excluded.disconnected_at",
+    ),
+    ops.DeleteSession: (
+        "DELETE FROM deliveries WHERE client_id = ?",
+        "DELETE FROM subscriptions WHERE client_id = ?",
+        "DELETE FROM inbound_qos2 WHERE client_id = ?",
+        "DELETE FROM sessions WHERE client_id = ?",
+    ),
+    ops.AddSubscription: (
+        "INSERT OR REPLACE INTO subscriptions (client_id, filter, qos) VALUES (?, ?, ?)",
+    ),
+    ops.RemoveSubscription: ("DELETE FROM subscriptions WHERE client_id = ? AND filter = ?",),
+    ops.AddMessage: ("INSERT INTO messages (id, topic, payload, qos) VALUES (?, ?, ?, ?)",),
+    ops.AddDelivery: (
+        "INSERT INTO deliveries (client_id, seq, message_id, qos, retain, packet_id, state) "
+        "VALUES (?1, ?2, ?3, ?4, ?5, NULLIF(?6, 0), CASE WHEN ?6 THEN 1 ELSE 0 END)",
+    ),
+    ops.SetInflight: (
+        "UPDATE deliveries SET packet_id = ?3, state = 1 WHERE client_id = ?1 AND seq = ?2",
+    ),
+    ops.SetReleased: ("UPDATE deliveries SET state = 2 WHERE client_id = ?1 AND seq = ?2",),
+    ops.RemoveDelivery: ("DELETE FROM deliveries WHERE client_id = ? AND seq = ?",),
+    ops.DropOldestQueued: (
+        "DELETE FROM deliveries WHERE client_id = ?1 AND seq = (SELECT min(seq) FROM "
+        "deliveries WHERE client_id = ?1 AND state = 0 AND seq > ?2)",
+    ),
+    ops.AddInbound: ("INSERT OR IGNORE INTO inbound_qos2 (client_id, packet_id) VALUES (?, ?)",),
+    ops.RemoveInbound: ("DELETE FROM inbound_qos2 WHERE client_id = ? AND packet_id = ?",),
+    ops.SetRetained: ("INSERT OR REPLACE INTO retained (topic, payload, qos) VALUES (?, ?, ?)",),
+    ops.DeleteRetained: ("DELETE FROM retained WHERE topic = ?",),
+}
+
+_LOAD_QUEUED = (
+    "SELECT d.seq, d.qos, d.retain, m.topic, m.payload FROM deliveries d "
+    "JOIN messages m ON m.id = d.message_id "
+    "WHERE d.client_id = ? AND d.state = 0 AND d.seq > ? ORDER BY d.seq LIMIT ?"
+)
+
+LoadResult = tuple[Callable[[list[ops.QueuedRow]], None], list[ops.QueuedRow]]
+
+
+class SqliteStore:
+    def __init__(self, conn: sqlite3.Connection, path: str) -> None:
+        self.conn = conn
+        self.path = path
+        self.moved_aside: Path | None = None
+
+    # -- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, durability: str = "process_crash") -> SqliteStore:
+        """Open (creating if needed) and migrate the database. A file that is not a
+        database or fails its integrity check is renamed aside, never deleted, and an
+        empty store is started in its place. A database written by a newer schema
+        raises :class:`NewerSchemaError`."""
+        synchronous = "FULL" if durability == "power_loss" else "NORMAL"
+        if str(path) == MEMORY:
+            store = cls(_connect(MEMORY, synchronous), MEMORY)
+            store._migrate()
+            return store
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        moved_aside = None
+        try:
+            conn = _connect(str(path), synchronous)
+            _check_integrity(conn)
+        except sqlite3.DatabaseError as exc:
+            if "conn" in locals():
+                conn.close()
+            moved_aside = _move_aside(path)
+            log.error(
+                "database %s cannot be used (%s): moved it aside to %s and started with an "
+                "EMPTY store; the old file is kept for inspection or recovery",
+                path, exc, moved_aside,
+            )
+            conn = _connect(str(path), synchronous)
+        store = cls(conn, str(path))
+        store.moved_aside = moved_aside
+        try:
+            store._migrate()
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    def _migrate(self) -> None:
+        db = Database(self.conn)
+        known = {m.name for m in migrations._migrations}
+        applied = {m.name for m in migrations.applied(db)}
+        stored_version = 0
+        if "schema_version" in db.table_names():
+            row = self.conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            stored_version = row[0] or 0
+        if applied - known or stored_version > SCHEMA_VERSION:
+            raise NewerSchemaError(
+                f"database {self.path} has schema version {stored_version} (migrations "
+                f"{sorted(applied - known)}) written by a newer mqttd; this mqttd knows "
+                f"version {SCHEMA_VERSION}. Upgrade mqttd, or point persistence.data_dir "
+                "elsewhere."
+            )
+        migrations.apply(db)
+        if stored_version < SCHEMA_VERSION:
+            with db.atomic():
+                self.conn.execute("DELETE FROM schema_version")
+                self.conn.execute(
+                    "INSERT INTO schema_version (version, written_by) VALUES (?, ?)",
+                    (SCHEMA_VERSION, WRITTEN_BY),
+                )
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- writing -------------------------------------------------------------------------
+
+    def apply(self, batch: Sequence[ops.Op]) -> list[LoadResult]:
+        """Apply ``batch`` in order in one transaction; return the results of the reads."""
+        conn = self.conn
+        results: list[LoadResult] = []
+        conn.execute("BEGIN")
+        try:
+            i, n = 0, len(batch)
+            while i < n:
+                kind = type(batch[i])
+                j = i + 1
+                while j < n and type(batch[j]) is kind:
+                    j += 1
+                if kind is ops.LoadQueued:
+                    for op in batch[i:j]:
+                        rows = conn.execute(_LOAD_QUEUED, op[:3]).fetchall()  # type: ignore[misc]
+                        results.append((op.callback, [ops.QueuedRow(*r) for r in rows]))  # type: ignore[union-attr]
+                elif kind is ops.DeleteSession:
+                    params = [(op[0],) for op in batch[i:j]]
+                    for statement in _STATEMENTS[kind]:
+                        conn.executemany(statement, params)
+                else:
+                    for statement in _STATEMENTS[kind]:
+                        conn.executemany(statement, batch[i:j])
+                i = j
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return results
+
+    # -- reading back ----------------------------------------------------------------------
+
+    def load(self, now: float | None = None, session_expiry_s: int = -1) -> Snapshot:
+        """Read everything back at start-up. Sessions that were connected when the broker
+        stopped count as disconnected now; sessions expired by ``session_expiry_s`` (-1:
+        never) are deleted first."""
+        now = time.time() if now is None else now
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            conn.execute(
+                "UPDATE sessions SET disconnected_at = ? WHERE disconnected_at IS NULL", (now,)
+            )
+            expired: list[str] = []
+            if session_expiry_s >= 0:
+                expired = [
+                    row[0] for row in conn.execute(
+                        "SELECT client_id FROM sessions WHERE disconnected_at < ?",
+                        (now - session_expiry_s,),
+                    )
+                ]
+                for statement in _STATEMENTS[ops.DeleteSession]:
+                    conn.executemany(statement, [(c,) for c in expired])
+            # rows of sessions that no longer exist, and bodies nothing refers to
+            for table in ("deliveries", "subscriptions", "inbound_qos2"):
+                conn.execute(
+                    f"DELETE FROM {table} WHERE client_id NOT IN (SELECT client_id FROM sessions)"
+                )
+            conn.execute("DELETE FROM messages WHERE refs <= 0")
+            sessions = {
+                client_id: RestoredSession(client_id, disconnected_at)
+                for client_id, disconnected_at in conn.execute(
+                    "SELECT client_id, disconnected_at FROM sessions"
+                )
+            }
+            for client_id, topic_filter, qos in conn.execute(
+                "SELECT client_id, filter, qos FROM subscriptions"
+            ):
+                sessions[client_id].subscriptions[topic_filter] = qos
+            for client_id, seq, packet_id, state, qos, retain, topic, payload in conn.execute(
+                "SELECT d.client_id, d.seq, d.packet_id, d.state, d.qos, d.retain, m.topic, "
+                "m.payload FROM deliveries d JOIN messages m ON m.id = d.message_id "
+                "WHERE d.state > 0 ORDER BY d.client_id, d.seq"
+            ):
+                sessions[client_id].inflight.append(
+                    (seq, packet_id, state, qos, bool(retain), topic, payload)
+                )
+            for client_id, count, first_seq, last_seq in conn.execute(
+                "SELECT client_id, sum(state = 0), min(CASE WHEN state = 0 THEN seq END), "
+                "max(seq) FROM deliveries GROUP BY client_id"
+            ):
+                session = sessions[client_id]
+                session.queued = count
+                session.queued_after = (first_seq - 1) if first_seq is not None else last_seq
+                session.next_seq = last_seq + 1
+            for client_id, packet_id in conn.execute(
+                "SELECT client_id, packet_id FROM inbound_qos2"
+            ):
+                sessions[client_id].inbound_qos2.add(packet_id)
+            retained = [
+                (topic, payload, qos)
+                for topic, payload, qos in conn.execute(
+                    "SELECT topic, payload, qos FROM retained ORDER BY topic"
+                )
+            ]
+            (max_id,) = conn.execute("SELECT max(id) FROM messages").fetchone()
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return Snapshot(sessions, retained, (max_id or 0) + 1, expired)
+
+    def table_counts(self) -> dict[str, int]:
+        names = ("sessions", "subscriptions", "messages", "deliveries", "inbound_qos2", "retained")
+        return {
+            name: self.conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
+            for name in names
+        }
+
+
+def _connect(path: str, synchronous: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    return conn
+
+
+def _check_integrity(conn: sqlite3.Connection) -> None:
+    rows: list[Any] = conn.execute("PRAGMA quick_check").fetchall()
+    if rows != [("ok",)]:
+        raise sqlite3.DatabaseError(f"integrity check failed: {rows[:3]}")
+    conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+
+
+def _move_aside(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while aside.exists():
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        n += 1
+    path.rename(aside)
+    for suffix in ("-wal", "-shm"):
+        extra = path.with_name(path.name + suffix)
+        if extra.exists():
+            extra.rename(aside.with_name(aside.name + suffix))
+    return aside
+
+
+__all__ = ["MIGRATION_SET", "NewerSchemaError", "Snapshot", "SqliteStore", "StoreError"]
