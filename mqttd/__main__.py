@@ -12,6 +12,7 @@ import trio
 
 from mqttd.broker import Broker
 from mqttd.config import Config, ConfigError, load_config
+from persistence.store import StoreError
 
 log = logging.getLogger("mqttd")
 
@@ -57,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         trio.run(run, config)
-    except (OSError, BaseExceptionGroup) as exc:
-        error = _os_error(exc)
+    except (OSError, StoreError, BaseExceptionGroup) as exc:
+        error = _startup_error(exc)
         if error is None:
             raise
         log.error("cannot start: %s", error)
@@ -68,13 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _os_error(exc: BaseException) -> OSError | None:
-    """The OSError (e.g. address in use) inside a nursery's exception group, if any."""
-    if isinstance(exc, OSError):
+def _startup_error(exc: BaseException) -> Exception | None:
+    """An error that stops the broker from starting, with a message for the user (address
+    in use, a database from a newer mqttd), even inside a nursery's exception group."""
+    if isinstance(exc, OSError | StoreError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            if (found := _os_error(inner)) is not None:
+            if (found := _startup_error(inner)) is not None:
                 return found
     return None
 

@@ -209,7 +209,7 @@ class Session:
             if writer is not None:
                 writer.submit(ops.SetInflight(self.client_id, seq, packet_id))
         if self.disk_count and not self.loading and len(queue) <= self.page_size // 2:
-            count = min(self.page_size, self.disk_count)
+            count = min(self.page_size - len(queue), self.disk_count)
             self.disk_count -= count
             self.loading = count
             writer.submit(  # type: ignore[union-attr]

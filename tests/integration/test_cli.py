@@ -111,3 +111,14 @@ async def test_port_in_use_is_reported(tmp_path):
     finally:
         proc.kill()
         await proc.wait()
+
+
+def test_database_from_a_newer_mqttd_is_refused_with_a_clear_message(tmp_path):
+    from persistence.store import SqliteStore
+
+    store = SqliteStore.open(tmp_path / "mqttd.db")
+    store.conn.execute("UPDATE schema_version SET version = version + 1")
+    store.close()
+    result = run_cli("--host", "127.0.0.1", "-p", "0", "--data-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr and "newer mqttd" in result.stderr
