@@ -34,6 +34,16 @@ class NewerSchemaError(StoreError):
     pass
 
 
+class CorruptDatabase(sqlite3.DatabaseError):
+    """The file is not a SQLite database, or fails its integrity check."""
+
+
+# result codes that mean the file itself is damaged (sqlite3.h); anything else (locked,
+# busy, cannot open, permissions) must never cause a healthy file to be moved aside
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
+
+
 @attrs.define(eq=False)
 class RestoredSession:
     client_id: str
@@ -124,12 +134,15 @@ class SqliteStore:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         moved_aside = None
+        conn = None
         try:
             conn = _connect(str(path), synchronous)
             _check_integrity(conn)
         except sqlite3.DatabaseError as exc:
-            if "conn" in locals():
+            if conn is not None:
                 conn.close()
+            if not _is_corruption(exc):
+                raise StoreError(f"cannot open database {path}: {exc}") from exc
             moved_aside = _move_aside(path)
             log.error(
                 "database %s cannot be used (%s): moved it aside to %s and started with an "
@@ -190,7 +203,11 @@ class SqliteStore:
                 if kind is ops.LoadQueued:
                     for op in batch[i:j]:
                         rows = conn.execute(_LOAD_QUEUED, op[:3]).fetchall()  # type: ignore[misc]
-                        results.append((op.callback, [ops.QueuedRow(*r) for r in rows]))  # type: ignore[union-attr]
+                        queued = [
+                            ops.QueuedRow(seq, qos, bool(retain), topic, payload)
+                            for seq, qos, retain, topic, payload in rows
+                        ]
+                        results.append((op.callback, queued))  # type: ignore[union-attr]
                 elif kind is ops.DeleteSession:
                     params = [(op[0],) for op in batch[i:j]]
                     for statement in _STATEMENTS[kind]:
@@ -297,8 +314,15 @@ def _connect(path: str, synchronous: str) -> sqlite3.Connection:
 def _check_integrity(conn: sqlite3.Connection) -> None:
     rows: list[Any] = conn.execute("PRAGMA quick_check").fetchall()
     if rows != [("ok",)]:
-        raise sqlite3.DatabaseError(f"integrity check failed: {rows[:3]}")
+        raise CorruptDatabase(f"integrity check failed: {rows[:3]}")
     conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+
+
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    if isinstance(exc, CorruptDatabase):
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and (code & 0xFF) in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 
 def _move_aside(path: Path) -> Path:

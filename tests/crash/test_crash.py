@@ -140,9 +140,10 @@ async def test_control_without_kill_the_harness_sees_everything(tmp_path):
             await subscribe_and_leave(broker.port, SUBSCRIBER, "crash/#")
             publisher = Publisher(broker.port, 1, queue_topic)
             async with trio.open_nursery() as nursery:
-                await nursery.start(publisher.run)
-                await publisher.wait_acked(ACKS_PER_ROUND)
-                await publisher.stop()
+                with trio.fail_after(ROUND_TIMEOUT_S):
+                    await nursery.start(publisher.run)
+                    await publisher.wait_acked(ACKS_PER_ROUND)
+                    await publisher.stop()
             assert publisher.ended_by == "stopped", publisher.ended_by
             acked = publisher.acked
             assert acked == set(publisher.sent)
