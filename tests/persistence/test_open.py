@@ -14,7 +14,7 @@ import sqlite_utils
 
 from persistence.ops import AddDelivery, AddMessage, AddSubscription, SaveSession, SetRetained
 from persistence.schema import MIGRATION_SET, SCHEMA_VERSION, migrations
-from persistence.store import StoreError, WRITTEN_BY, NewerSchemaError, SqliteStore
+from persistence.store import WRITTEN_BY, NewerSchemaError, SqliteStore, StoreError
 
 TABLES = {
     "sessions",
@@ -324,7 +324,7 @@ def test_locked_database_is_not_moved_aside(db_path: Path) -> None:
         other.execute("BEGIN EXCLUSIVE")
         other.execute("INSERT INTO sessions VALUES ('other-process', 1, 1)")
         other.execute("COMMIT")  # exclusive locking mode: the lock stays held
-        with pytest.raises(StoreError, match="cannot open database .*locked"):
+        with pytest.raises(StoreError, match=r"cannot open database .*locked"):
             SqliteStore.open(db_path)  # waits for the busy timeout, then refuses clearly
         assert aside_files(db_path) == []
         assert Path(str(db_path) + "-wal").exists()  # the other process's WAL is untouched
