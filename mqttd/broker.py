@@ -57,10 +57,10 @@ from mqttd.codec.packets import (
 )
 from mqttd.codec.reason import SUBACK_FAILURE
 from mqttd.config import Config
-from mqttd.protocol import Connection
+from mqttd.protocol import BufferAccount, Connection
 from mqttd.retained import RetainedStore
 from mqttd.router import Router
-from mqttd.session import Session
+from mqttd.session import DropCounters, Session
 from mqttd.topics import InvalidTopic, validate_topic_filter
 from persistence import ops
 from persistence.store import MEMORY, Snapshot, SqliteStore
@@ -85,6 +85,10 @@ class Broker:
     # broker is driven without I/O, in which case nothing is persisted)
     writer: GroupCommitWriter | None = None
     _awaiting_commit: set[Connection] = attrs.Factory(set)
+    buffers: BufferAccount = attrs.Factory(BufferAccount)
+    drops: DropCounters = attrs.Factory(DropCounters)
+    paused_readers: int = 0
+    _progress: trio.Event = attrs.Factory(trio.Event)
     _handlers: dict[int, Callable[[Connection, Any], None]] = attrs.field(init=False)
     # counters
     connections_total: int = 0
@@ -112,7 +116,11 @@ class Broker:
     # -- connections (called by the I/O layer) ---------------------------------------
 
     def new_connection(self, peer: str) -> Connection:
-        conn = Connection(peer=peer, max_packet_size=self.config.limits.max_packet_size_bytes)
+        conn = Connection(
+            peer=peer,
+            max_packet_size=self.config.limits.max_packet_size_bytes,
+            account=self.buffers,
+        )
         self.connections.add(conn)
         self.connections_total += 1
         return conn
@@ -147,6 +155,7 @@ class Broker:
         client sent DISCONNECT, detach the session, discard it if clean."""
         self.connections.discard(conn)
         self._awaiting_commit.discard(conn)
+        conn.discard_output()
         session = conn.session
         if session is None:
             return
@@ -199,6 +208,78 @@ class Broker:
                 released.append(conn)
         for conn in released:
             self._awaiting_commit.discard(conn)
+        self.notify_progress()
+
+    # -- inbound flow control ---------------------------------------------------------------
+
+    def reading_paused(self, conn: Connection) -> bool:
+        """Whether to stop reading from ``conn`` for now: the broker's unsent output is over
+        ``max_buffered_bytes``, the store's writer is behind, or ``conn`` has
+        ``max_receive_messages`` acknowledgements waiting for a commit."""
+        limits = self.config.limits
+        if 0 <= limits.max_buffered_bytes < self.buffers.bytes:
+            return True
+        writer = self.writer
+        if writer is not None and writer.congested:
+            return True
+        return len(conn.deferred) >= limits.max_receive_messages
+
+    async def wait_readable(self, conn: Connection) -> None:
+        self.paused_readers += 1
+        try:
+            while self.reading_paused(conn) and not conn.closing:
+                await self._progress.wait()
+        finally:
+            self.paused_readers -= 1
+
+    def notify_progress(self) -> None:
+        """Output was sent or a commit finished: paused readers look again."""
+        if self.paused_readers:
+            self._progress.set()
+            self._progress = trio.Event()
+
+    # -- counters ---------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Broker-wide counters (read by the metrics work)."""
+        writer = self.writer
+        return {
+            "connections": len(self.connections),
+            "sessions": len(self.sessions),
+            "subscriptions": len(self.router.trie),
+            "retained": len(self.retained),
+            "messages_received": self.messages_received,
+            "deliveries": self.router.deliveries,
+            "inflight": sum(len(s.inflight) for s in self.sessions.values()),
+            "queued": sum(s.queued for s in self.sessions.values()),
+            "dropped": self.drops.dropped,
+            "dropped_qos0": self.drops.dropped_qos0,
+            "buffered_bytes": self.buffers.bytes,
+            "store_commits": writer.commits if writer is not None else 0,
+            "store_writes": writer.ops_written if writer is not None else 0,
+            "store_pending": writer.pending if writer is not None else 0,
+        }
+
+    def client_stats(self, client_id: str) -> dict[str, int | bool] | None:
+        """Per-client counters: inflight, queued, queued_bytes, sent, dropped, ..."""
+        session = self.sessions.get(client_id)
+        if session is None:
+            return None
+        result = session.stats()
+        conn = session.connection
+        result["buffered_bytes"] = conn.outbox_bytes if conn is not None else 0
+        return result
+
+    def _session_limits(self, client_id: str) -> dict[str, Any]:
+        limits = self.config.limits_for(client_id)
+        return {
+            "max_inflight": limits.max_inflight_messages,
+            "max_queued": limits.max_queued_messages,
+            "max_queued_bytes": limits.max_queued_bytes,
+            "overflow_policy": limits.overflow_policy,
+            "qos0_buffer_bytes": self.config.limits.qos0_buffer_bytes,
+            "counters": self.drops,
+        }
 
     def _ticket(self) -> int:
         return self.writer.ticket if self.writer is not None else 0
@@ -233,15 +314,13 @@ class Broker:
             session = None
         session_present = session is not None
         if session is None:
-            limits = self.config.limits
             persistent = not packet.clean_session
             session = Session(
                 client_id,
                 persistent=persistent,
-                max_inflight=limits.max_inflight_messages,
-                max_queued=limits.max_queued_messages,
                 writer=self.writer if persistent else None,
                 page_size=self.config.persistence.queue_page_messages,
+                **self._session_limits(client_id),
             )
             self.sessions[client_id] = session
         if session.writer is not None:
@@ -443,14 +522,12 @@ class Broker:
 
     def _restore(self, snapshot: Snapshot) -> None:
         writer: GroupCommitWriter = self.writer  # type: ignore[assignment]
-        limits = self.config.limits
         trie = self.router.trie
         for row in snapshot.sessions.values():
             session = Session.restore(
                 row, writer,
-                max_inflight=limits.max_inflight_messages,
-                max_queued=limits.max_queued_messages,
                 page_size=self.config.persistence.queue_page_messages,
+                **self._session_limits(row.client_id),
             )
             self.sessions[session.client_id] = session
             for topic_filter, qos in session.subscriptions.items():

@@ -7,6 +7,7 @@ example ``config/x.yaml: limits.max_inflight_messages: expected int, got 'abc'``
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import pathlib
 import reprlib
@@ -26,6 +27,7 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+OVERFLOW_POLICIES = ("drop_oldest", "drop_new", "disconnect")
 MQTT_MAX_PACKET_SIZE_BYTES = 268_435_455 + 5  # largest remaining length + fixed header
 
 
@@ -94,6 +96,20 @@ def _no_limit_or_positive(v: int) -> str | None:
     return None if v == -1 or v >= 1 else f"must be -1 (no limit) or at least 1, got {v}"
 
 
+def _overflow_policy(v: str) -> str | None:
+    if v in OVERFLOW_POLICIES:
+        return None
+    return f"must be one of {', '.join(OVERFLOW_POLICIES)}, got {reprlib.repr(v)}"
+
+
+def _optional(validator: Any) -> Any:
+    def validate(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None:
+            validator(instance, attribute, value)
+
+    return validate
+
+
 def _log_level(v: str) -> str | None:
     if v in LOG_LEVELS:
         return None
@@ -126,6 +142,46 @@ class Limits:
     max_inflight_messages: int = attrs.field(default=20, validator=_at_least(1))
     max_queued_messages: int = attrs.field(default=1000, validator=_at_least(1))
     max_keepalive_s: int = attrs.field(default=65535, validator=_between(0, 65535))
+    max_queued_bytes: int = attrs.field(
+        default=16_777_216, validator=_checked(int, _no_limit_or_positive)
+    )
+    overflow_policy: str = attrs.field(
+        default="drop_oldest", converter=_lower, validator=_checked(str, _overflow_policy)
+    )
+    qos0_buffer_bytes: int = attrs.field(default=262_144, validator=_at_least(0))
+    max_buffered_bytes: int = attrs.field(
+        default=268_435_456, validator=_checked(int, _no_limit_or_positive)
+    )
+    max_receive_messages: int = attrs.field(default=1000, validator=_at_least(1))
+
+
+@attrs.frozen
+class ClientLimits:
+    """The limits that apply to one client: ``limits`` with its override applied."""
+
+    max_inflight_messages: int
+    max_queued_messages: int
+    max_queued_bytes: int
+    overflow_policy: str
+
+
+@attrs.frozen
+class ClientOverride:
+    """Limits for the clients whose id matches ``client_id`` (a pattern: ``*`` any run of
+    characters, ``?`` one character, ``[...]`` a set); unset keys keep ``limits``."""
+
+    client_id: str = attrs.field(default="", validator=_checked(str, _non_empty))
+    max_inflight_messages: int | None = attrs.field(default=None, validator=_optional(_at_least(1)))
+    max_queued_messages: int | None = attrs.field(default=None, validator=_optional(_at_least(1)))
+    max_queued_bytes: int | None = attrs.field(
+        default=None, validator=_optional(_checked(int, _no_limit_or_positive))
+    )
+    overflow_policy: str | None = attrs.field(
+        default=None, converter=_lower, validator=_optional(_checked(str, _overflow_policy))
+    )
+
+    def matches(self, client_id: str) -> bool:
+        return fnmatch.fnmatchcase(client_id, self.client_id)
 
 
 DURABILITY_LEVELS = ("process_crash", "power_loss")
@@ -182,8 +238,29 @@ class Config:
         default=(Listener(),), validator=_checked(tuple, _at_least_one)
     )
     limits: Limits = attrs.field(factory=Limits)
+    client_overrides: tuple[ClientOverride, ...] = attrs.field(
+        default=(), validator=_checked(tuple)
+    )
     persistence: Persistence = attrs.field(factory=Persistence)
     logging: Logging = attrs.field(factory=Logging)
+
+    def limits_for(self, client_id: str) -> ClientLimits:
+        """``limits`` with the first matching entry of ``client_overrides`` applied."""
+        limits = self.limits
+        values: dict[str, Any] = {
+            "max_inflight_messages": limits.max_inflight_messages,
+            "max_queued_messages": limits.max_queued_messages,
+            "max_queued_bytes": limits.max_queued_bytes,
+            "overflow_policy": limits.overflow_policy,
+        }
+        for override in self.client_overrides:
+            if override.matches(client_id):
+                for key in values:
+                    value = getattr(override, key)
+                    if value is not None:
+                        values[key] = value
+                break
+        return ClientLimits(**values)
 
     def with_overrides(
         self, host: str | None = None, port: int | None = None, data_dir: str | None = None
@@ -241,22 +318,24 @@ def _section_hook(cls: type) -> Callable[[Any, Any], Any]:
 _converter.register_structure_hook_factory(attrs.has, _section_hook)
 
 
-def _listeners_hook(type_: Any) -> Callable[[Any, Any], Any]:
-    """Structure the listeners tuple from a YAML list; ``None`` (an empty key) means default."""
+def _list_hook(type_: Any) -> Callable[[Any, Any], Any]:
+    """Structure a tuple of sections from a YAML list; ``None`` (an empty key) means default."""
     structure = homogenous_tuple_structure_factory(type_, _converter)
+    field = "listeners" if type_ == tuple[Listener, ...] else "client_overrides"
+    default = getattr(attrs.fields(Config), field).default
 
-    def structure_listeners(value: Any, _type: Any) -> Any:
+    def structure_list(value: Any, _type: Any) -> Any:
         if value is None:
-            return attrs.fields(Config).listeners.default
+            return default
         if not isinstance(value, list):
             raise _Invalid("", f"expected a list, got {reprlib.repr(value)}")
         return structure(value, type_)
 
-    return structure_listeners
+    return structure_list
 
 
 _converter.register_structure_hook_factory(
-    lambda type_: type_ == tuple[Listener, ...], _listeners_hook
+    lambda type_: type_ in (tuple[Listener, ...], tuple[ClientOverride, ...]), _list_hook
 )
 
 

@@ -46,6 +46,13 @@ def _noop() -> None:
 
 
 @attrs.define(eq=False)
+class BufferAccount:
+    """Unsent outbound bytes across every connection of a broker."""
+
+    bytes: int = 0
+
+
+@attrs.define(eq=False)
 class Connection:
     """One client connection as the broker sees it (no sockets here)."""
 
@@ -58,9 +65,11 @@ class Connection:
     keepalive_s: int = 0
     session: Session | None = None
     will: Will | None = None
-    # output
+    # output: ``outbox_bytes`` counts every unsent byte, including those the I/O layer
+    # took with data_to_send() and has not reported as sent()
     outbox: list[bytes] = attrs.Factory(list)
     outbox_bytes: int = 0
+    account: BufferAccount = attrs.Factory(BufferAccount)
     on_output: Callable[[], None] = _noop
     # replies held back until the store commits what they acknowledge: (ticket, bytes)
     deferred: deque[tuple[int, bytes]] = attrs.Factory(deque)
@@ -120,20 +129,23 @@ class Connection:
     # -- output ----------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
+        size = len(data)
+        self.outbox_bytes += size
+        self.account.bytes += size
         if not self.outbox:
             self.outbox.append(data)
-            self.outbox_bytes = len(data)
             self.on_output()
         else:
             self.outbox.append(data)
-            self.outbox_bytes += len(data)
 
     def send_parts(self, head: bytes, middle: bytes, tail: bytes) -> None:
         """Queue one packet given as three parts (a shared PUBLISH head, the packet id,
         the shared payload) without concatenating them here."""
         first = not self.outbox
         self.outbox += (head, middle, tail)
-        self.outbox_bytes += len(head) + len(middle) + len(tail)
+        size = len(head) + len(middle) + len(tail)
+        self.outbox_bytes += size
+        self.account.bytes += size
         if first:
             self.on_output()
 
@@ -141,12 +153,22 @@ class Connection:
         self.send(packet.encode(self.protocol_level))
 
     def data_to_send(self) -> bytes:
+        """Everything queued, joined; report it with :meth:`sent` once it is sent."""
         if not self.outbox:
             return b""
         data = b"".join(self.outbox)
         self.outbox.clear()
-        self.outbox_bytes = 0
         return data
+
+    def sent(self, size: int) -> None:
+        self.outbox_bytes -= size
+        self.account.bytes -= size
+
+    def discard_output(self) -> None:
+        """The connection is gone: what was not sent never will be."""
+        self.outbox.clear()
+        self.account.bytes -= self.outbox_bytes
+        self.outbox_bytes = 0
 
     def close(self, reason: MQTTError | None = None, *, flush: bool = False) -> None:
         """Ask the I/O layer to end this connection (idempotent)."""

@@ -17,6 +17,9 @@ Everything here is synchronous: the broker calls it while handling a packet.
 
 from __future__ import annotations
 
+import logging
+import time
+from array import array
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -30,6 +33,8 @@ if TYPE_CHECKING:
     from persistence.store import RestoredSession
     from persistence.writer import GroupCommitWriter
 
+log = logging.getLogger(__name__)
+
 # An outbound delivery: (message, QoS delivered at, RETAIN flag sent, seq). ``seq`` numbers
 # a persistent session's deliveries (0 in clean sessions). In ``inflight`` a message of
 # None means "PUBREL sent" (QoS 2 after PUBREC).
@@ -38,16 +43,24 @@ Delivery = tuple["Publish | None", int, bool, int]
 # message id once a persistent session has stored it (slot 3).
 PartsCache = list
 
-
-# QoS 0 messages are dropped (and counted) rather than buffered beyond this many bytes
-# of unsent output for one connection. Issue #4 makes this a configured budget.
-QOS0_OUTBOX_ALLOWANCE_BYTES = 4 * 1024 * 1024
+DROP_OLDEST = "drop_oldest"
+DROP_NEW = "drop_new"
+DISCONNECT = "disconnect"
+DROP_LOG_INTERVAL_S = 60.0
 
 _PACKET_ID_BYTES = [i.to_bytes(2, "big") for i in range(65536)]
 
 
 def new_parts_cache() -> PartsCache:
     return [None, None, None, 0]
+
+
+@attrs.define(eq=False)
+class DropCounters:
+    """Drops across all sessions (shared by the broker's sessions)."""
+
+    dropped: int = 0  # QoS 1/2 messages dropped by a queue budget
+    dropped_qos0: int = 0  # QoS 0 messages dropped because the client's output was backed up
 
 
 @attrs.define(eq=False)
@@ -58,6 +71,10 @@ class Session:
     max_queued: int = 1000
     writer: GroupCommitWriter | None = None  # persistent sessions only
     page_size: int = 256
+    max_queued_bytes: int = -1  # payload bytes; -1: no limit
+    overflow_policy: str = DROP_OLDEST
+    qos0_buffer_bytes: int = 262_144
+    counters: DropCounters = attrs.Factory(DropCounters)
     subscriptions: dict[str, int] = attrs.Factory(dict)  # filter -> granted QoS
     inflight: dict[int, Delivery] = attrs.Factory(dict)  # insertion order = send order
     queue: deque[Delivery] = attrs.Factory(deque)
@@ -65,9 +82,12 @@ class Session:
     connection: Connection | None = None
     next_packet_id: int = 1
     next_seq: int = 1
+    queued_bytes: int = 0  # payload bytes of everything queued (RAM, being read, disk)
     disk_count: int = 0  # queued on disk only (persistent sessions)
     disk_after: int = 0  # every disk-only seq is above this
-    loading: int = 0  # deliveries being read back from disk
+    disk_sizes: array[int] = attrs.Factory(lambda: array("Q"))  # payload sizes, seq order
+    disk_head: int = 0  # disk_sizes[disk_head:] are the disk-only entries
+    loading_sizes: list[int] = attrs.Factory(list)  # entries being read back from disk
     pending_drops: int = 0  # drops that fall on the page being read back
     disconnected_at: float | None = None
     discarded: bool = False
@@ -75,6 +95,7 @@ class Session:
     sent: int = 0
     dropped: int = 0
     dropped_qos0: int = 0
+    _next_drop_log: float = 0.0
 
     @classmethod
     def restore(
@@ -82,18 +103,20 @@ class Session:
         row: RestoredSession,
         writer: GroupCommitWriter,
         *,
-        max_inflight: int,
-        max_queued: int,
         page_size: int,
+        **limits: object,
     ) -> Session:
         session = cls(
-            row.client_id, True, max_inflight, max_queued, writer, page_size,
+            row.client_id, True, writer=writer, page_size=page_size,
             subscriptions=dict(row.subscriptions),
             inbound_qos2=set(row.inbound_qos2),
             next_seq=row.next_seq,
             disk_count=row.queued,
             disk_after=row.queued_after,
+            disk_sizes=array("Q", row.queued_sizes),
+            queued_bytes=sum(row.queued_sizes),
             disconnected_at=row.disconnected_at,
+            **limits,  # type: ignore[arg-type]
         )
         for seq, packet_id, state, qos, retain, topic, payload in row.inflight:
             message = None if state == 2 else Publish(topic, payload, qos, retain)
@@ -103,9 +126,32 @@ class Session:
         return session
 
     @property
+    def loading(self) -> int:
+        """Deliveries being read back from disk."""
+        return len(self.loading_sizes)
+
+    @property
     def queued(self) -> int:
         """Messages waiting for the window (in RAM, being read back, or on disk)."""
-        return len(self.queue) + self.loading + self.disk_count - self.pending_drops
+        return len(self.queue) + len(self.loading_sizes) + self.disk_count - self.pending_drops
+
+    def stats(self) -> dict[str, int | bool]:
+        return {
+            "connected": self.connection is not None,
+            "persistent": self.persistent,
+            "inflight": len(self.inflight),
+            "queued": self.queued,
+            "queued_bytes": self.queued_bytes,
+            "sent": self.sent,
+            "dropped": self.dropped,
+            "dropped_qos0": self.dropped_qos0,
+        }
+
+    def _over_budget(self, extra_messages: int, extra_bytes: int) -> bool:
+        if self.queued + extra_messages > self.max_queued:
+            return True
+        limit = self.max_queued_bytes
+        return limit >= 0 and self.queued_bytes + extra_bytes > limit
 
     # -- outbound ----------------------------------------------------------------------
 
@@ -119,28 +165,45 @@ class Session:
         if not qos:
             if conn is None:
                 return  # QoS 0 is not queued for offline sessions (as mosquitto's default)
-            if conn.outbox_bytes > QOS0_OUTBOX_ALLOWANCE_BYTES:
+            if conn.outbox_bytes > self.qos0_buffer_bytes:
                 self.dropped_qos0 += 1
+                self.counters.dropped_qos0 += 1
+                self._log_drop()
                 return
             head, tail = _parts(message, 0, retain, parts)
             conn.send_parts(head, b"", tail)
             self.sent += 1
             return
-        writer = self.writer
         window_open = (
             conn is not None
             and not self.queue
-            and not self.loading
+            and not self.loading_sizes
             and not self.disk_count
             and len(self.inflight) < self.max_inflight
         )
+        size = len(message.payload)
+        if (
+            not window_open
+            and self.overflow_policy != DROP_OLDEST
+            and self._over_budget(1, size)
+        ):
+            self._count_drop()
+            if self.overflow_policy == DISCONNECT and conn is not None:
+                log.warning(
+                    "client %s: queue full (%d messages, %d bytes): disconnecting it "
+                    "(overflow_policy disconnect)", self.client_id, self.queued,
+                    self.queued_bytes,
+                )
+                conn.close()
+            return
+        writer = self.writer
         if writer is None:
             if window_open:
                 self._send_new(conn, message, qos, retain, parts, 0)  # type: ignore[arg-type]
             else:
                 self.queue.append((message, qos, retain, 0))
-                if len(self.queue) > self.max_queued:
-                    self._drop_oldest()
+                self.queued_bytes += size
+                self._trim()
             return
         message_id = parts[3] if parts is not None else 0
         if not message_id:
@@ -152,15 +215,17 @@ class Session:
         packet_id = 0
         if window_open:
             packet_id = self._send_new(conn, message, qos, retain, parts, seq)  # type: ignore[arg-type]
-        elif not self.loading and not self.disk_count and len(self.queue) < self.page_size:
+        elif not self.loading_sizes and not self.disk_count and len(self.queue) < self.page_size:
             self.queue.append((message, qos, retain, seq))
         else:
-            if not self.disk_count and not self.loading:
+            if not self.disk_count and not self.loading_sizes:
                 self.disk_after = seq - 1
             self.disk_count += 1
+            self.disk_sizes.append(size)
         writer.submit(ops.AddDelivery(self.client_id, seq, message_id, qos, retain, packet_id))
-        if not packet_id and self.queued > self.max_queued:
-            self._drop_oldest()
+        if not packet_id:
+            self.queued_bytes += size
+            self._trim()
 
     def _send_new(
         self,
@@ -182,18 +247,48 @@ class Session:
         self.sent += 1
         return packet_id
 
+    def _trim(self) -> None:
+        """drop_oldest: drop the oldest queued messages until the queue fits its budget."""
+        while self.queued and self._over_budget(0, 0):
+            self._drop_oldest()
+
     def _drop_oldest(self) -> None:
-        """The queue is over budget: drop its oldest message (counted)."""
-        self.dropped += 1
+        self._count_drop()
         if self.queue:
-            seq = self.queue.popleft()[3]
+            message, _qos, _retain, seq = self.queue.popleft()
+            self.queued_bytes -= len(message.payload)  # type: ignore[union-attr]
             if self.writer is not None:
                 self.writer.submit(ops.RemoveDelivery(self.client_id, seq))
-        elif self.loading:
-            self.pending_drops += 1  # the oldest are on the page being read back
+        elif self.pending_drops < len(self.loading_sizes):
+            # the oldest are on the page being read back: drop them when it arrives
+            self.queued_bytes -= self.loading_sizes[self.pending_drops]
+            self.pending_drops += 1
         elif self.disk_count and self.writer is not None:
             self.disk_count -= 1
+            self.queued_bytes -= self.disk_sizes[self.disk_head]
+            self._advance_disk_head(1)
             self.writer.submit(ops.DropOldestQueued(self.client_id, self.disk_after))
+
+    def _count_drop(self) -> None:
+        self.dropped += 1
+        self.counters.dropped += 1
+        self._log_drop()
+
+    def _log_drop(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_drop_log:  # at most once a minute per client
+            self._next_drop_log = now + DROP_LOG_INTERVAL_S
+            log.warning(
+                "client %s: dropping messages (%s; queue %d messages, %d bytes): %d dropped, "
+                "%d QoS 0 dropped so far", self.client_id, self.overflow_policy, self.queued,
+                self.queued_bytes, self.dropped, self.dropped_qos0,
+            )
+
+    def _advance_disk_head(self, count: int) -> None:
+        self.disk_head += count
+        if self.disk_head > 4096 and self.disk_head * 2 > len(self.disk_sizes):
+            del self.disk_sizes[: self.disk_head]
+            self.disk_head = 0
 
     def pump(self) -> None:
         """Move queued messages into the inflight window while it has room; read the next
@@ -205,13 +300,16 @@ class Session:
         writer = self.writer
         while queue and len(self.inflight) < self.max_inflight:
             message, qos, retain, seq = queue.popleft()
+            self.queued_bytes -= len(message.payload)  # type: ignore[union-attr]
             packet_id = self._send_new(conn, message, qos, retain, None, seq)  # type: ignore[arg-type]
             if writer is not None:
                 writer.submit(ops.SetInflight(self.client_id, seq, packet_id))
-        if self.disk_count and not self.loading and len(queue) <= self.page_size // 2:
+        if self.disk_count and not self.loading_sizes and len(queue) <= self.page_size // 2:
             count = min(self.page_size - len(queue), self.disk_count)
             self.disk_count -= count
-            self.loading = count
+            head = self.disk_head
+            self.loading_sizes = list(self.disk_sizes[head : head + count])
+            self._advance_disk_head(count)
             writer.submit(  # type: ignore[union-attr]
                 ops.LoadQueued(self.client_id, self.disk_after, count, self._page_loaded)
             )
@@ -219,19 +317,19 @@ class Session:
     def _page_loaded(self, rows: list[ops.QueuedRow]) -> None:
         if self.discarded:
             return
-        missing = self.loading - len(rows)
-        self.loading = 0
-        if missing > 0:  # rows removed under us (should not happen): keep the counts honest
-            self.disk_count = max(0, self.disk_count - missing)
+        expected = len(self.loading_sizes)
+        skip, self.pending_drops = self.pending_drops, 0
+        self.loading_sizes = []
+        if len(rows) < expected:  # rows removed under us (should not happen): stay honest
+            log.error("session %s: %d queued rows missing", self.client_id, expected - len(rows))
+            self.queued_bytes = max(0, self.queued_bytes - (expected - len(rows)))
         if rows:
             self.disk_after = rows[-1].seq
-        for row in rows:
+        for row in rows[:skip]:  # dropped while being read back
+            self.writer.submit(ops.RemoveDelivery(self.client_id, row.seq))  # type: ignore[union-attr]
+        for row in rows[skip:]:
             message = Publish(row.topic, row.payload, row.qos, row.retain)
             self.queue.append((message, row.qos, row.retain, row.seq))
-        drops, self.pending_drops = self.pending_drops, 0
-        for _ in range(drops):
-            self._drop_oldest()
-            self.dropped -= 1  # counted when it was decided
         self.pump()
 
     def on_puback(self, packet_id: int) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class RestoredSession:
     # (seq, packet_id, state, qos, retain, topic, payload) in seq order; state 1 or 2
     inflight: list[tuple[int, int, int, int, bool, str, bytes]] = attrs.Factory(list)
     queued: int = 0  # queued deliveries (state 0), all on disk
+    queued_sizes: array[int] = attrs.Factory(lambda: array("Q"))  # their payload sizes
     queued_after: int = 0  # every queued seq is above this
     next_seq: int = 1
     inbound_qos2: set[int] = attrs.Factory(set)
@@ -278,6 +280,12 @@ class SqliteStore:
                 session.queued = count
                 session.queued_after = (first_seq - 1) if first_seq is not None else last_seq
                 session.next_seq = last_seq + 1
+            for client_id, size in conn.execute(
+                "SELECT d.client_id, length(m.payload) FROM deliveries d "
+                "JOIN messages m ON m.id = d.message_id WHERE d.state = 0 "
+                "ORDER BY d.client_id, d.seq"
+            ):
+                sessions[client_id].queued_sizes.append(size)
             for client_id, packet_id in conn.execute(
                 "SELECT client_id, packet_id FROM inbound_qos2"
             ):

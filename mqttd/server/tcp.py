@@ -74,11 +74,14 @@ class ClientHandler:
         receive_some = self.stream.receive_some
         connect_deadline = trio.current_time() + broker.config.limits.connect_timeout_s
         deadline = connect_deadline
-        writer = broker.writer
         while not conn.closing:
-            if writer is not None and writer.congested:
-                # the store is behind: stop reading (TCP backpressure) until it catches up
-                await writer.wait_uncongested()
+            if broker.reading_paused(conn):
+                # buffers full, store behind, or too many acks waiting for a commit: stop
+                # reading (TCP backpressure) until that drains; the pause is ours, so the
+                # keepalive clock starts again afterwards
+                await broker.wait_readable(conn)
+                if conn.session is not None and conn.keepalive_s:
+                    deadline = trio.current_time() + 1.5 * conn.keepalive_s
             with trio.move_on_at(deadline) as timeout:
                 try:
                     data = await receive_some(RECEIVE_SIZE)
@@ -120,6 +123,9 @@ class ClientHandler:
                 data = conn.data_to_send()
                 if data:
                     await send_all(data)
+                    conn.sent(len(data))
+                    if self.broker.paused_readers:
+                        self.broker.notify_progress()
                 if conn.closing and not conn.outbox:
                     self._scope.cancel()
                     return
