@@ -123,7 +123,7 @@ def test_disconnect_policy_closes_the_slow_client_and_counts_the_drop():
 def test_queue_byte_budget_counts_payload_bytes_exactly():
     broker = Broker(make_config(max_inflight_messages=1, max_queued_messages=1000,
                                 max_queued_bytes=1000))
-    sub = connect(broker, "sub", "t/#")
+    connect(broker, "sub", "t/#")
     publish_n(broker, 1, size=100)  # goes in flight at once: not queued
     publish_n(broker, 10, size=100, start=1)  # fills 1000 bytes exactly
     stats = broker.client_stats("sub")
@@ -157,7 +157,7 @@ def test_reading_pauses_when_output_buffers_pass_the_broker_limit():
     sub = connect(broker, "sub", "t/#", qos=0)
     pub = connect(broker, "pub")
     assert not broker.reading_paused(pub)
-    for i in range(60):
+    for _ in range(60):
         broker.handle_data(pub, Publish("t/x", b"x" * 100, 0).encode())
     assert broker.stats()["buffered_bytes"] > 5000
     assert broker.reading_paused(pub)
