@@ -88,6 +88,7 @@ class Broker:
     buffers: BufferAccount = attrs.Factory(BufferAccount)
     drops: DropCounters = attrs.Factory(DropCounters)
     paused_readers: int = 0
+    read_pauses: int = 0
     _progress: trio.Event = attrs.Factory(trio.Event)
     _handlers: dict[int, Callable[[Connection, Any], None]] = attrs.field(init=False)
     # counters
@@ -225,6 +226,7 @@ class Broker:
         return len(conn.deferred) >= limits.max_receive_messages
 
     async def wait_readable(self, conn: Connection) -> None:
+        self.read_pauses += 1
         self.paused_readers += 1
         try:
             while self.reading_paused(conn) and not conn.closing:
@@ -255,6 +257,7 @@ class Broker:
             "dropped": self.drops.dropped,
             "dropped_qos0": self.drops.dropped_qos0,
             "buffered_bytes": self.buffers.bytes,
+            "read_pauses": self.read_pauses,
             "store_commits": writer.commits if writer is not None else 0,
             "store_writes": writer.ops_written if writer is not None else 0,
             "store_pending": writer.pending if writer is not None else 0,
