@@ -192,6 +192,7 @@ class SqliteStore:
 
     def apply(self, batch: Sequence[ops.Op]) -> list[LoadResult]:
         """Apply ``batch`` in order in one transaction; return the results of the reads."""
+        batch = _without_settled(batch)
         conn = self.conn
         results: list[LoadResult] = []
         conn.execute("BEGIN")
@@ -310,6 +311,45 @@ class SqliteStore:
             name: self.conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
             for name in names
         }
+
+
+def _without_settled(batch: Sequence[ops.Op]) -> Sequence[ops.Op]:
+    """Leave out deliveries queued and acknowledged within this batch (a connected
+    subscriber acked before the commit), the updates to them, and message bodies that no
+    delivery in the batch keeps: the end state of the transaction is the same, with less
+    to write."""
+    added: dict[tuple[str, int], int] = {}  # (client, seq) -> message id, added in batch
+    settled: set[tuple[str, int]] = set()
+    for op in batch:
+        kind = type(op)
+        if kind is ops.AddDelivery:
+            added[(op[0], op[1])] = op[2]  # type: ignore[misc]
+        elif kind is ops.RemoveDelivery:
+            key = (op[0], op[1])  # type: ignore[misc]
+            if key in added:
+                settled.add(key)
+    if not settled:
+        return batch
+    adds_per_message: dict[int, int] = {}
+    for key, message_id in added.items():
+        adds_per_message[message_id] = adds_per_message.get(message_id, 0) + 1
+    for key in settled:
+        message_id = added[key]
+        adds_per_message[message_id] -= 1
+    dead_messages = {m for m, live in adds_per_message.items() if live == 0}
+    kept = []
+    for op in batch:
+        kind = type(op)
+        if kind is ops.AddMessage:
+            if op[0] in dead_messages:  # type: ignore[misc]
+                continue
+        elif kind in _DELIVERY_OPS and (op[0], op[1]) in settled:  # type: ignore[misc]
+            continue
+        kept.append(op)
+    return kept
+
+
+_DELIVERY_OPS = (ops.AddDelivery, ops.RemoveDelivery, ops.SetInflight, ops.SetReleased)
 
 
 def _connect(path: str, synchronous: str) -> sqlite3.Connection:
