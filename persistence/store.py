@@ -331,7 +331,7 @@ def _without_settled(batch: Sequence[ops.Op]) -> Sequence[ops.Op]:
     if not settled:
         return batch
     adds_per_message: dict[int, int] = {}
-    for key, message_id in added.items():
+    for message_id in added.values():
         adds_per_message[message_id] = adds_per_message.get(message_id, 0) + 1
     for key in settled:
         message_id = added[key]
