@@ -321,29 +321,24 @@ def _without_settled(batch: Sequence[ops.Op]) -> Sequence[ops.Op]:
     added: dict[tuple[str, int], int] = {}  # (client, seq) -> message id, added in batch
     settled: set[tuple[str, int]] = set()
     for op in batch:
-        kind = type(op)
-        if kind is ops.AddDelivery:
-            added[(op[0], op[1])] = op[2]  # type: ignore[misc]
-        elif kind is ops.RemoveDelivery:
-            key = (op[0], op[1])  # type: ignore[misc]
-            if key in added:
-                settled.add(key)
+        if isinstance(op, ops.AddDelivery):
+            added[(op.client_id, op.seq)] = op.message_id
+        elif isinstance(op, ops.RemoveDelivery) and (op.client_id, op.seq) in added:
+            settled.add((op.client_id, op.seq))
     if not settled:
         return batch
     adds_per_message: dict[int, int] = {}
     for message_id in added.values():
         adds_per_message[message_id] = adds_per_message.get(message_id, 0) + 1
     for key in settled:
-        message_id = added[key]
-        adds_per_message[message_id] -= 1
+        adds_per_message[added[key]] -= 1
     dead_messages = {m for m, live in adds_per_message.items() if live == 0}
-    kept = []
+    kept: list[ops.Op] = []
     for op in batch:
-        kind = type(op)
-        if kind is ops.AddMessage:
-            if op[0] in dead_messages:  # type: ignore[misc]
+        if isinstance(op, ops.AddMessage):
+            if op.message_id in dead_messages:
                 continue
-        elif kind in _DELIVERY_OPS and (op[0], op[1]) in settled:  # type: ignore[misc]
+        elif isinstance(op, _DELIVERY_OPS) and (op.client_id, op.seq) in settled:
             continue
         kept.append(op)
     return kept
