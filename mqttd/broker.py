@@ -26,7 +26,7 @@ import attrs
 import trio
 
 from mqttd.codec import ClientIdRejected, MQTTError
-from mqttd.codec.errors import SessionTakenOver
+from mqttd.codec.errors import ServerBusy, SessionTakenOver
 from mqttd.codec.packets import (
     CONNECT,
     DISCONNECT,
@@ -89,6 +89,7 @@ class Broker:
     drops: DropCounters = attrs.Factory(DropCounters)
     paused_readers: int = 0
     read_pauses: int = 0
+    stalled_disconnects: int = 0
     _progress: trio.Event = attrs.Factory(trio.Event)
     _handlers: dict[int, Callable[[Connection, Any], None]] = attrs.field(init=False)
     # counters
@@ -157,6 +158,7 @@ class Broker:
         self.connections.discard(conn)
         self._awaiting_commit.discard(conn)
         conn.discard_output()
+        self.notify_progress()
         session = conn.session
         if session is None:
             return
@@ -228,11 +230,38 @@ class Broker:
     async def wait_readable(self, conn: Connection) -> None:
         self.read_pauses += 1
         self.paused_readers += 1
+        timeout_s = self.config.limits.stalled_output_timeout_s
         try:
             while self.reading_paused(conn) and not conn.closing:
-                await self._progress.wait()
+                with trio.move_on_after(timeout_s):
+                    await self._progress.wait()
+                    continue
+                self.disconnect_stalled_clients(trio.current_time())
         finally:
             self.paused_readers -= 1
+
+    def disconnect_stalled_clients(self, now: float) -> int:
+        """Over ``max_buffered_bytes`` for a while: disconnect the clients whose output has
+        not moved for ``stalled_output_timeout_s`` (they stopped reading), so that stalled
+        clients cannot keep every publisher paused. Returns how many."""
+        limits = self.config.limits
+        if not 0 <= limits.max_buffered_bytes < self.buffers.bytes:
+            return 0
+        stalled = [
+            conn for conn in self.connections
+            if conn.send_blocked_since is not None
+            and now - conn.send_blocked_since >= limits.stalled_output_timeout_s
+            and not conn.closing
+        ]
+        for conn in stalled:
+            log.warning(
+                "client %s: output stalled for %.1fs with %d bytes unsent while the broker "
+                "is over max_buffered_bytes; disconnecting it", conn.name,
+                now - conn.send_blocked_since, conn.outbox_bytes,  # type: ignore[operator]
+            )
+            self.stalled_disconnects += 1
+            conn.close(ServerBusy("output stalled while the broker is over its buffer limit"))
+        return len(stalled)
 
     def notify_progress(self) -> None:
         """Output was sent or a commit finished: paused readers look again."""
@@ -258,6 +287,7 @@ class Broker:
             "dropped_qos0": self.drops.dropped_qos0,
             "buffered_bytes": self.buffers.bytes,
             "read_pauses": self.read_pauses,
+            "stalled_disconnects": self.stalled_disconnects,
             "store_commits": writer.commits if writer is not None else 0,
             "store_writes": writer.ops_written if writer is not None else 0,
             "store_pending": writer.pending if writer is not None else 0,

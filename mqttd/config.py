@@ -153,6 +153,9 @@ class Limits:
         default=268_435_456, validator=_checked(int, _no_limit_or_positive)
     )
     max_receive_messages: int = attrs.field(default=1000, validator=_at_least(1))
+    stalled_output_timeout_s: float = attrs.field(
+        default=5.0, converter=_to_float, validator=_checked(float, _positive)
+    )
 
 
 @attrs.frozen

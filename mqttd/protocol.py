@@ -70,6 +70,8 @@ class Connection:
     outbox: list[bytes] = attrs.Factory(list)
     outbox_bytes: int = 0
     account: BufferAccount = attrs.Factory(BufferAccount)
+    # when the I/O layer's current send started (None while it is not sending)
+    send_blocked_since: float | None = None
     on_output: Callable[[], None] = _noop
     # replies held back until the store commits what they acknowledge: (ticket, bytes)
     deferred: deque[tuple[int, bytes]] = attrs.Factory(deque)

@@ -122,7 +122,9 @@ class ClientHandler:
                 self._output = trio.Event()
                 data = conn.data_to_send()
                 if data:
+                    conn.send_blocked_since = trio.current_time()
                     await send_all(data)
+                    conn.send_blocked_since = None
                     conn.sent(len(data))
                     if self.broker.paused_readers:
                         self.broker.notify_progress()

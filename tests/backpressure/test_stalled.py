@@ -432,3 +432,34 @@ async def test_one_stalled_subscriber_does_not_slow_nine_healthy_ones():
             assert s["dropped"] == n - INFLIGHT - kept
             assert broker.stats()["dropped"] == s["dropped"]
             await stalled.aclose()
+
+
+async def test_stalled_clients_filling_the_broker_buffer_are_disconnected_not_everyone():
+    """Three stalled subscribers whose output alone exceeds max_buffered_bytes: the broker
+    pauses reading, then disconnects the clients whose output has not moved for
+    stalled_output_timeout_s, and the publisher and the healthy subscriber finish."""
+    config = attrs.evolve(
+        make_config(
+            max_inflight_messages=INFLIGHT,
+            qos0_buffer_bytes=QOS0_BUFFER,
+            max_buffered_bytes=4 * MIB,
+            stalled_output_timeout_s=0.5,
+        ),
+        client_overrides=(HEALTHY,),
+    )
+    count = 400
+    progress = Progress()
+    with trio.fail_after(60):
+        async with running(config) as broker:
+            stalled = [await connect_stalled(broker.port, f"stalled-{i}") for i in range(3)]
+            healthy = Healthy("healthy-1", progress)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(healthy.run, broker.port)
+                await publish(broker.port, count, interleaved(BIG), progress, pace=[healthy])
+                await wait_until(progress, lambda: healthy.received == count)
+                nursery.cancel_scope.cancel()
+            assert sorted(healthy.qos0 + healthy.qos1) == list(range(count))
+            assert broker.stats()["stalled_disconnects"] >= 1
+            assert broker.stats()["read_pauses"] >= 1
+            for stream, _ in stalled:
+                await stream.aclose()
