@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint clean
+.PHONY: run test lint clean bench bench-quick
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ $(TEST_STAMP): pyproject.toml | $(PY)
 
 run: $(STAMP)
 	$(PY) -m mqttd $(ARGS)
+
+# Side-by-side benchmark (mqttd, mosquitto, amqtt): Markdown to stdout, bench/results.json.
+bench: $(STAMP)
+	$(PY) -m devices.bench --size full $(ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) -m devices.bench --size quick $(ARGS)
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,766 @@
+"""Side-by-side benchmark: mqttd, mosquitto and amqtt on 127.0.0.1, same scenarios, one run.
+
+    python -m devices.bench [--size full|quick|tiny] [--brokers mqttd,mosquitto,amqtt]
+                            [--scenarios fanin_qos0,...] [--output bench/results.json]
+
+Each (scenario, broker) pair gets a fresh broker process (its own temporary directory,
+config file and free port), the load generator of ``devices/loadgen.py`` in several worker
+processes, and a SIGTERM (then SIGKILL) at the end; brokers run one at a time so they
+never compete for the cores. Prints Markdown tables and writes the results as JSON.
+See ``bench/README.md`` for the columns and what each broker promises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import getpass
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from devices import loadgen
+
+SCENARIOS = ("fanin_qos0", "fanin_qos1", "durable_qos1", "fanout", "latency", "connections")
+BROKERS = ("mqttd", "mosquitto", "amqtt")
+DEFAULT_OUTPUT = os.path.join("bench", "results.json")
+INFLIGHT = 64  # outbound QoS 1 window per client, the same for mqttd and mosquitto
+BIG_QUEUE = 10_000_000  # queue limits no scenario reaches: nothing is dropped by policy
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 15.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    publishers: int
+    messages: int  # per publisher, in the fan-in scenarios
+    window: int  # unacknowledged QoS 1 messages per publisher
+    fanout_subscribers: int
+    fanout_messages: int
+    latency_rate: float  # msg/s
+    latency_s: float
+    connections: int
+    timeout_s: float  # per scenario, measured window
+    amqtt_divisor: int  # amqtt gets messages / divisor in the message scenarios
+    publisher_procs: int = 2
+    subscriber_procs: int = 4  # fan-out
+    connection_procs: int = 4
+
+
+SIZES = {
+    "full": Size(10, 50_000, 32, 1000, 1000, 1000.0, 10.0, 10_000, 120.0, 1),
+    "quick": Size(2, 5000, 32, 100, 100, 1000.0, 2.0, 500, 10.0, 1, 2, 2, 2),
+    "tiny": Size(2, 200, 16, 10, 20, 1000.0, 0.3, 50, 10.0, 1, 1, 1, 1),
+}
+
+DESCRIPTIONS = {
+    "fanin_qos0": "fan-in QoS 0: {publishers} publishers x {messages} msgs x 64 B to distinct "
+                  "topics, 1 subscriber on bench/#",
+    "fanin_qos1": "fan-in QoS 1: {publishers} publishers x {messages} msgs, window {window} "
+                  "unacked each, 1 QoS 1 subscriber acking",
+    "durable_qos1": "durable QoS 1: as fan-in QoS 1 with a persistent-session subscriber "
+                    "(clean session 0)",
+    "fanout": "fan-out: 1 QoS 0 publisher x {fanout_messages} msgs, {fanout_subscribers} "
+              "subscribers on one topic (deliveries/s)",
+    "latency": "latency: 1 QoS 0 publisher at {latency_rate:.0f} msg/s for {latency_s:g} s, "
+               "1 subscriber, end to end",
+    "connections": "connections: {connections} idle clients (keepalive 0), connect rate and "
+                   "broker RSS per connection",
+}
+
+PROMISES = {
+    "mqttd": "commits every QoS 1 message routed to a persistent session to SQLite (WAL, "
+             "synchronous=NORMAL, group commits) before its PUBACK: nothing acknowledged is "
+             "lost if the broker process is killed",
+    "mosquitto": "`persistence true`: messages are kept in RAM and written as a snapshot "
+                 "(mosquitto.db) every autosave_interval (default 1800 s) and at a clean "
+                 "shutdown; PUBACK does not wait for any write, so a crash loses what came "
+                 "since the last snapshot",
+    "amqtt": "no persistence: persistent sessions and their queues live in memory only (its "
+             "optional SessionDBPlugin needs SQLAlchemy and saves sessions and retained "
+             "messages, not each message before PUBACK); a restart loses them",
+}
+
+
+# -- /proc -------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def status_kib(pid: int, key: str) -> int:
+    """A ``kB`` field of /proc/PID/status (VmRSS, VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def listening_port(pid: int) -> int | None:
+    """The TCP port a process listens on, from its socket fds and /proc/net/tcp."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        with open("/proc/net/tcp") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    return int(fields[1].rsplit(":", 1)[1], 16)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- brokers -----------------------------------------------------------------------
+
+
+def mosquitto_path() -> str | None:
+    return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+
+
+def amqtt_path() -> str | None:
+    return shutil.which("amqtt", path=os.path.dirname(sys.executable)) or shutil.which("amqtt")
+
+
+def broker_available(name: str) -> str | None:
+    """None if the broker can run here, else why not."""
+    if name == "mosquitto" and mosquitto_path() is None:
+        return "mosquitto is not installed (apt-get install mosquitto): skipped"
+    if name == "amqtt" and amqtt_path() is None:
+        return "amqtt is not installed (pip install amqtt): skipped"
+    return None
+
+
+def broker_version(name: str) -> str:
+    try:
+        if name == "mosquitto":
+            path = mosquitto_path()
+            if path is None:
+                return "not installed"
+            out = subprocess.run([path, "-h"], capture_output=True, text=True, timeout=10)
+            found = re.search(r"version (\S+)", out.stdout + out.stderr)
+            return found.group(1) if found else "unknown"
+        return importlib.metadata.version(name)
+    except (OSError, subprocess.SubprocessError, importlib.metadata.PackageNotFoundError):
+        return "unknown"
+
+
+class Broker:
+    """One broker process in its own directory; ``with`` starts and always stops it."""
+
+    def __init__(self, name: str, workdir: str, durable: bool) -> None:
+        self.name = name
+        self.workdir = workdir
+        self.durable = durable
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.log_path = os.path.join(workdir, f"{name}.log")
+
+    def command(self) -> list[str]:
+        if self.name == "mqttd":
+            config = os.path.join(self.workdir, "mqttd.yaml")
+            with open(config, "w") as f:
+                f.write(
+                    "limits:\n"
+                    f"  max_inflight_messages: {INFLIGHT}\n"
+                    f"  max_queued_messages: {BIG_QUEUE}\n"
+                    "  max_queued_bytes: -1\n"
+                    "  qos0_buffer_bytes: 1073741824\n"  # do not drop QoS 0 (as the peers)
+                    "logging:\n  level: warning\n"
+                )
+            return [sys.executable, "-m", "mqttd", "-c", config, "--host", "127.0.0.1",
+                    "-p", "0", "--data-dir", os.path.join(self.workdir, "data")]
+        self.port = free_port()
+        if self.name == "mosquitto":
+            config = os.path.join(self.workdir, "mosquitto.conf")
+            lines = [
+                f"listener {self.port} 127.0.0.1",
+                "allow_anonymous true",
+                f"max_inflight_messages {INFLIGHT}",
+                f"max_queued_messages {BIG_QUEUE}",
+                "max_queued_bytes 0",
+                "set_tcp_nodelay true",  # as mqttd (trio) and amqtt (asyncio) do
+                "log_dest stderr",
+                "log_type error",
+                "log_type warning",
+                f"user {getpass.getuser()}",  # as root it would switch to user mosquitto
+            ]
+            if self.durable:
+                lines += ["persistence true", f"persistence_location {self.workdir}/"]
+            else:
+                lines.append("persistence false")
+            with open(config, "w") as f:
+                f.write("\n".join(lines) + "\n")
+            return [mosquitto_path() or "mosquitto", "-c", config]
+        if self.name == "amqtt":
+            config = os.path.join(self.workdir, "amqtt.yaml")
+            with open(config, "w") as f:
+                f.write(
+                    "listeners:\n"
+                    "  default:\n"
+                    "    type: tcp\n"
+                    f"    bind: 127.0.0.1:{self.port}\n"
+                    "plugins:\n"
+                    "  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
+                    "    allow_anonymous: true\n"
+                )
+            return [amqtt_path() or "amqtt", "-c", config]
+        raise ValueError(f"unknown broker {self.name!r}")
+
+    def __enter__(self) -> Broker:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        command = self.command()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.workdir, preexec_fn=loadgen.prepare_child,
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited at start: {self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} did not start: {self.log_tail()}")
+            if self.name == "mqttd" and not self.port:
+                self.port = self._port_from_log() or listening_port(self.proc.pid) or 0
+            if self.port and self._answers():
+                return
+            time.sleep(0.05)
+
+    def _port_from_log(self) -> int | None:
+        with open(self.log_path, "rb") as f:
+            found = re.search(rb"listening on 127\.0\.0\.1:(\d+)", f.read())
+        return int(found.group(1)) if found else None
+
+    def _answers(self) -> bool:
+        """True once an MQTT CONNECT gets its CONNACK."""
+        try:
+            sock = loadgen.connect_client(self.port, "bench-probe", timeout_s=2.0)
+        except OSError:
+            return False
+        try:
+            sock.sendall(loadgen.DISCONNECT)
+        except OSError:
+            pass
+        sock.close()
+        return True
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(STOP_TIMEOUT_S)
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read()[-chars:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # user..steal, minus idle, iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class BrokerProbe(loadgen.Probe):
+    """Broker CPU seconds over the measured window, and the whole machine's."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.cpu0 = self.cpu1 = 0.0
+        self.machine0 = self.machine1 = 0.0
+
+    def start(self) -> None:
+        self.machine0 = self.machine1 = machine_busy_s()
+        self.cpu0 = self.cpu1 = cpu_seconds(self.pid)
+
+    def stop(self) -> None:
+        self.cpu1 = cpu_seconds(self.pid)
+        self.machine1 = machine_busy_s()
+
+    @property
+    def cpu_s(self) -> float:
+        return self.cpu1 - self.cpu0
+
+    @property
+    def machine_s(self) -> float:
+        return self.machine1 - self.machine0
+
+
+# -- scenarios ---------------------------------------------------------------------
+
+
+def _scaled(size: Size, broker: str) -> int:
+    return size.amqtt_divisor if broker == "amqtt" else 1
+
+
+def run_scenario(
+    scenario: str, broker: Broker, probe: loadgen.Probe, size: Size, divisor: int,
+) -> dict[str, Any]:
+    port = broker.port
+    if scenario in ("fanin_qos0", "fanin_qos1", "durable_qos1"):
+        return loadgen.fan_in(
+            port, probe, publishers=size.publishers,
+            messages=max(1, size.messages // divisor), qos=0 if scenario == "fanin_qos0" else 1,
+            window=size.window, persistent=scenario == "durable_qos1",
+            timeout_s=size.timeout_s, procs=size.publisher_procs,
+        )
+    if scenario == "fanout":
+        return loadgen.fan_out(
+            port, probe, subscribers=size.fanout_subscribers,
+            messages=max(1, size.fanout_messages // divisor), timeout_s=size.timeout_s,
+            procs=size.subscriber_procs,
+        )
+    if scenario == "latency":
+        return loadgen.latency(
+            port, probe, rate=size.latency_rate, duration_s=size.latency_s,
+            timeout_s=max(size.timeout_s, size.latency_s + 10.0),
+        )
+    if scenario == "connections":
+        return loadgen.connections(
+            port, probe, clients=size.connections, timeout_s=size.timeout_s,
+            procs=size.connection_procs, measure=lambda: status_kib(broker.pid, "VmRSS"),
+        )
+    raise ValueError(f"unknown scenario {scenario!r}")
+
+
+def run_one(scenario: str, name: str, size: Size) -> dict[str, Any]:
+    """One scenario against one fresh broker; never raises (errors become the result)."""
+    divisor = 1 if scenario in ("latency", "connections") else _scaled(size, name)
+    result: dict[str, Any] = {"status": "ok", "scale": 1 / divisor}
+    t0 = time.monotonic()
+    workdir = tempfile.mkdtemp(prefix=f"bench-{name}-")
+    try:
+        with Broker(name, workdir, durable=scenario == "durable_qos1") as broker:
+            probe = BrokerProbe(broker.pid)
+            raw = run_scenario(scenario, broker, probe, size, divisor)
+            result.update(raw)
+            result["peak_rss_kib"] = status_kib(broker.pid, "VmHWM")
+            result["broker_cpu_s"] = probe.cpu_s
+            # busy CPU on the machine that was neither the broker nor the generator (other
+            # programs, kernel threads): high values mean a disturbed measurement
+            result["other_cpu_s"] = max(
+                0.0, probe.machine_s - probe.cpu_s - raw.get("generator_cpu_s", 0.0)
+            )
+            count = raw.get("delivered", raw.get("connected", 0))
+            result["msgs_per_cpu_s"] = count / probe.cpu_s if probe.cpu_s > 0 else None
+            if raw.get("timed_out"):
+                result["status"] = "timed out"
+            elif raw.get("lost") or raw.get("duplicated") or raw.get("failed"):
+                result["status"] = "incomplete"
+    except Exception as exc:  # a broker that breaks is a result, not the end of the run
+        result["status"] = "error"
+        result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    result["wall_s"] = time.monotonic() - t0
+    return result
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """mqttd's ratio to each peer: >1 means mqttd is ahead, except for latency and RSS
+    (mqttd / peer: <1 means mqttd is lower, i.e. better)."""
+    mine = results.get("mqttd")
+    out: dict[str, dict[str, float | None]] = {}
+    if not mine or mine["status"] == "error":
+        return out
+    for peer, theirs in results.items():
+        if peer == "mqttd" or theirs["status"] in ("error", "skipped"):
+            continue
+        speed = "connects_per_s" if "connects_per_s" in mine else "msgs_per_s"
+        entry = {
+            "throughput": _ratio(mine.get(speed), theirs.get(speed)),
+            "per_cpu_s": _ratio(mine.get("msgs_per_cpu_s"), theirs.get("msgs_per_cpu_s")),
+        }
+        if mine.get("latency_ms") and theirs.get("latency_ms"):
+            entry["p99_latency"] = _ratio(mine["latency_ms"]["p99"], theirs["latency_ms"]["p99"])
+        if "rss_per_conn_kib" in mine:
+            entry["rss_per_conn"] = _ratio(mine.get("rss_per_conn_kib"),
+                                           theirs.get("rss_per_conn_kib"))
+        out[peer] = entry
+    return out
+
+
+def _value(report: dict[str, Any], scenario: str, broker: str, key: str) -> float | None:
+    result = report["scenarios"].get(scenario, {}).get("results", {}).get(broker)
+    if not result or result["status"] == "error":
+        return None
+    value = result.get(key)
+    if key == "p99":
+        value = (result.get("latency_ms") or {}).get("p99")
+    return value
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 5's targets, each with mqttd's value, the goal, and whether it is met (None:
+    not measured in this run)."""
+    out = []
+
+    def ratio(name: str, mine: tuple[str, str], theirs: tuple[str, str], goal: float) -> None:
+        a = _value(report, mine[0], "mqttd", mine[1])
+        b = _value(report, theirs[0], theirs[1].split(":")[0], theirs[1].split(":")[1])
+        value = a / b if a is not None and b else None
+        out.append({"target": name, "value": value, "goal": f">= {goal:g}x",
+                    "met": None if value is None else value >= goal})
+
+    def limit(name: str, scenario: str, key: str, goal: float, unit: str) -> None:
+        value = _value(report, scenario, "mqttd", key)
+        out.append({"target": name, "value": value, "goal": f"<= {goal:g} {unit}",
+                    "met": None if value is None else value <= goal})
+
+    ratio("fan-in QoS 0 msgs/s vs mosquitto", ("fanin_qos0", "msgs_per_s"),
+          ("fanin_qos0", "mosquitto:msgs_per_s"), 0.5)
+    ratio("fan-in QoS 0 msgs/s vs amqtt", ("fanin_qos0", "msgs_per_s"),
+          ("fanin_qos0", "amqtt:msgs_per_s"), 10)
+    ratio("fan-in QoS 1 msgs/s vs mosquitto", ("fanin_qos1", "msgs_per_s"),
+          ("fanin_qos1", "mosquitto:msgs_per_s"), 0.5)
+    ratio("durable QoS 1 msgs/s vs mosquitto's non-durable QoS 1", ("durable_qos1", "msgs_per_s"),
+          ("fanin_qos1", "mosquitto:msgs_per_s"), 0.3)
+    ratio("fan-out deliveries/s vs mosquitto", ("fanout", "msgs_per_s"),
+          ("fanout", "mosquitto:msgs_per_s"), 0.5)
+    limit("latency p99 at 1k msg/s", "latency", "p99", 1.0, "ms")
+    limit("idle connection RSS", "connections", "rss_per_conn_kib", 10.0, "KiB")
+    return out
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def run_benchmark(
+    size_name: str = "quick", brokers: tuple[str, ...] = BROKERS,
+    scenarios: tuple[str, ...] = SCENARIOS, output: str | None = DEFAULT_OUTPUT,
+    echo: Callable[[str], None] | None = print,
+    progress: Callable[[str], None] | None = None, amqtt_divisor: int | None = None,
+) -> dict[str, Any]:
+    """Run ``scenarios`` x ``brokers``; returns the results (and writes them to ``output``
+    as JSON, the tables through ``echo`` and progress lines through ``progress``, unless
+    None)."""
+    size = SIZES[size_name]
+    if amqtt_divisor:
+        size = dataclasses.replace(size, amqtt_divisor=max(1, amqtt_divisor))
+    loadgen.raise_fd_limit()
+    say = progress or (lambda _line: None)
+    show = echo or (lambda _line: None)
+    started = time.monotonic()
+    report: dict[str, Any] = {
+        "size": size_name, "parameters": dataclasses.asdict(size),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(), "brokers": {}, "scenarios": {},
+    }
+    runnable = []
+    for name in brokers:
+        why = broker_available(name)
+        report["brokers"][name] = {
+            "version": broker_version(name), "durable_promise": PROMISES[name],
+            "skipped": why,
+        }
+        if why:
+            say(f"> {why}")
+        else:
+            runnable.append(name)
+    for scenario in scenarios:
+        entry: dict[str, Any] = {
+            "description": DESCRIPTIONS[scenario].format(**dataclasses.asdict(size)),
+            "results": {},
+        }
+        for name in runnable:
+            say(f"> {scenario} on {name} ...")
+            entry["results"][name] = result = run_one(scenario, name, size)
+            say(f">   {result['status']} in {result['wall_s']:.1f} s"
+                + (f": {result['error'].splitlines()[-1]}" if "error" in result else ""))
+        entry["ratios"] = ratios(entry["results"])
+        report["scenarios"][scenario] = entry
+    report["targets"] = targets(report)
+    report["duration_s"] = time.monotonic() - started
+    if output:
+        os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+        with open(output, "w") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+    say(f"> done in {report['duration_s']:.0f} s")
+    show(markdown(report))
+    if output:
+        show(f"\nResults written to {output}.")
+    return report
+
+
+# -- report ------------------------------------------------------------------------
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _scale_text(scale: float) -> str:
+    return "1" if scale >= 1 else f"1/{round(1 / scale)}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"## Broker benchmark ({report['size']}, {report['date']})",
+        "",
+        f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, "
+        f"Python {m['python']}. " + ", ".join(
+            f"{name} {info['version']}" for name, info in report["brokers"].items()
+        ) + ".",
+        f"All on 127.0.0.1; the broker and the load generator share the {m['cpus']} cores, "
+        "so each row is broker + generator on this machine. Brokers run one at a time.",
+        "",
+        "| scenario | broker | scale | delivered | msgs/s | msgs/broker-CPU-s | broker CPU s "
+        "| gen CPU s | p50 ms | p99 ms | max ms | peak RSS MiB | lost | dup | wall s | status |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    conn_rows = []
+    for scenario, entry in report["scenarios"].items():
+        for name, r in entry["results"].items():
+            if scenario == "connections":
+                conn_rows.append((name, r))
+                continue
+            lat = r.get("latency_ms") or {}
+            lines.append(
+                f"| {scenario} | {name} | {_scale_text(r['scale'])} "
+                f"| {_num(r.get('delivered'))}/{_num(r.get('expected'))} "
+                f"| {_num(r.get('msgs_per_s'))} | {_num(r.get('msgs_per_cpu_s'))} "
+                f"| {_num(r.get('broker_cpu_s'), 2)} | {_num(r.get('generator_cpu_s'), 2)} "
+                f"| {_num(lat.get('p50'), 2)} | {_num(lat.get('p99'), 2)} "
+                f"| {_num(lat.get('max'), 2) if scenario == 'latency' else '-'} "
+                f"| {_num(_mib(r.get('peak_rss_kib')), 1)} | {_num(r.get('lost'))} "
+                f"| {_num(r.get('duplicated'))} | {_num(r.get('wall_s'), 1)} | {r['status']} |"
+            )
+    if conn_rows:
+        lines += [
+            "",
+            "| connections | broker | connected | connects/s | connects/broker-CPU-s "
+            "| broker CPU s | gen CPU s | RSS before MiB | RSS after MiB | RSS/conn KiB "
+            "| failed | wall s | status |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        ]
+        for name, r in conn_rows:
+            lines.append(
+                f"| {_num(r.get('expected'))} | {name} | {_num(r.get('connected'))} "
+                f"| {_num(r.get('connects_per_s'))} | {_num(r.get('msgs_per_cpu_s'))} "
+                f"| {_num(r.get('broker_cpu_s'), 2)} | {_num(r.get('generator_cpu_s'), 2)} "
+                f"| {_num(_mib(r.get('rss_before_kib')), 1)} "
+                f"| {_num(_mib(r.get('rss_after_kib')), 1)} "
+                f"| {_num(r.get('rss_per_conn_kib'), 1)} | {_num(r.get('failed'))} "
+                f"| {_num(r.get('wall_s'), 1)} | {r['status']} |"
+            )
+    ratio_rows = [
+        (scenario, peer, values)
+        for scenario, entry in report["scenarios"].items()
+        for peer, values in entry["ratios"].items()
+    ]
+    if ratio_rows:
+        lines += [
+            "",
+            "mqttd / peer (throughput and per-CPU: higher is better for mqttd; p99 latency and "
+            "RSS per connection: lower is better for mqttd):",
+            "",
+            "| scenario | peer | throughput | per broker-CPU-s | p99 latency | RSS/conn |",
+            "|---|---|--:|--:|--:|--:|",
+        ]
+        for scenario, peer, v in ratio_rows:
+            lines.append(
+                f"| {scenario} | {peer} | {_ratio_text(v.get('throughput'))} "
+                f"| {_ratio_text(v.get('per_cpu_s'))} | {_ratio_text(v.get('p99_latency'))} "
+                f"| {_ratio_text(v.get('rss_per_conn'))} |"
+            )
+    goals = [t for t in report.get("targets", []) if t["met"] is not None]
+    if goals:
+        lines += ["", "Issue 5 targets (mqttd):", "", "| target | mqttd | goal | met |",
+                  "|---|--:|---|---|"]
+        for t in goals:
+            unit = "x" if t["goal"].endswith("x") else ""
+            lines.append(f"| {t['target']} | {t['value']:.2f}{unit} | {t['goal']} "
+                         f"| {'yes' if t['met'] else 'NO'} |")
+    lines += ["", "Scenarios:"]
+    for scenario, entry in report["scenarios"].items():
+        lines.append(f"- `{scenario}`: {entry['description']}")
+    lines += _notes(report)
+    return "\n".join(lines)
+
+
+def _mib(kib: float | None) -> float | None:
+    return None if kib is None else kib / 1024
+
+
+def _notes(report: dict[str, Any]) -> list[str]:
+    notes = ["", "Notes:"]
+    scaled = sorted({
+        f"{name} ran {_scale_text(r['scale'])} of the messages in {scenario}"
+        for scenario, entry in report["scenarios"].items()
+        for name, r in entry["results"].items() if r.get("scale", 1) < 1
+    })
+    notes += [f"- {text} (msgs/s are comparable, totals are not)." for text in scaled]
+    for info in report["brokers"].values():
+        if info["skipped"]:
+            notes.append(f"- {info['skipped']}")
+    for scenario, entry in report["scenarios"].items():
+        for name, r in entry["results"].items():
+            if r["status"] == "timed out":
+                notes.append(
+                    f"- {scenario} on {name} timed out after "
+                    f"{report['parameters']['timeout_s']:g} s: the row shows what it "
+                    "delivered in that time."
+                )
+            elif r["status"] == "error":
+                notes.append(f"- {scenario} on {name} failed: {r['error'].splitlines()[-1]}")
+    # headroom: the generator must drive mosquitto faster than mqttd, or say it could not
+    for scenario in ("fanin_qos0", "fanin_qos1", "fanout"):
+        entry = report["scenarios"].get(scenario)
+        if not entry:
+            continue
+        mine, theirs = entry["results"].get("mqttd"), entry["results"].get("mosquitto")
+        if not mine or not theirs or "msgs_per_s" not in mine or "msgs_per_s" not in theirs:
+            continue
+        gen, broker = theirs.get("generator_cpu_s", 0.0), theirs.get("broker_cpu_s", 0.0)
+        elapsed = theirs.get("elapsed_s") or 0.0
+        busy = broker / elapsed if elapsed else 0.0
+        usage = (f"generator {gen:.2f} CPU-s, mosquitto {broker:.2f} CPU-s = {busy:.0%} of "
+                 f"a core, in {elapsed:.2f} s")
+        if theirs["msgs_per_s"] > mine["msgs_per_s"]:
+            notes.append(
+                f"- {scenario}: the generator drove mosquitto "
+                f"{theirs['msgs_per_s'] / max(mine['msgs_per_s'], 1e-9):.1f}x faster than "
+                f"mqttd ({usage})."
+            )
+        elif elapsed < 0.5:
+            notes.append(f"- {scenario}: mosquitto was not faster than mqttd, but the window "
+                         f"is too short to tell why ({usage}).")
+        elif busy >= 0.85:
+            notes.append(
+                f"- {scenario}: mosquitto was slower than mqttd while CPU-bound ({usage}): "
+                "the generator was not the limit."
+            )
+        else:
+            notes.append(
+                f"- {scenario}: the generator could NOT drive mosquitto faster than mqttd "
+                f"and mosquitto was not CPU-bound ({usage}): this row may measure the "
+                "generator or the shared cores, not mosquitto."
+            )
+    for scenario, entry in report["scenarios"].items():
+        for name, r in entry["results"].items():
+            elapsed = r.get("elapsed_s") or 0.0
+            available = (report["machine"]["cpus"] or 1) * elapsed
+            if available > 0.5 and r.get("other_cpu_s", 0.0) > 0.1 * available:
+                notes.append(
+                    f"- {scenario} on {name}: other programs used {r['other_cpu_s']:.1f} of "
+                    f"the {available:.1f} CPU-s available: this row is disturbed."
+                )
+    notes.append(
+        "- Latency is publish-to-delivery (send time stamped in the payload, "
+        "`time.monotonic_ns()`); in the throughput scenarios it includes queueing, as the "
+        "publishers send as fast as the broker takes messages."
+    )
+    notes.append("- Durable QoS 1, what each broker promises:")
+    for name, info in report["brokers"].items():
+        notes.append(f"  - {name}: {info['durable_promise']}.")
+    return notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--brokers", default=",".join(BROKERS),
+                        help="comma-separated, from: " + ", ".join(BROKERS))
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help="comma-separated, from: " + ", ".join(SCENARIOS))
+    parser.add_argument("--amqtt-divisor", type=int, metavar="N",
+                        help="give amqtt 1/N of the messages (default: the size's)")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT,
+                        help="JSON results file ('' for none); default %(default)s")
+    args = parser.parse_args(argv)
+    brokers = tuple(b.strip() for b in args.brokers.split(",") if b.strip())
+    scenarios = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
+    for value, known, what in ((brokers, BROKERS, "broker"), (scenarios, SCENARIOS, "scenario")):
+        unknown = [v for v in value if v not in known]
+        if unknown:
+            parser.error(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
+    run_benchmark(
+        args.size, brokers, scenarios, args.output or None, amqtt_divisor=args.amqtt_divisor,
+        echo=lambda line: print(line, flush=True),
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The side-by-side benchmark's own code at its tiny size, so it cannot rot: the result
+structure, the table, and that nothing was lost. No timing is asserted."""
+
+import json
+
+import pytest
+
+from devices import bench, loadgen
+from mqttd.codec import Publish
+
+BROKERS = ("mqttd",) + (("mosquitto",) if bench.mosquitto_path() else ())
+SCENARIOS = ("fanin_qos0", "durable_qos1", "fanout", "latency", "connections")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    output = tmp_path_factory.mktemp("bench") / "results.json"
+    result = bench.run_benchmark("tiny", BROKERS, SCENARIOS, str(output), echo=None)
+    assert json.loads(output.read_text()) == json.loads(json.dumps(result))
+    return result
+
+
+def test_every_scenario_ran_on_every_broker(report):
+    assert report["size"] == "tiny"
+    assert set(report["scenarios"]) == set(SCENARIOS)
+    for scenario, entry in report["scenarios"].items():
+        assert set(entry["results"]) == set(BROKERS), scenario
+        for name, result in entry["results"].items():
+            assert result["status"] == "ok", (scenario, name, result.get("error"))
+            assert result["broker_cpu_s"] >= 0
+            assert result["peak_rss_kib"] > 0
+            assert result["generator_cpu_s"] >= 0
+
+
+@pytest.mark.parametrize("scenario", ["fanin_qos0", "durable_qos1", "fanout", "latency"])
+def test_message_scenarios_deliver_everything_exactly_once(report, scenario):
+    for name, result in report["scenarios"][scenario]["results"].items():
+        assert result["expected"] > 0
+        assert result["delivered"] == result["expected"], name
+        assert result["lost"] == 0, name
+        assert result["duplicated"] == 0, name
+        assert result["unexpected"] == 0, name
+        assert result["msgs_per_s"] > 0, name
+        assert set(result["latency_ms"]) == {"p50", "p99", "max"}
+        assert 0 <= result["latency_ms"]["p50"] <= result["latency_ms"]["max"]
+
+
+def test_connections_scenario_counts_clients_and_memory(report):
+    for name, result in report["scenarios"]["connections"]["results"].items():
+        assert result["connected"] == result["expected"] == bench.SIZES["tiny"].connections
+        assert result["failed"] == 0, (name, result["errors"])
+        assert result["rss_after_kib"] > 0
+        assert result["rss_per_conn_kib"] is not None
+
+
+def test_ratios_and_markdown(report):
+    if "mosquitto" in BROKERS:
+        ratios = report["scenarios"]["fanin_qos0"]["ratios"]["mosquitto"]
+        assert ratios["throughput"] > 0
+    table = bench.markdown(report)
+    assert "| fanin_qos0 | mqttd |" in table
+    assert "| 50 | mqttd |" in table  # the connections table
+    assert "Durable QoS 1, what each broker promises" in table
+
+
+def test_subscriber_tally_handles_split_packets_and_long_lengths():
+    """Packets cut at every possible point, 2-byte Remaining Lengths, QoS 1 acks, a
+    duplicate and a missing message are all counted right."""
+    payload_tail = bytes(200)  # > 127 bytes: two-byte Remaining Length
+    stream = b""
+    for seq in (0, 1, 2, 2, 4):  # 2 twice, 3 missing
+        payload = loadgen.PAYLOAD.pack(1, seq, 0) + payload_tail
+        stream += Publish("bench/0001/t", payload, 1, packet_id=seq + 1).encode()
+    for cut in range(1, len(stream)):
+        tally = loadgen._Tally(pubs=2, per_pub=5, conns=1)
+        conn = loadgen._SubConn(sock=None, base=0)  # type: ignore[arg-type]
+        acks: list[bytes] = []
+        tally.feed(conn, stream[:cut], 0, acks)
+        tally.feed(conn, stream[cut:], 0, acks)
+        assert conn.rest == b""
+        assert tally.unique == 4
+        assert tally.duplicates() == 1
+        assert tally.counts.count(0) == 6  # publisher 0's five, and seq 3
+        assert [int.from_bytes(a, "big") for a in acks] == [1, 2, 3, 3, 5]
+
+
+def test_unknown_broker_is_reported_not_crashed(monkeypatch):
+    monkeypatch.setattr(bench, "mosquitto_path", lambda: None)
+    report = bench.run_benchmark("tiny", ("mosquitto",), ("latency",), None, echo=None)
+    assert report["brokers"]["mosquitto"]["skipped"].startswith("mosquitto is not installed")
+    assert report["scenarios"]["latency"]["results"] == {}
