@@ -22,10 +22,10 @@ run: $(STAMP)
 	$(PY) -m mqttd $(ARGS)
 
 # Side-by-side benchmark (mqttd, mosquitto, amqtt): Markdown to stdout, bench/results.json.
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) -m devices.bench --size full $(ARGS)
 
-bench-quick: $(STAMP)
+bench-quick: $(TEST_STAMP)
 	$(PY) -m devices.bench --size quick $(ARGS)
 
 test: $(TEST_STAMP)
