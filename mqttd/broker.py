@@ -198,16 +198,13 @@ class Broker:
         if writer is None or (writer.ticket == ticket_before and not conn.deferred):
             conn.send(data)
         else:
-            conn.deferred.append((writer.ticket, data))
+            conn.defer(writer.ticket, data)
             self._awaiting_commit.add(conn)
 
     def _on_commit(self, committed: int) -> None:
         released = []
         for conn in self._awaiting_commit:
-            deferred = conn.deferred
-            while deferred and deferred[0][0] <= committed:
-                conn.send(deferred.popleft()[1])
-            if not deferred:
+            if conn.release_deferred(committed):
                 released.append(conn)
         for conn in released:
             self._awaiting_commit.discard(conn)

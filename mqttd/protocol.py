@@ -74,7 +74,7 @@ class Connection:
     send_blocked_since: float | None = None
     on_output: Callable[[], None] = _noop
     # replies held back until the store commits what they acknowledge: (ticket, bytes)
-    deferred: deque[tuple[int, bytes]] = attrs.Factory(deque)
+    _deferred: deque[tuple[int, bytes]] | None = None
     # set by the broker to end the connection: the I/O layer flushes (if asked) and closes
     closing: bool = False
     close_reason: MQTTError | None = None
@@ -86,6 +86,25 @@ class Connection:
 
     def __attrs_post_init__(self) -> None:
         self.decoder = Decoder(self.max_packet_size)
+
+    @property
+    def deferred(self) -> deque[tuple[int, bytes]] | tuple[()]:
+        """Replies held back until the store commits: (ticket, bytes), oldest first."""
+        return self._deferred if self._deferred is not None else ()
+
+    def defer(self, ticket: int, data: bytes) -> None:
+        if self._deferred is None:
+            self._deferred = deque()
+        self._deferred.append((ticket, data))
+
+    def release_deferred(self, committed: int) -> bool:
+        """Send the held replies whose ticket is committed; True when none are left."""
+        deferred = self._deferred
+        if not deferred:
+            return True
+        while deferred and deferred[0][0] <= committed:
+            self.send(deferred.popleft()[1])
+        return not deferred
 
     @property
     def name(self) -> str:

@@ -77,7 +77,7 @@ class Session:
     counters: DropCounters = attrs.Factory(DropCounters)
     subscriptions: dict[str, int] = attrs.Factory(dict)  # filter -> granted QoS
     inflight: dict[int, Delivery] = attrs.Factory(dict)  # insertion order = send order
-    queue: deque[Delivery] = attrs.Factory(deque)
+    _queue: deque[Delivery] | None = None  # created when first needed (idle sessions are many)
     inbound_qos2: set[int] = attrs.Factory(set)
     connection: Connection | None = None
     next_packet_id: int = 1
@@ -126,6 +126,16 @@ class Session:
         return session
 
     @property
+    def queue(self) -> deque[Delivery] | tuple[()]:
+        """Queued deliveries held in RAM, oldest first (read-only view)."""
+        return self._queue if self._queue is not None else ()
+
+    def _queue_for_append(self) -> deque[Delivery]:
+        if self._queue is None:
+            self._queue = deque()
+        return self._queue
+
+    @property
     def loading(self) -> int:
         """Deliveries being read back from disk."""
         return len(self.loading_sizes)
@@ -133,7 +143,8 @@ class Session:
     @property
     def queued(self) -> int:
         """Messages waiting for the window (in RAM, being read back, or on disk)."""
-        return len(self.queue) + len(self.loading_sizes) + self.disk_count - self.pending_drops
+        held = len(self._queue) if self._queue is not None else 0
+        return held + len(self.loading_sizes) + self.disk_count - self.pending_drops
 
     def stats(self) -> dict[str, int | bool]:
         return {
@@ -176,7 +187,7 @@ class Session:
             return
         window_open = (
             conn is not None
-            and not self.queue
+            and not self._queue
             and not self.loading_sizes
             and not self.disk_count
             and len(self.inflight) < self.max_inflight
@@ -201,7 +212,7 @@ class Session:
             if window_open:
                 self._send_new(conn, message, qos, retain, parts, 0)  # type: ignore[arg-type]
             else:
-                self.queue.append((message, qos, retain, 0))
+                self._queue_for_append().append((message, qos, retain, 0))
                 self.queued_bytes += size
                 self._trim()
             return
@@ -215,8 +226,10 @@ class Session:
         packet_id = 0
         if window_open:
             packet_id = self._send_new(conn, message, qos, retain, parts, seq)  # type: ignore[arg-type]
-        elif not self.loading_sizes and not self.disk_count and len(self.queue) < self.page_size:
-            self.queue.append((message, qos, retain, seq))
+        elif (
+            not self.loading_sizes and not self.disk_count and len(self.queue) < self.page_size
+        ):
+            self._queue_for_append().append((message, qos, retain, seq))
         else:
             if not self.disk_count and not self.loading_sizes:
                 self.disk_after = seq - 1
@@ -254,8 +267,8 @@ class Session:
 
     def _drop_oldest(self) -> None:
         self._count_drop()
-        if self.queue:
-            message, _qos, _retain, seq = self.queue.popleft()
+        if self._queue:
+            message, _qos, _retain, seq = self._queue.popleft()
             self.queued_bytes -= len(message.payload)  # type: ignore[union-attr]
             if self.writer is not None:
                 self.writer.submit(ops.RemoveDelivery(self.client_id, seq))
@@ -296,7 +309,7 @@ class Session:
         conn = self.connection
         if conn is None:
             return
-        queue = self.queue
+        queue = self._queue
         writer = self.writer
         while queue and len(self.inflight) < self.max_inflight:
             message, qos, retain, seq = queue.popleft()
@@ -304,8 +317,9 @@ class Session:
             packet_id = self._send_new(conn, message, qos, retain, None, seq)  # type: ignore[arg-type]
             if writer is not None:
                 writer.submit(ops.SetInflight(self.client_id, seq, packet_id))
-        if self.disk_count and not self.loading_sizes and len(queue) <= self.page_size // 2:
-            count = min(self.page_size - len(queue), self.disk_count)
+        held = len(queue) if queue is not None else 0
+        if self.disk_count and not self.loading_sizes and held <= self.page_size // 2:
+            count = min(self.page_size - held, self.disk_count)
             self.disk_count -= count
             head = self.disk_head
             self.loading_sizes = list(self.disk_sizes[head : head + count])
@@ -329,7 +343,7 @@ class Session:
             self.writer.submit(ops.RemoveDelivery(self.client_id, row.seq))  # type: ignore[union-attr]
         for row in rows[skip:]:
             message = Publish(row.topic, row.payload, row.qos, row.retain)
-            self.queue.append((message, row.qos, row.retain, row.seq))
+            self._queue_for_append().append((message, row.qos, row.retain, row.seq))
         self.pump()
 
     def on_puback(self, packet_id: int) -> bool:
@@ -362,7 +376,7 @@ class Session:
     def _acknowledged(self, seq: int) -> None:
         if self.writer is not None:
             self.writer.submit(ops.RemoveDelivery(self.client_id, seq))
-        if self.queue or self.disk_count:
+        if self._queue or self.disk_count:
             self.pump()
 
     # -- connection lifecycle ----------------------------------------------------------

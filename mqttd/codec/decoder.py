@@ -89,19 +89,14 @@ def _expect_flags(flags: int, expected: int, name: str) -> None:
 class Decoder:
     """Turns a byte stream into packets. One per connection."""
 
-    __slots__ = ("_buf", "_decoders", "max_packet_size", "protocol_level")
+    __slots__ = ("_buf", "max_packet_size", "protocol_level")
+    _DECODERS: tuple[Callable[[Decoder, int, Buffer, int, int], Packet], ...]
 
     def __init__(self, max_packet_size: int = MAX_PACKET_SIZE, protocol_level: int = 0) -> None:
         self._buf = bytearray()
         self.max_packet_size = max_packet_size
         # 0 until a CONNECT is seen (or set by a client-side caller)
         self.protocol_level = protocol_level
-        self._decoders: tuple[Callable[[int, Buffer, int, int], Packet], ...] = (
-            self._reserved, self._connect, self._connack, self._publish, self._puback,
-            self._pubrec, self._pubrel, self._pubcomp, self._subscribe, self._suback,
-            self._unsubscribe, self._unsuback, self._pingreq, self._pingresp,
-            self._disconnect, self._reserved,
-        )
 
     @property
     def buffered(self) -> int:
@@ -124,7 +119,7 @@ class Decoder:
         n = len(buf)
         pos = 0
         out: list[Packet] = []
-        decoders = self._decoders
+        decoders = self._DECODERS
         limit = self.max_packet_size
         try:
             while n - pos >= 2:
@@ -152,7 +147,7 @@ class Decoder:
                     if end > n:
                         break
                     first = buf[pos]
-                    out.append(decoders[first >> 4](first & 0x0F, buf, i, end))
+                    out.append(decoders[first >> 4](self, first & 0x0F, buf, i, end))
                     pos = end
                     continue
                 break  # Remaining Length incomplete
@@ -354,5 +349,13 @@ class Decoder:
         self._empty(flags, i, end, "DISCONNECT")
         return _DISCONNECT
 
+
+# one dispatch table for every decoder, indexed by packet type
+Decoder._DECODERS = (
+    Decoder._reserved, Decoder._connect, Decoder._connack, Decoder._publish, Decoder._puback,
+    Decoder._pubrec, Decoder._pubrel, Decoder._pubcomp, Decoder._subscribe, Decoder._suback,
+    Decoder._unsubscribe, Decoder._unsuback, Decoder._pingreq, Decoder._pingresp,
+    Decoder._disconnect, Decoder._reserved,
+)
 
 __all__ = ["MAX_PACKET_SIZE", "MAX_REMAINING_LENGTH", "PROTOCOL_5", "Decoder"]

@@ -1,11 +1,12 @@
 """TCP listeners and the per-connection reader/writer tasks.
 
-Each accepted socket gets one handler in the handlers nursery; the handler runs a
-nursery with exactly two tasks. The **reader** receives up to 64 KiB at a time under
-a deadline (the CONNECT timeout, then 1.5 x keepalive, pushed forward by every read)
+Each accepted socket gets one handler task in the handlers nursery. The **reader**
+receives up to 64 KiB at a time under a deadline (the CONNECT timeout, then 1.5 x
+keepalive, pushed forward by every read)
 and hands the bytes to the broker, which decodes and handles every complete packet
-synchronously. The **writer** is the only task that sends: woken when the outbox goes
-from empty to non-empty, it joins everything pending into one ``send_all``.
+synchronously. The **writer** is the only task that sends: started when the outbox goes
+from empty to non-empty, it joins everything pending into one ``send_all`` per batch and
+ends when nothing is left (idle connections hold no writer task).
 """
 
 from __future__ import annotations
@@ -32,67 +33,84 @@ _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBU
 
 
 class ClientHandler:
-    def __init__(self, broker: Broker, stream: trio.SocketStream, peer: str) -> None:
+    """One connection. The reader runs in this task. The writer is a second task that
+    exists only while there is output: started when the outbox goes from empty to
+    non-empty, it sends everything pending (one ``send_all`` per batch) and ends when the
+    outbox is empty, so an idle connection costs one task. It is still the only task that
+    sends. Deadlines (the CONNECT timeout, then 1.5 x keepalive) live on the connection's
+    cancel scope, so an idle connection holds no per-read timer either."""
+
+    __slots__ = ("_nursery", "_scope", "_writing", "broker", "conn", "stream")
+
+    def __init__(
+        self, broker: Broker, stream: trio.SocketStream, peer: str, nursery: trio.Nursery
+    ) -> None:
         self.broker = broker
         self.stream = stream
         self.conn = broker.new_connection(peer)
-        self.conn.on_output = self._wake_writer
+        self.conn.on_output = self._start_writer
         self.conn.on_close = self._close_requested
-        self._output = trio.Event()
+        self._nursery = nursery
         self._scope = trio.CancelScope()
-        self.done = trio.Event()
+        self._writing = False
 
-    def _wake_writer(self) -> None:
-        self._output.set()
+    def _start_writer(self) -> None:
+        if not self._writing:
+            self._writing = True
+            self._nursery.start_soon(self._writer)
 
     def _close_requested(self) -> None:
-        if self.conn.flush_before_close:
+        if self.conn.flush_before_close and (self._writing or self.conn.outbox):
             # the writer sends what is queued and then ends the connection; bound the wait
-            self._output.set()
-            self._scope.deadline = min(
-                self._scope.deadline, trio.current_time() + CLOSE_FLUSH_TIMEOUT_S
-            )
+            self._start_writer()
+            self._scope.deadline = trio.current_time() + CLOSE_FLUSH_TIMEOUT_S
         else:
             self._scope.cancel()
 
     async def run(self) -> None:
+        conn = self.conn
         try:
+            self._scope.deadline = (
+                trio.current_time() + self.broker.config.limits.connect_timeout_s
+            )
             with self._scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer)
-                    await self._reader()
-                    if not self.conn.closing:
-                        self.conn.close()
+                await self._reader()
+                if not conn.closing:
+                    conn.close()
+                elif conn.flush_before_close:
+                    await trio.sleep_forever()  # until the writer has flushed (or the deadline)
+            if self._scope.cancelled_caught and not conn.closing:
+                if conn.session is None:
+                    log.warning("client %s: no CONNECT within the timeout; closing", conn.name)
+                else:
+                    log.info("client %s: keepalive expired; closing", conn.name)
         finally:
-            self.broker.connection_lost(self.conn)
-            await trio.aclose_forcefully(self.stream)
-            self.done.set()
+            self.broker.connection_lost(conn)
+            await trio.aclose_forcefully(self.stream)  # also ends a writer blocked in send
+
+    def _keepalive_deadline(self) -> float:
+        keepalive_s = self.conn.keepalive_s
+        return trio.current_time() + 1.5 * keepalive_s if keepalive_s else math.inf
 
     async def _reader(self) -> None:
         conn = self.conn
         broker = self.broker
+        scope = self._scope
         receive_some = self.stream.receive_some
-        connect_deadline = trio.current_time() + broker.config.limits.connect_timeout_s
-        deadline = connect_deadline
         while not conn.closing:
             if broker.reading_paused(conn):
                 # buffers full, store behind, or too many acks waiting for a commit: stop
                 # reading (TCP backpressure) until that drains; the pause is ours, so the
                 # keepalive clock starts again afterwards
+                scope.deadline = math.inf
                 await broker.wait_readable(conn)
-                if conn.session is not None and conn.keepalive_s:
-                    deadline = trio.current_time() + 1.5 * conn.keepalive_s
-            with trio.move_on_at(deadline) as timeout:
-                try:
-                    data = await receive_some(RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    log.info("client %s: connection lost: %s", conn.name, exc.__cause__ or exc)
+                if conn.closing:
                     return
-            if timeout.cancelled_caught:
-                if conn.session is None:
-                    log.warning("client %s: no CONNECT within the timeout; closing", conn.name)
-                else:
-                    log.info("client %s: keepalive expired; closing", conn.name)
+                scope.deadline = self._keepalive_deadline()
+            try:
+                data = await receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.info("client %s: connection lost: %s", conn.name, exc.__cause__ or exc)
                 return
             if not data:
                 return
@@ -106,33 +124,28 @@ class ClientHandler:
                 log.exception("client %s: internal error while handling its packets", conn.name)
                 conn.close()
                 return
-            if conn.session is None:
-                deadline = connect_deadline
-            elif conn.keepalive_s:
-                deadline = trio.current_time() + 1.5 * conn.keepalive_s
-            else:
-                deadline = math.inf
+            if conn.session is not None and not conn.closing:
+                scope.deadline = self._keepalive_deadline()
 
     async def _writer(self) -> None:
         conn = self.conn
+        broker = self.broker
         send_all = self.stream.send_all
         try:
-            while True:
-                await self._output.wait()
-                self._output = trio.Event()
-                data = conn.data_to_send()
-                if data:
-                    conn.send_blocked_since = trio.current_time()
-                    await send_all(data)
-                    conn.send_blocked_since = None
-                    conn.sent(len(data))
-                    if self.broker.paused_readers:
-                        self.broker.notify_progress()
-                if conn.closing and not conn.outbox:
-                    self._scope.cancel()
-                    return
+            while data := conn.data_to_send():
+                conn.send_blocked_since = trio.current_time()
+                await send_all(data)
+                conn.send_blocked_since = None
+                conn.sent(len(data))
+                if broker.paused_readers:
+                    broker.notify_progress()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("client %s: send failed: %s", conn.name, exc.__cause__ or exc)
+            if not conn.closing:
+                log.info("client %s: send failed: %s", conn.name, exc.__cause__ or exc)
+            self._scope.cancel()
+        finally:
+            self._writing = False
+        if conn.closing:
             self._scope.cancel()
 
 
@@ -142,6 +155,8 @@ class TCPServer:
         self.handlers: set[ClientHandler] = set()
         self._accept_scope: trio.CancelScope | None = None
         self._handlers_nursery: trio.Nursery | None = None
+        self._stopping = False
+        self._all_closed = trio.Event()
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         listeners: list[trio.SocketListener] = []
@@ -186,21 +201,24 @@ class TCPServer:
             peer = f"{host}:{port}"
         except OSError:
             peer = "?"
-        handler = ClientHandler(self.broker, stream, peer)
+        handler = ClientHandler(self.broker, stream, peer, self._handlers_nursery)  # type: ignore[arg-type]
         self.handlers.add(handler)
         try:
             await handler.run()
         finally:
             self.handlers.discard(handler)
+            if self._stopping and not self.handlers:
+                self._all_closed.set()
 
     async def shutdown(self, timeout_s: float) -> None:
         """Ordered stop: close the listeners, close every connection after flushing
         what is queued for it, and cancel what is still running after ``timeout_s``."""
         if self._accept_scope is not None:
             self._accept_scope.cancel()
+        self._stopping = True
         self.broker.close_all_connections(ServerShuttingDown("server shutting down"))
-        with trio.move_on_after(timeout_s):
-            for handler in list(self.handlers):
-                await handler.done.wait()
+        if self.handlers:
+            with trio.move_on_after(timeout_s):
+                await self._all_closed.wait()
         if self._handlers_nursery is not None:
             self._handlers_nursery.cancel_scope.cancel()

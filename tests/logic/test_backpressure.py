@@ -168,9 +168,10 @@ def test_reading_pauses_when_output_buffers_pass_the_broker_limit():
 def test_reading_pauses_at_the_receive_window_of_acks_waiting_for_a_commit():
     broker = Broker(make_config(max_receive_messages=3))
     pub = connect(broker, "pub")
-    pub.deferred.extend((i, b"ack") for i in range(2))
+    for ticket in range(2):
+        pub.defer(ticket, b"ack")
     assert not broker.reading_paused(pub)
-    pub.deferred.append((3, b"ack"))
+    pub.defer(3, b"ack")
     assert broker.reading_paused(pub)
 
 
