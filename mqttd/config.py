@@ -214,7 +214,7 @@ class Persistence:
     expiry_check_interval_s: float = attrs.field(
         default=60.0, converter=_to_float, validator=_checked(float, _positive)
     )
-    queue_page_messages: int = attrs.field(default=256, validator=_at_least(1))
+    queue_page_messages: int = attrs.field(default=4096, validator=_at_least(1))
     max_pending_writes: int = attrs.field(default=50_000, validator=_at_least(1))
 
     @property

@@ -227,7 +227,10 @@ class Session:
         if window_open:
             packet_id = self._send_new(conn, message, qos, retain, parts, seq)  # type: ignore[arg-type]
         elif (
-            not self.loading_sizes and not self.disk_count and len(self.queue) < self.page_size
+            conn is not None  # an offline session's queue lives on disk only
+            and not self.loading_sizes
+            and not self.disk_count
+            and len(self.queue) < self.page_size
         ):
             self._queue_for_append().append((message, qos, retain, seq))
         else:
@@ -396,6 +399,22 @@ class Session:
 
     def detach(self) -> None:
         self.connection = None
+        self._evict_queue()
+
+    def _evict_queue(self) -> None:
+        """Offline: hand the queued messages held in RAM back to the disk region (they are
+        stored already), so an offline session's queue costs no RAM. Not while a page is
+        being read back (its rows lie between the two); that page stays in RAM."""
+        queue = self._queue
+        if self.writer is None or not queue or self.loading_sizes:
+            return
+        sizes = array("Q", (len(entry[0].payload) for entry in queue))  # type: ignore[union-attr]
+        sizes.extend(self.disk_sizes[self.disk_head :])
+        self.disk_sizes = sizes
+        self.disk_head = 0
+        self.disk_after = queue[0][3] - 1
+        self.disk_count += len(queue)
+        self._queue = None
 
 
 def _parts(

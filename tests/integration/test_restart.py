@@ -279,3 +279,31 @@ async def test_queue_budget_drops_the_oldest_across_ram_and_disk(tmp_path, resta
             await broker.writer.flush()
             counts = broker.writer.store.table_counts()
             assert counts["deliveries"] == 0 and counts["messages"] == 0
+
+
+async def test_going_offline_moves_the_ram_queue_to_disk_and_resume_keeps_order(tmp_path):
+    with trio.fail_after(20):
+        async with running(config(tmp_path, max_inflight_messages=2)) as broker:
+            sub, _ = await RawClient.connected(broker.port, "evict", clean_session=False)
+            await sub.subscribe("q/#", qos=1)
+            pub, _ = await RawClient.connected(broker.port, "publisher")
+            for i in range(10):
+                await pub.publish("q/x", str(i).encode(), qos=1)
+            session = broker.sessions["evict"]
+            first = [await sub.expect(Publish) for _ in range(2)]  # the window; never acked
+            assert (len(session.queue), session.disk_count) == (8, 0)
+            bytes_before = session.queued_bytes
+            await sub.aclose()
+            await wait_until(lambda: session.connection is None)
+            assert (len(session.queue), session.disk_count) == (0, 8)  # no RAM while away
+            assert session.queued_bytes == bytes_before
+            await pub.publish("q/x", b"10", qos=1)  # offline: straight to disk
+            assert (len(session.queue), session.disk_count) == (0, 9)
+            sub, _ = await RawClient.connected(broker.port, "evict", clean_session=False)
+            got = []
+            while len(got) < 11:
+                packet = await sub.expect(Publish)
+                got.append((int(packet.payload), packet.dup))
+                await sub.send(PubAck(packet.packet_id))
+            assert got == [(0, True), (1, True)] + [(i, False) for i in range(2, 11)]
+            assert [int(p.payload) for p in first] == [0, 1]
