@@ -33,12 +33,20 @@ from typing import Any
 
 from devices import loadgen
 
-SCENARIOS = ("fanin_qos0", "fanin_qos1", "durable_qos1", "fanout", "latency", "connections")
+SCENARIOS = (
+    "fanin_qos0", "fanin_qos1", "durable_qos1", "fanout", "latency", "connections", "constrained",
+)
 BROKERS = ("mqttd", "mosquitto", "amqtt")
 DEFAULT_OUTPUT = os.path.join("bench", "results.json")
 INFLIGHT = 64  # outbound QoS 1 window per client, the same for mqttd and mosquitto
 BIG_QUEUE = 10_000_000  # queue limits no scenario reaches: nothing is dropped by policy
 START_TIMEOUT_S = 30.0
+# constrained scenario: the devices of devices/constrained.py; mqttd gives them a window of
+# DEVICE_WINDOW through client_overrides, the other brokers have no per-client window
+DEVICE_PATTERN = "devices/constrained-*"
+DEVICE_WINDOW = 1
+DEVICE_ACK_DELAY_S = 0.002
+DEVICE_RCVBUF = 4096
 STOP_TIMEOUT_S = 15.0
 
 
@@ -57,12 +65,21 @@ class Size:
     publisher_procs: int = 2
     subscriber_procs: int = 4  # fan-out
     connection_procs: int = 4
+    # constrained: devices x commands (QoS 1), during telemetry publishers x messages (QoS 0)
+    devices: int = 20
+    device_commands: int = 50
+    telemetry_publishers: int = 2
+    # enough that the telemetry outlasts the commands (at 20k, mqttd's window-1 commands
+    # were still going when the telemetry was over)
+    telemetry_messages: int = 100_000
 
 
 SIZES = {
     "full": Size(10, 50_000, 32, 1000, 1000, 1000.0, 10.0, 10_000, 120.0, 1),
-    "quick": Size(2, 5000, 32, 100, 100, 1000.0, 2.0, 500, 10.0, 1, 2, 2, 2),
-    "tiny": Size(2, 200, 16, 10, 20, 1000.0, 0.3, 50, 10.0, 1, 1, 1, 1),
+    "quick": Size(2, 5000, 32, 100, 100, 1000.0, 2.0, 500, 10.0, 1, 2, 2, 2,
+                  telemetry_messages=20_000),
+    "tiny": Size(2, 200, 16, 10, 20, 1000.0, 0.3, 50, 10.0, 1, 1, 1, 1,
+                 devices=5, device_commands=10, telemetry_messages=200),
 }
 
 DESCRIPTIONS = {
@@ -78,6 +95,20 @@ DESCRIPTIONS = {
                "1 subscriber, end to end",
     "connections": "connections: {connections} idle clients (keepalive 0), connect rate and "
                    "broker RSS per connection",
+    "constrained": "constrained devices: {devices} devices (`devices/constrained-N`, acks one "
+                   f"at a time {DEVICE_ACK_DELAY_S * 1000:g} ms after each PUBLISH, SO_RCVBUF "
+                   f"{DEVICE_RCVBUF}, window {DEVICE_WINDOW} where the broker can set one per "
+                   "client) x {device_commands} QoS 1 commands on `cmd/N` "
+                   "from 1 publisher, while {telemetry_publishers} publishers x "
+                   "{telemetry_messages} msgs x 64 B of QoS 0 telemetry fan in to 1 subscriber "
+                   "on bench/#",
+}
+
+# what bounds the devices' window on each broker in the constrained scenario
+DEVICE_WINDOWS = {
+    "mqttd": f"{DEVICE_WINDOW} (client_overrides, devices only)",
+    "mosquitto": f"{INFLIGHT} (global max_inflight_messages)",
+    "amqtt": "none (no setting)",
 }
 
 PROMISES = {
@@ -178,10 +209,11 @@ def broker_version(name: str) -> str:
 class Broker:
     """One broker process in its own directory; ``with`` starts and always stops it."""
 
-    def __init__(self, name: str, workdir: str, durable: bool) -> None:
+    def __init__(self, name: str, workdir: str, durable: bool, devices: bool = False) -> None:
         self.name = name
         self.workdir = workdir
         self.durable = durable
+        self.devices = devices  # mqttd: a client_overrides window for the constrained devices
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.log_path = os.path.join(workdir, f"{name}.log")
@@ -198,6 +230,12 @@ class Broker:
                     "  qos0_buffer_bytes: 1073741824\n"  # do not drop QoS 0 (as the peers)
                     "logging:\n  level: warning\n"
                 )
+                if self.devices:  # the devices' window only; the queue limits stay as above
+                    f.write(
+                        "client_overrides:\n"
+                        f'  - client_id: "{DEVICE_PATTERN}"\n'
+                        f"    max_inflight_messages: {DEVICE_WINDOW}\n"
+                    )
             return [sys.executable, "-m", "mqttd", "-c", config, "--host", "127.0.0.1",
                     "-p", "0", "--data-dir", os.path.join(self.workdir, "data")]
         self.port = free_port()
@@ -375,6 +413,16 @@ def run_scenario(
             port, probe, clients=size.connections, timeout_s=size.timeout_s,
             procs=size.connection_procs, measure=lambda: status_kib(broker.pid, "VmRSS"),
         )
+    if scenario == "constrained":
+        result = loadgen.constrained(
+            port, probe, devices=size.devices, commands=size.device_commands,
+            ack_delay_s=DEVICE_ACK_DELAY_S, rcvbuf=DEVICE_RCVBUF,
+            telemetry_publishers=size.telemetry_publishers,
+            telemetry_messages=max(1, size.telemetry_messages // divisor), window=size.window,
+            timeout_s=size.timeout_s, procs=size.publisher_procs,
+        )
+        result["device_window"] = DEVICE_WINDOWS[broker.name]
+        return result
     raise ValueError(f"unknown scenario {scenario!r}")
 
 
@@ -385,7 +433,8 @@ def run_one(scenario: str, name: str, size: Size) -> dict[str, Any]:
     t0 = time.monotonic()
     workdir = tempfile.mkdtemp(prefix=f"bench-{name}-")
     try:
-        with Broker(name, workdir, durable=scenario == "durable_qos1") as broker:
+        with Broker(name, workdir, durable=scenario == "durable_qos1",
+                    devices=scenario == "constrained") as broker:
             probe = BrokerProbe(broker.pid)
             raw = run_scenario(scenario, broker, probe, size, divisor)
             result.update(raw)
@@ -397,10 +446,14 @@ def run_one(scenario: str, name: str, size: Size) -> dict[str, Any]:
                 0.0, probe.machine_s - probe.cpu_s - raw.get("generator_cpu_s", 0.0)
             )
             count = raw.get("delivered", raw.get("connected", 0))
+            count += raw.get("telemetry", {}).get("delivered", 0)  # constrained: both loads
             result["msgs_per_cpu_s"] = count / probe.cpu_s if probe.cpu_s > 0 else None
+            telemetry = raw.get("telemetry", {})
             if raw.get("timed_out"):
                 result["status"] = "timed out"
-            elif raw.get("lost") or raw.get("duplicated") or raw.get("failed"):
+            elif (raw.get("lost") or raw.get("duplicated") or raw.get("failed")
+                  or raw.get("in_order") is False or telemetry.get("lost")
+                  or telemetry.get("duplicated")):
                 result["status"] = "incomplete"
     except Exception as exc:  # a broker that breaks is a result, not the end of the run
         result["status"] = "error"
@@ -539,7 +592,8 @@ def run_benchmark(
             entry["results"][name] = result = run_one(scenario, name, size)
             say(f">   {result['status']} in {result['wall_s']:.1f} s"
                 + (f": {result['error'].splitlines()[-1]}" if "error" in result else ""))
-        entry["ratios"] = ratios(entry["results"])
+        # constrained: its rows are about the devices, not a throughput to compare
+        entry["ratios"] = {} if scenario == "constrained" else ratios(entry["results"])
         report["scenarios"][scenario] = entry
     report["targets"] = targets(report)
     report["duration_s"] = time.monotonic() - started
@@ -589,10 +643,14 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     conn_rows = []
+    device_rows = []
     for scenario, entry in report["scenarios"].items():
         for name, r in entry["results"].items():
             if scenario == "connections":
                 conn_rows.append((name, r))
+                continue
+            if scenario == "constrained":
+                device_rows.append((name, r))
                 continue
             lat = r.get("latency_ms") or {}
             lines.append(
@@ -621,6 +679,29 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {_num(_mib(r.get('rss_before_kib')), 1)} "
                 f"| {_num(_mib(r.get('rss_after_kib')), 1)} "
                 f"| {_num(r.get('rss_per_conn_kib'), 1)} | {_num(r.get('failed'))} "
+                f"| {_num(r.get('wall_s'), 1)} | {r['status']} |"
+            )
+    if device_rows:
+        lines += [
+            "",
+            "| constrained | device window | commands | in order | dup | max unacked "
+            "| violations | cmd delivery s | cmd p99 ms | telemetry | telemetry msgs/s "
+            "| telemetry s | peak RSS MiB | broker CPU s | wall s | status |",
+            "|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        ]
+        for name, r in device_rows:
+            tel = r.get("telemetry") or {}
+            in_order = r.get("in_order")
+            lines.append(
+                f"| {name} | {r.get('device_window', '-')} "
+                f"| {_num(r.get('delivered'))}/{_num(r.get('expected'))} "
+                f"| {'-' if in_order is None else 'yes' if in_order else 'NO'} "
+                f"| {_num(r.get('duplicated'))} | {_num(r.get('max_unacked'))} "
+                f"| {_num(r.get('violations'))} | {_num(r.get('command_delivery_s'), 3)} "
+                f"| {_num((r.get('command_latency_ms') or {}).get('p99'), 1)} "
+                f"| {_num(tel.get('delivered'))}/{_num(tel.get('expected'))} "
+                f"| {_num(tel.get('msgs_per_s'))} | {_num(tel.get('elapsed_s'), 3)} "
+                f"| {_num(_mib(r.get('peak_rss_kib')), 1)} | {_num(r.get('broker_cpu_s'), 2)} "
                 f"| {_num(r.get('wall_s'), 1)} | {r['status']} |"
             )
     ratio_rows = [
@@ -725,6 +806,7 @@ def _notes(report: dict[str, Any]) -> list[str]:
                     f"- {scenario} on {name}: other programs used {r['other_cpu_s']:.1f} of "
                     f"the {available:.1f} CPU-s available: this row is disturbed."
                 )
+    notes += _constrained_notes(report)
     notes.append(
         "- Latency is publish-to-delivery (send time stamped in the payload, "
         "`time.monotonic_ns()`); in the throughput scenarios it includes queueing, as the "
@@ -733,6 +815,50 @@ def _notes(report: dict[str, Any]) -> list[str]:
     notes.append("- Durable QoS 1, what each broker promises:")
     for name, info in report["brokers"].items():
         notes.append(f"  - {name}: {info['durable_promise']}.")
+    return notes
+
+
+def _constrained_notes(report: dict[str, Any]) -> list[str]:
+    entry = report["scenarios"].get("constrained")
+    if not entry or not entry["results"]:
+        return []
+    results = entry["results"]
+    notes = [
+        "- constrained: **device window** is what bounds the PUBLISHes a device may have "
+        "unacknowledged; **max unacked** is the most a device actually had at once (1 means "
+        "the broker honoured a window of 1) and **violations** counts each PUBLISH that came "
+        "while another was unacknowledged. **cmd delivery s**: first command sent to the last "
+        "command acknowledged by its device; **cmd p99 ms**: command publish to arrival at "
+        "the device; **telemetry s**: go to the last telemetry message."
+    ]
+    if "mqttd" in results:
+        notes.append(
+            f"- constrained on mqttd: `client_overrides` gives `{DEVICE_PATTERN}` "
+            f"`max_inflight_messages: {DEVICE_WINDOW}`; every other client keeps the "
+            f"harness's limits (window {INFLIGHT})."
+        )
+    if "mosquitto" in results:
+        notes.append(
+            "- constrained on mosquitto: no per-client window; its `max_inflight_messages` "
+            f"({INFLIGHT} here, as for the other scenarios) is global, so the devices get "
+            "the same window as every other client."
+        )
+    if "amqtt" in results:
+        notes.append(
+            "- constrained on amqtt: no inflight window at all (each QoS 1 delivery is a task "
+            "of its own, waiting up to 5 s for its PUBACK); the limit is global by nature."
+        )
+    for name, r in results.items():
+        tel = r.get("telemetry") or {}
+        delivery = r.get("command_delivery_s")
+        if delivery and tel.get("elapsed_s") and tel["elapsed_s"] < delivery:
+            notes.append(
+                f"- constrained on {name}: the telemetry was over after {tel['elapsed_s']:.3f} s,"
+                f" before the last command was acknowledged ({delivery:.3f} s): the end of "
+                "the command delivery ran without load."
+            )
+        for error in (r.get("errors") or [])[:3]:
+            notes.append(f"- constrained on {name}: {error}")
     return notes
 
 

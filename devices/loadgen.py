@@ -14,10 +14,16 @@ it the only per-message work is writing the send time into the packet just befor
 chunk goes out. Subscribers parse PUBLISH packets with a few slices and one
 ``struct.unpack_from`` instead of building packet objects.
 
-The entry points (``fan_in``, ``fan_out``, ``latency``, ``connections``) run in the
-calling process and block until the scenario is over; they take a ``Probe`` whose
-``start``/``stop`` the coordinator calls around the measured window (the benchmark
-samples the broker's CPU there). Every worker process is killed in ``finally``.
+The entry points (``fan_in``, ``fan_out``, ``latency``, ``connections``,
+``constrained``) run in the calling process and block until the scenario is over; they
+take a ``Probe`` whose ``start``/``stop`` the coordinator calls around the measured
+window (the benchmark samples the broker's CPU there). Every worker process is killed in
+``finally``.
+
+``constrained`` runs the device class of ``devices/constrained.py`` (window 1, slow acks,
+a small SO_RCVBUF) in a worker process of its own, under trio, next to a QoS 0 telemetry
+load; the devices record what they receive (order, duplicates, the most PUBLISHes they
+had unacknowledged at once).
 """
 
 from __future__ import annotations
@@ -734,6 +740,171 @@ def connection_worker(
             sock.close()
 
 
+# -- constrained devices -----------------------------------------------------------
+
+
+def device_id(n: int) -> str:
+    """Client id of constrained device ``n`` (matched by ``devices/constrained-*``)."""
+    return f"devices/constrained-{n}"
+
+
+def command_topic(n: int) -> str:
+    return f"cmd/{n}"
+
+
+def command_publisher_worker(
+    control: Control, port: int, devices: list[int], commands: int, window: int,
+) -> None:
+    """One QoS 1 publisher sending ``commands`` commands to each of ``devices``
+    (``cmd/N``), round robin (command 0 to every device, then command 1, ...), at most
+    ``window`` unacknowledged by the broker. Each payload is ``PAYLOAD`` (device, seq,
+    send time), so a device can check the order and the latency."""
+    sock = connect_client(port, "bench-cmd")
+    order = [(n, seq) for seq in range(commands) for n in devices]
+    topics = {n: command_topic(n) for n in devices}
+    total = len(order)
+    window = max(1, window)
+    control.ready()
+    deadline = control.wait_go()
+    cpu0 = _cpu_s()
+    sent = rx_bytes = 0
+    t_first = t_end = 0
+    timed_out = False
+    while rx_bytes >> 2 < total:  # only 4-byte PUBACKs come on this connection
+        if time.monotonic() > deadline:
+            timed_out = True
+            break
+        room = min(total - sent, window - (sent - (rx_bytes >> 2)))
+        if room > 0:
+            now = time.monotonic_ns()
+            t_first = t_first or now
+            chunk = []
+            for k in range(sent, sent + room):
+                n, seq = order[k]
+                chunk.append(Publish(topics[n], PAYLOAD.pack(n, seq, now), 1,
+                                     packet_id=k % 65535 + 1).encode())
+            sock.sendall(b"".join(chunk))
+            sent += room
+        ready, _, _ = select.select([sock], [], [], 0.2)
+        if ready:
+            data = sock.recv(RECV_SIZE)
+            if not data:
+                raise ConnectionError("broker closed the command publisher's connection")
+            rx_bytes += len(data)
+    t_end = time.monotonic_ns()
+    cpu = _cpu_s() - cpu0
+    control.done(sent=sent, acked=min(rx_bytes >> 2, total), timed_out=timed_out,
+                 t_first_ns=t_first, t_end_ns=t_end, cpu_s=cpu)
+    control.stop.wait(control.timeout_s + GRACE_S)  # as publisher_worker
+    try:
+        sock.sendall(DISCONNECT)
+    except OSError:
+        pass
+    sock.close()
+
+
+def constrained_devices_worker(
+    control: Control, port: int, devices: list[int], commands: int, ack_delay_s: float,
+    rcvbuf: int,
+) -> None:
+    """``devices.constrained.ConstrainedDevice`` clients (one per number in ``devices``,
+    subscribed at QoS 1 to ``cmd/N``) in one trio run, each until it has received and
+    acknowledged ``commands`` messages; reports what each saw and when it was done."""
+    import trio  # only this worker needs trio (and the device class)
+
+    trio.run(_run_devices, control, port, devices, commands, ack_delay_s, rcvbuf)
+
+
+async def _run_devices(
+    control: Control, port: int, numbers: list[int], commands: int, ack_delay_s: float,
+    rcvbuf: int,
+) -> None:
+    import types
+
+    import trio
+
+    from devices.constrained import ConstrainedDevice
+
+    arrivals: dict[str, list[int]] = {device_id(n): [] for n in numbers}
+    last_rx = [time.monotonic()]
+
+    def on_message(device: ConstrainedDevice) -> None:
+        arrivals[device.client_id].append(time.monotonic_ns())
+        last_rx[0] = time.monotonic()
+
+    devices = [
+        ConstrainedDevice("127.0.0.1", port, device_id(n), command_topic(n),
+                          ack_delay_s=ack_delay_s, rcvbuf=rcvbuf, count=commands,
+                          on_message=on_message)
+        for n in numbers
+    ]
+    done_ns: dict[int, int] = {}
+    errors: dict[int, str] = {}
+
+    async def run_device(k: int, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+        subscribed = False
+
+        def started(value: object = None) -> None:
+            nonlocal subscribed
+            subscribed = True
+            task_status.started(value)
+
+        try:
+            await devices[k].run(task_status=types.SimpleNamespace(started=started))
+            done_ns[k] = time.monotonic_ns()
+        except OSError as exc:  # after the subscription: a result; before it: the worker fails
+            if not subscribed:
+                raise
+            errors[k] = f"{type(exc).__name__}: {exc}"
+
+    timed_out = False
+    async with trio.open_nursery() as nursery:
+        for k in range(len(devices)):
+            await nursery.start(run_device, k)
+        control.ready(rcvbuf=devices[0].rcvbuf_actual if devices else 0)
+        deadline = await trio.to_thread.run_sync(control.wait_go)
+        cpu0 = _cpu_s()
+        last_rx[0] = time.monotonic()
+        while len(done_ns) + len(errors) < len(devices):
+            now = time.monotonic()
+            if now > deadline:
+                timed_out = True
+                break
+            if control.stop.is_set():
+                break
+            if control.pubs_done.is_set() and now - last_rx[0] > SETTLE_S:
+                break  # the commands were all sent and nothing came since: some are lost
+            await trio.sleep(EVENT_CHECK_S / 5)
+        nursery.cancel_scope.cancel()
+    cpu = _cpu_s() - cpu0
+    latencies = array.array("q")
+    reports = []
+    for k, (n, device) in enumerate(zip(numbers, devices, strict=True)):
+        seqs = []
+        bad = 0
+        for payload, t_rx in zip(device.payloads, arrivals[device.client_id], strict=True):
+            if len(payload) < PAYLOAD.size:
+                bad += 1
+                continue
+            pub, seq, sent = PAYLOAD.unpack_from(payload)
+            if pub != n or seq >= commands:
+                bad += 1
+                continue
+            seqs.append(seq)
+            latencies.append(t_rx - sent)
+        first_seen = list(dict.fromkeys(seqs))  # first arrival of each command, in order
+        reports.append({
+            "client_id": device.client_id, "received": len(device.payloads),
+            "unique": len(first_seen), "in_order": first_seen == sorted(first_seen),
+            "duplicates": device.duplicates, "max_unacked": device.max_unacked,
+            "violations": device.violations, "acked": device.acked, "unexpected": bad,
+            "done_ns": done_ns.get(k, 0), "error": errors.get(k),
+            "rcvbuf": device.rcvbuf_actual,
+        })
+    control.done(devices=reports, timed_out=timed_out, cpu_s=cpu,
+                 latencies=latencies.tobytes())
+
+
 # -- scenarios (run in the calling process) ----------------------------------------
 
 
@@ -903,3 +1074,87 @@ def connections(
         }
     finally:
         coord.close()
+
+
+def constrained(
+    port: int, probe: Probe, *, devices: int, commands: int, ack_delay_s: float,
+    rcvbuf: int, telemetry_publishers: int, telemetry_messages: int, window: int = 32,
+    timeout_s: float = 60.0, procs: int = 2,
+) -> dict[str, Any]:
+    """Constrained devices under load: ``devices`` ``ConstrainedDevice`` clients
+    (``devices/constrained-N``, N = 1..devices, QoS 1 on ``cmd/N``, acks after
+    ``ack_delay_s``, SO_RCVBUF ``rcvbuf``; one worker process) each get ``commands`` QoS 1
+    commands from one publisher (``window`` unacknowledged), while ``telemetry_publishers``
+    x ``telemetry_messages`` QoS 0 messages fan in to one subscriber on ``bench/#`` (the
+    publishers over ``procs`` processes). All start at the same go signal."""
+    numbers = list(range(1, devices + 1))
+    coord = Coordinator(timeout_s)
+    try:
+        coord.spawn("devices", constrained_devices_worker, port, numbers, commands,
+                    ack_delay_s, rcvbuf)
+        coord.spawn("sub", subscriber_worker, port, 0, 1, "bench/#", 0, True,
+                    telemetry_publishers, telemetry_messages)
+        pub_names = []
+        for k, (first, n) in enumerate(_split(telemetry_publishers, procs)):
+            pub_names.append(f"pub{k}")
+            coord.spawn(pub_names[-1], publisher_worker, port, list(range(first, first + n)),
+                        telemetry_messages, 0, window)
+        coord.spawn("cmd", command_publisher_worker, port, numbers, commands, window)
+        names = ["devices", "sub", "cmd", *pub_names]
+        coord.collect(names, "ready", time.monotonic() + SETUP_TIMEOUT_S)
+        coord.start(probe)
+        end = time.monotonic() + coord.timeout_s + GRACE_S
+        pubs = coord.collect([*pub_names, "cmd"], "done", end)
+        coord.pubs_done.set()
+        subs = coord.collect(["sub", "devices"], "done", end)
+        probe.stop()
+    finally:
+        coord.close()
+    telemetry = _merge_subscribers({"sub": subs["sub"]}, {n: pubs[n] for n in pub_names},
+                                   coord.t_go_ns)
+    cmd, dev = pubs["cmd"], subs["devices"]
+    per_device = dev["devices"]
+    expected = devices * commands
+    delivered = sum(d["unique"] for d in per_device)
+    finished = [d["done_ns"] for d in per_device if d["done_ns"]]
+    # first command sent to last command acknowledged by its device (all of them, or None)
+    delivery_s = (
+        (max(finished) - cmd["t_first_ns"]) / 1e9
+        if len(finished) == devices and cmd["t_first_ns"] else None
+    )
+    for d in per_device:  # when each device was done, in seconds after the go signal
+        done = d.pop("done_ns")
+        d["done_s"] = (done - coord.t_go_ns) / 1e9 if done else None
+    latencies = array.array("q")
+    latencies.frombytes(dev["latencies"])
+    workers = {**{n: pubs[n] for n in pub_names}, "cmd": cmd, "sub": subs["sub"],
+               "devices": dev}
+    return {
+        "expected": expected,
+        "delivered": delivered,
+        "lost": expected - delivered,
+        "duplicated": sum(d["duplicates"] for d in per_device),
+        "unexpected": sum(d["unexpected"] for d in per_device),
+        "in_order": all(d["in_order"] for d in per_device),
+        "max_unacked": max((d["max_unacked"] for d in per_device), default=0),
+        "violations": sum(d["violations"] for d in per_device),
+        "failed": sum(1 for d in per_device if d["error"]),
+        "errors": [f"{d['client_id']}: {d['error']}" for d in per_device if d["error"]],
+        "commands_published": cmd["sent"],
+        "commands_acked_by_broker": cmd["acked"],
+        # go signal to the broker's PUBACK for the last command (the publisher's side)
+        "commands_routed_s": (cmd["t_end_ns"] - coord.t_go_ns) / 1e9,
+        "command_delivery_s": delivery_s,
+        "command_latency_ms": percentiles(latencies),
+        "device_rcvbuf_bytes": max((d["rcvbuf"] for d in per_device), default=0),
+        "devices": per_device,
+        "telemetry": telemetry,
+        "telemetry_msgs_per_s": telemetry["msgs_per_s"],
+        "timed_out": bool(telemetry["timed_out"] or cmd["timed_out"] or dev["timed_out"]),
+        # the measured window: until the telemetry and the commands are both over
+        "elapsed_s": max(telemetry["elapsed_s"],
+                         (max(finished) - coord.t_go_ns) / 1e9 if finished else 0.0),
+        "generator_cpu_s": sum(r["cpu_s"] for r in workers.values()),
+        "generator_procs": len(workers),
+        "generator_cpu_by_worker": {n: round(r["cpu_s"], 3) for n, r in workers.items()},
+    }

@@ -7,9 +7,10 @@ import pytest
 
 from devices import bench, loadgen
 from mqttd.codec import Publish
+from mqttd.config import load_config
 
 BROKERS = ("mqttd",) + (("mosquitto",) if bench.mosquitto_path() else ())
-SCENARIOS = ("fanin_qos0", "durable_qos1", "fanout", "latency", "connections")
+SCENARIOS = ("fanin_qos0", "durable_qos1", "fanout", "latency", "connections", "constrained")
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,46 @@ def test_connections_scenario_counts_clients_and_memory(report):
         assert result["rss_per_conn_kib"] is not None
 
 
+def test_constrained_devices_get_every_command_in_order(report):
+    """Every command reaches its device once and in order, while the telemetry is all
+    delivered too; mqttd's client_overrides window of 1 held for every device."""
+    size = bench.SIZES["tiny"]
+    results = report["scenarios"]["constrained"]["results"]
+    for name, result in results.items():
+        assert result["expected"] == size.devices * size.device_commands
+        assert result["delivered"] == result["expected"], (name, result["devices"])
+        assert result["in_order"] is True, name
+        assert result["duplicated"] == 0, name
+        assert result["unexpected"] == 0 and result["failed"] == 0, (name, result["errors"])
+        assert result["command_delivery_s"] > 0
+        assert result["max_unacked"] >= 1
+        telemetry = result["telemetry"]
+        assert telemetry["delivered"] == telemetry["expected"] > 0, name
+        assert telemetry["lost"] == 0 and telemetry["duplicated"] == 0, name
+        assert result["telemetry_msgs_per_s"] > 0
+        assert [d["client_id"] for d in result["devices"]] == [
+            f"devices/constrained-{n}" for n in range(1, size.devices + 1)
+        ]
+    mqttd = results["mqttd"]
+    assert mqttd["max_unacked"] == 1
+    assert mqttd["violations"] == 0
+    assert all(d["max_unacked"] == 1 for d in mqttd["devices"])
+    assert mqttd["device_window"].startswith("1 (client_overrides")
+    assert report["scenarios"]["constrained"]["ratios"] == {}
+
+
+def test_mqttd_config_gives_only_the_devices_a_window_of_one(tmp_path):
+    broker = bench.Broker("mqttd", str(tmp_path), durable=False, devices=True)
+    command = broker.command()
+    config = load_config(command[command.index("-c") + 1])
+    assert config.limits_for("devices/constrained-7").max_inflight_messages == 1
+    assert config.limits_for("bench-pub-0").max_inflight_messages == bench.INFLIGHT
+    device = config.limits_for("devices/constrained-7")
+    assert device.max_queued_messages == bench.BIG_QUEUE  # the usual queue limits
+    plain = bench.Broker("mqttd", str(tmp_path), durable=False).command()
+    assert load_config(plain[plain.index("-c") + 1]).client_overrides == ()
+
+
 def test_ratios_and_markdown(report):
     if "mosquitto" in BROKERS:
         ratios = report["scenarios"]["fanin_qos0"]["ratios"]["mosquitto"]
@@ -60,6 +101,8 @@ def test_ratios_and_markdown(report):
     table = bench.markdown(report)
     assert "| fanin_qos0 | mqttd |" in table
     assert "| 50 | mqttd |" in table  # the connections table
+    assert "| mqttd | 1 (client_overrides, devices only) | 50/50 | yes | 0 | 1 | 0 |" in table
+    assert "| constrained | mqttd |" not in table  # not in the throughput table
     assert "Durable QoS 1, what each broker promises" in table
 
 
