@@ -25,7 +25,7 @@ from typing import Any, cast
 import attrs
 import trio
 
-from mqttd.codec import ClientIdRejected, MQTTError
+from mqttd.codec import ClientIdRejected, MQTTError, ProtocolError, TopicNameInvalid
 from mqttd.codec.errors import ServerBusy, SessionTakenOver
 from mqttd.codec.packets import (
     CONNECT,
@@ -56,7 +56,7 @@ from mqttd.codec.packets import (
     Will,
 )
 from mqttd.codec.reason import SUBACK_FAILURE
-from mqttd.config import Config
+from mqttd.config import Config, Listener
 from mqttd.protocol import BufferAccount, Connection
 from mqttd.retained import RetainedStore
 from mqttd.router import Router
@@ -88,6 +88,9 @@ class Broker:
     buffers: BufferAccount = attrs.Factory(BufferAccount)
     drops: DropCounters = attrs.Factory(DropCounters)
     paused_readers: int = 0
+    limits_exceeded: dict[str, int] = attrs.Factory(dict)
+    _check_topic_limits: bool = attrs.field(init=False)
+    _publish_rate: float = attrs.field(init=False)  # per client per second; 0: no limit
     read_pauses: int = 0
     stalled_disconnects: int = 0
     _progress: trio.Event = attrs.Factory(trio.Event)
@@ -97,6 +100,11 @@ class Broker:
     messages_received: int = 0
 
     def __attrs_post_init__(self) -> None:
+        limits = self.config.limits
+        self._check_topic_limits = (
+            limits.max_topic_length_bytes < 65535 or limits.max_topic_levels > 0
+        )
+        self._publish_rate = max(0.0, limits.max_publish_rate_per_s)
         self._handlers = {
             CONNECT: self._on_connect,
             PUBLISH: self._on_publish,
@@ -117,9 +125,13 @@ class Broker:
 
     # -- connections (called by the I/O layer) ---------------------------------------
 
-    def new_connection(self, peer: str) -> Connection:
+    def new_connection(
+        self, peer: str, listener: Listener | None = None, tls_identity: str | None = None
+    ) -> Connection:
         conn = Connection(
             peer=peer,
+            listener=listener,
+            tls_identity=tls_identity,
             max_packet_size=self.config.limits.max_packet_size_bytes,
             account=self.buffers,
         )
@@ -266,6 +278,22 @@ class Broker:
             self._progress.set()
             self._progress = trio.Event()
 
+    def publish_rate_delay(self, conn: Connection, now: float) -> float:
+        """Token bucket for ``limits.max_publish_rate_per_s``: refill ``conn``'s tokens (a
+        burst of one second's worth at most) and return how long to stop reading from it so
+        that its rate stays under the limit (0: no need)."""
+        rate = self._publish_rate
+        if not rate:
+            return 0.0
+        burst = max(rate, 1.0)
+        tokens = min(burst, conn.publish_tokens + (now - conn.tokens_at) * rate)
+        conn.tokens_at = now
+        conn.publish_tokens = tokens
+        if tokens >= 0:
+            return 0.0
+        self._limit_exceeded("publish_rate")
+        return -tokens / rate
+
     # -- counters ---------------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
@@ -285,6 +313,8 @@ class Broker:
             "buffered_bytes": self.buffers.bytes,
             "read_pauses": self.read_pauses,
             "stalled_disconnects": self.stalled_disconnects,
+            "limits_exceeded": sum(self.limits_exceeded.values()),
+            "rate_limited": self.limits_exceeded.get("publish_rate", 0),
             "store_commits": writer.commits if writer is not None else 0,
             "store_writes": writer.ops_written if writer is not None else 0,
             "store_pending": writer.pending if writer is not None else 0,
@@ -413,8 +443,29 @@ class Broker:
             self._discard_session(session)
         return len(expired)
 
+    def _topic_limit_problem(self, topic: str) -> str | None:
+        """Why ``topic`` (a name or a filter) exceeds the configured size limits, if it does."""
+        limits = self.config.limits
+        max_bytes = limits.max_topic_length_bytes
+        if len(topic) * 4 > max_bytes and len(topic.encode()) > max_bytes:
+            return f"topic longer than max_topic_length_bytes ({max_bytes})"
+        max_levels = limits.max_topic_levels
+        if 0 < max_levels <= topic.count("/"):
+            return f"topic with more than max_topic_levels ({max_levels}) levels"
+        return None
+
+    def _limit_exceeded(self, name: str) -> None:
+        self.limits_exceeded[name] = self.limits_exceeded.get(name, 0) + 1
+
     def _on_publish(self, conn: Connection, packet: Publish) -> None:
         self.messages_received += 1
+        if self._check_topic_limits:
+            problem = self._topic_limit_problem(packet.topic)
+            if problem is not None:
+                self._limit_exceeded("topic")
+                raise TopicNameInvalid(problem)
+        if self._publish_rate:
+            conn.publish_tokens -= 1.0
         qos = packet.qos
         if not qos:
             self.publish(packet)
@@ -427,6 +478,12 @@ class Broker:
             return
         session: Session = conn.session  # type: ignore[assignment]
         if packet_id not in session.inbound_qos2:  # exactly once: route on first receipt only
+            if len(session.inbound_qos2) >= self.config.limits.max_inbound_qos2:
+                self._limit_exceeded("inbound_qos2")
+                raise ProtocolError(
+                    f"more than max_inbound_qos2 ({self.config.limits.max_inbound_qos2}) "
+                    "QoS 2 messages awaiting PUBREL"
+                )
             session.inbound_qos2.add(packet_id)
             if session.writer is not None:
                 session.writer.submit(ops.AddInbound(session.client_id, packet_id))
@@ -464,6 +521,12 @@ class Broker:
         for sub in packet.subscriptions:
             try:
                 validate_topic_filter(sub.filter)
+                problem = None
+                if self._check_topic_limits:
+                    problem = self._topic_limit_problem(sub.filter)
+                if problem is not None:
+                    self._limit_exceeded("topic")
+                    raise InvalidTopic(problem)
             except InvalidTopic as exc:
                 log.info("client %s: refused subscription %r: %s", conn.name, sub.filter, exc)
                 codes.append(SUBACK_FAILURE)

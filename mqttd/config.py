@@ -56,6 +56,9 @@ class _Invalid(ValueError):
 
 
 def _type_problem(value: Any, expected: type) -> str | None:
+    if expected is bool:
+        ok = isinstance(value, bool)
+        return None if ok else f"expected true or false, got {reprlib.repr(value)}"
     ok = isinstance(value, (int | float) if expected is float else expected)
     if not ok or isinstance(value, bool):
         return f"expected {expected.__name__}, got {reprlib.repr(value)}"
@@ -110,6 +113,10 @@ def _optional(validator: Any) -> Any:
     return validate
 
 
+def _no_limit_or_positive_f(v: float) -> str | None:
+    return None if v == -1 or v > 0 else f"must be -1 (no limit) or greater than 0, got {v}"
+
+
 def _log_level(v: str) -> str | None:
     if v in LOG_LEVELS:
         return None
@@ -124,10 +131,49 @@ def _lower(value: Any) -> Any:
     return value.lower() if isinstance(value, str) else value
 
 
+PROTOCOLS = ("mqtt", "websockets")
+LOOPBACK_HOSTS = ("localhost", "::1")
+
+
+def _protocol(v: str) -> str | None:
+    return None if v in PROTOCOLS else (
+        f"must be one of {', '.join(PROTOCOLS)}, got {reprlib.repr(v)}"
+    )
+
+
+def _ws_path(v: str) -> str | None:
+    return None if v.startswith("/") else f"must start with '/', got {reprlib.repr(v)}"
+
+
+@attrs.frozen
+class TLS:
+    """TLS on a listener (TLS 1.2 and later only)."""
+
+    certfile: str = attrs.field(default="", validator=_checked(str, _non_empty))
+    keyfile: str = attrs.field(default="", validator=_checked(str, _non_empty))
+    cafile: str | None = attrs.field(default=None, validator=_optional(_checked(str, _non_empty)))
+    require_certificate: bool = attrs.field(default=False, validator=_checked(bool))
+    use_identity_as_username: bool = attrs.field(default=False, validator=_checked(bool))
+
+
 @attrs.frozen
 class Listener:
     host: str = attrs.field(default="127.0.0.1", validator=_checked(str, _non_empty))
     port: int = attrs.field(default=1883, validator=_between(0, 65535))  # 0 = any free port
+    protocol: str = attrs.field(
+        default="mqtt", converter=_lower, validator=_checked(str, _protocol)
+    )
+    path: str = attrs.field(default="/mqtt", validator=_checked(str, _ws_path))  # websockets
+    tls: TLS | None = None
+    # None: anonymous clients are allowed on a loopback listener only
+    allow_anonymous: bool | None = attrs.field(default=None, validator=_optional(_checked(bool)))
+    max_connections: int = attrs.field(default=-1, validator=_checked(int, _no_limit_or_positive))
+
+    @property
+    def anonymous_allowed(self) -> bool:
+        if self.allow_anonymous is not None:
+            return self.allow_anonymous
+        return self.host.startswith("127.") or self.host in LOOPBACK_HOSTS
 
 
 @attrs.frozen
@@ -153,6 +199,12 @@ class Limits:
         default=268_435_456, validator=_checked(int, _no_limit_or_positive)
     )
     max_receive_messages: int = attrs.field(default=1000, validator=_at_least(1))
+    max_inbound_qos2: int = attrs.field(default=1000, validator=_at_least(1))
+    max_topic_length_bytes: int = attrs.field(default=65535, validator=_between(1, 65535))
+    max_topic_levels: int = attrs.field(default=-1, validator=_checked(int, _no_limit_or_positive))
+    max_publish_rate_per_s: float = attrs.field(
+        default=-1.0, converter=_to_float, validator=_checked(float, _no_limit_or_positive_f)
+    )
     stalled_output_timeout_s: float = attrs.field(
         default=5.0, converter=_to_float, validator=_checked(float, _positive)
     )
@@ -227,6 +279,17 @@ class Persistence:
 
 
 @attrs.frozen
+class Security:
+    password_file: str | None = attrs.field(
+        default=None, validator=_optional(_checked(str, _non_empty))
+    )
+    acl_file: str | None = attrs.field(default=None, validator=_optional(_checked(str, _non_empty)))
+    # failed logins allowed per source address per minute before further CONNECTs from that
+    # address are refused without checking (CONNACK 0x05)
+    max_login_failures_per_minute: int = attrs.field(default=10, validator=_at_least(1))
+
+
+@attrs.frozen
 class Logging:
     level: str = attrs.field(default="info", converter=_lower, validator=_checked(str, _log_level))
 
@@ -245,6 +308,7 @@ class Config:
         default=(), validator=_checked(tuple)
     )
     persistence: Persistence = attrs.field(factory=Persistence)
+    security: Security = attrs.field(factory=Security)
     logging: Logging = attrs.field(factory=Logging)
 
     def limits_for(self, client_id: str) -> ClientLimits:
@@ -300,7 +364,7 @@ def _strict(expected: type) -> Callable[[Any, Any], Any]:
     return structure
 
 
-for _scalar in (int, float, str):
+for _scalar in (int, float, str, bool):
     _converter.register_structure_hook(_scalar, _strict(_scalar))
 
 

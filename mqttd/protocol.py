@@ -30,6 +30,7 @@ from mqttd.codec.packets import (
 )
 
 if TYPE_CHECKING:
+    from mqttd.config import Listener
     from mqttd.session import Session
 
 _SERVER_ONLY = frozenset({CONNACK, SUBACK, UNSUBACK, PINGRESP})
@@ -58,6 +59,8 @@ class Connection:
 
     peer: str = "?"
     max_packet_size: int = 268_435_460
+    listener: Listener | None = None  # the listener it came through (None: driven without I/O)
+    tls_identity: str | None = None  # subject CN of a verified TLS client certificate
     decoder: Decoder = attrs.field(init=False)
     state: State = State.AWAIT_CONNECT
     protocol_level: int = PROTOCOL_311
@@ -80,6 +83,9 @@ class Connection:
     close_reason: MQTTError | None = None
     flush_before_close: bool = False
     on_close: Callable[[], None] = _noop
+    # publish rate limit (token bucket; the broker spends, the I/O layer refills and waits)
+    publish_tokens: float = 0.0
+    tokens_at: float = 0.0  # when publish_tokens was last refilled (I/O layer's clock)
     # counters
     packets_received: int = 0
     dropped_qos0: int = 0

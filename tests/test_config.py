@@ -131,7 +131,8 @@ def test_listeners_is_a_tuple() -> None:
 BAD_INPUTS = [
     ("bogus: 1", "bogus: unknown key"),
     ("limits: {bogus: 1}", "limits.bogus: unknown key"),
-    ("listeners: [{port: 1, tls: true}]", "listeners[0].tls: unknown key"),
+    ("listeners: [{port: 1, tls: true}]", "listeners[0].tls: expected a mapping, got True"),
+    ("listeners: [{port: 1, bogus: 1}]", "listeners[0].bogus: unknown key"),
     (
         "limits: {max_inflight_messages: abc}",
         "limits.max_inflight_messages: expected int, got 'abc'",

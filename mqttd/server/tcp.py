@@ -124,6 +124,11 @@ class ClientHandler:
                 log.exception("client %s: internal error while handling its packets", conn.name)
                 conn.close()
                 return
+            delay = broker.publish_rate_delay(conn, trio.current_time())
+            if delay and not conn.closing:
+                # over max_publish_rate_per_s: stop reading until the rate is back under it
+                scope.deadline = math.inf
+                await trio.sleep(delay)
             if conn.session is not None and not conn.closing:
                 scope.deadline = self._keepalive_deadline()
 
