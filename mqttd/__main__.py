@@ -1,5 +1,6 @@
 """Command line: ``mqttd [-c FILE] [--host H] [-p PORT] [--data-dir DIR]``,
-``mqttd --check-config FILE``, or ``python -m mqttd``."""
+``mqttd --check-config FILE``, ``mqttd passwd [-c] [-b] [-D] FILE USER [PASSWORD]``, or
+``python -m mqttd``. SIGHUP reloads the password file, the ACL file and TLS certificates."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 
 import trio
 
+from mqttd.auth import SecurityFileError
 from mqttd.broker import Broker
 from mqttd.config import Config, ConfigError, load_config
 from persistence.store import StoreError
@@ -36,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["passwd"]:
+        from mqttd.auth import passwd_main
+
+        return passwd_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.check_config is not None:
         try:
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 def _startup_error(exc: BaseException) -> Exception | None:
     """An error that stops the broker from starting, with a message for the user (address
     in use, a database from a newer mqttd), even inside a nursery's exception group."""
-    if isinstance(exc, OSError | StoreError):
+    if isinstance(exc, OSError | StoreError | SecurityFileError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
@@ -82,13 +89,17 @@ def _startup_error(exc: BaseException) -> Exception | None:
 
 
 async def run(config: Config) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down in order."""
+    """Serve until SIGINT or SIGTERM, then shut down in order; SIGHUP reloads."""
     broker = Broker(config)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    stop = (signal.SIGINT, signal.SIGTERM)
+    with trio.open_signal_receiver(*stop, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(broker.serve)
             async for signum in signals:
                 log.info("received %s", signal.Signals(signum).name)
+                if signum == signal.SIGHUP:
+                    broker.reload()  # keeps the previous files if a new one is broken
+                    continue
                 broker.shutdown()
                 break
 

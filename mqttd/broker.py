@@ -11,6 +11,14 @@ caller's nursery and reports the bound addresses::
         broker.shutdown()          # ordered: listeners, wills, connections, storage
 
 or ``async with mqttd.broker.running(config) as broker: broker.port``.
+
+Security: every CONNECT passes the :class:`~mqttd.auth.Gatekeeper` (failed-login limit,
+anonymous access per listener, the password file or the program's ``authenticator``; slow
+password hashes are checked in a worker thread while the connection waits). With an ACL
+(``security.acl_file`` or the program's ``authorizer``), PUBLISH without write access is
+dropped (and still acknowledged), SUBSCRIBE without read access gets 0x80, and deliveries,
+retained ones included, go only to sessions allowed to read the topic. ``reload()`` re-reads
+both files (SIGHUP).
 """
 
 from __future__ import annotations
@@ -25,8 +33,21 @@ from typing import Any, cast
 import attrs
 import trio
 
+from mqttd.acl import AclFile, CachedAuthorizer
+from mqttd.auth import (
+    Authenticator,
+    Authorizer,
+    Gatekeeper,
+    LoginRateLimiter,
+    PasswordFile,
+    SecurityFileError,
+)
 from mqttd.codec import ClientIdRejected, MQTTError, ProtocolError, TopicNameInvalid
-from mqttd.codec.errors import ServerBusy, SessionTakenOver
+from mqttd.codec.errors import (
+    NotAuthorized,
+    ServerBusy,
+    SessionTakenOver,
+)
 from mqttd.codec.packets import (
     CONNECT,
     DISCONNECT,
@@ -70,6 +91,7 @@ log = logging.getLogger(__name__)
 
 MAX_QOS = 2
 SHUTDOWN_FLUSH_TIMEOUT_S = 5.0
+DENIED_LOG_INTERVAL_S = 10.0  # at most one log line per interval for ACL refusals
 
 
 @attrs.define(eq=False)
@@ -95,12 +117,32 @@ class Broker:
     stalled_disconnects: int = 0
     _progress: trio.Event = attrs.Factory(trio.Event)
     _handlers: dict[int, Callable[[Connection, Any], None]] = attrs.field(init=False)
+    # security: hooks given by an embedding program win over the configured files; the
+    # files are loaded by load_security() (at open_store, or at the first CONNECT)
+    authenticator: Authenticator | None = None
+    authorizer: Authorizer | None = None
+    gate: Gatekeeper = attrs.field(init=False)
+    _acl: CachedAuthorizer | None = attrs.field(init=False, default=None)
+    _security_loaded: bool = attrs.field(init=False, default=False)
+    _password_file_used: bool = attrs.field(init=False, default=False)
+    _acl_file_used: bool = attrs.field(init=False, default=False)
+    # connections whose password is being checked in a worker thread, with the packets
+    # that arrived meanwhile; the services nursery runs those checks (while serving)
+    _parked: dict[Connection, list[Packet]] = attrs.field(init=False, factory=dict)
+    _services: trio.Nursery | None = attrs.field(init=False, default=None)
+    _next_denied_log: float = attrs.field(init=False, default=0.0)
     # counters
     connections_total: int = 0
     messages_received: int = 0
+    acl_denied_publish: int = 0
+    acl_denied_subscribe: int = 0
+    acl_denied_retained: int = 0
 
     def __attrs_post_init__(self) -> None:
         limits = self.config.limits
+        self.gate = Gatekeeper(
+            LoginRateLimiter(self.config.security.max_login_failures_per_minute)
+        )
         self._check_topic_limits = (
             limits.max_topic_length_bytes < 65535 or limits.max_topic_levels > 0
         )
@@ -151,6 +193,16 @@ class Broker:
 
     def _dispatch(self, conn: Connection, packets: list[Packet]) -> None:
         handlers = self._handlers
+        parked = self._parked
+        if parked and conn in parked:  # its password is being checked: handle these later
+            parked[conn].extend(packets)
+            return
+        if packets and packets[0].TYPE == CONNECT:  # only ever first in the first batch
+            self._on_connect(conn, packets[0])  # type: ignore[arg-type]
+            if conn in parked:
+                parked[conn].extend(packets[1:])
+                return
+            packets = packets[1:]
         for packet in packets:
             if conn.closing:
                 return
@@ -169,6 +221,7 @@ class Broker:
         client sent DISCONNECT, detach the session, discard it if clean."""
         self.connections.discard(conn)
         self._awaiting_commit.discard(conn)
+        self._parked.pop(conn, None)
         conn.discard_output()
         self.notify_progress()
         session = conn.session
@@ -231,6 +284,8 @@ class Broker:
         limits = self.config.limits
         if 0 <= limits.max_buffered_bytes < self.buffers.bytes:
             return True
+        if self._parked and conn in self._parked:
+            return True  # until its password check ends (it has no CONNACK yet)
         writer = self.writer
         if writer is not None and writer.congested:
             return True
@@ -315,6 +370,11 @@ class Broker:
             "stalled_disconnects": self.stalled_disconnects,
             "limits_exceeded": sum(self.limits_exceeded.values()),
             "rate_limited": self.limits_exceeded.get("publish_rate", 0),
+            "auth_failures": self.gate.limiter.failures,
+            "auth_rate_limited": self.gate.limiter.refused,
+            "acl_denied_publish": self.acl_denied_publish,
+            "acl_denied_subscribe": self.acl_denied_subscribe,
+            "acl_denied_deliveries": self.router.denied + self.acl_denied_retained,
             "store_commits": writer.commits if writer is not None else 0,
             "store_writes": writer.ops_written if writer is not None else 0,
             "store_pending": writer.pending if writer is not None else 0,
@@ -366,6 +426,20 @@ class Broker:
                 f"keepalive {packet.keepalive_s}s exceeds max_keepalive_s {max_keepalive_s}"
             )
         conn.keepalive_s = packet.keepalive_s
+        ready, username = self._login(conn, packet)
+        if ready:
+            self._accept(conn, packet, username)
+
+    def _accept(self, conn: Connection, packet: Connect, username: str | None) -> None:
+        """The client is authenticated: check its will, take over or create its session,
+        answer CONNACK."""
+        client_id = conn.client_id
+        will = packet.will
+        acl = self._acl
+        if will is not None and acl is not None and not acl.can_publish(
+            client_id, username, will.topic
+        ):
+            raise NotAuthorized(f"the ACL does not allow publishing the will to {will.topic!r}")
         session = self.sessions.get(client_id)
         if session is not None and session.connection is not None:
             self._take_over(session.connection)
@@ -386,17 +460,159 @@ class Broker:
         if session.writer is not None:
             session.writer.submit(ops.SaveSession(client_id, None))
         conn.session = session
+        if acl is not None and session.subscriptions and (
+            not session.login_known or session.username != username
+        ):
+            self.router.acl_changed()  # its subscriptions now answer to another identity
+        session.username = username
+        session.login_known = True
         conn.will = packet.will
         conn.send_packet(ConnAck(session_present, 0))
         session.attach(conn)
         log.info(
-            "client %s connected (MQTT %s, clean session %d, keepalive %ds, session present %d)",
+            "client %s connected (MQTT %s, clean session %d, keepalive %ds, session present %d"
+            "%s)",
             conn.name,
             "3.1" if packet.protocol_level == PROTOCOL_31 else "3.1.1",
             packet.clean_session,
             packet.keepalive_s,
             session_present,
+            "" if username is None else f", user {username!r}",
         )
+
+    # -- authentication -------------------------------------------------------------------
+
+    def _login(self, conn: Connection, packet: Connect) -> tuple[bool, str | None]:
+        """Authenticate a CONNECT (see Gatekeeper). Returns (True, user name) when the client
+        may go on; (False, user name) when its password is being checked in a worker thread
+        (the connection is parked until then). Raises NotAuthorized (CONNACK 0x05) or
+        BadUserNameOrPassword (0x04)."""
+        if not self._security_loaded:
+            self.load_security()
+        services = self._services
+        ready, username = self.gate.login(conn, packet, may_defer=services is not None)
+        if not ready:
+            self._parked[conn] = []
+            deadline = trio.current_time() + self.config.limits.connect_timeout_s
+            services.start_soon(  # type: ignore[union-attr]
+                self._login_in_thread, conn, packet, cast(str, username), deadline
+            )
+        return ready, username
+
+    async def _login_in_thread(
+        self, conn: Connection, packet: Connect, username: str, deadline: float
+    ) -> None:
+        error = await self.gate.check_in_thread(
+            conn, packet, username, deadline,
+            wanted=lambda: not conn.closing and conn in self._parked,
+        )
+        self._login_done(conn, packet, username, error)
+
+    def _login_done(
+        self, conn: Connection, packet: Connect, username: str, error: MQTTError | None
+    ) -> None:
+        """The worker thread's answer: accept (then handle what arrived meanwhile) or refuse."""
+        pending = self._parked.pop(conn, None)
+        self.notify_progress()  # the connection's reader waits in wait_readable
+        if pending is None or conn.closing:
+            return
+        try:
+            if error is not None:
+                raise error
+            self._accept(conn, packet, username)
+            self._dispatch(conn, pending)
+        except MQTTError as exc:
+            self.protocol_error(conn, exc)
+        except Exception:
+            log.exception("client %s: internal error while handling its packets", conn.name)
+            conn.close()
+
+    # -- security files -------------------------------------------------------------------
+
+    def load_security(self) -> None:
+        """Build the password file and ACL named by ``config.security`` (unless an embedding
+        program passed its own ``authenticator``/``authorizer``). Raises SecurityFileError.
+        Called by open_store(); a broker driven without I/O loads at the first CONNECT."""
+        security = self.config.security
+        authenticator = self.authenticator
+        authorizer = self.authorizer
+        if security.password_file is not None:
+            if authenticator is None:
+                authenticator = PasswordFile.load(security.password_file)
+                log.info("password file %s: %d users", security.password_file,
+                         len(authenticator))
+                self._password_file_used = True
+            else:
+                log.info("password_file %s not used: the authenticator was given by the "
+                         "program", security.password_file)
+        if security.acl_file is not None:
+            if authorizer is None:
+                authorizer = AclFile.load(security.acl_file)
+                log.info("ACL file %s: %d rules", security.acl_file, len(authorizer))
+                self._acl_file_used = True
+            else:
+                log.info("acl_file %s not used: the authorizer was given by the program",
+                         security.acl_file)
+        self.authenticator = self.gate.authenticator = authenticator
+        self._set_authorizer(authorizer)
+        self._security_loaded = True
+
+    def _set_authorizer(self, authorizer: Authorizer | None) -> None:
+        self.authorizer = authorizer
+        self._acl = CachedAuthorizer(authorizer) if authorizer is not None else None
+        self.router.authorizer = self._acl
+        self.router.acl_changed()
+
+    def reload(self) -> bool:
+        """Re-read the password file and the ACL file (SIGHUP). A file that cannot be read
+        or parsed is reported and the one in use is kept. Connected clients stay connected;
+        the new ACL applies to their next publish, subscribe and delivery. Cached ACL
+        answers are dropped (also for an authorizer given by the program, so it can change
+        its policy and call reload). Returns True when everything was reloaded."""
+        if not self._security_loaded:
+            try:
+                self.load_security()
+            except SecurityFileError as exc:
+                log.error("reload: %s", exc)
+                return False
+            return True
+        security = self.config.security
+        ok = True
+        if self._password_file_used and security.password_file is not None:
+            try:
+                passwords = PasswordFile.load(security.password_file)
+            except SecurityFileError as exc:
+                log.error("reload: %s; keeping the password file loaded before", exc)
+                ok = False
+            else:
+                self.authenticator = self.gate.authenticator = passwords
+                log.info("password file %s reloaded: %d users", security.password_file,
+                         len(passwords))
+        if self._acl_file_used and security.acl_file is not None:
+            try:
+                acl = AclFile.load(security.acl_file)
+            except SecurityFileError as exc:
+                log.error("reload: %s; keeping the ACL loaded before", exc)
+                ok = False
+            else:
+                self._set_authorizer(acl)
+                log.info("ACL file %s reloaded: %d rules", security.acl_file, len(acl))
+        if self._acl is not None:
+            self._acl.clear()
+        self.router.acl_changed()
+        return ok
+
+    def _log_denied(self, conn: Connection, what: str) -> None:
+        """Log an ACL refusal, at most once per DENIED_LOG_INTERVAL_S (with the totals)."""
+        now = time.monotonic()
+        if now >= self._next_denied_log:
+            self._next_denied_log = now + DENIED_LOG_INTERVAL_S
+            log.warning(
+                "client %s: %s denied by the ACL (denied so far: %d publishes, "
+                "%d subscriptions; further denials are not logged for %.0fs)",
+                conn.name, what, self.acl_denied_publish, self.acl_denied_subscribe,
+                DENIED_LOG_INTERVAL_S,
+            )
 
     def _take_over(self, old: Connection) -> None:
         """A second connection with the same client id: close the first. Its will is
@@ -467,6 +683,12 @@ class Broker:
         if self._publish_rate:
             conn.publish_tokens -= 1.0
         qos = packet.qos
+        acl = self._acl
+        if acl is not None and not acl.can_publish(
+            conn.client_id, conn.session.username, packet.topic  # type: ignore[union-attr]
+        ):
+            self._publish_denied(conn, packet)
+            return
         if not qos:
             self.publish(packet)
             return
@@ -489,6 +711,17 @@ class Broker:
                 session.writer.submit(ops.AddInbound(session.client_id, packet_id))
             self.publish(packet)
         self._reply(conn, bytes((0x50, 2, packet_id >> 8, packet_id & 0xFF)), before)
+
+    def _publish_denied(self, conn: Connection, packet: Publish) -> None:
+        """No write access: drop the message. MQTT 3.1.1 has no way to say so; QoS 1/2 are
+        still acknowledged so that the client does not send them again."""
+        self.acl_denied_publish += 1
+        self._log_denied(conn, f"PUBLISH to {packet.topic!r} (dropped)")
+        packet_id = packet.packet_id
+        if packet.qos == 1:
+            self._reply(conn, bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF)), self._ticket())
+        elif packet.qos == 2:
+            self._reply(conn, bytes((0x50, 2, packet_id >> 8, packet_id & 0xFF)), self._ticket())
 
     def _on_puback(self, conn: Connection, packet: PubAck) -> None:
         if not conn.session.on_puback(packet.packet_id):  # type: ignore[union-attr]
@@ -518,6 +751,9 @@ class Broker:
         before = self._ticket()
         codes = []
         retained: list[tuple[Publish, int]] = []
+        acl = self._acl
+        client_id = session.client_id
+        username = session.username
         for sub in packet.subscriptions:
             try:
                 validate_topic_filter(sub.filter)
@@ -531,13 +767,21 @@ class Broker:
                 log.info("client %s: refused subscription %r: %s", conn.name, sub.filter, exc)
                 codes.append(SUBACK_FAILURE)
                 continue
+            if acl is not None and not acl.can_subscribe(client_id, username, sub.filter):
+                self.acl_denied_subscribe += 1
+                self._log_denied(conn, f"SUBSCRIBE to {sub.filter!r}")
+                codes.append(SUBACK_FAILURE)
+                continue
             qos = min(sub.qos, MAX_QOS)
             session.subscriptions[sub.filter] = qos
             trie.add(sub.filter, session.client_id, session, qos)
             if session.writer is not None:
                 session.writer.submit(ops.AddSubscription(session.client_id, sub.filter, qos))
             codes.append(qos)
-            for _topic, stored in self.retained.match(sub.filter):
+            for topic, stored in self.retained.match(sub.filter):
+                if acl is not None and not acl.can_receive(client_id, username, topic):
+                    self.acl_denied_retained += 1
+                    continue
                 message = cast(Publish, stored)
                 retained.append((message, min(message.qos, qos)))
         self._reply(conn, SubAck(packet.packet_id, tuple(codes)).encode(), before)
@@ -570,10 +814,13 @@ class Broker:
 
         if self.writer is None:
             await trio.to_thread.run_sync(self.open_store)
+        if not self._security_loaded:
+            self.load_security()
         writer: GroupCommitWriter = self.writer  # type: ignore[assignment]
         server = TCPServer(self)
         try:
             async with trio.open_nursery() as services:
+                self._services = services  # runs the password checks in worker threads
                 await services.start(writer.run)
                 services.start_soon(self._expiry_loop)
                 self.addresses = await services.start(server.serve)
@@ -589,13 +836,17 @@ class Broker:
                 )
                 services.cancel_scope.cancel()
         finally:
+            self._services = None
             with trio.CancelScope(shield=True):
                 await writer.aclose()
         log.info("mqttd stopped")
 
     def open_store(self) -> None:
         """Open the database (moving a corrupt one aside) and restore sessions,
-        subscriptions, inflight and queued messages and retained messages from it."""
+        subscriptions, inflight and queued messages and retained messages from it. Loads the
+        password and ACL files too (SecurityFileError if one is unusable)."""
+        if not self._security_loaded:
+            self.load_security()
         cfg = self.config.persistence
         path = MEMORY if cfg.in_memory else str(cfg.db_path())
         store = SqliteStore.open(path, cfg.durability)
@@ -654,9 +905,10 @@ class Broker:
 
 
 @asynccontextmanager
-async def running(config: Config | None = None) -> AsyncIterator[Broker]:
-    """Run a broker for the duration of the block; ``broker.port`` is the bound port."""
-    broker = Broker(config if config is not None else Config())
+async def running(config: Config | None = None, **options: Any) -> AsyncIterator[Broker]:
+    """Run a broker for the duration of the block; ``broker.port`` is the bound port.
+    ``options`` go to :class:`Broker` (e.g. ``authenticator=``, ``authorizer=``)."""
+    broker = Broker(config if config is not None else Config(), **options)
     async with trio.open_nursery() as nursery:
         await nursery.start(broker.serve)
         try:

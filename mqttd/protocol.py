@@ -73,6 +73,7 @@ class Connection:
     outbox: list[bytes] = attrs.Factory(list)
     outbox_bytes: int = 0
     account: BufferAccount = attrs.Factory(BufferAccount)
+    output_discarded: bool = False
     # when the I/O layer's current send started (None while it is not sending)
     send_blocked_since: float | None = None
     on_output: Callable[[], None] = _noop
@@ -156,6 +157,8 @@ class Connection:
     # -- output ----------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
+        if self.output_discarded:
+            return
         size = len(data)
         self.outbox_bytes += size
         self.account.bytes += size
@@ -168,6 +171,8 @@ class Connection:
     def send_parts(self, head: bytes, middle: bytes, tail: bytes) -> None:
         """Queue one packet given as three parts (a shared PUBLISH head, the packet id,
         the shared payload) without concatenating them here."""
+        if self.output_discarded:
+            return
         first = not self.outbox
         self.outbox += (head, middle, tail)
         size = len(head) + len(middle) + len(tail)
@@ -188,14 +193,18 @@ class Connection:
         return data
 
     def sent(self, size: int) -> None:
+        if self.output_discarded:
+            return  # already taken off the account when the connection ended
         self.outbox_bytes -= size
         self.account.bytes -= size
 
     def discard_output(self) -> None:
-        """The connection is gone: what was not sent never will be."""
+        """The connection is gone: what was not sent never will be (including what the I/O
+        layer may still be writing: its later sent() is ignored)."""
         self.outbox.clear()
         self.account.bytes -= self.outbox_bytes
         self.outbox_bytes = 0
+        self.output_discarded = True
 
     def close(self, reason: MQTTError | None = None, *, flush: bool = False) -> None:
         """Ask the I/O layer to end this connection (idempotent)."""

@@ -5,15 +5,24 @@ or anything else with the same ``deliver`` method: the seam where a bridge or a
 cluster link plugs in) and the granted QoS. ``route`` runs inside the publisher's
 reader task with no ``await``: the message is encoded at most once per QoS and the
 bytes are shared by every subscriber.
+
+With an ``authorizer`` (set by the broker when an ACL is configured), each delivery to a
+session is checked with ``can_receive`` (cached per client and topic); without one the
+loop has no per-delivery check at all.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mqttd.codec.packets import Publish
 from mqttd.session import PartsCache, new_parts_cache
-from mqttd.trie import SubscriptionTrie
+from mqttd.trie import DEFAULT_CACHE_SIZE, Match, SubscriptionTrie
+
+if TYPE_CHECKING:
+    from mqttd.acl import CachedAuthorizer
+
+MAX_ALLOWED_TOPICS = DEFAULT_CACHE_SIZE
 
 
 class Subscriber(Protocol):
@@ -28,6 +37,10 @@ class Router:
         self.messages_routed = 0
         self.messages_unmatched = 0
         self.deliveries = 0
+        self.denied = 0  # deliveries withheld by the authorizer
+        self.authorizer: CachedAuthorizer | None = None
+        # topic -> (the trie's match list, the targets allowed to receive, how many not)
+        self._allowed: dict[str, tuple[list[Match], list[Match], int]] = {}
 
     def route(self, message: Publish) -> int:
         """Deliver ``message`` to every matching subscriber at min(publish QoS, granted
@@ -37,6 +50,8 @@ class Router:
         if not targets:
             self.messages_unmatched += 1
             return 0
+        if self.authorizer is not None:
+            return self._route_checked(message, targets, self.authorizer)
         parts: PartsCache = new_parts_cache()
         publish_qos = message.qos
         for subscriber, granted in targets:
@@ -45,3 +60,44 @@ class Router:
             )
         self.deliveries += len(targets)
         return len(targets)
+
+    def _route_checked(
+        self, message: Publish, targets: list[Match], authorizer: CachedAuthorizer
+    ) -> int:
+        """``route`` with a read check per session. The subscribers allowed to receive a
+        topic are kept per topic, as long as the trie returns the same (cached) match list
+        and :meth:`acl_changed` is not called, so a repeated topic costs one lookup, not
+        one check per subscriber. A session whose login is not known (restored from the
+        store and not reconnected since) is not checked: its subscriptions were checked
+        when they were made, and the store does not keep user names yet."""
+        topic = message.topic
+        entry = self._allowed.get(topic)
+        if entry is None or entry[0] is not targets:
+            can_receive = authorizer.can_receive
+            allowed = [
+                target for target in targets
+                if not getattr(target[0], "login_known", False)
+                or can_receive(
+                    target[0].client_id, target[0].username, topic  # type: ignore[attr-defined]
+                )
+            ]
+            if len(self._allowed) >= MAX_ALLOWED_TOPICS:
+                self._allowed.clear()
+            entry = self._allowed[topic] = (targets, allowed, len(targets) - len(allowed))
+        _, allowed, denied = entry
+        self.denied += denied
+        if not allowed:
+            return 0
+        parts: PartsCache = new_parts_cache()
+        publish_qos = message.qos
+        for subscriber, granted in allowed:
+            subscriber.deliver(  # type: ignore[attr-defined]
+                message, min(granted, publish_qos), False, parts
+            )
+        self.deliveries += len(allowed)
+        return len(allowed)
+
+    def acl_changed(self) -> None:
+        """Forget the per-topic receive checks (a new ACL, or a session logged in as a
+        possibly different user)."""
+        self._allowed.clear()

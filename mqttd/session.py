@@ -89,8 +89,15 @@ class Session:
     disk_head: int = 0  # disk_sizes[disk_head:] are the disk-only entries
     loading_sizes: list[int] = attrs.Factory(list)  # entries being read back from disk
     pending_drops: int = 0  # drops that fall on the page being read back
+    # drops of disk-only messages decided while a page is read back: the store must drop
+    # the oldest rows *after* that page, which is only known once it has arrived
+    pending_disk_drops: int = 0
     disconnected_at: float | None = None
     discarded: bool = False
+    # the user name of the latest login, for ACL checks on delivery; ``login_known`` is
+    # False for a session restored from the store until its client logs in again
+    username: str | None = None
+    login_known: bool = False
     # counters
     sent: int = 0
     dropped: int = 0
@@ -279,6 +286,12 @@ class Session:
             # the oldest are on the page being read back: drop them when it arrives
             self.queued_bytes -= self.loading_sizes[self.pending_drops]
             self.pending_drops += 1
+        elif self.loading_sizes and self.disk_count:
+            # the oldest is on disk after the page being read back: drop it when it arrives
+            self.disk_count -= 1
+            self.queued_bytes -= self.disk_sizes[self.disk_head]
+            self._advance_disk_head(1)
+            self.pending_disk_drops += 1
         elif self.disk_count and self.writer is not None:
             self.disk_count -= 1
             self.queued_bytes -= self.disk_sizes[self.disk_head]
@@ -342,8 +355,12 @@ class Session:
             self.queued_bytes = max(0, self.queued_bytes - (expected - len(rows)))
         if rows:
             self.disk_after = rows[-1].seq
+        writer: GroupCommitWriter = self.writer  # type: ignore[assignment]
         for row in rows[:skip]:  # dropped while being read back
-            self.writer.submit(ops.RemoveDelivery(self.client_id, row.seq))  # type: ignore[union-attr]
+            writer.submit(ops.RemoveDelivery(self.client_id, row.seq))
+        disk_drops, self.pending_disk_drops = self.pending_disk_drops, 0
+        for _ in range(disk_drops):  # the oldest on disk after this page
+            writer.submit(ops.DropOldestQueued(self.client_id, self.disk_after))
         for row in rows[skip:]:
             message = Publish(row.topic, row.payload, row.qos, row.retain)
             self._queue_for_append().append((message, row.qos, row.retain, row.seq))

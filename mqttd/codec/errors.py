@@ -89,3 +89,26 @@ class ServerShuttingDown(MQTTError):
 class ServerBusy(MQTTError):
     reason_code = reason.SERVER_BUSY
     connack_code = reason.CONNACK_SERVER_UNAVAILABLE
+
+
+class ServerUnavailable(MQTTError):
+    """The broker cannot serve the client now (e.g. its authentication backlog is too long
+    or an authentication hook failed); the client may retry later."""
+
+    reason_code = reason.SERVER_UNAVAILABLE
+    connack_code = reason.CONNACK_SERVER_UNAVAILABLE
+
+
+class BadUserNameOrPassword(MQTTError):
+    """CONNECT refused: unknown user name or wrong password."""
+
+    reason_code = reason.BAD_USERNAME_OR_PASSWORD
+    connack_code = reason.CONNACK_BAD_USERNAME_OR_PASSWORD
+
+
+class NotAuthorized(MQTTError):
+    """CONNECT refused: anonymous access not allowed here, too many failed logins from the
+    client's address, or a will topic the client may not publish to."""
+
+    reason_code = reason.NOT_AUTHORIZED
+    connack_code = reason.CONNACK_NOT_AUTHORIZED

@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _quiet_broker_logs() -> Iterator[None]:
+    """Fuzzing makes the broker log a warning per refused client: keep them out of the way."""
+    loggers = [logging.getLogger(name) for name in ("mqttd", "persistence")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    yield
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.setLevel(level)
