@@ -20,6 +20,7 @@ import trio
 
 from mqttd.codec import MQTTError
 from mqttd.codec.errors import ServerShuttingDown
+from mqttd.config import Listener
 
 if TYPE_CHECKING:
     from mqttd.broker import Broker
@@ -43,11 +44,16 @@ class ClientHandler:
     __slots__ = ("_nursery", "_scope", "_writing", "broker", "conn", "stream")
 
     def __init__(
-        self, broker: Broker, stream: trio.SocketStream, peer: str, nursery: trio.Nursery
+        self,
+        broker: Broker,
+        stream: trio.SocketStream,
+        peer: str,
+        nursery: trio.Nursery,
+        listener: Listener | None = None,
     ) -> None:
         self.broker = broker
         self.stream = stream
-        self.conn = broker.new_connection(peer)
+        self.conn = broker.new_connection(peer, listener)
         self.conn.on_output = self._start_writer
         self.conn.on_close = self._close_requested
         self._nursery = nursery
@@ -165,9 +171,12 @@ class TCPServer:
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         listeners: list[trio.SocketListener] = []
+        configs: list[Listener] = []
         try:
             for cfg in self.broker.config.listeners:
-                listeners += await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+                opened = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+                listeners += opened
+                configs += [cfg] * len(opened)
         except OSError:
             for listener in listeners:
                 await listener.aclose()
@@ -177,12 +186,14 @@ class TCPServer:
             self._handlers_nursery = handlers
             async with trio.open_nursery() as accepting:
                 self._accept_scope = accepting.cancel_scope
-                for listener in listeners:
-                    accepting.start_soon(self._accept_loop, listener, handlers)
+                for listener, cfg in zip(listeners, configs, strict=True):
+                    accepting.start_soon(self._accept_loop, listener, cfg, handlers)
                 task_status.started(addresses)
             # listeners are closed; handlers run until shutdown() closes them
 
-    async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
+    async def _accept_loop(
+        self, listener: trio.SocketListener, cfg: Listener, handlers: trio.Nursery
+    ) -> None:
         max_connections = self.broker.config.limits.max_connections
         async with listener:
             while True:
@@ -198,15 +209,15 @@ class TCPServer:
                     log.warning("connection limit (%d) reached; refusing a client", max_connections)
                     await trio.aclose_forcefully(stream)
                     continue
-                handlers.start_soon(self._handle, stream)
+                handlers.start_soon(self._handle, stream, cfg)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.SocketStream, cfg: Listener) -> None:
         try:
             host, port = stream.socket.getpeername()[:2]
             peer = f"{host}:{port}"
         except OSError:
             peer = "?"
-        handler = ClientHandler(self.broker, stream, peer, self._handlers_nursery)  # type: ignore[arg-type]
+        handler = ClientHandler(self.broker, stream, peer, self._handlers_nursery, cfg)  # type: ignore[arg-type]
         self.handlers.add(handler)
         try:
             await handler.run()
