@@ -568,14 +568,19 @@ class Broker:
         or parsed is reported and the one in use is kept. Connected clients stay connected;
         the new ACL applies to their next publish, subscribe and delivery. Cached ACL
         answers are dropped (also for an authorizer given by the program, so it can change
-        its policy and call reload). Returns True when everything was reloaded."""
+        its policy and call reload). TLS listeners re-read their certificate files too.
+        Returns True when everything was reloaded."""
+        from mqttd.server.tcp import TCPServer
+
+        server = TCPServer.running_for(self)
+        certificates_ok = server.reload_certificates() if server is not None else True
         if not self._security_loaded:
             try:
                 self.load_security()
             except SecurityFileError as exc:
                 log.error("reload: %s", exc)
                 return False
-            return True
+            return certificates_ok
         security = self.config.security
         ok = True
         if self._password_file_used and security.password_file is not None:
@@ -600,7 +605,7 @@ class Broker:
         if self._acl is not None:
             self._acl.clear()
         self.router.acl_changed()
-        return ok
+        return ok and certificates_ok
 
     def _log_denied(self, conn: Connection, what: str) -> None:
         """Log an ACL refusal, at most once per DENIED_LOG_INTERVAL_S (with the totals)."""
@@ -824,8 +829,6 @@ class Broker:
                 await services.start(writer.run)
                 services.start_soon(self._expiry_loop)
                 self.addresses = await services.start(server.serve)
-                for host, port in self.addresses:
-                    log.info("mqttd listening on %s:%d", host, port)
                 task_status.started(self.addresses)
                 await self._shutdown_requested.wait()
                 log.info("shutting down: %d connections", len(self.connections))

@@ -1,6 +1,10 @@
-"""TCP listeners and the per-connection reader/writer tasks.
+"""Listeners (TCP, TLS, WebSocket, WebSocket over TLS) and the per-connection
+reader/writer tasks.
 
-Each accepted socket gets one handler task in the handlers nursery. The **reader**
+Each accepted socket gets one handler task in the handlers nursery. A TLS listener does the
+handshake there, and a WebSocket listener the HTTP upgrade, before the MQTT connection starts
+(both within the CONNECT timeout, counted from the accept); then :class:`ClientHandler` serves
+the resulting trio ``Stream``, whatever its kind. The **reader**
 receives up to 64 KiB at a time under a deadline (the CONNECT timeout, then 1.5 x
 keepalive, pushed forward by every read)
 and hands the bytes to the broker, which decodes and handles every complete packet
@@ -14,13 +18,19 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import ssl
+import weakref
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from mqttd.codec import MQTTError
 from mqttd.codec.errors import ServerShuttingDown
 from mqttd.config import Listener
+from mqttd.server.tls import TLSSetupError, certificate_cn, handshake, server_context
+from mqttd.server.websocket import accept_websocket
 
 if TYPE_CHECKING:
     from mqttd.broker import Broker
@@ -31,6 +41,8 @@ RECEIVE_SIZE = 65536
 CLOSE_FLUSH_TIMEOUT_S = 5.0
 # accept() errors that mean "out of resources, try again shortly" (as trio's serve_listeners)
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# refused connections are logged at most this often per limit (a flood must not flood the log)
+REFUSAL_LOG_INTERVAL_S = 10.0
 
 
 class ClientHandler:
@@ -46,14 +58,15 @@ class ClientHandler:
     def __init__(
         self,
         broker: Broker,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         peer: str,
         nursery: trio.Nursery,
         listener: Listener | None = None,
+        tls_identity: str | None = None,
     ) -> None:
         self.broker = broker
         self.stream = stream
-        self.conn = broker.new_connection(peer, listener)
+        self.conn = broker.new_connection(peer, listener, tls_identity)
         self.conn.on_output = self._start_writer
         self.conn.on_close = self._close_requested
         self._nursery = nursery
@@ -73,12 +86,16 @@ class ClientHandler:
         else:
             self._scope.cancel()
 
-    async def run(self) -> None:
+    async def run(self, connect_deadline: float | None = None) -> None:
+        """Serve the connection until it ends. ``connect_deadline``: when the CONNECT must
+        have arrived by (default: the CONNECT timeout from now)."""
         conn = self.conn
         try:
-            self._scope.deadline = (
-                trio.current_time() + self.broker.config.limits.connect_timeout_s
-            )
+            if connect_deadline is None:
+                connect_deadline = (
+                    trio.current_time() + self.broker.config.limits.connect_timeout_s
+                )
+            self._scope.deadline = connect_deadline
             with self._scope:
                 await self._reader()
                 if not conn.closing:
@@ -102,7 +119,8 @@ class ClientHandler:
         conn = self.conn
         broker = self.broker
         scope = self._scope
-        receive_some = self.stream.receive_some
+        # every stream here gives bytes (trio's SSLStream is typed bytes | bytearray)
+        receive_some: Callable[[int], Awaitable[bytes]] = self.stream.receive_some  # type: ignore[assignment]
         while not conn.closing:
             if broker.reading_paused(conn):
                 # buffers full, store behind, or too many acks waiting for a commit: stop
@@ -160,71 +178,307 @@ class ClientHandler:
             self._scope.cancel()
 
 
+SCHEMES = {
+    ("mqtt", False): "mqtt",
+    ("mqtt", True): "mqtts",
+    ("websockets", False): "ws",
+    ("websockets", True): "wss",
+}
+
+
+def _format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@attrs.define(eq=False)
+class _RefusalLog:
+    """Refusals of one limit, logged at most once per REFUSAL_LOG_INTERVAL_S."""
+
+    message: str
+    unlogged: int = 0
+    logged_at: float = -math.inf
+
+    def refused(self) -> None:
+        self.unlogged += 1
+        now = trio.current_time()
+        if now - self.logged_at >= REFUSAL_LOG_INTERVAL_S:
+            more = f" ({self.unlogged} refused since the last report)" if self.unlogged > 1 else ""
+            log.warning("%s; refusing a client%s", self.message, more)
+            self.logged_at = now
+            self.unlogged = 0
+
+
+@attrs.define(eq=False)
+class BoundListener:
+    """One configured listener while it serves: its sockets, its TLS context (replaced by
+    :meth:`TCPServer.reload_certificates`) and its counters."""
+
+    config: Listener
+    index: int
+    ssl_context: ssl.SSLContext | None = None
+    sockets: list[trio.SocketListener] = attrs.Factory(list)
+    addresses: list[tuple[str, int]] = attrs.Factory(list)
+    connections: int = 0  # open now, from the accept (TLS/WebSocket handshakes included)
+    accepted: int = 0
+    refused: int = 0  # over this listener's max_connections
+    handshake_failures: int = 0  # TLS handshake or WebSocket upgrade failed or refused
+    _refusals: _RefusalLog | None = None
+
+    @property
+    def scheme(self) -> str:
+        return SCHEMES[self.config.protocol, self.config.tls is not None]
+
+    def describe(self, host: str, port: int) -> str:
+        """``127.0.0.1:8883 (mqtts)``, ``127.0.0.1:8080 (ws, path /mqtt)``; plain MQTT over
+        TCP has no suffix."""
+        details = []
+        if self.config.protocol == "websockets":
+            details.append(f"path {self.config.path}")
+        tls = self.config.tls
+        if tls is not None and (tls.require_certificate or tls.use_identity_as_username):
+            details.append("client certificate required")
+        address = _format_address(host, port)
+        if self.scheme == "mqtt" and not details:
+            return address
+        return f"{address} ({', '.join([self.scheme, *details])})"
+
+    @property
+    def name(self) -> str:
+        if self.addresses:
+            return self.describe(*self.addresses[0])
+        address = _format_address(self.config.host, self.config.port)
+        return f"listeners[{self.index}] ({self.scheme} on {address})"
+
+    def refuse(self) -> None:
+        self.refused += 1
+        if self._refusals is None:
+            self._refusals = _RefusalLog(
+                f"listener {self.name}: connection limit ({self.config.max_connections}) reached"
+            )
+        self._refusals.refused()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "listener": self.name,
+            "connections": self.connections,
+            "accepted": self.accepted,
+            "refused": self.refused,
+            "handshake_failures": self.handshake_failures,
+        }
+
+
+# the TCPServer serving each running broker (see TCPServer.running_for)
+_running: weakref.WeakKeyDictionary[Broker, TCPServer] = weakref.WeakKeyDictionary()
+
+
 class TCPServer:
+    """Every listener of ``broker.config``: plain MQTT, TLS, WebSocket, WebSocket over TLS."""
+
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.handlers: set[ClientHandler] = set()
+        self.listeners = [
+            BoundListener(cfg, index) for index, cfg in enumerate(broker.config.listeners)
+        ]
+        self.connections = 0  # open sockets, from the accept (handshakes included)
+        self.refused = 0  # over limits.max_connections
+        self._refusals = _RefusalLog(
+            f"connection limit ({broker.config.limits.max_connections}) reached"
+        )
         self._accept_scope: trio.CancelScope | None = None
         self._handlers_nursery: trio.Nursery | None = None
         self._stopping = False
         self._all_closed = trio.Event()
 
+    @classmethod
+    def running_for(cls, broker: Broker) -> TCPServer | None:
+        """The server of a broker whose ``serve`` is running (None otherwise)."""
+        return _running.get(broker)
+
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        listeners: list[trio.SocketListener] = []
-        configs: list[Listener] = []
+        """Bind every listener and serve. Reports ``[(host, port), ...]`` (in listener order)
+        once listening. A certificate or key that cannot be loaded raises
+        :class:`~mqttd.server.tls.TLSSetupError` (an ``OSError``) before anything is bound."""
+        for bound in self.listeners:
+            if bound.config.tls is not None:
+                try:
+                    bound.ssl_context = server_context(bound.config.tls)
+                except TLSSetupError as exc:
+                    raise TLSSetupError(f"{bound.name}: {exc}") from exc
         try:
-            for cfg in self.broker.config.listeners:
-                opened = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
-                listeners += opened
-                configs += [cfg] * len(opened)
+            for bound in self.listeners:
+                cfg = bound.config
+                bound.sockets = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+                bound.addresses = [
+                    tuple(ls.socket.getsockname()[:2])  # type: ignore[misc]
+                    for ls in bound.sockets
+                ]
         except OSError:
-            for listener in listeners:
-                await listener.aclose()
+            for bound in self.listeners:
+                for socket_listener in bound.sockets:
+                    await socket_listener.aclose()
             raise
-        addresses = [tuple(ls.socket.getsockname()[:2]) for ls in listeners]
-        async with trio.open_nursery() as handlers:
-            self._handlers_nursery = handlers
-            async with trio.open_nursery() as accepting:
-                self._accept_scope = accepting.cancel_scope
-                for listener, cfg in zip(listeners, configs, strict=True):
-                    accepting.start_soon(self._accept_loop, listener, cfg, handlers)
-                task_status.started(addresses)
-            # listeners are closed; handlers run until shutdown() closes them
+        addresses = []
+        for bound in self.listeners:
+            for host, port in bound.addresses:
+                log.info("mqttd listening on %s", bound.describe(host, port))
+                addresses.append((host, port))
+        _running[self.broker] = self
+        try:
+            async with trio.open_nursery() as handlers:
+                self._handlers_nursery = handlers
+                async with trio.open_nursery() as accepting:
+                    self._accept_scope = accepting.cancel_scope
+                    for bound in self.listeners:
+                        for socket_listener in bound.sockets:
+                            accepting.start_soon(self._accept_loop, bound, socket_listener)
+                    task_status.started(addresses)
+                # listeners are closed; handlers run until shutdown() closes them
+        finally:
+            if _running.get(self.broker) is self:
+                del _running[self.broker]
 
     async def _accept_loop(
-        self, listener: trio.SocketListener, cfg: Listener, handlers: trio.Nursery
+        self, bound: BoundListener, socket_listener: trio.SocketListener
     ) -> None:
         max_connections = self.broker.config.limits.max_connections
-        async with listener:
+        listener_max = bound.config.max_connections
+        handlers: trio.Nursery = self._handlers_nursery  # type: ignore[assignment]
+        async with socket_listener:
             while True:
                 try:
-                    stream = await listener.accept()
+                    stream = await socket_listener.accept()
                 except OSError as exc:
                     if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
                         log.error("accept failed (%s); retrying in 100 ms", exc)
                         await trio.sleep(0.1)
                         continue
                     raise
-                if 0 <= max_connections <= len(self.handlers):
-                    log.warning("connection limit (%d) reached; refusing a client", max_connections)
+                if 0 <= max_connections <= self.connections:
+                    self.refused += 1
+                    self._count_limit("connections")
+                    self._refusals.refused()
                     await trio.aclose_forcefully(stream)
                     continue
-                handlers.start_soon(self._handle, stream, cfg)
+                if 0 <= listener_max <= bound.connections:
+                    bound.refuse()
+                    self._count_limit("listener_connections")
+                    await trio.aclose_forcefully(stream)
+                    continue
+                self.connections += 1
+                bound.connections += 1
+                bound.accepted += 1
+                handlers.start_soon(self._handle, stream, bound)
 
-    async def _handle(self, stream: trio.SocketStream, cfg: Listener) -> None:
+    def _count_limit(self, name: str) -> None:
+        exceeded = self.broker.limits_exceeded
+        exceeded[name] = exceeded.get(name, 0) + 1
+
+    async def _handle(self, stream: trio.SocketStream, bound: BoundListener) -> None:
+        deadline = trio.current_time() + self.broker.config.limits.connect_timeout_s
         try:
             host, port = stream.socket.getpeername()[:2]
-            peer = f"{host}:{port}"
+            peer = _format_address(host, port)
         except OSError:
             peer = "?"
-        handler = ClientHandler(self.broker, stream, peer, self._handlers_nursery, cfg)  # type: ignore[arg-type]
+        try:
+            transport: trio.abc.Stream = stream
+            identity = None
+            context = bound.ssl_context
+            if context is not None:
+                ssl_stream = await handshake(stream, context, peer, deadline)
+                if ssl_stream is None:
+                    bound.handshake_failures += 1
+                    return
+                transport = ssl_stream
+                tls = bound.config.tls
+                if tls is not None and tls.use_identity_as_username:
+                    identity = certificate_cn(ssl_stream.getpeercert())
+                    if identity is None:
+                        bound.handshake_failures += 1
+                        log.warning(
+                            "client %s: its certificate has no subject CN to use as the "
+                            "username; closing", peer,
+                        )
+                        return
+            if bound.config.protocol == "websockets":
+                await self._serve_websocket(transport, peer, bound, identity, deadline)
+            else:
+                await self._serve_client(transport, peer, bound, identity, deadline)
+        finally:
+            self.connections -= 1
+            bound.connections -= 1
+            await trio.aclose_forcefully(stream)  # (already closed unless a step failed)
+
+    async def _serve_websocket(
+        self,
+        transport: trio.abc.Stream,
+        peer: str,
+        bound: BoundListener,
+        identity: str | None,
+        deadline: float,
+    ) -> None:
+        max_message_size = self.broker.config.limits.max_packet_size_bytes + RECEIVE_SIZE
+        async with trio.open_nursery() as ws_tasks:  # the WebSocket's own reader task
+            ws = await accept_websocket(
+                transport, bound.config, peer, ws_tasks, deadline, max_message_size
+            )
+            if ws is None:
+                bound.handshake_failures += 1
+            else:
+                await self._serve_client(ws, peer, bound, identity, deadline)
+            ws_tasks.cancel_scope.cancel()
+            await trio.aclose_forcefully(transport)
+
+    async def _serve_client(
+        self,
+        stream: trio.abc.Stream,
+        peer: str,
+        bound: BoundListener,
+        identity: str | None,
+        deadline: float,
+    ) -> None:
+        if self._stopping:  # a handshake that finished after shutdown began
+            await trio.aclose_forcefully(stream)
+            return
+        handler = ClientHandler(
+            self.broker, stream, peer, self._handlers_nursery,  # type: ignore[arg-type]
+            bound.config, identity,
+        )
         self.handlers.add(handler)
         try:
-            await handler.run()
+            await handler.run(deadline)
         finally:
             self.handlers.discard(handler)
             if self._stopping and not self.handlers:
                 self._all_closed.set()
+
+    def reload_certificates(self) -> bool:
+        """Reload every TLS listener's certificate, key and CA files (SIGHUP). Connections
+        accepted from now on use the new ones; open connections keep theirs. A listener
+        whose files cannot be loaded keeps its current context (the error is logged).
+        Returns True when every TLS listener was reloaded (also when there is none)."""
+        ok = True
+        for bound in self.listeners:
+            tls = bound.config.tls
+            if tls is None:
+                continue
+            try:
+                context = server_context(tls)
+            except TLSSetupError as exc:
+                log.error(
+                    "listener %s: TLS certificates not reloaded, keeping the current ones: %s",
+                    bound.name, exc,
+                )
+                ok = False
+                continue
+            bound.ssl_context = context
+            log.info("listener %s: TLS certificates reloaded", bound.name)
+        return ok
+
+    def listener_stats(self) -> list[dict[str, Any]]:
+        """Per-listener counters, in configuration order."""
+        return [bound.stats() for bound in self.listeners]
 
     async def shutdown(self, timeout_s: float) -> None:
         """Ordered stop: close the listeners, close every connection after flushing
