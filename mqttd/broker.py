@@ -42,7 +42,13 @@ from mqttd.auth import (
     PasswordFile,
     SecurityFileError,
 )
-from mqttd.codec import ClientIdRejected, MQTTError, ProtocolError, TopicNameInvalid
+from mqttd.codec import (
+    ClientIdRejected,
+    MQTTError,
+    PacketTooLarge,
+    ProtocolError,
+    TopicNameInvalid,
+)
 from mqttd.codec.errors import (
     NotAuthorized,
     ServerBusy,
@@ -212,6 +218,8 @@ class Broker:
         """Answer a protocol error the way the protocol version allows, then close.
         Replies already queued for the packets before the bad one are sent first."""
         log.warning("client %s: %s (%s); closing", conn.name, exc, type(exc).__name__)
+        if isinstance(exc, PacketTooLarge):
+            self.limit_exceeded("packet_size")
         if conn.session is None and exc.connack_code is not None:
             conn.send_packet(ConnAck(False, exc.connack_code))
         conn.close(exc, flush=True)
@@ -346,7 +354,7 @@ class Broker:
         conn.publish_tokens = tokens
         if tokens >= 0:
             return 0.0
-        self._limit_exceeded("publish_rate")
+        self.limit_exceeded("publish_rate")
         return -tokens / rate
 
     # -- counters ---------------------------------------------------------------------------
@@ -675,7 +683,8 @@ class Broker:
             return f"topic with more than max_topic_levels ({max_levels}) levels"
         return None
 
-    def _limit_exceeded(self, name: str) -> None:
+    def limit_exceeded(self, name: str) -> None:
+        """Count a limit hit (read by stats()); the I/O layer reports its own."""
         self.limits_exceeded[name] = self.limits_exceeded.get(name, 0) + 1
 
     def _on_publish(self, conn: Connection, packet: Publish) -> None:
@@ -683,7 +692,7 @@ class Broker:
         if self._check_topic_limits:
             problem = self._topic_limit_problem(packet.topic)
             if problem is not None:
-                self._limit_exceeded("topic")
+                self.limit_exceeded("topic")
                 raise TopicNameInvalid(problem)
         if self._publish_rate:
             conn.publish_tokens -= 1.0
@@ -706,7 +715,7 @@ class Broker:
         session: Session = conn.session  # type: ignore[assignment]
         if packet_id not in session.inbound_qos2:  # exactly once: route on first receipt only
             if len(session.inbound_qos2) >= self.config.limits.max_inbound_qos2:
-                self._limit_exceeded("inbound_qos2")
+                self.limit_exceeded("inbound_qos2")
                 raise ProtocolError(
                     f"more than max_inbound_qos2 ({self.config.limits.max_inbound_qos2}) "
                     "QoS 2 messages awaiting PUBREL"
@@ -766,7 +775,7 @@ class Broker:
                 if self._check_topic_limits:
                     problem = self._topic_limit_problem(sub.filter)
                 if problem is not None:
-                    self._limit_exceeded("topic")
+                    self.limit_exceeded("topic")
                     raise InvalidTopic(problem)
             except InvalidTopic as exc:
                 log.info("client %s: refused subscription %r: %s", conn.name, sub.filter, exc)

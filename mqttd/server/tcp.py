@@ -105,6 +105,7 @@ class ClientHandler:
             if self._scope.cancelled_caught and not conn.closing:
                 if conn.session is None:
                     log.warning("client %s: no CONNECT within the timeout; closing", conn.name)
+                    self.broker.limit_exceeded("connect_timeout")
                 else:
                     log.info("client %s: keepalive expired; closing", conn.name)
         finally:

@@ -91,6 +91,7 @@ async def test_oversized_packet_is_refused_from_its_header():
             # only the fixed header of a 2000-byte PUBLISH: the broker must not wait for the body
             await client.send(b"\x30\xce\x0f")
             assert await client.expect_closed() == []
+            assert broker.limits_exceeded == {"packet_size": 1}
             small, _ = await RawClient.connected(broker.port, "small")
             await small.publish("t", b"x" * 900, qos=1)
 
@@ -129,6 +130,7 @@ async def test_connect_timeout_closes_silent_socket():
         with trio.fail_after(10):
             client = await RawClient.open(broker.port)
             assert await client.expect_closed() == []
+            await wait_until(lambda: broker.limits_exceeded == {"connect_timeout": 1})
 
 
 async def test_keepalive_expiry_closes_and_publishes_will(broker):
