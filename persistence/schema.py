@@ -89,4 +89,18 @@ def _initial(db: Database) -> None:
         db.execute(statement)
 
 
+@migrations(name="0002_message_cleanup_at_commit")
+def _message_cleanup_at_commit(db: Database) -> None:
+    """Delete a message body at the end of the transaction that drops its last delivery,
+    not inside it: a route may drop one session's delivery of a message before it inserts
+    another session's (the count touches 0 in between). A partial index finds them."""
+    db.execute("DROP TRIGGER deliveries_unref")
+    db.execute(
+        """CREATE TRIGGER deliveries_unref AFTER DELETE ON deliveries BEGIN
+            UPDATE messages SET refs = refs - 1 WHERE id = OLD.message_id;
+        END"""
+    )
+    db.execute("CREATE INDEX messages_unreferenced ON messages (refs) WHERE refs <= 0")
+
+
 SCHEMA_VERSION = len(migrations._migrations)

@@ -105,6 +105,9 @@ _STATEMENTS: dict[type, tuple[str, ...]] = {
     ops.DeleteRetained: ("DELETE FROM retained WHERE topic = ?",),
 }
 
+# bodies no delivery refers to any more (partial index messages_unreferenced)
+_DELETE_UNREFERENCED = "DELETE FROM messages WHERE refs <= 0"
+
 _LOAD_QUEUED = (
     "SELECT d.seq, d.qos, d.retain, m.topic, m.payload FROM deliveries d "
     "JOIN messages m ON m.id = d.message_id "
@@ -219,6 +222,7 @@ class SqliteStore:
                     for statement in _STATEMENTS[kind]:
                         conn.executemany(statement, batch[i:j])
                 i = j
+            conn.execute(_DELETE_UNREFERENCED)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -318,13 +322,23 @@ def _without_settled(batch: Sequence[ops.Op]) -> Sequence[ops.Op]:
     subscriber acked before the commit), the updates to them, and message bodies that no
     delivery in the batch keeps: the end state of the transaction is the same, with less
     to write."""
-    added: dict[tuple[str, int], int] = {}  # (client, seq) -> message id, added in batch
-    settled: set[tuple[str, int]] = set()
+    # A delivery is (client, epoch, seq): a session deleted and created again within the
+    # batch numbers its deliveries from 1 again, so DeleteSession starts a new epoch.
+    epochs: dict[str, int] = {}
+    keys: list[tuple[str, int, int] | None] = []
+    added: dict[tuple[str, int, int], int] = {}  # delivery -> message id, added in batch
+    settled: set[tuple[str, int, int]] = set()
     for op in batch:
-        if isinstance(op, ops.AddDelivery):
-            added[(op.client_id, op.seq)] = op.message_id
-        elif isinstance(op, ops.RemoveDelivery) and (op.client_id, op.seq) in added:
-            settled.add((op.client_id, op.seq))
+        key = None
+        if isinstance(op, ops.DeleteSession):
+            epochs[op.client_id] = epochs.get(op.client_id, 0) + 1
+        elif isinstance(op, _DELIVERY_OPS):
+            key = (op.client_id, epochs.get(op.client_id, 0), op.seq)
+            if isinstance(op, ops.AddDelivery):
+                added[key] = op.message_id
+            elif isinstance(op, ops.RemoveDelivery) and key in added:
+                settled.add(key)
+        keys.append(key)
     if not settled:
         return batch
     adds_per_message: dict[int, int] = {}
@@ -334,11 +348,11 @@ def _without_settled(batch: Sequence[ops.Op]) -> Sequence[ops.Op]:
         adds_per_message[added[key]] -= 1
     dead_messages = {m for m, live in adds_per_message.items() if live == 0}
     kept: list[ops.Op] = []
-    for op in batch:
+    for op, key in zip(batch, keys, strict=True):
         if isinstance(op, ops.AddMessage):
             if op.message_id in dead_messages:
                 continue
-        elif isinstance(op, _DELIVERY_OPS) and (op.client_id, op.seq) in settled:
+        elif key is not None and key in settled:
             continue
         kept.append(op)
     return kept

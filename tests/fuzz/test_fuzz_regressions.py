@@ -8,7 +8,7 @@ from devices.fuzz import main as fuzz_main
 from mqttd.broker import Broker, running
 from mqttd.codec import Decoder
 from mqttd.codec.packets import Connect, PingReq, PubAck, Publish, Subscribe, Subscription
-from mqttd.config import Config, Limits, Listener, Persistence
+from mqttd.config import ClientOverride, Config, Limits, Listener, Persistence
 from mqttd.protocol import Connection
 from tests.conftest import make_config
 
@@ -103,6 +103,118 @@ async def test_drop_oldest_while_a_queue_page_is_read_back_drops_the_right_messa
     assert session.dropped == 3  # a, bb, ccc
     assert (session.queued, session.queued_bytes) == (0, 0)
     assert writer.store.table_counts()["deliveries"] == 0
+
+
+async def test_acknowledged_message_for_a_recreated_persistent_session_is_stored() -> None:
+    """Found by ``python -m devices.fuzz --socket`` (mqttd logged "session c1: 1 queued rows
+    missing"): a QoS 1 message acknowledged to its publisher is lost for a persistent session.
+
+    Within one commit batch: persistent session S1 of ``c1`` gets ``first`` (seq 1) and
+    acknowledges it (``RemoveDelivery(c1, 1)``); ``c1`` comes back with clean session 1 (S1 is
+    discarded) and then with clean session 0: a new persistent session S3 whose seq numbering
+    starts at 1 again; offline, it gets ``second`` (``AddDelivery(c1, 1)``). The store's
+    ``_without_settled`` keys deliveries by (client id, seq), so it takes S1's RemoveDelivery
+    as settling S3's AddDelivery: it leaves out S3's delivery and the body of ``second``. The
+    publisher has its PUBACK (after the commit), the store has nothing, and when ``c1`` comes
+    back the page read finds no row: ``second`` is never delivered (nor after a restart).
+    """
+    config = Config(
+        listeners=(Listener(host="127.0.0.1", port=0),),
+        persistence=Persistence(db_file=":memory:"),
+    )
+    broker = Broker(config)
+    broker.open_store()
+    writer = broker.writer
+    assert writer is not None
+
+    def connect(client_id: str, clean: bool) -> Connection:
+        conn = broker.new_connection(client_id)
+        broker.handle_data(conn, Connect(client_id, clean_session=clean).encode())
+        return conn
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        with trio.fail_after(WAIT_S):
+            pub = connect("pub", clean=True)
+            s1 = connect("c1", clean=False)
+            broker.handle_data(s1, Subscribe(1, (Subscription("t", 1),)).encode())
+            await writer.flush()
+            s1_decoder = Decoder(protocol_level=4)
+            s1_decoder.feed(s1.data_to_send())
+            # from here to the next flush, everything goes into one commit batch
+            broker.handle_data(pub, Publish("t", b"first", 1, packet_id=1).encode())
+            [first] = [p for p in s1_decoder.feed(s1.data_to_send()) if isinstance(p, Publish)]
+            broker.handle_data(s1, PubAck(first.packet_id).encode())
+            connect("c1", clean=True)  # takes S1 over and discards it
+            s3 = connect("c1", clean=False)  # a new persistent session
+            broker.handle_data(s3, Subscribe(1, (Subscription("t", 1),)).encode())
+            broker.connection_lost(s3)
+            broker.handle_data(pub, Publish("t", b"second", 1, packet_id=2).encode())
+            await writer.flush()
+            pub_decoder = Decoder(protocol_level=4)
+            assert PubAck(2) in pub_decoder.feed(pub.data_to_send())  # acknowledged: stored
+            assert writer.store.table_counts()["deliveries"] == 1
+
+            back = connect("c1", clean=False)
+            for _ in range(3):  # the queue is read back from the store
+                await writer.flush()
+            got = [p.payload for p in Decoder(protocol_level=4).feed(back.data_to_send())
+                   if isinstance(p, Publish)]
+        nursery.cancel_scope.cancel()
+    assert got == [b"second"]
+
+
+async def test_message_dropped_by_one_offline_session_stays_stored_for_the_others() -> None:
+    """Found by ``python -m devices.fuzz`` (durable episodes): a session's stored inflight and
+    queued deliveries were fewer than in memory after a restart.
+
+    Two persistent subscribers of ``t`` are offline: ``tiny`` (a constrained device whose
+    ``max_queued_bytes`` is 8) and ``big``. A 40-byte QoS 1 message comes. Routing gives it to
+    ``tiny`` first: ``AddMessage``, ``AddDelivery(tiny)``, and at once ``DropOldestQueued(tiny)``
+    (it does not fit its byte budget); then ``AddDelivery(big)``. Applied in that order, the
+    delete trigger sees the message's last reference go and deletes its body before
+    ``big``'s delivery is inserted (``_without_settled`` only pairs AddDelivery with
+    RemoveDelivery, not with DropOldestQueued). The publisher has its PUBACK, but ``big``'s
+    delivery refers to a message that is gone: its page read finds nothing ("1 queued rows
+    missing") and the message is never delivered.
+    """
+    config = Config(
+        listeners=(Listener(host="127.0.0.1", port=0),),
+        client_overrides=(ClientOverride(client_id="tiny", max_queued_bytes=8),),
+        persistence=Persistence(db_file=":memory:"),
+    )
+    broker = Broker(config)
+    broker.open_store()
+    writer = broker.writer
+    assert writer is not None
+
+    def connect(client_id: str, clean: bool) -> Connection:
+        conn = broker.new_connection(client_id)
+        broker.handle_data(conn, Connect(client_id, clean_session=clean).encode())
+        return conn
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        with trio.fail_after(WAIT_S):
+            for client_id in ("tiny", "big"):
+                conn = connect(client_id, clean=False)
+                broker.handle_data(conn, Subscribe(1, (Subscription("t", 1),)).encode())
+                broker.connection_lost(conn)
+            await writer.flush()
+            pub = connect("pub", clean=True)
+            broker.handle_data(pub, Publish("t", b"x" * 40, 1, packet_id=1).encode())
+            await writer.flush()
+            assert PubAck(1) in Decoder(protocol_level=4).feed(pub.data_to_send())
+            assert broker.sessions["big"].queued == 1
+            assert writer.store.table_counts()["messages"] == 1  # big's copy is stored
+
+            back = connect("big", clean=False)
+            for _ in range(3):  # the queue is read back from the store
+                await writer.flush()
+            got = [p.payload for p in Decoder(protocol_level=4).feed(back.data_to_send())
+                   if isinstance(p, Publish)]
+        nursery.cancel_scope.cancel()
+    assert got == [b"x" * 40]
 
 
 def test_fuzz_harness_smoke() -> None:

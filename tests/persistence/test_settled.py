@@ -26,12 +26,18 @@ BATCH = [
 ]
 
 
-def test_settled_deliveries_leave_the_same_state_as_one_by_one(tmp_path):
+# The same operations in the smallest transactions the broker can produce: a message and the
+# deliveries of the route that stored it always travel together.
+ROUTES = [BATCH[0:2], BATCH[2:5], BATCH[5:7], BATCH[7:8], BATCH[8:9], BATCH[9:10]]
+
+
+def test_settled_deliveries_leave_the_same_state_as_one_route_at_a_time(tmp_path):
+    assert sum(ROUTES, []) == BATCH
     together = SqliteStore.open(":memory:")
     together.apply(BATCH)
     one_by_one = SqliteStore.open(tmp_path / "ref.db")
-    for op in BATCH:
-        one_by_one.apply([op])
+    for route in ROUTES:
+        one_by_one.apply(route)
     assert rows(together) == rows(one_by_one) == ([("b", 1, 0)], [(1, 1)])
 
 
