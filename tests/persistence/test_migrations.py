@@ -16,7 +16,9 @@ def test_schema_1_database_is_migrated_and_keeps_its_data(tmp_path):
     conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER, written_by TEXT)")
     conn.execute("INSERT INTO schema_version VALUES (1, 'mqttd 0.1.0')")
     conn.execute("INSERT INTO sessions VALUES ('old-client', 1.0, 2.0)")
-    conn.execute("INSERT INTO messages (id, topic, payload, qos, refs) VALUES (1, 't', x'01', 1, 0)")
+    conn.execute(
+        "INSERT INTO messages (id, topic, payload, qos, refs) VALUES (1, 't', x'01', 1, 0)"
+    )
     conn.execute("INSERT INTO deliveries VALUES ('old-client', 1, 1, 1, 0, NULL, 0)")
     conn.close()
 

@@ -32,7 +32,7 @@ ROUTES = [BATCH[0:2], BATCH[2:5], BATCH[5:7], BATCH[7:8], BATCH[8:9], BATCH[9:10
 
 
 def test_settled_deliveries_leave_the_same_state_as_one_route_at_a_time(tmp_path):
-    assert sum(ROUTES, []) == BATCH
+    assert [op for route in ROUTES for op in route] == BATCH
     together = SqliteStore.open(":memory:")
     together.apply(BATCH)
     one_by_one = SqliteStore.open(tmp_path / "ref.db")
