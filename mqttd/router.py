@@ -56,7 +56,7 @@ class Router:
         publish_qos = message.qos
         for subscriber, granted in targets:
             subscriber.deliver(  # type: ignore[attr-defined]
-                message, min(granted, publish_qos), False, parts
+                message, publish_qos if publish_qos < granted else granted, False, parts
             )
         self.deliveries += len(targets)
         return len(targets)
@@ -92,7 +92,7 @@ class Router:
         publish_qos = message.qos
         for subscriber, granted in allowed:
             subscriber.deliver(  # type: ignore[attr-defined]
-                message, min(granted, publish_qos), False, parts
+                message, publish_qos if publish_qos < granted else granted, False, parts
             )
         self.deliveries += len(allowed)
         return len(allowed)
