@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 
 from devices.fuzz import main as fuzz_main
@@ -10,6 +12,7 @@ from mqttd.codec import Decoder
 from mqttd.codec.packets import Connect, PingReq, PubAck, Publish, Subscribe, Subscription
 from mqttd.config import ClientOverride, Config, Limits, Listener, Persistence
 from mqttd.protocol import Connection
+from persistence.writer import GroupCommitWriter
 from tests.conftest import make_config
 
 CLIENTS = 40
@@ -105,6 +108,27 @@ async def test_drop_oldest_while_a_queue_page_is_read_back_drops_the_right_messa
     assert writer.store.table_counts()["deliveries"] == 0
 
 
+def _broker_with_store(**config: Any) -> tuple[Broker, GroupCommitWriter]:
+    """A broker driven without sockets, with its SQLite store in memory (the caller runs
+    ``writer.run`` in its nursery)."""
+    broker = Broker(
+        Config(
+            listeners=(Listener(host="127.0.0.1", port=0),),
+            persistence=Persistence(db_file=":memory:"),
+            **config,
+        )
+    )
+    broker.open_store()
+    assert broker.writer is not None
+    return broker, broker.writer
+
+
+def _connect(broker: Broker, client_id: str, clean: bool) -> Connection:
+    conn = broker.new_connection(client_id)
+    broker.handle_data(conn, Connect(client_id, clean_session=clean).encode())
+    return conn
+
+
 async def test_acknowledged_message_for_a_recreated_persistent_session_is_stored() -> None:
     """Found by ``python -m devices.fuzz --socket`` (mqttd logged "session c1: 1 queued rows
     missing"): a QoS 1 message acknowledged to its publisher is lost for a persistent session.
@@ -118,19 +142,10 @@ async def test_acknowledged_message_for_a_recreated_persistent_session_is_stored
     publisher has its PUBACK (after the commit), the store has nothing, and when ``c1`` comes
     back the page read finds no row: ``second`` is never delivered (nor after a restart).
     """
-    config = Config(
-        listeners=(Listener(host="127.0.0.1", port=0),),
-        persistence=Persistence(db_file=":memory:"),
-    )
-    broker = Broker(config)
-    broker.open_store()
-    writer = broker.writer
-    assert writer is not None
+    broker, writer = _broker_with_store()
 
     def connect(client_id: str, clean: bool) -> Connection:
-        conn = broker.new_connection(client_id)
-        broker.handle_data(conn, Connect(client_id, clean_session=clean).encode())
-        return conn
+        return _connect(broker, client_id, clean)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
@@ -178,20 +193,12 @@ async def test_message_dropped_by_one_offline_session_stays_stored_for_the_other
     delivery refers to a message that is gone: its page read finds nothing ("1 queued rows
     missing") and the message is never delivered.
     """
-    config = Config(
-        listeners=(Listener(host="127.0.0.1", port=0),),
-        client_overrides=(ClientOverride(client_id="tiny", max_queued_bytes=8),),
-        persistence=Persistence(db_file=":memory:"),
+    broker, writer = _broker_with_store(
+        client_overrides=(ClientOverride(client_id="tiny", max_queued_bytes=8),)
     )
-    broker = Broker(config)
-    broker.open_store()
-    writer = broker.writer
-    assert writer is not None
 
     def connect(client_id: str, clean: bool) -> Connection:
-        conn = broker.new_connection(client_id)
-        broker.handle_data(conn, Connect(client_id, clean_session=clean).encode())
-        return conn
+        return _connect(broker, client_id, clean)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
