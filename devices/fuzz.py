@@ -1091,7 +1091,7 @@ class BrokerFuzzer:
                 fail(f"{peer}: the client holds {sorted(peer.outstanding.items())} "
                      f"unacknowledged, the broker {sorted(inflight)} in flight")
             for packet_id, (qos, released) in peer.outstanding.items():
-                message, inflight_qos, _retain, _seq = inflight[packet_id]
+                message, inflight_qos, _retain, _seq, _share = inflight[packet_id]
                 if released != (message is None) or inflight_qos != qos:
                     fail(f"{peer}: packet id {packet_id} is {(qos, released)} for the client, "
                          f"{(message, inflight_qos)} for the broker")

@@ -88,6 +88,7 @@ from mqttd.protocol import BufferAccount, Connection
 from mqttd.retained import RetainedStore
 from mqttd.router import Router
 from mqttd.session import DropCounters, Session
+from mqttd.shared import ShareGroups, is_shared, parse_shared
 from mqttd.topics import InvalidTopic, validate_topic_filter
 from persistence import ops
 from persistence.store import MEMORY, Snapshot, SqliteStore
@@ -123,6 +124,7 @@ class Broker:
     stalled_disconnects: int = 0
     _progress: trio.Event = attrs.Factory(trio.Event)
     _handlers: dict[int, Callable[[Connection, Any], None]] = attrs.field(init=False)
+    shares: ShareGroups = attrs.field(init=False)  # $share/<group>/<filter> subscriptions
     # security: hooks given by an embedding program win over the configured files; the
     # files are loaded by load_security() (at open_store, or at the first CONNECT)
     authenticator: Authenticator | None = None
@@ -153,6 +155,7 @@ class Broker:
             limits.max_topic_length_bytes < 65535 or limits.max_topic_levels > 0
         )
         self._publish_rate = max(0.0, limits.max_publish_rate_per_s)
+        self.shares = ShareGroups(self.router.trie)
         self._handlers = {
             CONNECT: self._on_connect,
             PUBLISH: self._on_publish,
@@ -238,8 +241,7 @@ class Broker:
         conn.session = None
         will, conn.will = conn.will, None
         if session.connection is conn:
-            session.detach()
-            self._session_offline(session)
+            self._detach(session)
         if not session.persistent and self.sessions.get(session.client_id) is session:
             self._discard_session(session)
         reason = conn.close_reason
@@ -386,6 +388,7 @@ class Broker:
             "store_commits": writer.commits if writer is not None else 0,
             "store_writes": writer.ops_written if writer is not None else 0,
             "store_pending": writer.pending if writer is not None else 0,
+            **self.shares.stats(),
         }
 
     def client_stats(self, client_id: str) -> dict[str, int | bool] | None:
@@ -635,14 +638,49 @@ class Broker:
         will, old.will = old.will, None
         old.session = None
         if session is not None:
-            session.detach()
-            self._session_offline(session)
+            self._detach(session)
         old.close(SessionTakenOver("session taken over by a new connection"))
         if will is not None:
             self._publish_will(will)
 
+    def _detach(self, session: Session) -> None:
+        """The session's connection is gone: hand what it holds from shared subscriptions
+        to other members of their groups, then mark it offline."""
+        shared = self._has_shared(session)
+        taken = session.take_shared() if shared else []
+        session.detach()
+        self._session_offline(session)
+        if taken:
+            self.shares.hand_on(session, taken)
+
+    @staticmethod
+    def _has_shared(session: Session) -> bool:
+        return any(is_shared(f) for f in session.subscriptions)
+
+    def _add_subscription(self, session: Session, topic_filter: str, qos: int) -> None:
+        session.subscriptions[topic_filter] = qos
+        if is_shared(topic_filter):
+            self.shares.add(topic_filter, session, qos)
+        else:
+            self.router.trie.add(topic_filter, session.client_id, session, qos)
+
+    def _remove_subscription(self, session: Session, topic_filter: str) -> bool:
+        if session.subscriptions.pop(topic_filter, None) is None:
+            return False
+        if is_shared(topic_filter):
+            self.shares.remove(topic_filter, session.client_id)
+        else:
+            self.router.trie.remove(topic_filter, session.client_id)
+        return True
+
     def _discard_session(self, session: Session) -> None:
-        self.router.trie.remove_client(session.client_id, list(session.subscriptions))
+        filters = list(session.subscriptions)
+        if self._has_shared(session):
+            for topic_filter in filters:
+                if is_shared(topic_filter):
+                    self.shares.remove(topic_filter, session.client_id)
+            filters = [f for f in filters if not is_shared(f)]
+        self.router.trie.remove_client(session.client_id, filters)
         session.subscriptions.clear()
         session.discarded = True
         if session.writer is not None:
@@ -761,7 +799,6 @@ class Broker:
 
     def _on_subscribe(self, conn: Connection, packet: Subscribe) -> None:
         session: Session = conn.session  # type: ignore[assignment]
-        trie = self.router.trie
         before = self._ticket()
         codes = []
         retained: list[tuple[Publish, int]] = []
@@ -769,8 +806,10 @@ class Broker:
         client_id = session.client_id
         username = session.username
         for sub in packet.subscriptions:
+            shared = is_shared(sub.filter)
             try:
                 validate_topic_filter(sub.filter)
+                acl_filter = parse_shared(sub.filter)[1] if shared else sub.filter
                 problem = None
                 if self._check_topic_limits:
                     problem = self._topic_limit_problem(sub.filter)
@@ -781,17 +820,18 @@ class Broker:
                 log.info("client %s: refused subscription %r: %s", conn.name, sub.filter, exc)
                 codes.append(SUBACK_FAILURE)
                 continue
-            if acl is not None and not acl.can_subscribe(client_id, username, sub.filter):
+            if acl is not None and not acl.can_subscribe(client_id, username, acl_filter):
                 self.acl_denied_subscribe += 1
                 self._log_denied(conn, f"SUBSCRIBE to {sub.filter!r}")
                 codes.append(SUBACK_FAILURE)
                 continue
             qos = min(sub.qos, MAX_QOS)
-            session.subscriptions[sub.filter] = qos
-            trie.add(sub.filter, session.client_id, session, qos)
+            self._add_subscription(session, sub.filter, qos)
             if session.writer is not None:
                 session.writer.submit(ops.AddSubscription(session.client_id, sub.filter, qos))
             codes.append(qos)
+            if shared:
+                continue  # no retained messages on a shared subscription (MQTT 5.0, 4.8.2)
             for topic, stored in self.retained.match(sub.filter):
                 if acl is not None and not acl.can_receive(client_id, username, topic):
                     self.acl_denied_retained += 1
@@ -806,8 +846,7 @@ class Broker:
         session: Session = conn.session  # type: ignore[assignment]
         before = self._ticket()
         for topic_filter in packet.filters:
-            if session.subscriptions.pop(topic_filter, None) is not None:
-                self.router.trie.remove(topic_filter, session.client_id)
+            if self._remove_subscription(session, topic_filter):
                 if session.writer is not None:
                     session.writer.submit(ops.RemoveSubscription(session.client_id, topic_filter))
         self._reply(conn, UnsubAck(packet.packet_id).encode(), before)
@@ -887,7 +926,14 @@ class Broker:
             )
             self.sessions[session.client_id] = session
             for topic_filter, qos in session.subscriptions.items():
-                trie.add(topic_filter, session.client_id, session, qos)
+                if is_shared(topic_filter):
+                    try:
+                        self.shares.add(topic_filter, session, qos)
+                    except InvalidTopic:
+                        log.warning("session %s: ignoring stored subscription %r",
+                                    session.client_id, topic_filter)
+                else:
+                    trie.add(topic_filter, session.client_id, session, qos)
         for topic, payload, qos in snapshot.retained:
             self.retained.set(topic, Publish(topic, payload, qos, True))
         writer.next_message_id = snapshot.next_message_id

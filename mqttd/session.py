@@ -35,10 +35,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# An outbound delivery: (message, QoS delivered at, RETAIN flag sent, seq). ``seq`` numbers
-# a persistent session's deliveries (0 in clean sessions). In ``inflight`` a message of
-# None means "PUBREL sent" (QoS 2 after PUBREC).
-Delivery = tuple["Publish | None", int, bool, int]
+# An outbound delivery: (message, QoS delivered at, RETAIN flag sent, seq, share). ``seq``
+# numbers a persistent session's deliveries (0 in clean sessions). In ``inflight`` a message
+# of None means "PUBREL sent" (QoS 2 after PUBREC). ``share`` is the ``$share/...`` name of
+# the shared subscription it came through (None otherwise), kept in memory only.
+Delivery = tuple["Publish | None", int, bool, int, "str | None"]
 # Per routed message: encoded (head, tail) per QoS, shared by subscribers, and the stored
 # message id once a persistent session has stored it (slot 3).
 PartsCache = list
@@ -127,7 +128,7 @@ class Session:
         )
         for seq, packet_id, state, qos, retain, topic, payload in row.inflight:
             message = None if state == 2 else Publish(topic, payload, qos, retain)
-            session.inflight[packet_id] = (message, qos, retain, seq)
+            session.inflight[packet_id] = (message, qos, retain, seq, None)
         if session.inflight:
             session.next_packet_id = max(session.inflight) % 65535 + 1
         return session
@@ -174,11 +175,17 @@ class Session:
     # -- outbound ----------------------------------------------------------------------
 
     def deliver(
-        self, message: Publish, qos: int, retain: bool, parts: PartsCache | None
+        self,
+        message: Publish,
+        qos: int,
+        retain: bool,
+        parts: PartsCache | None,
+        share: str | None = None,
     ) -> None:
         """Hand one message to this session at ``qos``. ``parts`` is shared by the
         subscribers of one routed message (``None`` when the encoding is specific to this
-        delivery, e.g. a retained message sent on SUBSCRIBE)."""
+        delivery, e.g. a retained message sent on SUBSCRIBE). ``share`` names the shared
+        subscription it came through."""
         conn = self.connection
         if not qos:
             if conn is None:
@@ -217,9 +224,9 @@ class Session:
         writer = self.writer
         if writer is None:
             if window_open:
-                self._send_new(conn, message, qos, retain, parts, 0)  # type: ignore[arg-type]
+                self._send_new(conn, message, qos, retain, parts, 0, share)  # type: ignore[arg-type]
             else:
-                self._queue_for_append().append((message, qos, retain, 0))
+                self._queue_for_append().append((message, qos, retain, 0, share))
                 self.queued_bytes += size
                 self._trim()
             return
@@ -232,14 +239,16 @@ class Session:
         self.next_seq = seq + 1
         packet_id = 0
         if window_open:
-            packet_id = self._send_new(conn, message, qos, retain, parts, seq)  # type: ignore[arg-type]
+            packet_id = self._send_new(
+                conn, message, qos, retain, parts, seq, share  # type: ignore[arg-type]
+            )
         elif (
             conn is not None  # an offline session's queue lives on disk only
             and not self.loading_sizes
             and not self.disk_count
             and len(self.queue) < self.page_size
         ):
-            self._queue_for_append().append((message, qos, retain, seq))
+            self._queue_for_append().append((message, qos, retain, seq, share))
         else:
             if not self.disk_count and not self.loading_sizes:
                 self.disk_after = seq - 1
@@ -258,13 +267,14 @@ class Session:
         retain: bool,
         parts: PartsCache | None,
         seq: int,
+        share: str | None = None,
     ) -> int:
         packet_id = self.next_packet_id
         inflight = self.inflight
         while packet_id in inflight:
             packet_id = packet_id % 65535 + 1
         self.next_packet_id = packet_id % 65535 + 1
-        inflight[packet_id] = (message, qos, retain, seq)
+        inflight[packet_id] = (message, qos, retain, seq, share)
         head, tail = _parts(message, qos, retain, parts)
         conn.send_parts(head, _PACKET_ID_BYTES[packet_id], tail)
         self.sent += 1
@@ -278,7 +288,7 @@ class Session:
     def _drop_oldest(self) -> None:
         self._count_drop()
         if self._queue:
-            message, _qos, _retain, seq = self._queue.popleft()
+            message, _qos, _retain, seq, _share = self._queue.popleft()
             self.queued_bytes -= len(message.payload)  # type: ignore[union-attr]
             if self.writer is not None:
                 self.writer.submit(ops.RemoveDelivery(self.client_id, seq))
@@ -328,9 +338,9 @@ class Session:
         queue = self._queue
         writer = self.writer
         while queue and len(self.inflight) < self.max_inflight:
-            message, qos, retain, seq = queue.popleft()
+            message, qos, retain, seq, share = queue.popleft()
             self.queued_bytes -= len(message.payload)  # type: ignore[union-attr]
-            packet_id = self._send_new(conn, message, qos, retain, None, seq)  # type: ignore[arg-type]
+            packet_id = self._send_new(conn, message, qos, retain, None, seq, share)  # type: ignore[arg-type]
             if writer is not None:
                 writer.submit(ops.SetInflight(self.client_id, seq, packet_id))
         held = len(queue) if queue is not None else 0
@@ -363,7 +373,7 @@ class Session:
             writer.submit(ops.DropOldestQueued(self.client_id, self.disk_after))
         for row in rows[skip:]:
             message = Publish(row.topic, row.payload, row.qos, row.retain)
-            self._queue_for_append().append((message, row.qos, row.retain, row.seq))
+            self._queue_for_append().append((message, row.qos, row.retain, row.seq, None))
         self.pump()
 
     def on_puback(self, packet_id: int) -> bool:
@@ -380,7 +390,7 @@ class Session:
         if entry is None or entry[1] != 2:
             return False
         if entry[0] is not None:
-            self.inflight[packet_id] = (None, 2, False, entry[3])
+            self.inflight[packet_id] = (None, 2, False, entry[3], None)
             if self.writer is not None:
                 self.writer.submit(ops.SetReleased(self.client_id, entry[3]))
         return True
@@ -406,13 +416,41 @@ class Session:
         PUBREL) with the original packet ids and order, then fill the window."""
         self.connection = conn
         self.disconnected_at = None
-        for packet_id, (message, qos, retain, _seq) in self.inflight.items():
+        for packet_id, (message, qos, retain, _seq, _share) in self.inflight.items():
             if message is None:
                 conn.send_packet(PubRel(packet_id))
             else:
                 head, tail = encode_publish_parts(message.topic, message.payload, qos, retain, True)
                 conn.send_parts(head, _PACKET_ID_BYTES[packet_id], tail)
         self.pump()
+
+    def take_shared(self) -> list[tuple[Publish, int, str]]:
+        """Take back the unacknowledged deliveries that came through shared subscriptions
+        (PUBLISHes in flight, QoS 2 ones not yet PUBRECed, and those queued in RAM), oldest
+        first, so that the broker can hand them to another member of their group. Disk-only
+        queued entries (a backlog beyond one page) stay with this session."""
+        taken: list[tuple[Publish, int, str]] = []
+        writer = self.writer
+        for packet_id, (message, qos, _retain, seq, share) in list(self.inflight.items()):
+            if share is not None and message is not None:
+                del self.inflight[packet_id]
+                taken.append((message, qos, share))
+                if writer is not None:
+                    writer.submit(ops.RemoveDelivery(self.client_id, seq))
+        queue = self._queue
+        if queue and any(entry[4] is not None for entry in queue):
+            kept: deque[Delivery] = deque()
+            for entry in queue:
+                message, qos, _retain, seq, share = entry
+                if share is None:
+                    kept.append(entry)
+                    continue
+                taken.append((message, qos, share))  # type: ignore[arg-type]
+                self.queued_bytes -= len(message.payload)  # type: ignore[union-attr]
+                if writer is not None:
+                    writer.submit(ops.RemoveDelivery(self.client_id, seq))
+            self._queue = kept
+        return taken
 
     def detach(self) -> None:
         self.connection = None

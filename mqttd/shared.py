@@ -1,0 +1,199 @@
+"""Shared subscriptions: ``$share/<group>/<filter>`` (MQTT 5.0 section 4.8.2, also accepted
+from 3.1.1 clients, as mosquitto does).
+
+Every session subscribed to the same ``$share/<group>/<filter>`` is a member of one
+:class:`ShareGroup`. The group, not its members, sits in the subscription trie (under a key
+no client id can have), so a routed message reaches the group once and the group hands it
+to exactly one member:
+
+- round robin over the connected members, skipping those whose inflight window is full or
+  who already have a queue (so a slow consumer does not collect the group's backlog);
+- when every connected member is busy, the connected member with the shortest queue;
+- when no member is connected, a persistent member (its queue is stored, as for any
+  persistent session), round robin;
+- no member able to take it (only offline clean sessions, QoS 0 to offline members): dropped
+  and counted.
+
+Each member receives at most the QoS it was granted. A member's deliveries remember the
+group they came through; when the member's connection ends, what it has not acknowledged
+(inflight PUBLISHes, QoS 2 ones not yet PUBRECed, and its queue held in RAM) is taken back
+and handed to another member (:meth:`ShareGroups.hand_on`). Retained messages are not
+sent on a shared subscription (MQTT 5.0, 4.8.2 / 3.8.4).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from mqttd.topics import InvalidTopic, validate_topic_filter
+
+if TYPE_CHECKING:
+    from mqttd.codec.packets import Publish
+    from mqttd.session import PartsCache, Session
+    from mqttd.trie import SubscriptionTrie
+
+log = logging.getLogger(__name__)
+
+SHARE_PREFIX = "$share/"
+# Trie key of a group: U+0000 cannot occur in an MQTT string, so no client id equals it.
+_KEY_PREFIX = "\x00"
+
+
+def is_shared(topic_filter: str) -> bool:
+    return topic_filter.startswith(SHARE_PREFIX)
+
+
+def parse_shared(topic_filter: str) -> tuple[str, str]:
+    """Split ``$share/<group>/<filter>`` into (group, filter); InvalidTopic when malformed
+    (empty group, a wildcard in the group name, no filter, an invalid filter)."""
+    rest = topic_filter[len(SHARE_PREFIX):]
+    group, sep, inner = rest.partition("/")
+    if not group:
+        raise InvalidTopic("shared subscription with an empty share name")
+    if "+" in group or "#" in group:
+        raise InvalidTopic("a share name must not contain wildcards")
+    if not sep or not inner:
+        raise InvalidTopic("shared subscription without a topic filter")
+    validate_topic_filter(inner)
+    return group, inner
+
+
+class ShareGroup:
+    """The members of one ``$share/<group>/<filter>`` and the round-robin cursor."""
+
+    __slots__ = (
+        "_cursor",
+        "delivered",
+        "dropped",
+        "filter",
+        "group",
+        "members",
+        "name",
+        "redelivered",
+    )
+
+    def __init__(self, name: str, group: str, topic_filter: str) -> None:
+        self.name = name
+        self.group = group
+        self.filter = topic_filter
+        self.members: dict[str, tuple[Session, int]] = {}  # client id -> (session, QoS)
+        self._cursor = 0
+        self.delivered = 0
+        self.redelivered = 0
+        self.dropped = 0
+
+    def _pick(self, qos: int, exclude: Session | None = None) -> tuple[Session, int] | None:
+        members = list(self.members.values())
+        count = len(members)
+        if not count:
+            return None
+        start = self._cursor % count
+        busy: tuple[Session, int] | None = None
+        busy_queued = 0
+        offline: tuple[Session, int] | None = None
+        for i in range(count):
+            entry = members[(start + i) % count]
+            session = entry[0]
+            if session is exclude:
+                continue
+            if session.connection is None:
+                if offline is None and session.persistent and qos and entry[1]:
+                    offline = entry
+                continue
+            queued = session.queued
+            if not queued and len(session.inflight) < session.max_inflight:
+                self._cursor = start + i + 1
+                return entry
+            if busy is None or queued < busy_queued:
+                busy, busy_queued = entry, queued
+        chosen = busy if busy is not None else offline
+        if chosen is not None:
+            self._cursor = members.index(chosen) + 1
+        return chosen
+
+    def deliver(
+        self, message: Publish, qos: int, retain: bool, parts: PartsCache | None
+    ) -> None:
+        """The router's entry point (the group is in the trie with QoS 2, so ``qos`` is the
+        message's own)."""
+        entry = self._pick(qos)
+        if entry is None:
+            self.dropped += 1
+            return
+        session, granted = entry
+        self.delivered += 1
+        session.deliver(message, qos if qos < granted else granted, False, parts, self.name)
+
+    def redeliver(self, message: Publish, qos: int, exclude: Session) -> bool:
+        """Hand a message a member gave back to another member; False if none could take it."""
+        entry = self._pick(qos, exclude)
+        if entry is None:
+            self.dropped += 1
+            return False
+        session, granted = entry
+        self.redelivered += 1
+        session.deliver(message, qos if qos < granted else granted, False, None, self.name)
+        return True
+
+
+class ShareGroups:
+    """Every share group, by ``$share/<group>/<filter>``; keeps the trie in step."""
+
+    def __init__(self, trie: SubscriptionTrie) -> None:
+        self.trie = trie
+        self.groups: dict[str, ShareGroup] = {}
+        self.lost = 0  # messages given back by a member no other member could take
+
+    def add(self, topic_filter: str, session: Session, qos: int) -> bool:
+        """Make ``session`` a member (or change its QoS); InvalidTopic if malformed.
+        Returns True if it is a new membership."""
+        group = self.groups.get(topic_filter)
+        if group is None:
+            name, inner = parse_shared(topic_filter)
+            group = self.groups[topic_filter] = ShareGroup(topic_filter, name, inner)
+            self.trie.add(inner, _KEY_PREFIX + topic_filter, group, 2)
+        new = session.client_id not in group.members
+        group.members[session.client_id] = (session, qos)
+        return new
+
+    def remove(self, topic_filter: str, client_id: str) -> bool:
+        group = self.groups.get(topic_filter)
+        if group is None or group.members.pop(client_id, None) is None:
+            return False
+        if not group.members:
+            del self.groups[topic_filter]
+            self.trie.remove(group.filter, _KEY_PREFIX + topic_filter)
+        return True
+
+    def hand_on(self, session: Session, taken: list[tuple[Publish, int, str]]) -> int:
+        """``session``'s connection ended and ``taken`` is what it held from groups
+        (``Session.take_shared``, called before it was detached): give each message to
+        another member. What no other member can take goes back to ``session`` if it is
+        persistent (it gets it when it returns), else it is lost and counted. Returns how
+        many messages were handed on."""
+        handed = 0
+        for message, qos, name in taken:
+            group = self.groups.get(name)
+            if group is not None and group.redeliver(message, qos, session):
+                handed += 1
+            elif session.persistent and not session.discarded:
+                session.deliver(message, qos, False, None, name)
+            else:
+                self.lost += 1
+        if handed:
+            log.info(
+                "client %s left with %d unacknowledged shared messages: handed to other "
+                "members", session.client_id, handed,
+            )
+        return handed
+
+    def stats(self) -> dict[str, int]:
+        groups = self.groups.values()
+        return {
+            "shared_subscriptions": len(self.groups),
+            "shared_members": sum(len(g.members) for g in groups),
+            "shared_delivered": sum(g.delivered for g in groups),
+            "shared_redelivered": sum(g.redelivered for g in groups),
+            "shared_dropped": sum(g.dropped for g in groups) + self.lost,
+        }
