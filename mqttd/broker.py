@@ -42,6 +42,7 @@ from mqttd.auth import (
     PasswordFile,
     SecurityFileError,
 )
+from mqttd.bridge import BRIDGE_PREFIX, Bridges
 from mqttd.codec import (
     ClientIdRejected,
     MQTTError,
@@ -97,6 +98,7 @@ from persistence.writer import GroupCommitWriter
 log = logging.getLogger(__name__)
 
 MAX_QOS = 2
+BRIDGE_FLAG = 0x80
 SHUTDOWN_FLUSH_TIMEOUT_S = 5.0
 DENIED_LOG_INTERVAL_S = 10.0  # at most one log line per interval for ACL refusals
 
@@ -138,6 +140,7 @@ class Broker:
     # that arrived meanwhile; the services nursery runs those checks (while serving)
     _parked: dict[Connection, list[Packet]] = attrs.field(init=False, factory=dict)
     _services: trio.Nursery | None = attrs.field(init=False, default=None)
+    bridges: Bridges | None = attrs.field(init=False, default=None)  # while serving
     _next_denied_log: float = attrs.field(init=False, default=0.0)
     # counters
     connections_total: int = 0
@@ -253,8 +256,9 @@ class Broker:
 
     # -- messages --------------------------------------------------------------------
 
-    def publish(self, message: Publish) -> int:
-        """Store (if retained) and route a message; returns the number of deliveries."""
+    def publish(self, message: Publish, origin: Session | None = None) -> int:
+        """Store (if retained) and route a message; returns the number of deliveries.
+        ``origin``: a session not to deliver to (the publisher, when it is a bridge)."""
         if message.retain:
             writer = self.writer
             if message.payload:
@@ -263,7 +267,7 @@ class Broker:
                     writer.submit(ops.SetRetained(message.topic, message.payload, message.qos))
             elif self.retained.delete(message.topic) and writer is not None:
                 writer.submit(ops.DeleteRetained(message.topic))
-        return self.router.route(message)
+        return self.router.route(message, origin)
 
     def _reply(self, conn: Connection, data: bytes, ticket_before: int) -> None:
         """Send a reply that acknowledges state: at once if handling the packet wrote
@@ -275,6 +279,19 @@ class Broker:
         else:
             conn.defer(writer.ticket, data)
             self._awaiting_commit.add(conn)
+
+    def reply_after_commit(self, conn: Connection, data: bytes, ticket_before: int) -> None:
+        """``_reply`` for the bridges' remote connections."""
+        self._reply(conn, data, ticket_before)
+
+    def forget_connection(self, conn: Connection) -> None:
+        """A bridge's remote connection is gone: hold no replies for it."""
+        self._awaiting_commit.discard(conn)
+
+    def ticket(self) -> int:
+        """The store writer's ticket now (0 without a store): compare after handling a
+        packet to know whether it wrote anything."""
+        return self.writer.ticket if self.writer is not None else 0
 
     def _on_commit(self, committed: int) -> None:
         released = []
@@ -389,7 +406,14 @@ class Broker:
             "store_writes": writer.ops_written if writer is not None else 0,
             "store_pending": writer.pending if writer is not None else 0,
             **self.shares.stats(),
+            "bridges_connected": sum(
+                link.state == "connected" for link in (self.bridges.links if self.bridges else ())
+            ),
         }
+
+    def bridge_stats(self) -> list[dict[str, Any]]:
+        """Per bridge: state, connects, forwarded, received, queued, last error, ..."""
+        return self.bridges.stats() if self.bridges is not None else []
 
     def client_stats(self, client_id: str) -> dict[str, int | bool] | None:
         """Per-client counters: inflight, queued, queued_bytes, sent, dropped, ..."""
@@ -412,8 +436,6 @@ class Broker:
             "counters": self.drops,
         }
 
-    def _ticket(self) -> int:
-        return self.writer.ticket if self.writer is not None else 0
 
     def _publish_will(self, will: Will) -> None:
         self.publish(Publish(will.topic, will.payload, will.qos, will.retain))
@@ -421,14 +443,20 @@ class Broker:
     # -- packet handlers -------------------------------------------------------------
 
     def _on_connect(self, conn: Connection, packet: Connect) -> None:
-        conn.protocol_level = packet.protocol_level
+        level = packet.protocol_level
+        # a bridge announces itself with level | 0x80 (mosquitto's try_private): it does
+        # not get its own messages back
+        conn.is_bridge = bool(level & BRIDGE_FLAG)
+        conn.protocol_level = level & ~BRIDGE_FLAG
         client_id = packet.client_id
         if not client_id:
             if not packet.clean_session:
                 raise ClientIdRejected("empty client identifier with clean session 0")
-            if packet.protocol_level == PROTOCOL_31:
+            if conn.protocol_level == PROTOCOL_31:
                 raise ClientIdRejected("empty client identifier is not allowed in MQTT 3.1")
             client_id = f"auto-{uuid.uuid4()}"
+        if client_id.startswith(BRIDGE_PREFIX):
+            raise ClientIdRejected(f"client ids starting with {BRIDGE_PREFIX!r} are reserved")
         conn.client_id = client_id
         max_keepalive_s = self.config.limits.max_keepalive_s
         if packet.keepalive_s > max_keepalive_s:
@@ -484,7 +512,8 @@ class Broker:
             "client %s connected (MQTT %s, clean session %d, keepalive %ds, session present %d"
             "%s)",
             conn.name,
-            "3.1" if packet.protocol_level == PROTOCOL_31 else "3.1.1",
+            ("3.1" if conn.protocol_level == PROTOCOL_31 else "3.1.1")
+            + (" bridge" if conn.is_bridge else ""),
             packet.clean_session,
             packet.keepalive_s,
             session_present,
@@ -741,13 +770,14 @@ class Broker:
         ):
             self._publish_denied(conn, packet)
             return
+        origin = conn.session if conn.is_bridge else None
         if not qos:
-            self.publish(packet)
+            self.publish(packet, origin)
             return
         packet_id = packet.packet_id
-        before = self._ticket()
+        before = self.ticket()
         if qos == 1:
-            self.publish(packet)
+            self.publish(packet, origin)
             self._reply(conn, bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF)), before)
             return
         session: Session = conn.session  # type: ignore[assignment]
@@ -761,7 +791,7 @@ class Broker:
             session.inbound_qos2.add(packet_id)
             if session.writer is not None:
                 session.writer.submit(ops.AddInbound(session.client_id, packet_id))
-            self.publish(packet)
+            self.publish(packet, origin)
         self._reply(conn, bytes((0x50, 2, packet_id >> 8, packet_id & 0xFF)), before)
 
     def _publish_denied(self, conn: Connection, packet: Publish) -> None:
@@ -771,9 +801,9 @@ class Broker:
         self._log_denied(conn, f"PUBLISH to {packet.topic!r} (dropped)")
         packet_id = packet.packet_id
         if packet.qos == 1:
-            self._reply(conn, bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF)), self._ticket())
+            self._reply(conn, bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF)), self.ticket())
         elif packet.qos == 2:
-            self._reply(conn, bytes((0x50, 2, packet_id >> 8, packet_id & 0xFF)), self._ticket())
+            self._reply(conn, bytes((0x50, 2, packet_id >> 8, packet_id & 0xFF)), self.ticket())
 
     def _on_puback(self, conn: Connection, packet: PubAck) -> None:
         if not conn.session.on_puback(packet.packet_id):  # type: ignore[union-attr]
@@ -786,7 +816,7 @@ class Broker:
 
     def _on_pubrel(self, conn: Connection, packet: PubRel) -> None:
         session: Session = conn.session  # type: ignore[assignment]
-        before = self._ticket()
+        before = self.ticket()
         if packet.packet_id in session.inbound_qos2:
             session.inbound_qos2.discard(packet.packet_id)
             if session.writer is not None:
@@ -799,7 +829,7 @@ class Broker:
 
     def _on_subscribe(self, conn: Connection, packet: Subscribe) -> None:
         session: Session = conn.session  # type: ignore[assignment]
-        before = self._ticket()
+        before = self.ticket()
         codes = []
         retained: list[tuple[Publish, int]] = []
         acl = self._acl
@@ -844,7 +874,7 @@ class Broker:
 
     def _on_unsubscribe(self, conn: Connection, packet: Unsubscribe) -> None:
         session: Session = conn.session  # type: ignore[assignment]
-        before = self._ticket()
+        before = self.ticket()
         for topic_filter in packet.filters:
             if self._remove_subscription(session, topic_filter):
                 if session.writer is not None:
@@ -871,16 +901,20 @@ class Broker:
             self.load_security()
         writer: GroupCommitWriter = self.writer  # type: ignore[assignment]
         server = TCPServer(self)
+        bridges = self.bridges = Bridges(self)
+        bridges.setup()  # before clients connect, so that nothing for a bridge is missed
         try:
             async with trio.open_nursery() as services:
                 self._services = services  # runs the password checks in worker threads
                 await services.start(writer.run)
                 services.start_soon(self._expiry_loop)
                 self.addresses = await services.start(server.serve)
+                await services.start(bridges.run)
                 task_status.started(self.addresses)
                 await self._shutdown_requested.wait()
                 log.info("shutting down: %d connections", len(self.connections))
                 await server.shutdown(SHUTDOWN_FLUSH_TIMEOUT_S)
+                await bridges.stop()  # after the wills, which may be bridged
                 await writer.flush()  # storage last: everything the connections left
                 log.info(
                     "store flushed: %d commits, %d writes", writer.commits, writer.ops_written

@@ -239,6 +239,124 @@ class ClientOverride:
         return fnmatch.fnmatchcase(client_id, self.client_id)
 
 
+BRIDGE_DIRECTIONS = ("out", "in", "both")
+_BRIDGE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def _direction(v: str) -> str | None:
+    if v in BRIDGE_DIRECTIONS:
+        return None
+    return f"must be one of {', '.join(BRIDGE_DIRECTIONS)}, got {reprlib.repr(v)}"
+
+
+def _bridge_name(v: str) -> str | None:
+    if not v:
+        return "must not be empty"
+    if not set(v) <= _BRIDGE_NAME_CHARS:
+        return f"may hold only letters, digits, '_', '.' and '-', got {reprlib.repr(v)}"
+    return None
+
+
+def _topic_filter(v: str) -> str | None:
+    from mqttd.topics import InvalidTopic, validate_topic_filter
+
+    try:
+        validate_topic_filter(v)
+    except InvalidTopic as exc:
+        return f"not a valid topic filter: {exc}"
+    return None
+
+
+def _prefix(v: str) -> str | None:
+    if "+" in v or "#" in v:
+        return f"must not contain wildcards, got {reprlib.repr(v)}"
+    return None
+
+
+@attrs.frozen
+class BridgeTopic:
+    """One topic mapping of a bridge (mosquitto's ``topic pattern direction qos local-prefix
+    remote-prefix``): local topic = ``local_prefix`` + pattern match, remote topic =
+    ``remote_prefix`` + the same."""
+
+    pattern: str = attrs.field(default="", validator=_checked(str, _topic_filter))
+    direction: str = attrs.field(
+        default="out", converter=_lower, validator=_checked(str, _direction)
+    )
+    qos: int = attrs.field(default=1, validator=_between(0, 2))
+    local_prefix: str = attrs.field(default="", validator=_checked(str, _prefix))
+    remote_prefix: str = attrs.field(default="", validator=_checked(str, _prefix))
+
+    @property
+    def local_filter(self) -> str:
+        return self.local_prefix + self.pattern
+
+    @property
+    def remote_filter(self) -> str:
+        return self.remote_prefix + self.pattern
+
+
+def _at_least_one_topic(v: tuple[Any, ...]) -> str | None:
+    return None if v else "at least one topic mapping is required"
+
+
+def _unique_names(v: tuple[Any, ...]) -> str | None:
+    names = [bridge.name for bridge in v]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    return f"bridge names must be unique, repeated: {', '.join(duplicates)}" if duplicates else None
+
+
+@attrs.frozen
+class Bridge:
+    """A link to a remote broker: this broker connects to it as a client."""
+
+    name: str = attrs.field(default="", validator=_checked(str, _bridge_name))
+    host: str = attrs.field(default="127.0.0.1", validator=_checked(str, _non_empty))
+    port: int = attrs.field(default=1883, validator=_between(1, 65535))
+    client_id: str | None = attrs.field(
+        default=None, validator=_optional(_checked(str, _non_empty))
+    )
+    username: str | None = attrs.field(default=None, validator=_optional(_checked(str)))
+    password: str | None = attrs.field(default=None, validator=_optional(_checked(str)))
+    keepalive_s: int = attrs.field(default=60, validator=_between(1, 65535))
+    clean_session: bool = attrs.field(default=False, validator=_checked(bool))
+    # announce ourselves as a bridge (protocol level | 0x80, as mosquitto's try_private):
+    # a mosquitto or mqttd remote then does not send our own messages back to us
+    try_private: bool = attrs.field(default=True, validator=_checked(bool))
+    connect_timeout_s: float = attrs.field(
+        default=10.0, converter=_to_float, validator=_checked(float, _positive)
+    )
+    reconnect_delay_min_s: float = attrs.field(
+        default=1.0, converter=_to_float, validator=_checked(float, _positive)
+    )
+    reconnect_delay_max_s: float = attrs.field(
+        default=60.0, converter=_to_float, validator=_checked(float, _positive)
+    )
+    # the store-and-forward queue of messages for the remote side (unset: ``limits``)
+    max_inflight_messages: int | None = attrs.field(
+        default=None, validator=_optional(_at_least(1))
+    )
+    max_queued_messages: int | None = attrs.field(default=None, validator=_optional(_at_least(1)))
+    max_queued_bytes: int | None = attrs.field(
+        default=None, validator=_optional(_checked(int, _no_limit_or_positive))
+    )
+    topics: tuple[BridgeTopic, ...] = attrs.field(
+        default=(), validator=_checked(tuple, _at_least_one_topic)
+    )
+
+    @property
+    def local_client_id(self) -> str:
+        """The id of the local session that holds the messages for the remote side."""
+        return f"$bridge/{self.name}"
+
+    def remote_client_id(self) -> str:
+        if self.client_id is not None:
+            return self.client_id
+        import socket
+
+        return f"{socket.gethostname()}.{self.name}"
+
+
 DURABILITY_LEVELS = ("process_crash", "power_loss")
 MEMORY_DB = ":memory:"
 
@@ -310,6 +428,7 @@ class Config:
     persistence: Persistence = attrs.field(factory=Persistence)
     security: Security = attrs.field(factory=Security)
     logging: Logging = attrs.field(factory=Logging)
+    bridges: tuple[Bridge, ...] = attrs.field(default=(), validator=_checked(tuple, _unique_names))
 
     def limits_for(self, client_id: str) -> ClientLimits:
         """``limits`` with the first matching entry of ``client_overrides`` applied."""
@@ -385,11 +504,18 @@ def _section_hook(cls: type) -> Callable[[Any, Any], Any]:
 _converter.register_structure_hook_factory(attrs.has, _section_hook)
 
 
+_LIST_DEFAULTS: dict[Any, tuple[Any, ...]] = {
+    tuple[Listener, ...]: (Listener(),),
+    tuple[ClientOverride, ...]: (),
+    tuple[Bridge, ...]: (),
+    tuple[BridgeTopic, ...]: (),
+}
+
+
 def _list_hook(type_: Any) -> Callable[[Any, Any], Any]:
     """Structure a tuple of sections from a YAML list; ``None`` (an empty key) means default."""
     structure = homogenous_tuple_structure_factory(type_, _converter)
-    field = "listeners" if type_ == tuple[Listener, ...] else "client_overrides"
-    default = getattr(attrs.fields(Config), field).default
+    default = _LIST_DEFAULTS[type_]
 
     def structure_list(value: Any, _type: Any) -> Any:
         if value is None:
@@ -401,9 +527,7 @@ def _list_hook(type_: Any) -> Callable[[Any, Any], Any]:
     return structure_list
 
 
-_converter.register_structure_hook_factory(
-    lambda type_: type_ in (tuple[Listener, ...], tuple[ClientOverride, ...]), _list_hook
-)
+_converter.register_structure_hook_factory(lambda type_: type_ in _LIST_DEFAULTS, _list_hook)
 
 
 def _join(path: str, key: object) -> str:

@@ -66,6 +66,7 @@ class Connection:
     protocol_level: int = PROTOCOL_311
     client_id: str = ""
     keepalive_s: int = 0
+    is_bridge: bool = False  # CONNECT with protocol level | 0x80 (another broker's bridge)
     session: Session | None = None
     will: Will | None = None
     # output: ``outbox_bytes`` counts every unsent byte, including those the I/O layer

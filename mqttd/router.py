@@ -42,11 +42,14 @@ class Router:
         # topic -> (the trie's match list, the targets allowed to receive, how many not)
         self._allowed: dict[str, tuple[list[Match], list[Match], int]] = {}
 
-    def route(self, message: Publish) -> int:
+    def route(self, message: Publish, origin: object = None) -> int:
         """Deliver ``message`` to every matching subscriber at min(publish QoS, granted
-        QoS), once per client however many of its filters match. Returns how many."""
+        QoS), once per client however many of its filters match, except ``origin`` (a
+        bridge's session: it does not get its own messages back). Returns how many."""
         self.messages_routed += 1
         targets = self.trie.match(message.topic)
+        if origin is not None:
+            targets = [target for target in targets if target[0] is not origin]
         if not targets:
             self.messages_unmatched += 1
             return 0

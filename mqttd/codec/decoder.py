@@ -179,7 +179,9 @@ class Decoder:
         cflags = data[i + 1]
         keepalive = (data[i + 2] << 8) | data[i + 3]
         i += 4
-        if (name, level) not in (("MQTT", PROTOCOL_311), ("MQIsdp", PROTOCOL_31)):
+        # a bridge may set the top bit of the level (mosquitto's try_private); the
+        # Connect keeps it, the stream is decoded at the plain level
+        if (name, level & 0x7F) not in (("MQTT", PROTOCOL_311), ("MQIsdp", PROTOCOL_31)):
             if name in ("MQTT", "MQIsdp"):
                 # MQTT-3.1.2-2: answer CONNACK 0x01 and close. 5.0 comes with its own issue.
                 raise UnsupportedProtocolVersion(f"protocol level {level} is not supported")
@@ -213,7 +215,7 @@ class Decoder:
             password, i = _read_bin(data, i, end, "password")
         if i != end:
             raise MalformedPacket(f"{end - i} unexpected bytes at the end of CONNECT")
-        self.protocol_level = level
+        self.protocol_level = level & 0x7F
         return Connect(client_id, clean, keepalive, level, will, username, password)
 
     def _connack(self, flags: int, data: Buffer, i: int, end: int) -> Packet:

@@ -1,0 +1,258 @@
+"""Bridges between two mqttd instances (and mqttd -> mosquitto): telemetry up, commands down,
+store and forward while the remote is away, across restarts of either side."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import socket
+import subprocess
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from mqttd.broker import Broker, running
+from mqttd.codec.packets import PubAck, Publish
+from mqttd.config import Bridge, BridgeTopic, Config, Listener
+from tests.conftest import make_config
+from tests.integration.test_broker_tcp import wait_until
+from tests.rawclient import RawClient
+
+FAST_RETRY = {"reconnect_delay_min_s": 0.05, "reconnect_delay_max_s": 0.2}
+EDGE_TOPICS = (
+    BridgeTopic(pattern="site/#", direction="out", qos=1, remote_prefix="edge-1/"),
+    BridgeTopic(pattern="command/#", direction="in", qos=1, remote_prefix="edge-1/"),
+)
+
+
+def edge_config(remote_port: int, data_dir: pathlib.Path | None = None, **bridge: object) -> Config:
+    options = {"client_id": "edge-1", "topics": EDGE_TOPICS, **FAST_RETRY, **bridge}
+    return attrs.evolve(
+        make_config(data_dir=data_dir),
+        bridges=(Bridge(name="cloud", port=remote_port, **options),),  # type: ignore[arg-type]
+    )
+
+
+def on_port(config: Config, port: int) -> Config:
+    return attrs.evolve(config, listeners=(Listener(host="127.0.0.1", port=port),))
+
+
+def link(broker: Broker) -> dict:
+    return broker.bridge_stats()[0]
+
+
+async def bridge_up(edge: Broker) -> None:
+    """Connected, and the remote subscriptions of the ``in`` mappings acknowledged."""
+    await wait_until(lambda: link(edge)["state"] == "connected" and link(edge)["subscribed"])
+
+
+async def receive(client: RawClient, count: int) -> list[Publish]:
+    got = []
+    for _ in range(count):
+        packet = await client.expect(Publish, timeout_s=10)
+        got.append(packet)
+        if packet.qos == 1:
+            await client.send(PubAck(packet.packet_id))
+    return got
+
+
+async def test_telemetry_goes_up_and_commands_come_down():
+    with trio.fail_after(20):
+        async with running(make_config()) as cloud:
+            async with running(edge_config(cloud.port)) as edge:
+                await bridge_up(edge)
+                backend, _ = await RawClient.connected(cloud.port, "backend")
+                await backend.subscribe("edge-1/site/#", qos=1)
+                device, _ = await RawClient.connected(edge.port, "sensor-1")
+                await device.subscribe("command/sensor-1", qos=1)
+                for i in range(5):
+                    await device.publish("site/sensor-1/telemetry", b"%d" % i, qos=1)
+                got = await receive(backend, 5)
+                assert [(p.topic, p.payload) for p in got] == [
+                    ("edge-1/site/sensor-1/telemetry", b"%d" % i) for i in range(5)
+                ]
+                assert all(p.qos == 1 for p in got)
+                await backend.publish("edge-1/command/sensor-1", b"reboot", qos=1)
+                command = (await receive(device, 1))[0]
+                assert (command.topic, command.payload) == ("command/sensor-1", b"reboot")
+                await wait_until(lambda: link(edge)["forwarded"] == 5)
+                stats = link(edge)
+                assert stats["received"] == 1 and stats["queued"] == 0
+                assert stats["inflight"] == 0 and edge.stats()["bridges_connected"] == 1
+                # topics outside the mappings stay local
+                await device.publish("other/topic", b"local only", qos=1)
+                await device.publish("site/sensor-1/telemetry", b"marker", qos=1)
+                assert [p.payload for p in await receive(backend, 1)] == [b"marker"]
+
+
+async def test_reserved_client_id_prefix_is_refused(broker):
+    with trio.fail_after(5):
+        client = await RawClient.open(broker.port)
+        from mqttd.codec.packets import ConnAck, Connect
+
+        await client.send(Connect("$bridge/cloud"))
+        connack = await client.expect(ConnAck)
+        assert connack.return_code == 0x02
+
+
+async def test_messages_wait_on_disk_while_the_remote_is_down_and_all_arrive(tmp_path):
+    """The remote broker is stopped while the device keeps publishing QoS 1 (every message
+    acknowledged by the edge), then started again: every message arrives, in order, once."""
+    cloud_config = make_config(data_dir=tmp_path / "cloud")
+    per_phase = 40
+    with trio.fail_after(40):
+        async with running(cloud_config) as cloud:
+            cloud_port = cloud.port
+            backend, _ = await RawClient.connected(cloud.port, "backend", clean_session=False)
+            await backend.subscribe("edge-1/site/#", qos=1)
+            async with running(edge_config(cloud_port, tmp_path / "edge")) as edge:
+                await bridge_up(edge)
+                device, _ = await RawClient.connected(edge.port, "sensor-1")
+                for i in range(per_phase):
+                    await device.publish("site/s1/telemetry", b"%d" % i, qos=1)
+                first = await receive(backend, per_phase)
+                await backend.aclose()
+                # the remote goes away while the device keeps publishing
+                cloud.shutdown()
+                await wait_until(lambda: link(edge)["state"] != "connected")
+                for i in range(per_phase, 3 * per_phase):
+                    await device.publish("site/s1/telemetry", b"%d" % i, qos=1)
+                assert link(edge)["queued"] + link(edge)["inflight"] == 2 * per_phase
+                assert edge.client_stats("$bridge/cloud")["queued"] > 0
+        # (the cloud broker stopped above, the edge too: now the edge comes back first)
+        async with running(edge_config(cloud_port, tmp_path / "edge")) as edge:
+            assert link(edge)["queued"] + link(edge)["inflight"] == 2 * per_phase
+            await wait_until(lambda: link(edge)["connect_failures"] >= 1)
+            async with running(on_port(cloud_config, cloud_port)) as cloud:
+                await bridge_up(edge)
+                backend, connack = await RawClient.connected(
+                    cloud.port, "backend", clean_session=False
+                )
+                assert connack.session_present
+                rest = await receive(backend, 2 * per_phase)
+                payloads = [p.payload for p in first + rest]
+                assert payloads == [b"%d" % i for i in range(3 * per_phase)]
+                await wait_until(lambda: link(edge)["queued"] + link(edge)["inflight"] == 0)
+                assert link(edge)["connects"] >= 1
+
+
+async def test_a_restart_of_the_edge_keeps_messages_for_the_remote(tmp_path):
+    """The edge acknowledges messages while the remote has never been reachable, is
+    restarted, and forwards them all once the remote appears."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        cloud_port = probe.getsockname()[1]
+    with trio.fail_after(30):
+        async with running(edge_config(cloud_port, tmp_path / "edge")) as edge:
+            device, _ = await RawClient.connected(edge.port, "sensor-1")
+            for i in range(25):
+                await device.publish("site/s1/telemetry", b"%d" % i, qos=1)
+            assert link(edge)["state"] != "connected"
+        async with running(edge_config(cloud_port, tmp_path / "edge")) as edge:
+            assert link(edge)["queued"] == 25
+            async with running(on_port(make_config(), cloud_port)) as cloud:
+                backend, _ = await RawClient.connected(cloud.port, "backend")
+                await backend.subscribe("edge-1/#", qos=1)
+                got = await receive(backend, 25)
+                assert [p.payload for p in got] == [b"%d" % i for i in range(25)]
+
+
+async def test_queue_budget_bounds_the_store_and_forward_queue():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        unused_port = probe.getsockname()[1]
+    with trio.fail_after(10):
+        async with running(edge_config(unused_port, max_queued_messages=10)) as edge:
+            device, _ = await RawClient.connected(edge.port, "sensor-1")
+            for i in range(30):
+                await device.publish("site/s1/telemetry", b"%d" % i, qos=1)
+            stats = link(edge)
+            assert (stats["queued"], stats["dropped"]) == (10, 20)  # drop_oldest, counted
+
+
+async def test_bidirectional_mapping_does_not_loop():
+    topics = (BridgeTopic(pattern="sync/#", direction="both", qos=1),)
+    with trio.fail_after(20):
+        async with running(make_config()) as cloud:
+            async with running(edge_config(cloud.port, topics=topics)) as edge:
+                await bridge_up(edge)
+                edge_sub, _ = await RawClient.connected(edge.port, "edge-sub")
+                cloud_sub, _ = await RawClient.connected(cloud.port, "cloud-sub")
+                await edge_sub.subscribe("sync/#", qos=1)
+                await cloud_sub.subscribe("sync/#", qos=1)
+                edge_pub, _ = await RawClient.connected(edge.port, "edge-pub")
+                cloud_pub, _ = await RawClient.connected(cloud.port, "cloud-pub")
+                await edge_pub.publish("sync/a", b"from edge", qos=1)
+                await cloud_pub.publish("sync/b", b"from cloud", qos=1)
+                await edge_pub.publish("sync/end", b"end", qos=1)
+                await cloud_pub.publish("sync/end", b"end", qos=1)
+                for client in (edge_sub, cloud_sub):
+                    got = await receive(client, 4)
+                    assert sorted(p.payload for p in got) == [
+                        b"end", b"end", b"from cloud", b"from edge"
+                    ]
+                    assert await _nothing_more(client)
+                stats = link(edge)
+                assert stats["forwarded"] == 2 and stats["received"] == 2
+
+
+async def _nothing_more(client: RawClient) -> bool:
+    """No further packet within a short bound (a loop would have produced one by now)."""
+    with trio.move_on_after(0.3):
+        await client.recv(timeout_s=1)
+        return False
+    return True
+
+
+@asynccontextmanager
+async def mosquitto(tmp_path: pathlib.Path):
+    binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin")
+    assert binary, "mosquitto must be installed (apt-get install mosquitto)"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        with trio.fail_after(10):
+            while True:
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                    await stream.aclose()
+                    break
+                except OSError:
+                    await trio.sleep(0.02)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+async def test_bridge_to_mosquitto(tmp_path):
+    topics = (*EDGE_TOPICS, BridgeTopic(pattern="sync/#", direction="both", qos=1))
+    async with mosquitto(tmp_path) as port:
+        with trio.fail_after(20):
+            async with running(edge_config(port, topics=topics)) as edge:
+                await bridge_up(edge)
+                backend, _ = await RawClient.connected(port, "backend")
+                await backend.subscribe("edge-1/site/#", "sync/#", qos=1)
+                device, _ = await RawClient.connected(edge.port, "sensor-1")
+                await device.subscribe("command/#", "sync/#", qos=1)
+                for i in range(3):
+                    await device.publish("site/s1/telemetry", b"%d" % i, qos=1)
+                got = await receive(backend, 3)
+                assert [p.payload for p in got] == [b"0", b"1", b"2"]
+                await wait_until(lambda: link(edge)["forwarded"] == 3)
+                await backend.publish("edge-1/command/s1", b"blink", qos=1)
+                command = (await receive(device, 1))[0]
+                assert (command.topic, command.payload) == ("command/s1", b"blink")
+                # both directions: mosquitto knows the link as a bridge (try_private) and
+                # does not send the edge's own message back
+                other, _ = await RawClient.connected(edge.port, "sensor-2")
+                await other.publish("sync/x", b"edge says", qos=1)
+                assert [p.payload for p in await receive(backend, 1)] == [b"edge says"]
+                assert [p.payload for p in await receive(device, 1)] == [b"edge says"]
+                assert await _nothing_more(device)
