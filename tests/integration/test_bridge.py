@@ -3,6 +3,7 @@ store and forward while the remote is away, across restarts of either side."""
 
 from __future__ import annotations
 
+import getpass
 import pathlib
 import shutil
 import socket
@@ -140,9 +141,7 @@ async def test_messages_wait_on_disk_while_the_remote_is_down_and_all_arrive(tmp
 async def test_a_restart_of_the_edge_keeps_messages_for_the_remote(tmp_path):
     """The edge acknowledges messages while the remote has never been reachable, is
     restarted, and forwards them all once the remote appears."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        cloud_port = probe.getsockname()[1]
+    cloud_port = free_port()
     with trio.fail_after(30):
         async with running(edge_config(cloud_port, tmp_path / "edge")) as edge:
             device, _ = await RawClient.connected(edge.port, "sensor-1")
@@ -159,9 +158,7 @@ async def test_a_restart_of_the_edge_keeps_messages_for_the_remote(tmp_path):
 
 
 async def test_queue_budget_bounds_the_store_and_forward_queue():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        unused_port = probe.getsockname()[1]
+    unused_port = free_port()
     with trio.fail_after(10):
         async with running(edge_config(unused_port, max_queued_messages=10)) as edge:
             device, _ = await RawClient.connected(edge.port, "sensor-1")
@@ -205,15 +202,24 @@ async def _nothing_more(client: RawClient) -> bool:
     return True
 
 
-@asynccontextmanager
-async def mosquitto(tmp_path: pathlib.Path):
-    binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin")
-    assert binary, "mosquitto must be installed (apt-get install mosquitto)"
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+@asynccontextmanager
+async def mosquitto(tmp_path: pathlib.Path, port: int | None = None):
+    """A mosquitto on 127.0.0.1 (``port``, or a free one), persistence in ``tmp_path``
+    (written at exit, so sessions survive a stop and start)."""
+    binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin")
+    assert binary, "mosquitto must be installed (apt-get install mosquitto)"
+    port = port or free_port()
     conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+        f"persistence_location {tmp_path}/\nuser {getpass.getuser()}\n"
+    )
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -228,7 +234,7 @@ async def mosquitto(tmp_path: pathlib.Path):
         yield port
     finally:
         proc.terminate()
-        proc.wait(5)
+        await trio.to_thread.run_sync(proc.wait, 5)
 
 
 async def test_bridge_to_mosquitto(tmp_path):
@@ -256,3 +262,36 @@ async def test_bridge_to_mosquitto(tmp_path):
                 assert [p.payload for p in await receive(backend, 1)] == [b"edge says"]
                 assert [p.payload for p in await receive(device, 1)] == [b"edge says"]
                 assert await _nothing_more(device)
+
+
+async def test_mosquitto_upstream_stopped_and_started_while_devices_publish(tmp_path):
+    """mqttd -> mosquitto: mosquitto stops while the device keeps publishing QoS 1 to the
+    edge, and starts again on the same port; everything arrives upstream once, in order."""
+    port = free_port()
+    per_phase = 30
+    with trio.fail_after(40):
+        async with running(edge_config(port, tmp_path / "edge")) as edge:
+            device, _ = await RawClient.connected(edge.port, "sensor-1")
+            async with mosquitto(tmp_path, port):
+                await bridge_up(edge)
+                backend, _ = await RawClient.connected(port, "backend", clean_session=False)
+                await backend.subscribe("edge-1/site/#", qos=1)
+                for i in range(per_phase):
+                    await device.publish("site/s1/telemetry", b"%d" % i, qos=1)
+                first = await receive(backend, per_phase)
+                await backend.aclose()
+                await wait_until(lambda: link(edge)["forwarded"] == per_phase)
+            await wait_until(lambda: link(edge)["state"] != "connected")
+            for i in range(per_phase, 2 * per_phase):
+                await device.publish("site/s1/telemetry", b"%d" % i, qos=1)
+            assert link(edge)["queued"] + link(edge)["inflight"] == per_phase
+            async with mosquitto(tmp_path, port):
+                backend, connack = await RawClient.connected(
+                    port, "backend", clean_session=False
+                )
+                assert connack.session_present
+                rest = await receive(backend, per_phase)
+                assert [p.payload for p in first + rest] == [
+                    b"%d" % i for i in range(2 * per_phase)
+                ]
+                await wait_until(lambda: link(edge)["queued"] + link(edge)["inflight"] == 0)
