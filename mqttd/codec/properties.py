@@ -76,7 +76,8 @@ class PropertySpec:
 
     @property
     def title(self) -> str:
-        return self.name.replace("_", " ")
+        """The spec's name, e.g. ``"Maximum QoS"``."""
+        return " ".join(w.capitalize() for w in self.name.split("_")).replace("Qos", "QoS")
 
 
 def _spec(ident: int, name: str, kind: int, *packets: int, repeats_on: tuple[int, ...] = ()
