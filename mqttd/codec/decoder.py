@@ -8,13 +8,18 @@ header is read, before the body is buffered.
 The decoder is symmetric: it decodes client-to-server and server-to-client packets
 alike (the broker rejects the ones a client may not send; the load generators and
 tests use the same decoder for the broker's replies). The protocol level is learned
-from CONNECT (or set by the caller) and selects the 3.x or 5.0 layout.
+from CONNECT (or set by the caller) and selects the 3.x or 5.0 layout: a level-5 CONNECT
+switches the decoder to the 5.0 layout for the rest of the stream, including the packets
+after it in the same read. A level-5 CONNECT is refused (UnsupportedProtocolVersion, CONNACK
+0x01) unless the decoder was built with ``accept_v5=True`` or is already at level 5.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from mqttd.codec import decoder5 as v5
+from mqttd.codec.decoder5 import decode_connect_v5
 from mqttd.codec.errors import (
     MalformedPacket,
     MQTTError,
@@ -45,6 +50,11 @@ from mqttd.codec.packets import (
     Unsubscribe,
     Will,
 )
+from mqttd.codec.wire import Buffer
+from mqttd.codec.wire import expect_flags as _expect_flags
+from mqttd.codec.wire import read_bin as _read_bin
+from mqttd.codec.wire import read_str as _read_str
+from mqttd.codec.wire import read_u16 as _read_u16
 
 MAX_REMAINING_LENGTH = 268_435_455
 MAX_PACKET_SIZE = MAX_REMAINING_LENGTH + 5
@@ -53,50 +63,42 @@ _PINGREQ = PingReq()
 _PINGRESP = PingResp()
 _DISCONNECT = Disconnect()
 
-Buffer = bytes | bytearray
+class _LayoutChanged(Exception):  # a signal inside feed(), never seen outside
+    """Raised by the CONNECT decoder after it switched the decoding table."""
 
-
-def _read_u16(data: Buffer, i: int, end: int, what: str) -> int:
-    if i + 2 > end:
-        raise MalformedPacket(f"packet ends inside {what}")
-    return (data[i] << 8) | data[i + 1]
-
-
-def _read_bin(data: Buffer, i: int, end: int, what: str) -> tuple[bytes, int]:
-    n = _read_u16(data, i, end, what)
-    i += 2
-    if i + n > end:
-        raise MalformedPacket(f"{what} length {n} runs past the end of the packet")
-    return bytes(data[i:i + n]), i + n
-
-
-def _read_str(data: Buffer, i: int, end: int, what: str) -> tuple[str, int]:
-    raw, i = _read_bin(data, i, end, what)
-    try:
-        s = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise MalformedPacket(f"{what} is not valid UTF-8") from None
-    if "\x00" in s:
-        raise MalformedPacket(f"{what} contains U+0000")
-    return s, i
-
-
-def _expect_flags(flags: int, expected: int, name: str) -> None:
-    if flags != expected:
-        raise MalformedPacket(f"{name} with reserved flags {flags:#06b}")
+    def __init__(self, packet: Packet, end: int) -> None:
+        self.packet = packet
+        self.end = end
 
 
 class Decoder:
     """Turns a byte stream into packets. One per connection."""
 
-    __slots__ = ("_buf", "max_packet_size", "protocol_level")
+    __slots__ = ("_buf", "_decoders", "_level", "accept_v5", "max_packet_size")
     _DECODERS: tuple[Callable[[Decoder, int, Buffer, int, int], Packet], ...]
+    _DECODERS_V5: tuple[Callable[[Decoder, int, Buffer, int, int], Packet], ...]
 
-    def __init__(self, max_packet_size: int = MAX_PACKET_SIZE, protocol_level: int = 0) -> None:
+    def __init__(
+        self,
+        max_packet_size: int = MAX_PACKET_SIZE,
+        protocol_level: int = 0,
+        *,
+        accept_v5: bool = False,
+    ) -> None:
         self._buf = bytearray()
         self.max_packet_size = max_packet_size
+        self.accept_v5 = accept_v5
         # 0 until a CONNECT is seen (or set by a client-side caller)
         self.protocol_level = protocol_level
+
+    @property
+    def protocol_level(self) -> int:
+        return self._level
+
+    @protocol_level.setter
+    def protocol_level(self, level: int) -> None:
+        self._level = level
+        self._decoders = self._DECODERS_V5 if level == PROTOCOL_5 else self._DECODERS
 
     @property
     def buffered(self) -> int:
@@ -119,38 +121,47 @@ class Decoder:
         n = len(buf)
         pos = 0
         out: list[Packet] = []
-        decoders = self._DECODERS
+        decoders = self._decoders
         limit = self.max_packet_size
         try:
-            while n - pos >= 2:
-                # Remaining Length: at most four bytes
-                i = pos + 1
-                byte = buf[i]
-                length = byte & 0x7F
-                shift = 7
-                while byte & 0x80:
-                    i += 1
-                    if i - pos > 4:
-                        raise MalformedPacket("Remaining Length longer than four bytes")
-                    if i >= n:
-                        break
-                    byte = buf[i]
-                    length |= (byte & 0x7F) << shift
-                    shift += 7
-                else:
-                    i += 1
-                    end = i + length
-                    if end - pos > limit:
-                        raise PacketTooLarge(
-                            f"packet of {end - pos} bytes exceeds the maximum of {limit}"
-                        )
-                    if end > n:
-                        break
-                    first = buf[pos]
-                    out.append(decoders[first >> 4](self, first & 0x0F, buf, i, end))
-                    pos = end
-                    continue
-                break  # Remaining Length incomplete
+            while True:
+                try:
+                    while n - pos >= 2:
+                        # Remaining Length: at most four bytes
+                        i = pos + 1
+                        byte = buf[i]
+                        length = byte & 0x7F
+                        shift = 7
+                        while byte & 0x80:
+                            i += 1
+                            if i - pos > 4:
+                                raise MalformedPacket("Remaining Length longer than four bytes")
+                            if i >= n:
+                                break
+                            byte = buf[i]
+                            length |= (byte & 0x7F) << shift
+                            shift += 7
+                        else:
+                            i += 1
+                            end = i + length
+                            if end - pos > limit:
+                                raise PacketTooLarge(
+                                    f"packet of {end - pos} bytes exceeds the maximum of {limit}"
+                                )
+                            if end > n:
+                                break
+                            first = buf[pos]
+                            out.append(decoders[first >> 4](self, first & 0x0F, buf, i, end))
+                            pos = end
+                            continue
+                        break  # Remaining Length incomplete
+                    break
+                except _LayoutChanged as change:
+                    # a CONNECT switched between the 3.x and 5.0 layouts: go on with the new
+                    # table (no per-packet check on the hot path; this happens once at most)
+                    out.append(change.packet)
+                    pos = change.end
+                    decoders = self._decoders
         except MQTTError as exc:
             exc.packets_before = out
             self._buf = bytearray()
@@ -182,6 +193,14 @@ class Decoder:
         # a bridge may set the top bit of the level (mosquitto's try_private); the
         # Connect keeps it, the stream is decoded at the plain level
         if (name, level & 0x7F) not in (("MQTT", PROTOCOL_311), ("MQIsdp", PROTOCOL_31)):
+            if (
+                name == "MQTT"
+                and level == PROTOCOL_5
+                and (self.accept_v5 or self._level == PROTOCOL_5)
+            ):
+                packet: Packet = decode_connect_v5(data, i, end, cflags, keepalive)
+                self._learn_level(PROTOCOL_5, packet, end)
+                return packet
             if name in ("MQTT", "MQIsdp"):
                 # MQTT-3.1.2-2: answer CONNACK 0x01 and close. 5.0 comes with its own issue.
                 raise UnsupportedProtocolVersion(f"protocol level {level} is not supported")
@@ -215,8 +234,16 @@ class Decoder:
             password, i = _read_bin(data, i, end, "password")
         if i != end:
             raise MalformedPacket(f"{end - i} unexpected bytes at the end of CONNECT")
-        self.protocol_level = level & 0x7F
-        return Connect(client_id, clean, keepalive, level, will, username, password)
+        packet = Connect(client_id, clean, keepalive, level, will, username, password)
+        self._learn_level(level & 0x7F, packet, end)
+        return packet
+
+    def _learn_level(self, level: int, packet: Packet, end: int) -> None:
+        """Take the CONNECT's protocol level; if the layout changes, tell ``feed``."""
+        changed = (level == PROTOCOL_5) != (self._level == PROTOCOL_5)
+        self.protocol_level = level
+        if changed:
+            raise _LayoutChanged(packet, end)
 
     def _connack(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
         _expect_flags(flags, 0, "CONNACK")
@@ -352,12 +379,17 @@ class Decoder:
         return _DISCONNECT
 
 
-# one dispatch table for every decoder, indexed by packet type
+# the dispatch tables, indexed by packet type: 3.1/3.1.1 (and level 0, before CONNECT) and 5.0
 Decoder._DECODERS = (
     Decoder._reserved, Decoder._connect, Decoder._connack, Decoder._publish, Decoder._puback,
     Decoder._pubrec, Decoder._pubrel, Decoder._pubcomp, Decoder._subscribe, Decoder._suback,
     Decoder._unsubscribe, Decoder._unsuback, Decoder._pingreq, Decoder._pingresp,
     Decoder._disconnect, Decoder._reserved,
+)
+Decoder._DECODERS_V5 = (
+    Decoder._reserved, Decoder._connect, v5.connack, v5.publish, v5.puback, v5.pubrec,
+    v5.pubrel, v5.pubcomp, v5.subscribe, v5.suback, v5.unsubscribe, v5.unsuback,
+    Decoder._pingreq, Decoder._pingresp, v5.disconnect, v5.auth,
 )
 
 __all__ = ["MAX_PACKET_SIZE", "MAX_REMAINING_LENGTH", "PROTOCOL_5", "Decoder"]

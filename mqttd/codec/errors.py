@@ -112,3 +112,93 @@ class NotAuthorized(MQTTError):
 
     reason_code = reason.NOT_AUTHORIZED
     connack_code = reason.CONNACK_NOT_AUTHORIZED
+
+
+# -- MQTT 5.0 only: these have no 3.x CONNACK return code unless one fits -------------------
+
+
+class TopicFilterInvalid(MQTTError):
+    reason_code = reason.TOPIC_FILTER_INVALID
+
+
+class TopicAliasInvalid(ProtocolError):
+    """A Topic Alias of 0, or above the Topic Alias Maximum the receiver announced
+    (5.0 section 3.3.2.3.4): DISCONNECT with 0x94."""
+
+    reason_code = reason.TOPIC_ALIAS_INVALID
+
+
+class ReceiveMaximumExceeded(ProtocolError):
+    """More unacknowledged QoS 1/2 PUBLISHes than the Receive Maximum (5.0 section 3.3.4)."""
+
+    reason_code = reason.RECEIVE_MAXIMUM_EXCEEDED
+
+
+class QuotaExceeded(MQTTError):
+    reason_code = reason.QUOTA_EXCEEDED
+
+
+class PayloadFormatInvalid(MQTTError):
+    """The payload is not valid UTF-8 though its Payload Format Indicator says it is."""
+
+    reason_code = reason.PAYLOAD_FORMAT_INVALID
+
+
+class ImplementationSpecificError(MQTTError):
+    reason_code = reason.IMPLEMENTATION_SPECIFIC_ERROR
+
+
+class Banned(MQTTError):
+    reason_code = reason.BANNED
+    connack_code = reason.CONNACK_NOT_AUTHORIZED
+
+
+class BadAuthenticationMethod(MQTTError):
+    reason_code = reason.BAD_AUTHENTICATION_METHOD
+
+
+class MessageRateTooHigh(MQTTError):
+    reason_code = reason.MESSAGE_RATE_TOO_HIGH
+
+
+class AdministrativeAction(MQTTError):
+    reason_code = reason.ADMINISTRATIVE_ACTION
+
+
+class RetainNotSupported(MQTTError):
+    reason_code = reason.RETAIN_NOT_SUPPORTED
+
+
+class QoSNotSupported(MQTTError):
+    reason_code = reason.QOS_NOT_SUPPORTED
+
+
+class UseAnotherServer(MQTTError):
+    reason_code = reason.USE_ANOTHER_SERVER
+    connack_code = reason.CONNACK_SERVER_UNAVAILABLE
+
+
+class ServerMoved(MQTTError):
+    reason_code = reason.SERVER_MOVED
+    connack_code = reason.CONNACK_SERVER_UNAVAILABLE
+
+
+class SharedSubscriptionsNotSupported(MQTTError):
+    reason_code = reason.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
+
+
+class ConnectionRateExceeded(MQTTError):
+    reason_code = reason.CONNECTION_RATE_EXCEEDED
+    connack_code = reason.CONNACK_SERVER_UNAVAILABLE
+
+
+class MaximumConnectTime(MQTTError):
+    reason_code = reason.MAXIMUM_CONNECT_TIME
+
+
+class SubscriptionIdentifiersNotSupported(MQTTError):
+    reason_code = reason.SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED
+
+
+class WildcardSubscriptionsNotSupported(MQTTError):
+    reason_code = reason.WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED

@@ -2,71 +2,42 @@
 
 Packets are frozen attrs classes. Every class has room for MQTT 5.0: ``properties``
 (``None`` in 3.x) and reason codes where 5.0 has them; ``encode(version)`` takes the
-protocol level so the 5.0 layout can be added per packet without touching callers.
-Only protocol levels 3 (3.1, "MQIsdp") and 4 (3.1.1) are encoded for now.
+protocol level and selects the 3.x or the 5.0 layout (``Connect`` uses its own
+``protocol_level``). Decoded at level 5, ``properties`` is always a dict (empty when the
+packet has none); ``None`` is encoded as no properties.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import attrs
 
-PROTOCOL_31 = 3
-PROTOCOL_311 = 4
-PROTOCOL_5 = 5
-
-CONNECT = 1
-CONNACK = 2
-PUBLISH = 3
-PUBACK = 4
-PUBREC = 5
-PUBREL = 6
-PUBCOMP = 7
-SUBSCRIBE = 8
-SUBACK = 9
-UNSUBSCRIBE = 10
-UNSUBACK = 11
-PINGREQ = 12
-PINGRESP = 13
-DISCONNECT = 14
-AUTH = 15
-
-PACKET_NAMES = {
-    CONNECT: "CONNECT", CONNACK: "CONNACK", PUBLISH: "PUBLISH", PUBACK: "PUBACK",
-    PUBREC: "PUBREC", PUBREL: "PUBREL", PUBCOMP: "PUBCOMP", SUBSCRIBE: "SUBSCRIBE",
-    SUBACK: "SUBACK", UNSUBSCRIBE: "UNSUBSCRIBE", UNSUBACK: "UNSUBACK", PINGREQ: "PINGREQ",
-    PINGRESP: "PINGRESP", DISCONNECT: "DISCONNECT", AUTH: "AUTH",
-}
-
-Properties = dict[str, Any]
-
-
-# -- encoding helpers --------------------------------------------------------------
-
-
-def encode_varint(n: int) -> bytes:
-    """Encode a Remaining Length (1-4 bytes); ``n`` must be below 268435456."""
-    if n < 128:
-        return bytes((n,))
-    out = bytearray()
-    while True:
-        digit = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(digit | 0x80)
-        else:
-            out.append(digit)
-            return bytes(out)
-
-
-def encode_str(s: str) -> bytes:
-    b = s.encode("utf-8")
-    return len(b).to_bytes(2, "big") + b
-
-
-def encode_bin(b: bytes) -> bytes:
-    return len(b).to_bytes(2, "big") + b
+from mqttd.codec.kinds import (
+    AUTH,
+    CONNACK,
+    CONNECT,
+    DISCONNECT,
+    PACKET_NAMES,
+    PINGREQ,
+    PINGRESP,
+    PROTOCOL_5,
+    PROTOCOL_31,
+    PROTOCOL_311,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SUBACK,
+    SUBSCRIBE,
+    UNSUBACK,
+    UNSUBSCRIBE,
+    WILL,
+)
+from mqttd.codec.properties import Properties, encode_properties
+from mqttd.codec.wire import encode_bin, encode_str, encode_varint
 
 
 def _packet(first_byte: int, body: bytes) -> bytes:
@@ -89,7 +60,7 @@ class Will:
 class Connect:
     TYPE: ClassVar[int] = CONNECT
     client_id: str
-    clean_session: bool = True
+    clean_session: bool = True  # Clean Start in 5.0
     keepalive_s: int = 60
     protocol_level: int = PROTOCOL_311
     will: Will | None = None
@@ -102,6 +73,7 @@ class Connect:
         return "MQIsdp" if self.protocol_level == PROTOCOL_31 else "MQTT"
 
     def encode(self, version: int | None = None) -> bytes:
+        v5 = self.protocol_level == PROTOCOL_5
         flags = 0x02 if self.clean_session else 0
         if self.will is not None:
             flags |= 0x04 | (self.will.qos << 3) | (0x20 if self.will.retain else 0)
@@ -112,8 +84,12 @@ class Connect:
         body = bytearray(encode_str(self.protocol_name))
         body += bytes((self.protocol_level, flags))
         body += self.keepalive_s.to_bytes(2, "big")
+        if v5:
+            body += encode_properties(self.properties, CONNECT)
         body += encode_str(self.client_id)
         if self.will is not None:
+            if v5:
+                body += encode_properties(self.will.properties, WILL)
             body += encode_str(self.will.topic) + encode_bin(self.will.payload)
         if self.username is not None:
             body += encode_str(self.username)
@@ -126,11 +102,18 @@ class Connect:
 class ConnAck:
     TYPE: ClassVar[int] = CONNACK
     session_present: bool = False
-    return_code: int = 0
+    return_code: int = 0  # the Connect Reason Code in 5.0
     properties: Properties | None = None
+
+    @property
+    def reason_code(self) -> int:
+        return self.return_code
 
     def encode(self, version: int = PROTOCOL_311) -> bytes:
         present = 1 if (self.session_present and version >= PROTOCOL_311) else 0
+        if version == PROTOCOL_5:
+            body = bytes((present, self.return_code)) + encode_properties(self.properties, CONNACK)
+            return _packet(CONNACK << 4, body)
         return bytes((CONNACK << 4, 2, present, self.return_code))
 
 
@@ -149,7 +132,14 @@ class Publish:
     properties: Properties | None = None
 
     def encode(self, version: int = PROTOCOL_311) -> bytes:
-        head, tail = encode_publish_parts(self.topic, self.payload, self.qos, self.retain, self.dup)
+        if version == PROTOCOL_5:
+            head, tail = encode_publish_parts_v5(
+                self.topic, self.payload, self.qos, self.retain, self.dup, self.properties
+            )
+        else:
+            head, tail = encode_publish_parts(
+                self.topic, self.payload, self.qos, self.retain, self.dup
+            )
         if self.qos:
             return head + self.packet_id.to_bytes(2, "big") + tail
         return head + tail
@@ -168,8 +158,39 @@ def encode_publish_parts(
     return head, payload
 
 
+def encode_publish_parts_v5(
+    topic: str,
+    payload: bytes,
+    qos: int,
+    retain: bool,
+    dup: bool = False,
+    properties: Mapping[str, Any] | bytes | None = None,
+) -> tuple[bytes, bytes]:
+    """The MQTT 5.0 :func:`encode_publish_parts`: ``head + packet_id + tail`` for QoS > 0,
+    ``head + tail`` for QoS 0, the properties at the start of ``tail``.
+
+    ``properties`` is a dict, or a property block already encoded by
+    ``encode_properties(props, PUBLISH)`` (length prefix included) so that a group of
+    subscribers with the same properties (e.g. the same subscription identifier) shares it.
+    ``topic`` may be empty when the properties carry a ``topic_alias``."""
+    if properties is None:
+        block = b"\x00"
+    elif isinstance(properties, bytes):
+        block = properties
+    else:
+        block = encode_properties(properties, PUBLISH)
+    t = topic.encode("utf-8")
+    remaining = 2 + len(t) + len(block) + len(payload) + (2 if qos else 0)
+    first = 0x30 | (qos << 1) | (1 if retain else 0) | (8 if dup else 0)
+    head = bytes((first,)) + encode_varint(remaining) + len(t).to_bytes(2, "big") + t
+    return head, block + payload
+
+
 @attrs.frozen
 class _Ack:
+    """PUBACK, PUBREC, PUBREL, PUBCOMP. In 5.0 the reason code and the properties may be left
+    out: remaining length 2 means Success and no properties, 3 a reason code and none."""
+
     TYPE: ClassVar[int] = 0
     FLAGS: ClassVar[int] = 0
     packet_id: int
@@ -177,7 +198,17 @@ class _Ack:
     properties: Properties | None = None
 
     def encode(self, version: int = PROTOCOL_311) -> bytes:
-        return bytes((self.TYPE << 4 | self.FLAGS, 2)) + self.packet_id.to_bytes(2, "big")
+        first = self.TYPE << 4 | self.FLAGS
+        pid = self.packet_id.to_bytes(2, "big")
+        if version == PROTOCOL_5:
+            if self.properties:
+                body = pid + bytes((self.reason_code,)) + encode_properties(
+                    self.properties, self.TYPE
+                )
+                return _packet(first, body)
+            if self.reason_code:
+                return bytes((first, 3)) + pid + bytes((self.reason_code,))
+        return bytes((first, 2)) + pid
 
 
 @attrs.frozen
@@ -211,6 +242,16 @@ class Subscription:
     retain_as_published: bool = False
     retain_handling: int = 0
 
+    @property
+    def options(self) -> int:
+        """The 5.0 Subscription Options byte (section 3.8.3.1)."""
+        return (
+            self.qos
+            | (4 if self.no_local else 0)
+            | (8 if self.retain_as_published else 0)
+            | (self.retain_handling << 4)
+        )
+
 
 @attrs.frozen
 class Subscribe:
@@ -221,8 +262,13 @@ class Subscribe:
 
     def encode(self, version: int = PROTOCOL_311) -> bytes:
         body = bytearray(self.packet_id.to_bytes(2, "big"))
-        for sub in self.subscriptions:
-            body += encode_str(sub.filter) + bytes((sub.qos,))
+        if version == PROTOCOL_5:
+            body += encode_properties(self.properties, SUBSCRIBE)
+            for sub in self.subscriptions:
+                body += encode_str(sub.filter) + bytes((sub.options,))
+        else:
+            for sub in self.subscriptions:
+                body += encode_str(sub.filter) + bytes((sub.qos,))
         return _packet(SUBSCRIBE << 4 | 0x02, bytes(body))
 
 
@@ -230,11 +276,19 @@ class Subscribe:
 class SubAck:
     TYPE: ClassVar[int] = SUBACK
     packet_id: int
-    return_codes: tuple[int, ...]
+    return_codes: tuple[int, ...]  # the reason codes in 5.0
     properties: Properties | None = None
 
+    @property
+    def reason_codes(self) -> tuple[int, ...]:
+        return self.return_codes
+
     def encode(self, version: int = PROTOCOL_311) -> bytes:
-        return _packet(SUBACK << 4, self.packet_id.to_bytes(2, "big") + bytes(self.return_codes))
+        pid = self.packet_id.to_bytes(2, "big")
+        if version == PROTOCOL_5:
+            props = encode_properties(self.properties, SUBACK)
+            return _packet(SUBACK << 4, pid + props + bytes(self.return_codes))
+        return _packet(SUBACK << 4, pid + bytes(self.return_codes))
 
 
 @attrs.frozen
@@ -245,7 +299,10 @@ class Unsubscribe:
     properties: Properties | None = None
 
     def encode(self, version: int = PROTOCOL_311) -> bytes:
-        body = self.packet_id.to_bytes(2, "big") + b"".join(encode_str(f) for f in self.filters)
+        body = self.packet_id.to_bytes(2, "big")
+        if version == PROTOCOL_5:
+            body += encode_properties(self.properties, UNSUBSCRIBE)
+        body += b"".join(encode_str(f) for f in self.filters)
         return _packet(UNSUBSCRIBE << 4 | 0x02, body)
 
 
@@ -257,7 +314,11 @@ class UnsubAck:
     properties: Properties | None = None
 
     def encode(self, version: int = PROTOCOL_311) -> bytes:
-        return bytes((UNSUBACK << 4, 2)) + self.packet_id.to_bytes(2, "big")
+        pid = self.packet_id.to_bytes(2, "big")
+        if version == PROTOCOL_5:
+            props = encode_properties(self.properties, UNSUBACK)
+            return _packet(UNSUBACK << 4, pid + props + bytes(self.reason_codes))
+        return bytes((UNSUBACK << 4, 2)) + pid
 
 
 @attrs.frozen
@@ -276,6 +337,18 @@ class PingResp:
         return b"\xd0\x00"
 
 
+def _reason_and_properties(first: int, code: int, props: Properties | None, kind: int) -> bytes:
+    """DISCONNECT and AUTH in 5.0: nothing for Success without properties, else the reason
+    code and the property block (DISCONNECT may end after the reason code)."""
+    if props:
+        return _packet(first, bytes((code,)) + encode_properties(props, kind))
+    if not code:
+        return bytes((first, 0))
+    if kind == DISCONNECT:
+        return bytes((first, 1, code))
+    return bytes((first, 2, code, 0))
+
+
 @attrs.frozen
 class Disconnect:
     TYPE: ClassVar[int] = DISCONNECT
@@ -283,10 +356,34 @@ class Disconnect:
     properties: Properties | None = None
 
     def encode(self, version: int = PROTOCOL_311) -> bytes:
+        if version == PROTOCOL_5:
+            return _reason_and_properties(0xE0, self.reason_code, self.properties, DISCONNECT)
         return b"\xe0\x00"
+
+
+@attrs.frozen
+class Auth:
+    """AUTH (5.0 only): extended authentication exchange (section 3.15, 4.12)."""
+
+    TYPE: ClassVar[int] = AUTH
+    reason_code: int = 0
+    properties: Properties | None = None
+
+    def encode(self, version: int = PROTOCOL_5) -> bytes:
+        return _reason_and_properties(0xF0, self.reason_code, self.properties, AUTH)
 
 
 Packet = (
     Connect | ConnAck | Publish | PubAck | PubRec | PubRel | PubComp | Subscribe | SubAck
-    | Unsubscribe | UnsubAck | PingReq | PingResp | Disconnect
+    | Unsubscribe | UnsubAck | PingReq | PingResp | Disconnect | Auth
 )
+
+__all__ = [
+    "AUTH", "CONNACK", "CONNECT", "DISCONNECT", "PACKET_NAMES", "PINGREQ", "PINGRESP",
+    "PROTOCOL_5", "PROTOCOL_31", "PROTOCOL_311", "PUBACK", "PUBCOMP", "PUBLISH", "PUBREC",
+    "PUBREL", "SUBACK", "SUBSCRIBE", "UNSUBACK", "UNSUBSCRIBE", "WILL", "Auth", "ConnAck",
+    "Connect", "Disconnect", "Packet", "PingReq", "PingResp", "Properties", "PubAck", "PubComp",
+    "PubRec", "PubRel", "Publish", "SubAck", "Subscribe", "Subscription", "UnsubAck",
+    "Unsubscribe", "Will", "encode_bin", "encode_publish_parts", "encode_publish_parts_v5",
+    "encode_str", "encode_varint",
+]
