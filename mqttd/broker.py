@@ -968,7 +968,7 @@ class Broker:
                                     session.client_id, topic_filter)
                 else:
                     trie.add(topic_filter, session.client_id, session, qos)
-        for topic, payload, qos in snapshot.retained:
+        for topic, payload, qos, *_ in snapshot.retained:
             self.retained.set(topic, Publish(topic, payload, qos, True))
         writer.next_message_id = snapshot.next_message_id
 

@@ -126,7 +126,7 @@ class Session:
             disconnected_at=row.disconnected_at,
             **limits,  # type: ignore[arg-type]
         )
-        for seq, packet_id, state, qos, retain, topic, payload in row.inflight:
+        for seq, packet_id, state, qos, retain, topic, payload, _props, _expires in row.inflight:
             message = None if state == 2 else Publish(topic, payload, qos, retain)
             session.inflight[packet_id] = (message, qos, retain, seq, None)
         if session.inflight:

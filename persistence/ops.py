@@ -12,10 +12,13 @@ from typing import NamedTuple
 
 class SaveSession(NamedTuple):
     """Create or update a persistent session; ``disconnected_at`` (epoch seconds) is None while
-    its client is connected."""
+    its client is connected. ``expiry_s`` replaces the stored value every time: None (3.1.1)
+    means the configured ``persistence.session_expiry_s``, -1 never, otherwise the seconds
+    the session lives on after its client disconnects (MQTT 5 Session Expiry Interval)."""
 
     client_id: str
     disconnected_at: float | None
+    expiry_s: int | None = None
 
 
 class DeleteSession(NamedTuple):
@@ -25,9 +28,15 @@ class DeleteSession(NamedTuple):
 
 
 class AddSubscription(NamedTuple):
+    """Add or replace a subscription. ``options`` is the MQTT 5 subscription options byte
+    without the QoS bits (bit 2 No Local, bit 3 Retain As Published, bits 4-5 Retain
+    Handling; 0 in 3.1.1), ``subscription_id`` the Subscription Identifier (0: none)."""
+
     client_id: str
     filter: str
     qos: int
+    options: int = 0
+    subscription_id: int = 0
 
 
 class RemoveSubscription(NamedTuple):
@@ -36,12 +45,16 @@ class RemoveSubscription(NamedTuple):
 
 
 class AddMessage(NamedTuple):
-    """A message body, stored once however many sessions it is queued for."""
+    """A message body, stored once however many sessions it is queued for. ``properties``
+    is the encoded MQTT 5 property block of the PUBLISH (opaque to the store; None: none),
+    ``expires_at`` the wall-clock epoch seconds at which it expires (None: never)."""
 
     message_id: int
     topic: str
     payload: bytes
     qos: int
+    properties: bytes | None = None
+    expires_at: float | None = None
 
 
 class AddDelivery(NamedTuple):
@@ -98,9 +111,14 @@ class RemoveInbound(NamedTuple):
 
 
 class SetRetained(NamedTuple):
+    """Set the retained message of ``topic``; ``properties`` and ``expires_at`` as in
+    :class:`AddMessage`."""
+
     topic: str
     payload: bytes
     qos: int
+    properties: bytes | None = None
+    expires_at: float | None = None
 
 
 class DeleteRetained(NamedTuple):
@@ -108,11 +126,16 @@ class DeleteRetained(NamedTuple):
 
 
 class QueuedRow(NamedTuple):
+    """A queued delivery read back by :class:`LoadQueued`. Expired rows are returned too
+    (the session counts what it asked for); ``expires_at`` lets the caller drop them."""
+
     seq: int
     qos: int
     retain: bool
     topic: str
     payload: bytes
+    properties: bytes | None = None
+    expires_at: float | None = None
 
 
 class LoadQueued(NamedTuple):

@@ -7,16 +7,22 @@ Inspect a database with the sqlite-utils CLI, e.g.::
 
 Tables:
 
-- ``sessions``: one row per persistent session (``disconnected_at`` NULL while connected;
-  a session expires `persistence.session_expiry_s` after it).
-- ``subscriptions``: (client_id, filter) -> granted QoS.
+- ``sessions``: one row per persistent session (``disconnected_at`` NULL while connected).
+  A session expires ``expiry_s`` seconds after it; ``expiry_s`` NULL (3.1.1 sessions) means
+  the configured ``persistence.session_expiry_s``, -1 never.
+- ``subscriptions``: (client_id, filter) -> granted QoS, the MQTT 5 subscription ``options``
+  (the options byte without the QoS bits: No Local, Retain As Published, Retain Handling;
+  0 for 3.1.1) and ``subscription_id`` (0: none).
 - ``messages``: message bodies (payload as BLOB, never decoded), stored once; ``refs``
   counts the deliveries that refer to a message, kept by triggers, and the row is
-  deleted when the last delivery goes.
+  deleted when the last delivery goes. ``properties`` is the encoded MQTT 5 property
+  block of the PUBLISH (opaque here; NULL for none), ``expires_at`` the wall-clock epoch
+  seconds after which it is not delivered any more (NULL: never).
 - ``deliveries``: the per-session queue, in ``seq`` order; ``state`` 0 = queued,
   1 = sent and awaiting PUBACK/PUBREC (``packet_id`` set), 2 = PUBREL sent.
 - ``inbound_qos2``: QoS 2 packet ids received and not yet released by PUBREL.
-- ``retained``: the retained message per topic.
+- ``retained``: the retained message per topic, with ``properties`` and ``expires_at`` as
+  in ``messages``.
 - ``schema_version``: the schema version number and the mqttd version that wrote it
   (``_sqlite_migrations`` lists the migrations applied).
 """
@@ -101,6 +107,24 @@ def _message_cleanup_at_commit(db: Database) -> None:
         END"""
     )
     db.execute("CREATE INDEX messages_unreferenced ON messages (refs) WHERE refs <= 0")
+
+
+@migrations(name="0003_mqtt5")
+def _mqtt5(db: Database) -> None:
+    """What MQTT 5.0 adds to a session, a subscription and a message. Every new column is
+    NULL or 0 for the rows already there, which is what a 3.1.1 row means."""
+    for statement in (
+        "ALTER TABLE sessions ADD COLUMN expiry_s INTEGER",
+        "ALTER TABLE subscriptions ADD COLUMN options INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE subscriptions ADD COLUMN subscription_id INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE messages ADD COLUMN properties BLOB",
+        "ALTER TABLE messages ADD COLUMN expires_at REAL",
+        "ALTER TABLE retained ADD COLUMN properties BLOB",
+        "ALTER TABLE retained ADD COLUMN expires_at REAL",
+        # messages with an expiry only: costs nothing for 3.1.1 traffic
+        "CREATE INDEX messages_expiring ON messages (expires_at) WHERE expires_at IS NOT NULL",
+    ):
+        db.execute(statement)
 
 
 SCHEMA_VERSION = len(migrations._migrations)

@@ -45,35 +45,48 @@ _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
 
 
+InflightRow = tuple[int, int, int, int, bool, str, bytes, bytes | None, float | None]
+"""(seq, packet_id, state, qos, retain, topic, payload, properties, expires_at)"""
+
+RetainedRow = tuple[str, bytes, int, bytes | None, float | None]
+"""(topic, payload, qos, properties, expires_at)"""
+
+
 @attrs.define(eq=False)
 class RestoredSession:
     client_id: str
     disconnected_at: float
-    subscriptions: dict[str, int] = attrs.Factory(dict)
-    # (seq, packet_id, state, qos, retain, topic, payload) in seq order; state 1 or 2
-    inflight: list[tuple[int, int, int, int, bool, str, bytes]] = attrs.Factory(list)
+    subscriptions: dict[str, int] = attrs.Factory(dict)  # filter -> granted QoS
+    # in seq order; state 1 (sent) or 2 (PUBREL sent: payload and properties not needed)
+    inflight: list[InflightRow] = attrs.Factory(list)
     queued: int = 0  # queued deliveries (state 0), all on disk
     queued_sizes: array[int] = attrs.Factory(lambda: array("Q"))  # their payload sizes
     queued_after: int = 0  # every queued seq is above this
     next_seq: int = 1
     inbound_qos2: set[int] = attrs.Factory(set)
+    expiry_s: int | None = None  # as stored by SaveSession: None = configured, -1 = never
+    # filter -> (options, subscription_id), only for subscriptions with either non-zero
+    subscription_options: dict[str, tuple[int, int]] = attrs.Factory(dict)
 
 
 @attrs.define(eq=False)
 class Snapshot:
     sessions: dict[str, RestoredSession]
-    retained: list[tuple[str, bytes, int]]
+    retained: list[RetainedRow]  # by topic; expired ones already deleted
     next_message_id: int
-    expired: list[str]
+    expired: list[str]  # client ids of the sessions deleted as expired
+    expired_messages: int = 0  # queued or sent (state 1) deliveries deleted as expired
+    expired_retained: int = 0  # retained messages deleted as expired
 
 
 # Operations applied with one executemany per run of the same type (NamedTuple fields are
 # the statement's parameters, in order).
 _STATEMENTS: dict[type, tuple[str, ...]] = {
     ops.SaveSession: (
-        "INSERT INTO sessions (client_id, created_at, disconnected_at) "
-        "VALUES (?1, (julianday('now') - 2440587.5) * 86400.0, ?2) "
-        "ON CONFLICT (client_id) DO UPDATE SET disconnected_at = excluded.disconnected_at",
+        "INSERT INTO sessions (client_id, created_at, disconnected_at, expiry_s) "
+        "VALUES (?1, (julianday('now') - 2440587.5) * 86400.0, ?2, ?3) "
+        "ON CONFLICT (client_id) DO UPDATE SET disconnected_at = excluded.disconnected_at, "
+        "expiry_s = excluded.expiry_s",
     ),
     ops.DeleteSession: (
         "DELETE FROM deliveries WHERE client_id = ?",
@@ -82,10 +95,14 @@ _STATEMENTS: dict[type, tuple[str, ...]] = {
         "DELETE FROM sessions WHERE client_id = ?",
     ),
     ops.AddSubscription: (
-        "INSERT OR REPLACE INTO subscriptions (client_id, filter, qos) VALUES (?, ?, ?)",
+        "INSERT OR REPLACE INTO subscriptions (client_id, filter, qos, options, "
+        "subscription_id) VALUES (?, ?, ?, ?, ?)",
     ),
     ops.RemoveSubscription: ("DELETE FROM subscriptions WHERE client_id = ? AND filter = ?",),
-    ops.AddMessage: ("INSERT INTO messages (id, topic, payload, qos) VALUES (?, ?, ?, ?)",),
+    ops.AddMessage: (
+        "INSERT INTO messages (id, topic, payload, qos, properties, expires_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+    ),
     ops.AddDelivery: (
         "INSERT INTO deliveries (client_id, seq, message_id, qos, retain, packet_id, state) "
         "VALUES (?1, ?2, ?3, ?4, ?5, NULLIF(?6, 0), CASE WHEN ?6 THEN 1 ELSE 0 END)",
@@ -101,7 +118,10 @@ _STATEMENTS: dict[type, tuple[str, ...]] = {
     ),
     ops.AddInbound: ("INSERT OR IGNORE INTO inbound_qos2 (client_id, packet_id) VALUES (?, ?)",),
     ops.RemoveInbound: ("DELETE FROM inbound_qos2 WHERE client_id = ? AND packet_id = ?",),
-    ops.SetRetained: ("INSERT OR REPLACE INTO retained (topic, payload, qos) VALUES (?, ?, ?)",),
+    ops.SetRetained: (
+        "INSERT OR REPLACE INTO retained (topic, payload, qos, properties, expires_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+    ),
     ops.DeleteRetained: ("DELETE FROM retained WHERE topic = ?",),
 }
 
@@ -109,9 +129,20 @@ _STATEMENTS: dict[type, tuple[str, ...]] = {
 _DELETE_UNREFERENCED = "DELETE FROM messages WHERE refs <= 0"
 
 _LOAD_QUEUED = (
-    "SELECT d.seq, d.qos, d.retain, m.topic, m.payload FROM deliveries d "
+    "SELECT d.seq, d.qos, d.retain, m.topic, m.payload, m.properties, m.expires_at "
+    "FROM deliveries d "
     "JOIN messages m ON m.id = d.message_id "
     "WHERE d.client_id = ? AND d.state = 0 AND d.seq > ? ORDER BY d.seq LIMIT ?"
+)
+
+# ?1 now, ?2 the configured expiry (for sessions with expiry_s NULL); a negative expiry
+# means never, and a session's own expiry 0 means it ended with its connection
+_EXPIRED_SESSIONS = (
+    "SELECT client_id FROM sessions WHERE CASE "
+    "WHEN expiry_s IS NULL THEN ?2 >= 0 AND disconnected_at < ?1 - ?2 "
+    "WHEN expiry_s = 0 THEN 1 "
+    "ELSE expiry_s > 0 AND disconnected_at < ?1 - expiry_s END "
+    "ORDER BY client_id"
 )
 
 LoadResult = tuple[Callable[[list[ops.QueuedRow]], None], list[ops.QueuedRow]]
@@ -210,8 +241,8 @@ class SqliteStore:
                     for op in batch[i:j]:
                         rows = conn.execute(_LOAD_QUEUED, op[:3]).fetchall()  # type: ignore[misc]
                         queued = [
-                            ops.QueuedRow(seq, qos, bool(retain), topic, payload)
-                            for seq, qos, retain, topic, payload in rows
+                            ops.QueuedRow(seq, qos, bool(retain), topic, payload, props, expires)
+                            for seq, qos, retain, topic, payload, props, expires in rows
                         ]
                         results.append((op.callback, queued))  # type: ignore[union-attr]
                 elif kind is ops.DeleteSession:
@@ -233,9 +264,17 @@ class SqliteStore:
     # -- reading back ----------------------------------------------------------------------
 
     def load(self, now: float | None = None, session_expiry_s: int = -1) -> Snapshot:
-        """Read everything back at start-up. Sessions that were connected when the broker
-        stopped count as disconnected now; sessions expired by ``session_expiry_s`` (-1:
-        never) are deleted first."""
+        """Read everything back at start-up, after deleting what expired:
+
+        - Sessions that were connected when the broker stopped count as disconnected now.
+          A session expires ``expiry_s`` seconds after it disconnected (its own value,
+          from SaveSession; 0 ends it with its connection, so it goes now) or, when it has
+          none (3.1.1), ``session_expiry_s`` seconds after; -1 never. Expired sessions are
+          deleted with everything they hold.
+        - Deliveries of messages whose ``expires_at`` is before ``now`` are deleted if
+          queued or sent (state 0 or 1), not once PUBREL was sent (state 2: the client has
+          the message); so are expired retained messages.
+        """
         now = time.time() if now is None else now
         conn = self.conn
         conn.execute("BEGIN")
@@ -243,39 +282,48 @@ class SqliteStore:
             conn.execute(
                 "UPDATE sessions SET disconnected_at = ? WHERE disconnected_at IS NULL", (now,)
             )
-            expired: list[str] = []
-            if session_expiry_s >= 0:
-                expired = [
-                    row[0] for row in conn.execute(
-                        "SELECT client_id FROM sessions WHERE disconnected_at < ?",
-                        (now - session_expiry_s,),
-                    )
-                ]
-                for statement in _STATEMENTS[ops.DeleteSession]:
-                    conn.executemany(statement, [(c,) for c in expired])
+            expired = [row[0] for row in conn.execute(_EXPIRED_SESSIONS, (now, session_expiry_s))]
+            for statement in _STATEMENTS[ops.DeleteSession]:
+                conn.executemany(statement, [(c,) for c in expired])
             # rows of sessions that no longer exist, and bodies nothing refers to
             for table in ("deliveries", "subscriptions", "inbound_qos2"):
                 conn.execute(
                     f"DELETE FROM {table} WHERE client_id NOT IN (SELECT client_id FROM sessions)"
                 )
-            conn.execute("DELETE FROM messages WHERE refs <= 0")
+            expired_messages = conn.execute(
+                "DELETE FROM deliveries WHERE state < 2 AND message_id IN "
+                "(SELECT id FROM messages WHERE expires_at < ?)",
+                (now,),
+            ).rowcount
+            conn.execute(_DELETE_UNREFERENCED)
+            expired_retained = conn.execute(
+                "DELETE FROM retained WHERE expires_at < ?", (now,)
+            ).rowcount
             sessions = {
-                client_id: RestoredSession(client_id, disconnected_at)
-                for client_id, disconnected_at in conn.execute(
-                    "SELECT client_id, disconnected_at FROM sessions"
+                client_id: RestoredSession(client_id, disconnected_at, expiry_s=expiry_s)
+                for client_id, disconnected_at, expiry_s in conn.execute(
+                    "SELECT client_id, disconnected_at, expiry_s FROM sessions"
                 )
             }
-            for client_id, topic_filter, qos in conn.execute(
-                "SELECT client_id, filter, qos FROM subscriptions"
+            for client_id, topic_filter, qos, options, subscription_id in conn.execute(
+                "SELECT client_id, filter, qos, options, subscription_id FROM subscriptions"
             ):
-                sessions[client_id].subscriptions[topic_filter] = qos
-            for client_id, seq, packet_id, state, qos, retain, topic, payload in conn.execute(
+                session = sessions[client_id]
+                session.subscriptions[topic_filter] = qos
+                if options or subscription_id:
+                    session.subscription_options[topic_filter] = (options, subscription_id)
+            for (
+                client_id, seq, packet_id, state, qos, retain, topic, payload, properties,
+                expires_at,
+            ) in conn.execute(
                 "SELECT d.client_id, d.seq, d.packet_id, d.state, d.qos, d.retain, m.topic, "
-                "m.payload FROM deliveries d JOIN messages m ON m.id = d.message_id "
+                "m.payload, m.properties, m.expires_at FROM deliveries d "
+                "JOIN messages m ON m.id = d.message_id "
                 "WHERE d.state > 0 ORDER BY d.client_id, d.seq"
             ):
                 sessions[client_id].inflight.append(
-                    (seq, packet_id, state, qos, bool(retain), topic, payload)
+                    (seq, packet_id, state, qos, bool(retain), topic, payload, properties,
+                     expires_at)
                 )
             for client_id, count, first_seq, last_seq in conn.execute(
                 "SELECT client_id, sum(state = 0), min(CASE WHEN state = 0 THEN seq END), "
@@ -295,19 +343,18 @@ class SqliteStore:
                 "SELECT client_id, packet_id FROM inbound_qos2"
             ):
                 sessions[client_id].inbound_qos2.add(packet_id)
-            retained = [
-                (topic, payload, qos)
-                for topic, payload, qos in conn.execute(
-                    "SELECT topic, payload, qos FROM retained ORDER BY topic"
-                )
-            ]
+            retained: list[RetainedRow] = conn.execute(
+                "SELECT topic, payload, qos, properties, expires_at FROM retained ORDER BY topic"
+            ).fetchall()
             (max_id,) = conn.execute("SELECT max(id) FROM messages").fetchone()
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        return Snapshot(sessions, retained, (max_id or 0) + 1, expired)
+        return Snapshot(
+            sessions, retained, (max_id or 0) + 1, expired, expired_messages, expired_retained
+        )
 
     def table_counts(self) -> dict[str, int]:
         names = ("sessions", "subscriptions", "messages", "deliveries", "inbound_qos2", "retained")

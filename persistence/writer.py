@@ -52,11 +52,19 @@ class GroupCommitWriter:
             self._idle = False
             self._wakeup.set()
 
-    def add_message(self, topic: str, payload: bytes, qos: int) -> int:
-        """Store a message body once; returns its id for the deliveries that refer to it."""
+    def add_message(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        properties: bytes | None = None,
+        expires_at: float | None = None,
+    ) -> int:
+        """Store a message body once; returns its id for the deliveries that refer to it.
+        ``properties``/``expires_at``: the MQTT 5 property block and expiry (see AddMessage)."""
         message_id = self.next_message_id
         self.next_message_id = message_id + 1
-        self.submit(AddMessage(message_id, topic, payload, qos))
+        self.submit(AddMessage(message_id, topic, payload, qos, properties, expires_at))
         return message_id
 
     @property

@@ -154,7 +154,7 @@ def test_reopen_keeps_data_and_applies_no_migration_twice(db_path: Path) -> None
     try:
         snapshot = store.load(now=1000.0)
         assert set(snapshot.sessions) == {"client-1", "client-2", "client-3"}
-        assert snapshot.retained == [("ret", b"retained", 1)]
+        assert snapshot.retained == [("ret", b"retained", 1, None, None)]
     finally:
         store.close()
     assert aside_files(db_path) == []
@@ -322,7 +322,10 @@ def test_locked_database_is_not_moved_aside(db_path: Path) -> None:
     try:
         other.execute("PRAGMA locking_mode = EXCLUSIVE")
         other.execute("BEGIN EXCLUSIVE")
-        other.execute("INSERT INTO sessions VALUES ('other-process', 1, 1)")
+        other.execute(
+            "INSERT INTO sessions (client_id, created_at, disconnected_at) "
+            "VALUES ('other-process', 1, 1)"
+        )
         other.execute("COMMIT")  # exclusive locking mode: the lock stays held
         with pytest.raises(StoreError, match=r"cannot open database .*locked"):
             SqliteStore.open(db_path)  # waits for the busy timeout, then refuses clearly

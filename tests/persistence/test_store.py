@@ -191,7 +191,7 @@ def test_delete_session_removes_everything_it_owns(h: Harness) -> None:
     assert b.queued == 1
     assert b.inbound_qos2 == {5}
     assert h.load_queued("b") == [QueuedRow(1, 1, False, "topic/2", b"payload-2")]
-    assert snapshot.retained == [("r", b"kept", 1)]
+    assert snapshot.retained == [("r", b"kept", 1, None, None)]
 
 
 def test_delete_unknown_session_is_harmless(h: Harness) -> None:
@@ -263,8 +263,8 @@ def test_queued_and_inflight_deliveries(h: Harness) -> None:
     snapshot = h.load()
     c = snapshot.sessions["c"]
     assert c.inflight == [
-        (5, 7, 1, 1, True, "a/b", b"\x00\xff\xfe binary"),
-        (6, 8, 1, 2, False, "a/c", b"two"),
+        (5, 7, 1, 1, True, "a/b", b"\x00\xff\xfe binary", None, None),
+        (6, 8, 1, 2, False, "a/c", b"two", None, None),
     ]
     for entry in c.inflight:
         assert type(entry[4]) is bool
@@ -316,8 +316,8 @@ def test_set_inflight_and_set_released(h: Harness) -> None:
     h.apply(SetReleased("c", 4))
     c = h.load().sessions["c"]
     assert c.inflight == [
-        (1, 100, 1, 1, False, "topic/1", b"payload-1"),
-        (4, 101, 2, 2, False, "t/4", b"p4"),
+        (1, 100, 1, 1, False, "topic/1", b"payload-1", None, None),
+        (4, 101, 2, 2, False, "t/4", b"p4", None, None),
     ]
     assert c.queued == 2
     assert c.queued_after == 1
@@ -363,7 +363,7 @@ def test_shared_message_stored_once_until_last_delivery_goes(h: Harness) -> None
     snapshot = h.load()
     # survives a reload and load()'s clean-up of unreferenced bodies
     assert h.counts()["messages"] == 1
-    assert snapshot.sessions["b"].inflight == [(1, 3, 1, 1, False, "shared", b"body")]
+    assert snapshot.sessions["b"].inflight == [(1, 3, 1, 1, False, "shared", b"body", None, None)]
     assert snapshot.next_message_id == 2
 
     h.apply(RemoveDelivery("b", 1))
@@ -455,7 +455,7 @@ def test_set_and_delete_retained(h: Harness) -> None:
         DeleteRetained("never-set"),
     )
     snapshot = h.load()
-    assert snapshot.retained == [("a/b", b"second", 2), ("z", b"zed", 2)]
+    assert snapshot.retained == [("a/b", b"second", 2, None, None), ("z", b"zed", 2, None, None)]
     assert type(snapshot.retained[0][1]) is bytes
     assert h.counts()["retained"] == 2
 
@@ -627,7 +627,7 @@ def test_failing_batch_applies_nothing(h: Harness, violation: ops.Op) -> None:
     assert snapshot.sessions["keep"].subscriptions == {"k": 1}
     assert snapshot.sessions["keep"].queued == 1
     assert snapshot.sessions["keep"].inflight == []
-    assert snapshot.retained == [("kept", b"k", 0)]
+    assert snapshot.retained == [("kept", b"k", 0, None, None)]
     assert snapshot.next_message_id == 2
     # the store is still usable
     h.apply(SaveSession("later", 2.0))
