@@ -75,7 +75,7 @@ class Snapshot:
     retained: list[RetainedRow]  # by topic; expired ones already deleted
     next_message_id: int
     expired: list[str]  # client ids of the sessions deleted as expired
-    expired_messages: int = 0  # queued or sent (state 1) deliveries deleted as expired
+    expired_messages: int = 0  # queued (never sent) deliveries deleted as expired
     expired_retained: int = 0  # retained messages deleted as expired
 
 
@@ -272,8 +272,9 @@ class SqliteStore:
           none (3.1.1), ``session_expiry_s`` seconds after; -1 never. Expired sessions are
           deleted with everything they hold.
         - Deliveries of messages whose ``expires_at`` is before ``now`` are deleted if
-          queued or sent (state 0 or 1), not once PUBREL was sent (state 2: the client has
-          the message); so are expired retained messages.
+          still queued (state 0); once sent (state 1 or 2) onward delivery has started and
+          the message is resent as it was (MQTT-3.3.2-5); expired retained messages are
+          deleted too.
         """
         now = time.time() if now is None else now
         conn = self.conn
@@ -291,7 +292,7 @@ class SqliteStore:
                     f"DELETE FROM {table} WHERE client_id NOT IN (SELECT client_id FROM sessions)"
                 )
             expired_messages = conn.execute(
-                "DELETE FROM deliveries WHERE state < 2 AND message_id IN "
+                "DELETE FROM deliveries WHERE state = 0 AND message_id IN "
                 "(SELECT id FROM messages WHERE expires_at < ?)",
                 (now,),
             ).rowcount

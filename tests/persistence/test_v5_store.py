@@ -398,7 +398,7 @@ def _populate_messages(fs: FileStore) -> None:
         AddMessage(5, "kept/future", b"eeeee", 1, None, FUTURE),
         AddMessage(6, "kept/now", b"ffffff", 1, None, NOW),  # expires_at == now: not yet
         AddMessage(7, "expired/gone", b"g", 1, None, PAST),
-        queue("c", 1, 3, packet_id=1),  # state 1, expired: deleted
+        queue("c", 1, 3, packet_id=1),  # state 1 (sent), expired: kept (MQTT-3.3.2-5)
         queue("c", 2, 4, packet_id=2, qos=2),  # state 2 below, expired: kept
         queue("c", 3, 1),  # queued, expired: deleted
         queue("c", 4, 2),
@@ -418,11 +418,14 @@ def test_expired_messages_are_deleted_at_load(fs: FileStore) -> None:
     _populate_messages(fs)
     snapshot = fs.load(now=NOW, session_expiry_s=-1)
     assert snapshot.expired == ["gone"]
-    assert snapshot.expired_messages == 4  # c/1, c/3, c/7, d/1
+    assert snapshot.expired_messages == 3  # c/3, c/7, d/1
     assert snapshot.expired_retained == 1
 
     c = snapshot.sessions["c"]
-    assert c.inflight == [(2, 2, 2, 2, False, "expired/released", b"dddd", PROPS, PAST)]
+    assert c.inflight == [  # onward delivery has started: resent, never expired
+        (1, 1, 1, 1, False, "expired/sent", b"ccc", PROPS, PAST),
+        (2, 2, 2, 2, False, "expired/released", b"dddd", PROPS, PAST),
+    ]
     assert c.queued == 3
     assert list(c.queued_sizes) == [2, 5, 6]
     assert c.queued_after == 3
@@ -437,10 +440,10 @@ def test_expired_messages_are_deleted_at_load(fs: FileStore) -> None:
     ]
     # bodies with no delivery left are gone; the released one stays for its PUBREL
     assert [row[0] for row in fs.store.conn.execute("SELECT id FROM messages ORDER BY id")] == [
-        2, 4, 5, 6,
+        2, 3, 4, 5, 6,
     ]
     assert fs.counts() == {
-        "sessions": 2, "subscriptions": 0, "messages": 4, "deliveries": 4,
+        "sessions": 2, "subscriptions": 0, "messages": 5, "deliveries": 5,
         "inbound_qos2": 0, "retained": 2,
     }
     # committed: a second load at the same time has nothing to expire
@@ -456,11 +459,11 @@ def test_message_expiry_moves_with_the_clock(fs: FileStore) -> None:
     assert early.sessions["c"].queued == 5
     assert len(early.sessions["c"].inflight) == 2
     late = fs.load(now=FUTURE + 1, session_expiry_s=-1)
-    assert late.expired_messages == 4 + 2  # and now kept/now and kept/future
+    assert late.expired_messages == 3 + 2  # and now kept/now and kept/future
     assert late.expired_retained == 2
     c = late.sessions["c"]
     assert c.queued == 1 and list(c.queued_sizes) == [2]
-    assert [entry[0] for entry in c.inflight] == [2]  # PUBREL sent: never expires
+    assert [entry[0] for entry in c.inflight] == [1, 2]  # in flight: never expires
     assert c.queued_after == 3 and c.next_seq == 5
     assert [row.seq for row in fs.load_queued("c")] == [4]
     assert late.retained == [("r/forever", b"z", 0, None, None)]
