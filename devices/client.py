@@ -91,6 +91,7 @@ class Client:
     max_inflight: int = 20  # unacknowledged QoS 1/2 publishes at once
     connect_timeout_s: float = 10.0
     on_message: Callable[[codec.Publish], None] | None = None
+    on_ack: Callable[[codec.Publish], None] | None = None  # a QoS 1/2 publish was settled
     # counters
     connects: int = attrs.field(init=False, default=0)
     published: int = attrs.field(init=False, default=0)  # PUBLISH packets sent (not resends)
@@ -281,8 +282,9 @@ class Client:
                 if packet.qos == 1:
                     out += codec.PubAck(packet.packet_id).encode()
         elif isinstance(packet, codec.PubAck | codec.PubComp):
-            if self._inflight.pop(packet.packet_id, None) is not None:
-                self._settled()
+            entry = self._inflight.pop(packet.packet_id, None)
+            if entry is not None:
+                self._settled(entry.packet)
         elif isinstance(packet, codec.PubRec):
             entry = self._inflight.get(packet.packet_id)
             if entry is not None:
@@ -306,8 +308,10 @@ class Client:
         if self.on_message is not None:
             self.on_message(packet)
 
-    def _settled(self) -> None:
+    def _settled(self, packet: codec.Publish) -> None:
         self.acked += 1
+        if self.on_ack is not None:
+            self.on_ack(packet)
         self._window.release()
         if not self._inflight:
             self._idle.set()
