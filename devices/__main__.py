@@ -178,8 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--client-id", default="backend-1", help="default: %(default)s")
     consume.add_argument("-t", "--filter", default="site/+/telemetry",
                          help="topic filter (default: %(default)s)")
-    consume.add_argument("-g", "--group",
-                         help="consumer group: subscribe to $share/GROUP/FILTER")
+    consume.add_argument("-g", "--group", default="workers",
+                         help="consumer group: subscribe to $share/GROUP/FILTER, so the "
+                         "workers of a group share the messages (default: %(default)s)")
+    consume.add_argument("--no-group", dest="group", action="store_const", const=None,
+                         help="subscribe to FILTER itself: every worker gets every message")
     consume.add_argument("-q", "--qos", type=int, choices=(0, 1, 2), default=1)
     consume.add_argument("--persistent", action="store_true",
                          help="clean session 0: messages queue while the worker is away")

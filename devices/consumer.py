@@ -82,6 +82,8 @@ class ConsumerStats:
     not_json: int = 0
     devices: dict[str, DeviceTally] = attrs.field(factory=dict)
     reconnects: int = 0
+    errors: int = 0  # failed connection attempts and lost connections
+    last_error: str = ""
     elapsed_s: float = 0.0
 
     @property
@@ -115,6 +117,7 @@ class Consumer:
     stats: ConsumerStats = attrs.field(init=False, factory=ConsumerStats)
     client: Client = attrs.field(init=False)
     _stop: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _scope: trio.CancelScope = attrs.field(init=False, factory=trio.CancelScope)
     _task_status: Any = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
@@ -130,7 +133,10 @@ class Consumer:
         return shared_filter(self.filter, self.group)
 
     def stop(self) -> None:
+        """Disconnect and end :meth:`run` (at once if not connected: no reconnecting)."""
         self._stop.set()
+        if not self.client.is_connected:
+            self._scope.cancel()
 
     def _on_message(self, packet: codec.Publish) -> None:
         stats = self.stats
@@ -153,7 +159,7 @@ class Consumer:
         if self.on_message is not None:
             self.on_message(packet)
         if self.count is not None and stats.received >= self.count:
-            self._stop.set()
+            self.stop()
 
     async def _session(self, client: Client, connack: codec.ConnAck) -> bool:
         if client.connects > 1:
@@ -179,12 +185,22 @@ class Consumer:
                     nursery.start_soon(self._report_loop, started)
                 if self.duration_s is not None:
                     nursery.start_soon(self._stop_after, self.duration_s)
-                await run_with_reconnect(self.client, self._session,
-                                         backoff=Backoff(self.backoff_initial_s))
+                with self._scope:
+                    await run_with_reconnect(self.client, self._session, on_error=self._on_error,
+                                             backoff=Backoff(self.backoff_initial_s))
                 nursery.cancel_scope.cancel()
         finally:
             self.stats.elapsed_s = trio.current_time() - started
         return self.stats
+
+    def _on_error(self, exc: BaseException) -> None:
+        if self._stop.is_set():  # lost while stopping: done
+            self._scope.cancel()
+            return
+        self.stats.errors += 1
+        self.stats.last_error = str(exc) or repr(exc)
+        if self.report is not None:
+            self.report(f"connection error: {self.stats.last_error} (reconnecting)")
 
     async def _stop_after(self, duration_s: float) -> None:
         await trio.sleep(duration_s)

@@ -96,8 +96,9 @@ class FleetStats:
     elapsed_s: float = 0.0
 
     def line(self) -> str:
-        return (f"connected {self.connected}/{self.devices}  published {self.published:,}  "
+        text = (f"connected {self.connected}/{self.devices}  published {self.published:,}  "
                 f"acked {self.acked:,}  commands {self.commands}  reconnects {self.reconnects}")
+        return f"{text}  connection errors {self.errors}" if self.errors else text
 
     def summary(self) -> str:
         rate = self.published / self.elapsed_s if self.elapsed_s else 0.0
@@ -185,6 +186,9 @@ class SensorDevice:
         self.stats.finished += 1
 
     def _on_error(self, exc: BaseException) -> None:
+        if self._stopping:  # lost while saying goodbye: done, no reconnecting
+            self._scope.cancel()
+            return
         self.stats.errors += 1
 
     def _on_message(self, packet: codec.Publish) -> None:
