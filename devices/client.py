@@ -112,6 +112,7 @@ class Client:
     _last_send: float = attrs.field(init=False, default=0.0)
     _ping_sent: float | None = attrs.field(init=False, default=None)
     _lost: ConnectionLost | None = attrs.field(init=False, default=None)
+    _closing: bool = attrs.field(init=False, default=False)  # DISCONNECT is on its way
     _cancel: trio.CancelScope | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
@@ -134,6 +135,7 @@ class Client:
         Resends the unacknowledged publishes of the previous connection first."""
         decoder = codec.Decoder(protocol_level=codec.PROTOCOL_311)
         self._lost = None
+        self._closing = False
         with trio.fail_after(self.connect_timeout_s):
             stream = await trio.open_tcp_stream(self.host, self.port)
         try:
@@ -150,7 +152,8 @@ class Client:
                     nursery.start_soon(self._keepalive)
                 await self._resend()
                 yield connack
-                if self._lost is None:  # the block finished: a clean goodbye
+                if self._lost is None:  # the block finished: a clean goodbye (the broker
+                    self._closing = True  # closes the socket then; that is no loss)
                     with trio.move_on_after(self.connect_timeout_s):
                         await self._send(codec.Disconnect().encode())
                 nursery.cancel_scope.cancel()
@@ -200,7 +203,7 @@ class Client:
         self._connection_lost("aborted by the client")
 
     def _connection_lost(self, why: str) -> None:
-        if self._lost is None:
+        if self._lost is None and not self._closing:
             self._lost = ConnectionLost(f"{self.client_id}: {why}")
         if self._cancel is not None:
             self._cancel.cancel()
