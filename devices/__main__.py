@@ -1,0 +1,228 @@
+"""Device simulators: ``python -m devices {fleet,consume,command,constrained} ...``
+(also installed as ``mqttd-devices``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from devices import constrained
+from devices.consumer import Consumer, send_command
+from devices.fleet import Fleet, FleetConfig, Topics
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("broker")
+    group.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    group.add_argument("-p", "--port", type=int, default=1883, help="default: %(default)s")
+    group.add_argument("-u", "--username")
+    group.add_argument("-P", "--password")
+
+
+def _topic_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("topic templates ({id} is the device id)")
+    defaults = Topics()
+    for name in ("telemetry", "status", "command", "reply"):
+        group.add_argument(f"--{name}-topic", default=getattr(defaults, name),
+                           metavar="TEMPLATE", help="default: %(default)s")
+
+
+def _topics(args: argparse.Namespace) -> Topics:
+    return Topics(args.telemetry_topic, args.status_topic, args.command_topic, args.reply_topic)
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+async def _until_signalled(on_first: Callable[[], None], scope: trio.CancelScope) -> None:
+    """First SIGINT/SIGTERM: stop gracefully; the second: cancel."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        stopping = False
+        async for _ in signals:
+            if stopping:
+                scope.cancel()
+                return
+            stopping = True
+            _say("stopping (again to abort)")
+            on_first()
+
+
+def run_fleet_command(args: argparse.Namespace) -> int:
+    config = FleetConfig(
+        devices=args.devices, prefix=args.prefix, first=args.first, interval_s=args.interval,
+        qos=args.qos, persistent=args.persistent, count=args.count, duration_s=args.duration,
+        keepalive_s=args.keepalive, max_inflight=args.inflight, username=args.username,
+        password=args.password, topics=_topics(args), connect_rate=args.connect_rate,
+        backoff_max_s=args.backoff_max, report_interval_s=args.report_interval, seed=args.seed,
+    )
+    fleet = Fleet(args.host, args.port, config, report=_say)
+    last = config.device_id(config.first + config.devices - 1)
+    _say(f"fleet {fleet.run_id}: {config.devices} devices {config.device_id(config.first)}.."
+         f"{last} -> {args.host}:{args.port}, one message every {config.interval_s:g}s each, "
+         f"QoS {config.qos}, {'persistent' if config.persistent else 'clean'} sessions, "
+         f"telemetry on {config.topics.telemetry}")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_until_signalled, fleet.stop, nursery.cancel_scope)
+            await fleet.run()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    _say(fleet.stats.summary())
+    stats = fleet.stats
+    return 0 if config.qos == 0 or stats.acked == stats.published else 1
+
+
+def run_consume_command(args: argparse.Namespace) -> int:
+    consumer = Consumer(
+        args.host, args.port, client_id=args.client_id, filter=args.filter, group=args.group,
+        qos=args.qos, persistent=args.persistent, username=args.username,
+        password=args.password, count=args.count, duration_s=args.duration, report=_say,
+        report_interval_s=args.report_interval, show=args.show,
+    )
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            async def consume(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                await consumer.run(task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(_until_signalled, consumer.stop, nursery.cancel_scope)
+            await nursery.start(consume)
+            _say(f"{consumer.client_id}: subscribed to {consumer.subscription} "
+                 f"(QoS {consumer.qos}, {'persistent' if args.persistent else 'clean'} session)")
+
+    trio.run(main)
+    _say(consumer.summary())
+    return 0
+
+
+def run_command_command(args: argparse.Namespace) -> int:
+    async def main() -> dict[str, Any]:
+        return await send_command(
+            args.host, args.port, args.device, args.json, topics=_topics(args),
+            timeout_s=args.timeout, username=args.username, password=args.password,
+        )
+
+    try:
+        reply = trio.run(main)
+    except trio.TooSlowError:
+        print(f"no reply from {args.device} within {args.timeout:g}s", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _say(json.dumps(reply))
+    return 0 if reply.get("ok") else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m devices", description="MQTT device simulators for mqttd.",
+        epilog="Run 'python -m devices COMMAND --help' for the options of each command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    fleet = sub.add_parser("fleet", help="a fleet of sensors publishing JSON telemetry",
+                           description="N sensors, each its own MQTT client, publishing JSON "
+                           "telemetry, answering commands, reconnecting with backoff.")
+    _connection_options(fleet)
+    fleet.add_argument("-n", "--devices", type=_positive(int), default=10,
+                       help="number of devices (default: %(default)s)")
+    fleet.add_argument("--prefix", default="sensor-", help="client id prefix (default: "
+                       "%(default)s, ids like sensor-0001)")
+    fleet.add_argument("--first", type=int, default=1, help="number of the first device")
+    fleet.add_argument("-i", "--interval", type=_positive(float), default=1.0,
+                       help="seconds between two messages of one device (default: %(default)s)")
+    fleet.add_argument("-q", "--qos", type=int, choices=(0, 1, 2), default=1)
+    fleet.add_argument("--persistent", action="store_true",
+                       help="clean session 0: the broker keeps each device's session")
+    fleet.add_argument("-c", "--count", type=_positive(int),
+                       help="messages per device, then stop")
+    fleet.add_argument("-d", "--duration", type=_positive(float), help="seconds, then stop")
+    fleet.add_argument("--keepalive", type=int, default=60, help="seconds (default: 60)")
+    fleet.add_argument("--inflight", type=_positive(int), default=10,
+                       help="unacknowledged QoS 1/2 messages per device (default: 10)")
+    fleet.add_argument("--connect-rate", type=_positive(float), default=500.0,
+                       help="connections per second while starting (default: 500)")
+    fleet.add_argument("--backoff-max", type=_positive(float), default=10.0,
+                       help="longest wait between reconnects, seconds (default: 10)")
+    fleet.add_argument("--report-interval", type=_positive(float), default=2.0,
+                       help="seconds between progress lines (default: 2)")
+    fleet.add_argument("--seed", type=int, help="random seed for the simulated values")
+    _topic_options(fleet)
+    fleet.set_defaults(handler=run_fleet_command)
+
+    consume = sub.add_parser("consume", help="a backend worker consuming telemetry",
+                             description="Subscribe to the fleet's telemetry (QoS 1), print "
+                             "rates, per-device counts and last values.")
+    _connection_options(consume)
+    consume.add_argument("--client-id", default="backend-1", help="default: %(default)s")
+    consume.add_argument("-t", "--filter", default="site/+/telemetry",
+                         help="topic filter (default: %(default)s)")
+    consume.add_argument("-g", "--group", default="workers",
+                         help="consumer group: subscribe to $share/GROUP/FILTER, so the "
+                         "workers of a group share the messages (default: %(default)s)")
+    consume.add_argument("--no-group", dest="group", action="store_const", const=None,
+                         help="subscribe to FILTER itself: every worker gets every message")
+    consume.add_argument("-q", "--qos", type=int, choices=(0, 1, 2), default=1)
+    consume.add_argument("--persistent", action="store_true",
+                         help="clean session 0: messages queue while the worker is away")
+    consume.add_argument("-c", "--count", type=_positive(int), help="stop after N messages")
+    consume.add_argument("-d", "--duration", type=_positive(float), help="seconds, then stop")
+    consume.add_argument("--show", type=int, default=3,
+                         help="devices listed in each report (default: 3)")
+    consume.add_argument("--report-interval", type=_positive(float), default=2.0)
+    consume.set_defaults(handler=run_consume_command)
+
+    command = sub.add_parser("command", help="send a command to a device, print its reply",
+                             description="Publish a JSON command on the device's command "
+                             "topic and wait for its reply: ping, set_interval, reboot.",
+                             epilog='example: python -m devices command sensor-0001 '
+                             '\'{"cmd": "set_interval", "seconds": 2}\'')
+    _connection_options(command)
+    command.add_argument("device", help="device id, e.g. sensor-0001")
+    command.add_argument("json", nargs="?", default='{"cmd": "ping"}',
+                         help='the command (default: {"cmd": "ping"})')
+    command.add_argument("--timeout", type=_positive(float), default=10.0,
+                         help="seconds to wait for the reply (default: 10)")
+    _topic_options(command)
+    command.set_defaults(handler=run_command_command)
+
+    sub.add_parser("constrained", add_help=False,
+                   help="a constrained device: window of one, slow acks "
+                   "(python -m devices constrained --help)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "constrained":
+        return constrained.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
