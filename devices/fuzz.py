@@ -1091,7 +1091,7 @@ class BrokerFuzzer:
                 fail(f"{peer}: the client holds {sorted(peer.outstanding.items())} "
                      f"unacknowledged, the broker {sorted(inflight)} in flight")
             for packet_id, (qos, released) in peer.outstanding.items():
-                message, inflight_qos, _retain, _seq, _share = inflight[packet_id]
+                message, inflight_qos, _retain, _seq, _share, _ids = inflight[packet_id]
                 if released != (message is None) or inflight_qos != qos:
                     fail(f"{peer}: packet id {packet_id} is {(qos, released)} for the client, "
                          f"{(message, inflight_qos)} for the broker")
@@ -1119,10 +1119,10 @@ def trie_entries(trie: Any) -> list[tuple[str, str, Any, int]] | None:
         if prefix and node.is_empty():
             fail(f"an empty trie node was not pruned: {'/'.join(prefix)!r}")
         path = "/".join(prefix)
-        for client_id, (subscriber, qos) in node.subscribers.items():
+        for client_id, (subscriber, qos, _options) in node.subscribers.items():
             out.append((path, client_id, subscriber, qos))
         hash_filter = "/".join([*prefix, "#"])
-        for client_id, (subscriber, qos) in node.hash_subscribers.items():
+        for client_id, (subscriber, qos, _options) in node.hash_subscribers.items():
             out.append((hash_filter, client_id, subscriber, qos))
         if node.plus is not None:
             stack.append((node.plus, [*prefix, "+"]))
@@ -1223,7 +1223,7 @@ def check_broker(broker: Broker, deep: bool = True) -> None:
                 if matches(topic_filter, topic):
                     if client_id not in expected or qos > expected[client_id][1]:
                         expected[client_id] = (subscriber, qos)
-            got = {(id(s), q) for s, q in cached}
+            got = {(id(s), q) for s, q, _options in cached}
             if got != {(id(s), q) for s, q in expected.values()} or len(cached) != len(got):
                 fail(f"stale trie match cache for {topic!r}: {cached} vs {expected}")
 

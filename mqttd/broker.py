@@ -23,7 +23,9 @@ both files (SIGHUP).
 
 from __future__ import annotations
 
+import heapq
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -33,6 +35,7 @@ from typing import Any, cast
 import attrs
 import trio
 
+from mqttd import v5
 from mqttd.acl import AclFile, CachedAuthorizer
 from mqttd.auth import (
     Authenticator,
@@ -51,14 +54,18 @@ from mqttd.codec import (
     TopicNameInvalid,
 )
 from mqttd.codec.errors import (
+    BadAuthenticationMethod,
     NotAuthorized,
+    ReceiveMaximumExceeded,
     ServerBusy,
     SessionTakenOver,
 )
 from mqttd.codec.packets import (
+    AUTH,
     CONNECT,
     DISCONNECT,
     PINGREQ,
+    PROTOCOL_5,
     PROTOCOL_31,
     PUBACK,
     PUBCOMP,
@@ -67,6 +74,7 @@ from mqttd.codec.packets import (
     PUBREL,
     SUBSCRIBE,
     UNSUBSCRIBE,
+    Auth,
     ConnAck,
     Connect,
     Disconnect,
@@ -99,6 +107,13 @@ log = logging.getLogger(__name__)
 
 MAX_QOS = 2
 BRIDGE_FLAG = 0x80
+DISCONNECT_WITH_WILL = 0x04
+NO_MATCHING_SUBSCRIBERS = 0x10
+NO_SUBSCRIPTION_EXISTED = 0x11
+SUBACK_NOT_AUTHORIZED = 0x87
+TOPIC_FILTER_INVALID = 0x8F
+QUOTA_EXCEEDED = 0x97
+PUBLISH_NOT_AUTHORIZED = 0x87
 SHUTDOWN_FLUSH_TIMEOUT_S = 5.0
 DENIED_LOG_INTERVAL_S = 10.0  # at most one log line per interval for ACL refusals
 
@@ -122,6 +137,7 @@ class Broker:
     limits_exceeded: dict[str, int] = attrs.Factory(dict)
     _check_topic_limits: bool = attrs.field(init=False)
     _publish_rate: float = attrs.field(init=False)  # per client per second; 0: no limit
+    _receive_maximum: int = attrs.field(init=False)  # 5.0, announced in CONNACK
     read_pauses: int = 0
     stalled_disconnects: int = 0
     _progress: trio.Event = attrs.Factory(trio.Event)
@@ -140,6 +156,13 @@ class Broker:
     # that arrived meanwhile; the services nursery runs those checks (while serving)
     _parked: dict[Connection, list[Packet]] = attrs.field(init=False, factory=dict)
     _services: trio.Nursery | None = attrs.field(init=False, default=None)
+    # 5.0 wills waiting for their delay: client id -> (when, will)
+    _delayed_wills: dict[str, tuple[float, Will]] = attrs.field(init=False, factory=dict)
+    _timers: list[tuple[float, int, Callable[[], object]]] = attrs.field(
+        init=False, factory=list
+    )
+    _timer_seq: int = attrs.field(init=False, default=0)
+    _timer_wakeup: trio.Event = attrs.field(init=False, factory=trio.Event)
     bridges: Bridges | None = attrs.field(init=False, default=None)  # while serving
     _next_denied_log: float = attrs.field(init=False, default=0.0)
     # counters
@@ -158,6 +181,7 @@ class Broker:
             limits.max_topic_length_bytes < 65535 or limits.max_topic_levels > 0
         )
         self._publish_rate = max(0.0, limits.max_publish_rate_per_s)
+        self._receive_maximum = min(limits.max_receive_messages, 65535)
         self.shares = ShareGroups(self.router.trie)
         self._handlers = {
             CONNECT: self._on_connect,
@@ -170,6 +194,7 @@ class Broker:
             UNSUBSCRIBE: self._on_unsubscribe,
             PINGREQ: self._on_pingreq,
             DISCONNECT: self._on_disconnect,
+            AUTH: self._on_auth,
         }
 
     @property
@@ -226,8 +251,13 @@ class Broker:
         log.warning("client %s: %s (%s); closing", conn.name, exc, type(exc).__name__)
         if isinstance(exc, PacketTooLarge):
             self.limit_exceeded("packet_size")
-        if conn.session is None and exc.connack_code is not None:
-            conn.send_packet(ConnAck(False, exc.connack_code))
+        if conn.session is None:
+            if conn.protocol_level == PROTOCOL_5:
+                code = exc.reason_code if exc.reason_code >= 0x80 else 0x80
+                props = {"reason_string": str(exc)[:200]} if str(exc) else None
+                conn.send(ConnAck(False, code, props).encode(PROTOCOL_5))
+            elif exc.connack_code is not None:
+                conn.send_packet(ConnAck(False, exc.connack_code))
         conn.close(exc, flush=True)
 
     def connection_lost(self, conn: Connection) -> None:
@@ -245,29 +275,83 @@ class Broker:
         will, conn.will = conn.will, None
         if session.connection is conn:
             self._detach(session)
-        if not session.persistent and self.sessions.get(session.client_id) is session:
+        ends = not session.persistent or session.expiry_s == 0
+        if ends and self.sessions.get(session.client_id) is session:
             self._discard_session(session)
         reason = conn.close_reason
         log.info(
             "client %s disconnected%s", conn.name, f" ({reason})" if reason is not None else ""
         )
         if will is not None:
+            self._will_due(session, will, ends)
+        elif session.expiry_s is not None and session.expiry_s > 0 and not ends:
+            self.call_at(time.time() + session.expiry_s, self.expire_sessions)
+
+    # -- timers: 5.0 will delay and session expiry -----------------------------------------
+
+    def _will_due(self, session: Session, will: Will, session_ended: bool) -> None:
+        """Publish a will now, or after its Will Delay Interval or at the end of the session,
+        whichever comes first (cancelled if the client connects again before)."""
+        delay = will.properties.get("will_delay_interval", 0) if will.properties else 0
+        expiry = session.expiry_s
+        if expiry is None:
+            expiry = self.config.persistence.session_expiry_s
+        if expiry >= 0:
+            if session.expiry_s is not None and expiry > 0 and not session_ended:
+                self.call_at(time.time() + expiry, self.expire_sessions)
+            delay = min(delay, expiry)
+        if not delay or session_ended:
             self._publish_will(will)
+            return
+        entry = (time.time() + delay, will)
+        self._delayed_wills[session.client_id] = entry
+        self.call_at(entry[0], lambda: self._delayed_will(session.client_id, entry))
+
+    def _delayed_will(self, client_id: str, entry: tuple[float, Will]) -> None:
+        if self._delayed_wills.get(client_id) is entry:
+            del self._delayed_wills[client_id]
+            self._publish_will(entry[1])
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> None:
+        """Run ``callback`` at ``when`` (epoch seconds) in the timer service (while serving)."""
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (when, self._timer_seq, callback))
+        if self._timers[0][2] is callback:
+            self._timer_wakeup.set()
+
+    async def _timer_loop(self) -> None:
+        timers = self._timers
+        while True:
+            now = time.time()
+            while timers and timers[0][0] <= now:
+                heapq.heappop(timers)[2]()
+            self._timer_wakeup = trio.Event()
+            with trio.move_on_after(timers[0][0] - now if timers else math.inf):
+                await self._timer_wakeup.wait()
 
     # -- messages --------------------------------------------------------------------
 
-    def publish(self, message: Publish, origin: Session | None = None) -> int:
+    def publish(
+        self, message: Publish, publisher: Session | None = None, bridge: bool = False
+    ) -> int:
         """Store (if retained) and route a message; returns the number of deliveries.
-        ``origin``: a session not to deliver to (the publisher, when it is a bridge)."""
+        ``publisher``: the publishing session (5.0 No Local; with ``bridge`` it gets
+        nothing back at all)."""
         if message.retain:
             writer = self.writer
             if message.payload:
                 self.retained.set(message.topic, message)
                 if writer is not None:
-                    writer.submit(ops.SetRetained(message.topic, message.payload, message.qos))
+                    if message.properties is None and message.expires_at is None:
+                        writer.submit(ops.SetRetained(message.topic, message.payload, message.qos))
+                    else:
+                        writer.submit(ops.SetRetained(
+                            message.topic, message.payload, message.qos,
+                            v5.stored_properties(message), message.expires_at,
+                        ))
             elif self.retained.delete(message.topic) and writer is not None:
                 writer.submit(ops.DeleteRetained(message.topic))
-        return self.router.route(message, origin)
+        return self.router.route(message, publisher, bridge)
 
     def _reply(self, conn: Connection, data: bytes, ticket_before: int) -> None:
         """Send a reply that acknowledges state: at once if handling the packet wrote
@@ -278,6 +362,8 @@ class Broker:
             conn.send(data)
         else:
             conn.defer(writer.ticket, data)
+            if data[0] == 0x40:
+                conn.qos1_unacked += 1  # until its PUBACK is sent (5.0 Receive Maximum)
             self._awaiting_commit.add(conn)
 
     def reply_after_commit(self, conn: Connection, data: bytes, ticket_before: int) -> None:
@@ -438,7 +524,7 @@ class Broker:
 
 
     def _publish_will(self, will: Will) -> None:
-        self.publish(Publish(will.topic, will.payload, will.qos, will.retain))
+        self.publish(v5.will_message(will, time.time()))
 
     # -- packet handlers -------------------------------------------------------------
 
@@ -448,23 +534,43 @@ class Broker:
         # not get its own messages back
         conn.is_bridge = bool(level & BRIDGE_FLAG)
         conn.protocol_level = level & ~BRIDGE_FLAG
+        v5_client = conn.protocol_level == PROTOCOL_5
+        props = packet.properties or {}
+        if "authentication_method" in props:
+            raise BadAuthenticationMethod(
+                f"authentication method {props['authentication_method']!r} is not supported"
+            )
         client_id = packet.client_id
+        assigned = False
         if not client_id:
-            if not packet.clean_session:
+            if not packet.clean_session and not v5_client:
                 raise ClientIdRejected("empty client identifier with clean session 0")
             if conn.protocol_level == PROTOCOL_31:
                 raise ClientIdRejected("empty client identifier is not allowed in MQTT 3.1")
             client_id = f"auto-{uuid.uuid4()}"
+            assigned = True
         if client_id.startswith(BRIDGE_PREFIX):
             raise ClientIdRejected(f"client ids starting with {BRIDGE_PREFIX!r} are reserved")
         conn.client_id = client_id
-        max_keepalive_s = self.config.limits.max_keepalive_s
-        if packet.keepalive_s > max_keepalive_s:
-            # 3.x cannot tell the client another keepalive; mosquitto refuses it this way
-            raise ClientIdRejected(
-                f"keepalive {packet.keepalive_s}s exceeds max_keepalive_s {max_keepalive_s}"
+        limits = self.config.limits
+        max_keepalive_s = limits.max_keepalive_s
+        if v5_client:
+            conn.keepalive_s, connack = v5.connect_terms(
+                conn, props, keepalive_s=packet.keepalive_s, max_keepalive_s=max_keepalive_s,
+                receive_maximum=limits.max_receive_messages,
+                max_packet_size=limits.max_packet_size_bytes,
+                topic_alias_maximum=limits.max_topic_aliases,
             )
-        conn.keepalive_s = packet.keepalive_s
+            if assigned:
+                connack["assigned_client_identifier"] = client_id
+            conn.connack_properties = connack
+        else:
+            if packet.keepalive_s > max_keepalive_s:
+                # 3.x cannot tell the client another keepalive; mosquitto refuses it this way
+                raise ClientIdRejected(
+                    f"keepalive {packet.keepalive_s}s exceeds max_keepalive_s {max_keepalive_s}"
+                )
+            conn.keepalive_s = packet.keepalive_s
         ready, username = self._login(conn, packet)
         if ready:
             self._accept(conn, packet, username)
@@ -479,6 +585,20 @@ class Broker:
             client_id, username, will.topic
         ):
             raise NotAuthorized(f"the ACL does not allow publishing the will to {will.topic!r}")
+        v5_client = conn.protocol_level == PROTOCOL_5
+        props = packet.properties or {}
+        expiry_s: int | None = None
+        if v5_client:  # Session Expiry Interval instead of clean session (0: ends with this)
+            requested = props.get("session_expiry_interval", 0)
+            expiry_s = v5.session_expiry(requested, self.config.persistence.session_expiry_s)
+            persistent = expiry_s != 0
+            if expiry_s != (-1 if requested == v5.NEVER else requested):
+                conn.connack_properties["session_expiry_interval"] = (  # type: ignore[index]
+                    v5.NEVER if expiry_s < 0 else expiry_s
+                )
+        else:
+            persistent = not packet.clean_session
+        self._delayed_wills.pop(client_id, None)  # back in time: its will is not sent
         session = self.sessions.get(client_id)
         if session is not None and session.connection is not None:
             self._take_over(session.connection)
@@ -487,7 +607,6 @@ class Broker:
             session = None
         session_present = session is not None
         if session is None:
-            persistent = not packet.clean_session
             session = Session(
                 client_id,
                 persistent=persistent,
@@ -496,8 +615,11 @@ class Broker:
                 **self._session_limits(client_id),
             )
             self.sessions[client_id] = session
+        session.expiry_s = expiry_s
+        window = self.config.limits_for(client_id).max_inflight_messages
+        session.max_inflight = min(window, props.get("receive_maximum", window))
         if session.writer is not None:
-            session.writer.submit(ops.SaveSession(client_id, None))
+            session.writer.submit(ops.SaveSession(client_id, None, expiry_s))
         conn.session = session
         if acl is not None and session.subscriptions and (
             not session.login_known or session.username != username
@@ -506,13 +628,14 @@ class Broker:
         session.username = username
         session.login_known = True
         conn.will = packet.will
-        conn.send_packet(ConnAck(session_present, 0))
+        conn.send_packet(ConnAck(session_present, 0, conn.connack_properties))
+        conn.accepted = True
         session.attach(conn)
         log.info(
             "client %s connected (MQTT %s, clean session %d, keepalive %ds, session present %d"
             "%s)",
             conn.name,
-            ("3.1" if conn.protocol_level == PROTOCOL_31 else "3.1.1")
+            {PROTOCOL_31: "3.1", PROTOCOL_5: "5.0"}.get(conn.protocol_level, "3.1.1")
             + (" bridge" if conn.is_bridge else ""),
             packet.clean_session,
             packet.keepalive_s,
@@ -669,8 +792,8 @@ class Broker:
         if session is not None:
             self._detach(session)
         old.close(SessionTakenOver("session taken over by a new connection"))
-        if will is not None:
-            self._publish_will(will)
+        if will is not None and not (will.properties or {}).get("will_delay_interval"):
+            self._publish_will(will)  # a delayed will is cancelled: the client is back
 
     def _detach(self, session: Session) -> None:
         """The session's connection is gone: hand what it holds from shared subscriptions
@@ -686,12 +809,15 @@ class Broker:
     def _has_shared(session: Session) -> bool:
         return any(is_shared(f) for f in session.subscriptions)
 
-    def _add_subscription(self, session: Session, topic_filter: str, qos: int) -> None:
+    def _add_subscription(
+        self, session: Session, topic_filter: str, qos: int,
+        options: v5.SubOptions | None = None,
+    ) -> None:
         session.subscriptions[topic_filter] = qos
         if is_shared(topic_filter):
-            self.shares.add(topic_filter, session, qos)
+            self.shares.add(topic_filter, session, qos, options)
         else:
-            self.router.trie.add(topic_filter, session.client_id, session, qos)
+            self.router.trie.add(topic_filter, session.client_id, session, qos, options)
 
     def _remove_subscription(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:
@@ -724,19 +850,24 @@ class Broker:
             session.writer.submit(ops.SaveSession(session.client_id, now))
 
     def expire_sessions(self, now: float | None = None) -> int:
-        """Delete persistent sessions whose client has been away longer than
-        ``persistence.session_expiry_s``; returns how many."""
-        expiry_s = self.config.persistence.session_expiry_s
-        if expiry_s < 0:
-            return 0
-        limit = (time.time() if now is None else now) - expiry_s
-        expired = [
-            s for s in self.sessions.values()
-            if s.connection is None and s.disconnected_at is not None and s.disconnected_at < limit
-        ]
+        """Delete persistent sessions whose client has been away longer than their 5.0
+        Session Expiry Interval, or ``persistence.session_expiry_s`` (3.1.1); returns how
+        many. A delayed will of an expired session is published now."""
+        default_s = self.config.persistence.session_expiry_s
+        now = time.time() if now is None else now
+        expired = []
+        for s in self.sessions.values():
+            if s.connection is not None or s.disconnected_at is None:
+                continue
+            expiry_s = default_s if s.expiry_s is None else s.expiry_s
+            if expiry_s >= 0 and s.disconnected_at + expiry_s <= now:
+                expired.append(s)
         for session in expired:
             log.info("session %s expired", session.client_id)
             self._discard_session(session)
+            pending = self._delayed_wills.pop(session.client_id, None)
+            if pending is not None:
+                self._publish_will(pending[1])
         return len(expired)
 
     def _topic_limit_problem(self, topic: str) -> str | None:
@@ -756,6 +887,17 @@ class Broker:
 
     def _on_publish(self, conn: Connection, packet: Publish) -> None:
         self.messages_received += 1
+        v5_client = conn.protocol_level == PROTOCOL_5
+        session: Session = conn.session  # type: ignore[assignment]
+        qos = packet.qos
+        if v5_client:
+            if packet.properties or not packet.topic:
+                packet = v5.inbound(conn, packet, time.time())
+            if qos and conn.qos1_unacked + len(session.inbound_qos2) >= self._receive_maximum:
+                raise ReceiveMaximumExceeded(
+                    f"more than the Receive Maximum ({self._receive_maximum}) unacknowledged "
+                    "QoS 1/2 PUBLISHes"
+                )
         if self._check_topic_limits:
             problem = self._topic_limit_problem(packet.topic)
             if problem is not None:
@@ -763,27 +905,30 @@ class Broker:
                 raise TopicNameInvalid(problem)
         if self._publish_rate:
             conn.publish_tokens -= 1.0
-        qos = packet.qos
         acl = self._acl
-        if acl is not None and not acl.can_publish(
-            conn.client_id, conn.session.username, packet.topic  # type: ignore[union-attr]
-        ):
+        if acl is not None and not acl.can_publish(conn.client_id, session.username, packet.topic):
             self._publish_denied(conn, packet)
             return
-        origin = conn.session if conn.is_bridge else None
+        bridge = conn.is_bridge
         if not qos:
-            self.publish(packet, origin)
+            self.publish(packet, session, bridge)
             return
         packet_id = packet.packet_id
         before = self.ticket()
         if qos == 1:
-            self.publish(packet, origin)
-            self._reply(conn, bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF)), before)
+            routed = self.publish(packet, session, bridge)
+            if v5_client and not routed:
+                self._reply(conn, _ack(0x40, packet_id, NO_MATCHING_SUBSCRIBERS), before)
+            else:
+                self._reply(conn, bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF)), before)
             return
-        session: Session = conn.session  # type: ignore[assignment]
+        code = 0
         if packet_id not in session.inbound_qos2:  # exactly once: route on first receipt only
             if len(session.inbound_qos2) >= self.config.limits.max_inbound_qos2:
                 self.limit_exceeded("inbound_qos2")
+                if v5_client:  # 5.0 can refuse this one message: PUBREC Quota exceeded
+                    self._reply(conn, _ack(0x50, packet_id, QUOTA_EXCEEDED), before)
+                    return
                 raise ProtocolError(
                     f"more than max_inbound_qos2 ({self.config.limits.max_inbound_qos2}) "
                     "QoS 2 messages awaiting PUBREL"
@@ -791,19 +936,22 @@ class Broker:
             session.inbound_qos2.add(packet_id)
             if session.writer is not None:
                 session.writer.submit(ops.AddInbound(session.client_id, packet_id))
-            self.publish(packet, origin)
-        self._reply(conn, bytes((0x50, 2, packet_id >> 8, packet_id & 0xFF)), before)
+            if not self.publish(packet, session, bridge) and v5_client:
+                code = NO_MATCHING_SUBSCRIBERS
+        self._reply(conn, _ack(0x50, packet_id, code), before)
 
     def _publish_denied(self, conn: Connection, packet: Publish) -> None:
         """No write access: drop the message. MQTT 3.1.1 has no way to say so; QoS 1/2 are
-        still acknowledged so that the client does not send them again."""
+        still acknowledged so that the client does not send them again. 5.0 says so:
+        PUBACK / PUBREC 0x87 Not authorized."""
         self.acl_denied_publish += 1
         self._log_denied(conn, f"PUBLISH to {packet.topic!r} (dropped)")
         packet_id = packet.packet_id
+        code = PUBLISH_NOT_AUTHORIZED if conn.protocol_level == PROTOCOL_5 else 0
         if packet.qos == 1:
-            self._reply(conn, bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF)), self.ticket())
+            self._reply(conn, _ack(0x40, packet_id, code), self.ticket())
         elif packet.qos == 2:
-            self._reply(conn, bytes((0x50, 2, packet_id >> 8, packet_id & 0xFF)), self.ticket())
+            self._reply(conn, _ack(0x50, packet_id, code), self.ticket())
 
     def _on_puback(self, conn: Connection, packet: PubAck) -> None:
         if not conn.session.on_puback(packet.packet_id):  # type: ignore[union-attr]
@@ -831,10 +979,14 @@ class Broker:
         session: Session = conn.session  # type: ignore[assignment]
         before = self.ticket()
         codes = []
-        retained: list[tuple[Publish, int]] = []
+        retained: list[tuple[Publish, int, tuple[int, ...] | None]] = []
         acl = self._acl
         client_id = session.client_id
         username = session.username
+        level = conn.protocol_level
+        v5_client = level == PROTOCOL_5
+        sub_id = (packet.properties or {}).get("subscription_identifier", 0) if v5_client else 0
+        now = time.time()
         for sub in packet.subscriptions:
             shared = is_shared(sub.filter)
             try:
@@ -848,45 +1000,88 @@ class Broker:
                     raise InvalidTopic(problem)
             except InvalidTopic as exc:
                 log.info("client %s: refused subscription %r: %s", conn.name, sub.filter, exc)
-                codes.append(SUBACK_FAILURE)
+                codes.append(TOPIC_FILTER_INVALID if v5_client else SUBACK_FAILURE)
                 continue
             if acl is not None and not acl.can_subscribe(client_id, username, acl_filter):
                 self.acl_denied_subscribe += 1
                 self._log_denied(conn, f"SUBSCRIBE to {sub.filter!r}")
-                codes.append(SUBACK_FAILURE)
+                codes.append(SUBACK_NOT_AUTHORIZED if v5_client else SUBACK_FAILURE)
                 continue
             qos = min(sub.qos, MAX_QOS)
-            self._add_subscription(session, sub.filter, qos)
+            existed = sub.filter in session.subscriptions
+            options = 0
+            if v5_client:
+                options = v5.options_byte(
+                    sub.no_local, sub.retain_as_published, sub.retain_handling
+                )
+            self._add_subscription(
+                session, sub.filter, qos,
+                v5.SubOptions.of(sub.no_local, sub.retain_as_published, sub_id)
+                if v5_client else None,
+            )
+            if options or sub_id:
+                session.sub_options[sub.filter] = (options, sub_id)
+            else:
+                session.sub_options.pop(sub.filter, None)
             if session.writer is not None:
-                session.writer.submit(ops.AddSubscription(session.client_id, sub.filter, qos))
+                session.writer.submit(ops.AddSubscription(
+                    session.client_id, sub.filter, qos, options, sub_id
+                ))
             codes.append(qos)
             if shared:
                 continue  # no retained messages on a shared subscription (MQTT 5.0, 4.8.2)
+            if sub.retain_handling == 2 or (sub.retain_handling == 1 and existed):
+                continue  # 5.0 Retain Handling: never, or only for a new subscription
             for topic, stored in self.retained.match(sub.filter):
                 if acl is not None and not acl.can_receive(client_id, username, topic):
                     self.acl_denied_retained += 1
                     continue
                 message = cast(Publish, stored)
-                retained.append((message, min(message.qos, qos)))
-        self._reply(conn, SubAck(packet.packet_id, tuple(codes)).encode(), before)
-        for message, qos in retained:
-            session.deliver(message, qos, True, None)
+                if message.expires_at is not None and message.expires_at <= now:
+                    continue
+                retained.append((message, min(message.qos, qos), (sub_id,) if sub_id else None))
+        self._reply(conn, SubAck(packet.packet_id, tuple(codes)).encode(level), before)
+        for message, qos, ids in retained:
+            session.deliver(message, qos, True, None, None, ids)
 
     def _on_unsubscribe(self, conn: Connection, packet: Unsubscribe) -> None:
         session: Session = conn.session  # type: ignore[assignment]
         before = self.ticket()
+        codes = []
         for topic_filter in packet.filters:
             if self._remove_subscription(session, topic_filter):
+                session.sub_options.pop(topic_filter, None)
+                codes.append(0)
                 if session.writer is not None:
                     session.writer.submit(ops.RemoveSubscription(session.client_id, topic_filter))
-        self._reply(conn, UnsubAck(packet.packet_id).encode(), before)
+            else:
+                codes.append(NO_SUBSCRIPTION_EXISTED)
+        level = conn.protocol_level
+        self._reply(conn, UnsubAck(packet.packet_id, tuple(codes)).encode(level), before)
 
     def _on_pingreq(self, conn: Connection, packet: PingReq) -> None:
         conn.send(b"\xd0\x00")
 
     def _on_disconnect(self, conn: Connection, packet: Disconnect) -> None:
+        if conn.protocol_level == PROTOCOL_5:
+            requested = (packet.properties or {}).get("session_expiry_interval")
+            session = conn.session
+            if requested is not None and session is not None:
+                if session.expiry_s == 0 and requested:
+                    raise ProtocolError("session expiry set on DISCONNECT after 0 at CONNECT")
+                cap_s = self.config.persistence.session_expiry_s
+                session.expiry_s = v5.session_expiry(requested, cap_s)
+                if session.writer is not None:
+                    session.writer.submit(ops.SaveSession(session.client_id, None,
+                                                          session.expiry_s))
+            if packet.reason_code == DISCONNECT_WITH_WILL:
+                conn.close()  # the will is published as if the connection had failed
+                return
         conn.will = None  # a clean DISCONNECT discards the will (MQTT-3.14.4-3)
         conn.close()
+
+    def _on_auth(self, conn: Connection, packet: Auth) -> None:
+        raise ProtocolError("AUTH without enhanced authentication in CONNECT")
 
     # -- running -----------------------------------------------------------------------
 
@@ -908,6 +1103,7 @@ class Broker:
                 self._services = services  # runs the password checks in worker threads
                 await services.start(writer.run)
                 services.start_soon(self._expiry_loop)
+                services.start_soon(self._timer_loop)
                 self.addresses = await services.start(server.serve)
                 await services.start(bridges.run)
                 task_status.started(self.addresses)
@@ -960,16 +1156,20 @@ class Broker:
             )
             self.sessions[session.client_id] = session
             for topic_filter, qos in session.subscriptions.items():
+                stored = session.sub_options.get(topic_filter)
+                options = v5.options_from_byte(*stored) if stored else None
                 if is_shared(topic_filter):
                     try:
-                        self.shares.add(topic_filter, session, qos)
+                        self.shares.add(topic_filter, session, qos, options)
                     except InvalidTopic:
                         log.warning("session %s: ignoring stored subscription %r",
                                     session.client_id, topic_filter)
                 else:
-                    trie.add(topic_filter, session.client_id, session, qos)
-        for topic, payload, qos, *_ in snapshot.retained:
-            self.retained.set(topic, Publish(topic, payload, qos, True))
+                    trie.add(topic_filter, session.client_id, session, qos, options)
+        for topic, payload, qos, props, expires_at in snapshot.retained:
+            self.retained.set(
+                topic, v5.restored_message(topic, payload, qos, True, props, expires_at)
+            )
         writer.next_message_id = snapshot.next_message_id
 
     async def _expiry_loop(self) -> None:
@@ -985,7 +1185,8 @@ class Broker:
     def close_all_connections(self, reason: MQTTError) -> None:
         """Server shutdown: publish the wills of connected clients (as mosquitto does at
         exit), then close every connection after flushing what is queued for it."""
-        wills = []
+        wills = [will for _when, will in self._delayed_wills.values()]
+        self._delayed_wills.clear()
         for conn in list(self.connections):
             if conn.will is not None:
                 wills.append(conn.will)
@@ -994,6 +1195,13 @@ class Broker:
             self._publish_will(will)
         for conn in list(self.connections):
             conn.close(reason, flush=conn.session is not None)
+
+
+def _ack(first: int, packet_id: int, code: int) -> bytes:
+    """PUBACK (0x40) / PUBREC (0x50) with a 5.0 reason code (none when it is 0)."""
+    if code:
+        return bytes((first, 3, packet_id >> 8, packet_id & 0xFF, code))
+    return bytes((first, 2, packet_id >> 8, packet_id & 0xFF))
 
 
 @asynccontextmanager

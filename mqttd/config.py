@@ -208,6 +208,8 @@ class Limits:
     stalled_output_timeout_s: float = attrs.field(
         default=5.0, converter=_to_float, validator=_checked(float, _positive)
     )
+    # MQTT 5.0: topic aliases a client may use towards the broker (0: none)
+    max_topic_aliases: int = attrs.field(default=10, validator=_between(0, 65535))
 
 
 @attrs.frozen

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -22,9 +22,11 @@ from mqttd.codec.packets import (
     CONNECT,
     DISCONNECT,
     PINGRESP,
+    PROTOCOL_5,
     PROTOCOL_311,
     SUBACK,
     UNSUBACK,
+    Disconnect,
     Packet,
     Will,
 )
@@ -67,6 +69,18 @@ class Connection:
     client_id: str = ""
     keepalive_s: int = 0
     is_bridge: bool = False  # CONNECT with protocol level | 0x80 (another broker's bridge)
+    # MQTT 5.0 (see mqttd.v5): topic aliases both ways, the client's Maximum Packet Size
+    # (0: none), whether it wants reason strings, unacknowledged QoS 1 PUBLISHes held for a
+    # commit (with the session's QoS 2 ids: what counts against our Receive Maximum)
+    topic_alias_in_max: int = 0
+    topic_aliases_in: dict[int, str] | None = None
+    topic_alias_out_max: int = 0
+    topic_aliases_out: dict[str, int] | None = None
+    max_send_size: int = 0
+    problem_information: bool = True
+    qos1_unacked: int = 0
+    connack_properties: dict[str, Any] | None = None  # 5.0: decided at CONNECT, sent in CONNACK
+    accepted: bool = False  # CONNACK 0 sent
     session: Session | None = None
     will: Will | None = None
     # output: ``outbox_bytes`` counts every unsent byte, including those the I/O layer
@@ -93,7 +107,7 @@ class Connection:
     dropped_qos0: int = 0
 
     def __attrs_post_init__(self) -> None:
-        self.decoder = Decoder(self.max_packet_size)
+        self.decoder = Decoder(self.max_packet_size, accept_v5=True)
 
     @property
     def deferred(self) -> deque[tuple[int, bytes]] | tuple[()]:
@@ -111,7 +125,10 @@ class Connection:
         if not deferred:
             return True
         while deferred and deferred[0][0] <= committed:
-            self.send(deferred.popleft()[1])
+            data = deferred.popleft()[1]
+            if data[0] == 0x40:  # a PUBACK: that PUBLISH no longer counts as unacknowledged
+                self.qos1_unacked -= 1
+            self.send(data)
         return not deferred
 
     @property
@@ -208,8 +225,18 @@ class Connection:
         self.output_discarded = True
 
     def close(self, reason: MQTTError | None = None, *, flush: bool = False) -> None:
-        """Ask the I/O layer to end this connection (idempotent)."""
+        """Ask the I/O layer to end this connection (idempotent). A 5.0 client that was
+        accepted is told why first: DISCONNECT with the reason code (and reason string)."""
         if not self.closing:
+            if (
+                reason is not None and self.protocol_level == PROTOCOL_5 and self.accepted
+                and not self.output_discarded
+            ):
+                text = str(reason)
+                self.send(Disconnect(
+                    reason.reason_code, {"reason_string": text[:200]} if text else None
+                ).encode(PROTOCOL_5))
+                flush = True
             self.closing = True
             self.state = State.CLOSED
             self.close_reason = reason

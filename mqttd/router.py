@@ -42,37 +42,50 @@ class Router:
         # topic -> (the trie's match list, the targets allowed to receive, how many not)
         self._allowed: dict[str, tuple[list[Match], list[Match], int]] = {}
 
-    def route(self, message: Publish, origin: object = None) -> int:
+    def route(self, message: Publish, publisher: object = None, bridge: bool = False) -> int:
         """Deliver ``message`` to every matching subscriber at min(publish QoS, granted
-        QoS), once per client however many of its filters match, except ``origin`` (a
-        bridge's session: it does not get its own messages back). Returns how many."""
+        QoS), once per client however many of its filters match. ``publisher``: the
+        publishing session, for 5.0 No Local subscriptions; with ``bridge`` it gets nothing
+        at all (a bridge does not get its own messages back). Returns how many."""
         self.messages_routed += 1
         targets = self.trie.match(message.topic)
-        if origin is not None:
-            targets = [target for target in targets if target[0] is not origin]
+        if bridge:
+            targets = [target for target in targets if target[0] is not publisher]
         if not targets:
             self.messages_unmatched += 1
             return 0
         if self.authorizer is not None:
-            return self._route_checked(message, targets, self.authorizer)
+            targets = self._allowed_targets(message, targets, self.authorizer)
+            if not targets:
+                return 0
         parts: PartsCache = new_parts_cache()
         publish_qos = message.qos
-        for subscriber, granted in targets:
-            subscriber.deliver(  # type: ignore[attr-defined]
-                message, publish_qos if publish_qos < granted else granted, False, parts
-            )
-        self.deliveries += len(targets)
-        return len(targets)
+        delivered = len(targets)
+        for subscriber, granted, options in targets:
+            if options is None:
+                subscriber.deliver(  # type: ignore[attr-defined]
+                    message, publish_qos if publish_qos < granted else granted, False, parts
+                )
+            elif options.no_local and subscriber is publisher:
+                delivered -= 1
+            else:
+                retain = message.retain and options.retain_as_published
+                subscriber.deliver(  # type: ignore[attr-defined]
+                    message, publish_qos if publish_qos < granted else granted, retain,
+                    None if retain else parts, None, options.subscription_ids or None,
+                )
+        self.deliveries += delivered
+        return delivered
 
-    def _route_checked(
+    def _allowed_targets(
         self, message: Publish, targets: list[Match], authorizer: CachedAuthorizer
-    ) -> int:
-        """``route`` with a read check per session. The subscribers allowed to receive a
-        topic are kept per topic, as long as the trie returns the same (cached) match list
-        and :meth:`acl_changed` is not called, so a repeated topic costs one lookup, not
-        one check per subscriber. A session whose login is not known (restored from the
-        store and not reconnected since) is not checked: its subscriptions were checked
-        when they were made, and the store does not keep user names yet."""
+    ) -> list[Match]:
+        """The targets with read access to the topic. They are kept per topic, as long as
+        the trie returns the same (cached) match list and :meth:`acl_changed` is not called,
+        so a repeated topic costs one lookup, not one check per subscriber. A session whose
+        login is not known (restored from the store and not reconnected since) is not
+        checked: its subscriptions were checked when they were made, and the store does not
+        keep user names yet."""
         topic = message.topic
         entry = self._allowed.get(topic)
         if entry is None or entry[0] is not targets:
@@ -89,16 +102,7 @@ class Router:
             entry = self._allowed[topic] = (targets, allowed, len(targets) - len(allowed))
         _, allowed, denied = entry
         self.denied += denied
-        if not allowed:
-            return 0
-        parts: PartsCache = new_parts_cache()
-        publish_qos = message.qos
-        for subscriber, granted in allowed:
-            subscriber.deliver(  # type: ignore[attr-defined]
-                message, publish_qos if publish_qos < granted else granted, False, parts
-            )
-        self.deliveries += len(allowed)
-        return len(allowed)
+        return allowed
 
     def acl_changed(self) -> None:
         """Forget the per-topic receive checks (a new ACL, or a session logged in as a

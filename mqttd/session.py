@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from mqttd.codec.packets import Publish, PubRel, encode_publish_parts
+from mqttd import v5
+from mqttd.codec.packets import PROTOCOL_5, Publish, PubRel, encode_publish_parts
 from persistence import ops
 
 if TYPE_CHECKING:
@@ -35,11 +36,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# An outbound delivery: (message, QoS delivered at, RETAIN flag sent, seq, share). ``seq``
-# numbers a persistent session's deliveries (0 in clean sessions). In ``inflight`` a message
-# of None means "PUBREL sent" (QoS 2 after PUBREC). ``share`` is the ``$share/...`` name of
-# the shared subscription it came through (None otherwise), kept in memory only.
-Delivery = tuple["Publish | None", int, bool, int, "str | None"]
+# An outbound delivery: (message, QoS delivered at, RETAIN flag sent, seq, share,
+# subscription ids). ``seq`` numbers a persistent session's deliveries (0 in clean
+# sessions). In ``inflight`` a message of None means "PUBREL sent" (QoS 2 after PUBREC).
+# ``share`` is the ``$share/...`` name of the shared subscription it came through, the ids
+# those of the 5.0 subscriptions it matched (None otherwise); both kept in memory only.
+Delivery = tuple["Publish | None", int, bool, int, "str | None", "tuple[int, ...] | None"]
 # Per routed message: encoded (head, tail) per QoS, shared by subscribers, and the stored
 # message id once a persistent session has stored it (slot 3).
 PartsCache = list
@@ -53,7 +55,8 @@ _PACKET_ID_BYTES = [i.to_bytes(2, "big") for i in range(65536)]
 
 
 def new_parts_cache() -> PartsCache:
-    return [None, None, None, 0]
+    # 3.x encodings per QoS, the stored message id, 5.0 encodings per QoS
+    return [None, None, None, 0, None, None, None]
 
 
 @attrs.define(eq=False)
@@ -68,7 +71,7 @@ class DropCounters:
 class Session:
     client_id: str
     persistent: bool
-    max_inflight: int = 20
+    max_inflight: int = 20  # the window: the configured one, lowered by a Receive Maximum
     max_queued: int = 1000
     writer: GroupCommitWriter | None = None  # persistent sessions only
     page_size: int = 256
@@ -94,6 +97,11 @@ class Session:
     # the oldest rows *after* that page, which is only known once it has arrived
     pending_disk_drops: int = 0
     disconnected_at: float | None = None
+    # 5.0 Session Expiry Interval in seconds (-1: never); None: the configured default
+    # (3.1.1 persistent sessions)
+    expiry_s: int | None = None
+    # 5.0 subscription options: filter -> (options byte, subscription id), non-default only
+    sub_options: dict[str, tuple[int, int]] = attrs.Factory(dict)
     discarded: bool = False
     # the user name of the latest login, for ACL checks on delivery; ``login_known`` is
     # False for a session restored from the store until its client logs in again
@@ -103,6 +111,8 @@ class Session:
     sent: int = 0
     dropped: int = 0
     dropped_qos0: int = 0
+    expired: int = 0  # 5.0 messages whose expiry interval passed while queued
+    too_large: int = 0  # 5.0 deliveries above the client's Maximum Packet Size
     _next_drop_log: float = 0.0
 
     @classmethod
@@ -124,11 +134,15 @@ class Session:
             disk_sizes=array("Q", row.queued_sizes),
             queued_bytes=sum(row.queued_sizes),
             disconnected_at=row.disconnected_at,
+            expiry_s=row.expiry_s,
+            sub_options=dict(row.subscription_options),
             **limits,  # type: ignore[arg-type]
         )
-        for seq, packet_id, state, qos, retain, topic, payload, _props, _expires in row.inflight:
-            message = None if state == 2 else Publish(topic, payload, qos, retain)
-            session.inflight[packet_id] = (message, qos, retain, seq, None)
+        for seq, packet_id, state, qos, retain, topic, payload, props, expires in row.inflight:
+            message = None if state == 2 else v5.restored_message(
+                topic, payload, qos, retain, props, expires
+            )
+            session.inflight[packet_id] = (message, qos, retain, seq, None, None)
         if session.inflight:
             session.next_packet_id = max(session.inflight) % 65535 + 1
         return session
@@ -164,6 +178,8 @@ class Session:
             "sent": self.sent,
             "dropped": self.dropped,
             "dropped_qos0": self.dropped_qos0,
+            "expired": self.expired,
+            "too_large": self.too_large,
         }
 
     def _over_budget(self, extra_messages: int, extra_bytes: int) -> bool:
@@ -181,11 +197,13 @@ class Session:
         retain: bool,
         parts: PartsCache | None,
         share: str | None = None,
+        sub_ids: tuple[int, ...] | None = None,
     ) -> None:
         """Hand one message to this session at ``qos``. ``parts`` is shared by the
         subscribers of one routed message (``None`` when the encoding is specific to this
         delivery, e.g. a retained message sent on SUBSCRIBE). ``share`` names the shared
-        subscription it came through."""
+        subscription it came through, ``sub_ids`` the identifiers of the 5.0 subscriptions
+        it matched."""
         conn = self.connection
         if not qos:
             if conn is None:
@@ -195,7 +213,14 @@ class Session:
                 self.counters.dropped_qos0 += 1
                 self._log_drop()
                 return
-            head, tail = _parts(message, 0, retain, parts)
+            if conn.protocol_level == PROTOCOL_5:
+                encoded = v5.publish_parts(conn, message, 0, retain, parts, sub_ids)
+                if encoded is None:
+                    self.too_large += 1
+                    return
+                head, tail = encoded
+            else:
+                head, tail = _parts(message, 0, retain, parts)
             conn.send_parts(head, b"", tail)
             self.sent += 1
             return
@@ -224,15 +249,23 @@ class Session:
         writer = self.writer
         if writer is None:
             if window_open:
-                self._send_new(conn, message, qos, retain, parts, 0, share)  # type: ignore[arg-type]
+                self._send_new(
+                    conn, message, qos, retain, parts, 0, share, sub_ids  # type: ignore[arg-type]
+                )
             else:
-                self._queue_for_append().append((message, qos, retain, 0, share))
+                self._queue_for_append().append((message, qos, retain, 0, share, sub_ids))
                 self.queued_bytes += size
                 self._trim()
             return
         message_id = parts[3] if parts is not None else 0
         if not message_id:
-            message_id = writer.add_message(message.topic, message.payload, message.qos)
+            if message.properties is None and message.expires_at is None:
+                message_id = writer.add_message(message.topic, message.payload, message.qos)
+            else:
+                message_id = writer.add_message(
+                    message.topic, message.payload, message.qos,
+                    v5.stored_properties(message), message.expires_at,
+                )
             if parts is not None:
                 parts[3] = message_id
         seq = self.next_seq
@@ -240,15 +273,17 @@ class Session:
         packet_id = 0
         if window_open:
             packet_id = self._send_new(
-                conn, message, qos, retain, parts, seq, share  # type: ignore[arg-type]
+                conn, message, qos, retain, parts, seq, share, sub_ids  # type: ignore[arg-type]
             )
+            if packet_id < 0:
+                return  # larger than the client accepts: dropped, never stored for it
         elif (
             conn is not None  # an offline session's queue lives on disk only
             and not self.loading_sizes
             and not self.disk_count
             and len(self.queue) < self.page_size
         ):
-            self._queue_for_append().append((message, qos, retain, seq, share))
+            self._queue_for_append().append((message, qos, retain, seq, share, sub_ids))
         else:
             if not self.disk_count and not self.loading_sizes:
                 self.disk_after = seq - 1
@@ -268,14 +303,26 @@ class Session:
         parts: PartsCache | None,
         seq: int,
         share: str | None = None,
+        sub_ids: tuple[int, ...] | None = None,
     ) -> int:
+        """Send a new PUBLISH and put it in flight; its packet id, or -1 when it is larger
+        than the client's Maximum Packet Size (dropped and counted, nothing sent)."""
+        if conn.protocol_level == PROTOCOL_5:
+            encoded = v5.publish_parts(conn, message, qos, retain, parts, sub_ids)
+            if encoded is None:
+                self.too_large += 1
+                log.info("client %s: a message on %r is larger than its maximum packet size "
+                         "(%d): dropped", self.client_id, message.topic, conn.max_send_size)
+                return -1
+            head, tail = encoded
+        else:
+            head, tail = _parts(message, qos, retain, parts)
         packet_id = self.next_packet_id
         inflight = self.inflight
         while packet_id in inflight:
             packet_id = packet_id % 65535 + 1
         self.next_packet_id = packet_id % 65535 + 1
-        inflight[packet_id] = (message, qos, retain, seq, share)
-        head, tail = _parts(message, qos, retain, parts)
+        inflight[packet_id] = (message, qos, retain, seq, share, sub_ids)
         conn.send_parts(head, _PACKET_ID_BYTES[packet_id], tail)
         self.sent += 1
         return packet_id
@@ -288,7 +335,7 @@ class Session:
     def _drop_oldest(self) -> None:
         self._count_drop()
         if self._queue:
-            message, _qos, _retain, seq, _share = self._queue.popleft()
+            message, _qos, _retain, seq, _share, _ids = self._queue.popleft()
             self.queued_bytes -= len(message.payload)  # type: ignore[union-attr]
             if self.writer is not None:
                 self.writer.submit(ops.RemoveDelivery(self.client_id, seq))
@@ -337,12 +384,25 @@ class Session:
             return
         queue = self._queue
         writer = self.writer
+        now = 0.0
         while queue and len(self.inflight) < self.max_inflight:
-            message, qos, retain, seq, share = queue.popleft()
+            message, qos, retain, seq, share, sub_ids = queue.popleft()
             self.queued_bytes -= len(message.payload)  # type: ignore[union-attr]
-            packet_id = self._send_new(conn, message, qos, retain, None, seq, share)  # type: ignore[arg-type]
+            if message.expires_at is not None:  # type: ignore[union-attr]
+                now = now or time.time()
+                if message.expires_at <= now:  # type: ignore[union-attr]
+                    self.expired += 1  # not delivered after its expiry interval
+                    if writer is not None:
+                        writer.submit(ops.RemoveDelivery(self.client_id, seq))
+                    continue
+            packet_id = self._send_new(
+                conn, message, qos, retain, None, seq, share, sub_ids  # type: ignore[arg-type]
+            )
             if writer is not None:
-                writer.submit(ops.SetInflight(self.client_id, seq, packet_id))
+                if packet_id < 0:
+                    writer.submit(ops.RemoveDelivery(self.client_id, seq))
+                else:
+                    writer.submit(ops.SetInflight(self.client_id, seq, packet_id))
         held = len(queue) if queue is not None else 0
         if self.disk_count and not self.loading_sizes and held <= self.page_size // 2:
             count = min(self.page_size - held, self.disk_count)
@@ -372,8 +432,15 @@ class Session:
         for _ in range(disk_drops):  # the oldest on disk after this page
             writer.submit(ops.DropOldestQueued(self.client_id, self.disk_after))
         for row in rows[skip:]:
-            message = Publish(row.topic, row.payload, row.qos, row.retain)
-            self._queue_for_append().append((message, row.qos, row.retain, row.seq, None))
+            if row.properties is None and row.expires_at is None:
+                message = Publish(row.topic, row.payload, row.qos, row.retain)
+            else:
+                message = v5.restored_message(
+                    row.topic, row.payload, row.qos, row.retain, row.properties, row.expires_at
+                )
+            self._queue_for_append().append(
+                (message, row.qos, row.retain, row.seq, None, None)
+            )
         self.pump()
 
     def on_puback(self, packet_id: int) -> bool:
@@ -390,7 +457,7 @@ class Session:
         if entry is None or entry[1] != 2:
             return False
         if entry[0] is not None:
-            self.inflight[packet_id] = (None, 2, False, entry[3], None)
+            self.inflight[packet_id] = (None, 2, False, entry[3], None, None)
             if self.writer is not None:
                 self.writer.submit(ops.SetReleased(self.client_id, entry[3]))
         return True
@@ -416,12 +483,23 @@ class Session:
         PUBREL) with the original packet ids and order, then fill the window."""
         self.connection = conn
         self.disconnected_at = None
-        for packet_id, (message, qos, retain, _seq, _share) in self.inflight.items():
+        v5_client = conn.protocol_level == PROTOCOL_5
+        for packet_id, (message, qos, retain, seq, _share, ids) in list(self.inflight.items()):
             if message is None:
                 conn.send_packet(PubRel(packet_id))
+                continue
+            if v5_client:
+                encoded = v5.publish_parts(conn, message, qos, retain, None, ids, True)
+                if encoded is None:  # this client accepts smaller packets than the last one
+                    self.too_large += 1
+                    del self.inflight[packet_id]
+                    if self.writer is not None:
+                        self.writer.submit(ops.RemoveDelivery(self.client_id, seq))
+                    continue
+                head, tail = encoded
             else:
                 head, tail = encode_publish_parts(message.topic, message.payload, qos, retain, True)
-                conn.send_parts(head, _PACKET_ID_BYTES[packet_id], tail)
+            conn.send_parts(head, _PACKET_ID_BYTES[packet_id], tail)
         self.pump()
 
     def take_shared(self) -> list[tuple[Publish, int, str]]:
@@ -431,7 +509,7 @@ class Session:
         queued entries (a backlog beyond one page) stay with this session."""
         taken: list[tuple[Publish, int, str]] = []
         writer = self.writer
-        for packet_id, (message, qos, _retain, seq, share) in list(self.inflight.items()):
+        for packet_id, (message, qos, _retain, seq, share, _ids) in list(self.inflight.items()):
             if share is not None and message is not None:
                 del self.inflight[packet_id]
                 taken.append((message, qos, share))
@@ -441,7 +519,7 @@ class Session:
         if queue and any(entry[4] is not None for entry in queue):
             kept: deque[Delivery] = deque()
             for entry in queue:
-                message, qos, _retain, seq, share = entry
+                message, qos, _retain, seq, share, _ids = entry
                 if share is None:
                     kept.append(entry)
                     continue

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from mqttd.codec.packets import Publish
     from mqttd.session import PartsCache, Session
     from mqttd.trie import SubscriptionTrie
+    from mqttd.v5 import SubOptions
+
+    Member = tuple[Session, int, SubOptions | None]
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +80,22 @@ class ShareGroup:
         self.name = name
         self.group = group
         self.filter = topic_filter
-        self.members: dict[str, tuple[Session, int]] = {}  # client id -> (session, QoS)
+        # client id -> (session, QoS, 5.0 options)
+        self.members: dict[str, tuple[Session, int, SubOptions | None]] = {}
         self._cursor = 0
         self.delivered = 0
         self.redelivered = 0
         self.dropped = 0
 
-    def _pick(self, qos: int, exclude: Session | None = None) -> tuple[Session, int] | None:
+    def _pick(self, qos: int, exclude: Session | None = None) -> Member | None:
         members = list(self.members.values())
         count = len(members)
         if not count:
             return None
         start = self._cursor % count
-        busy: tuple[Session, int] | None = None
+        busy: Member | None = None
         busy_queued = 0
-        offline: tuple[Session, int] | None = None
+        offline: Member | None = None
         for i in range(count):
             entry = members[(start + i) % count]
             session = entry[0]
@@ -121,9 +125,8 @@ class ShareGroup:
         if entry is None:
             self.dropped += 1
             return
-        session, granted = entry
         self.delivered += 1
-        session.deliver(message, qos if qos < granted else granted, False, parts, self.name)
+        _deliver(entry, message, qos, parts, self.name)
 
     def redeliver(self, message: Publish, qos: int, exclude: Session) -> bool:
         """Hand a message a member gave back to another member; False if none could take it."""
@@ -131,10 +134,24 @@ class ShareGroup:
         if entry is None:
             self.dropped += 1
             return False
-        session, granted = entry
         self.redelivered += 1
-        session.deliver(message, qos if qos < granted else granted, False, None, self.name)
+        _deliver(entry, message, qos, None, self.name)
         return True
+
+
+def _deliver(
+    member: Member, message: Publish, qos: int, parts: PartsCache | None, name: str
+) -> None:
+    session, granted, options = member
+    qos = qos if qos < granted else granted
+    if options is None:
+        session.deliver(message, qos, False, parts, name)
+        return
+    retain = message.retain and options.retain_as_published
+    session.deliver(
+        message, qos, retain, None if retain else parts, name,
+        options.subscription_ids or None,
+    )
 
 
 class ShareGroups:
@@ -145,7 +162,9 @@ class ShareGroups:
         self.groups: dict[str, ShareGroup] = {}
         self.lost = 0  # messages given back by a member no other member could take
 
-    def add(self, topic_filter: str, session: Session, qos: int) -> bool:
+    def add(
+        self, topic_filter: str, session: Session, qos: int, options: SubOptions | None = None
+    ) -> bool:
         """Make ``session`` a member (or change its QoS); InvalidTopic if malformed.
         Returns True if it is a new membership."""
         group = self.groups.get(topic_filter)
@@ -154,7 +173,7 @@ class ShareGroups:
             group = self.groups[topic_filter] = ShareGroup(topic_filter, name, inner)
             self.trie.add(inner, _KEY_PREFIX + topic_filter, group, 2)
         new = session.client_id not in group.members
-        group.members[session.client_id] = (session, qos)
+        group.members[session.client_id] = (session, qos, options)
         return new
 
     def remove(self, topic_filter: str, client_id: str) -> bool:

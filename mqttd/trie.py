@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from mqttd.topics import is_dollar_topic, split_levels, validate_topic_filter
+from mqttd.v5 import SubOptions
 
 __all__ = ["Match", "SubscriptionTrie"]
 
-#: One match entry: the subscriber object given to ``add`` and the QoS to deliver at.
-Match = tuple[object, int]
+#: One match entry: the subscriber object given to ``add``, the QoS to deliver at, and the
+#: MQTT 5.0 options that change a delivery (None for most subscriptions).
+Match = tuple[object, int, "SubOptions | None"]
 
 #: Default bounds of the match cache; the cache is cleared when either is reached. The size is
 #: counted in topics; the cost adds the entries of every cached result and the length of every
@@ -41,14 +43,23 @@ class _Node:
 
 
 def _merge(out: dict[str, Match], subscribers: dict[str, Match]) -> None:
-    """Add ``subscribers`` to ``out``, keeping the highest QoS per client id."""
+    """Add ``subscribers`` to ``out``, keeping the highest QoS per client id (and, for 5.0
+    subscriptions, the merged options: every subscription identifier)."""
     if not out:
         out.update(subscribers)
         return
     for client_id, entry in subscribers.items():
         previous = out.get(client_id)
-        if previous is None or entry[1] > previous[1]:
+        if previous is None:
             out[client_id] = entry
+        elif entry[2] is None and previous[2] is None:
+            if entry[1] > previous[1]:
+                out[client_id] = entry
+        else:
+            options = entry[2].merged(previous[2]) if entry[2] is not None else (
+                previous[2].merged(None)  # type: ignore[union-attr]
+            )
+            out[client_id] = (entry[0], max(entry[1], previous[1]), options)
 
 
 class SubscriptionTrie:
@@ -70,7 +81,14 @@ class SubscriptionTrie:
         """The number of (filter, client id) subscriptions."""
         return self._count
 
-    def add(self, filter: str, client_id: str, subscriber: object, qos: int) -> bool:
+    def add(
+        self,
+        filter: str,
+        client_id: str,
+        subscriber: object,
+        qos: int,
+        options: SubOptions | None = None,
+    ) -> bool:
         """Add or replace ``client_id``'s subscription on exactly ``filter``.
 
         Returns True if the subscription is new, False if it replaced one. Raises InvalidTopic for
@@ -94,9 +112,12 @@ class SubscriptionTrie:
             node = child
         subscribers = node.hash_subscribers if hash_last else node.subscribers
         previous = subscribers.get(client_id)
-        if previous is not None and previous[0] is subscriber and previous[1] == qos:
+        if (
+            previous is not None and previous[0] is subscriber and previous[1] == qos
+            and previous[2] == options
+        ):
             return False  # nothing changes, the cache stays valid
-        subscribers[client_id] = (subscriber, qos)
+        subscribers[client_id] = (subscriber, qos, options)
         self._invalidate()
         if previous is None:
             self._count += 1

@@ -130,6 +130,10 @@ class Publish:
     dup: bool = False
     packet_id: int = 0
     properties: Properties | None = None
+    # the broker's own bookkeeping, never on the wire: when a message with a 5.0 Message
+    # Expiry Interval expires (epoch seconds); the interval itself is not kept in
+    # ``properties`` but recomputed for each onward delivery
+    expires_at: float | None = attrs.field(default=None, eq=False, repr=False)
 
     def encode(self, version: int = PROTOCOL_311) -> bytes:
         if version == PROTOCOL_5:

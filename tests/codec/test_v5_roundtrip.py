@@ -100,6 +100,8 @@ def value_of(name: str, kind: int) -> st.SearchStrategy[Any]:
         return st.integers(0, 255)
     if spec.type == TWO_BYTE:
         return st.integers(low, 0xFFFF)
+    if name == "maximum_packet_size":  # a packet is never larger than 268435455 + 5 bytes;
+        return st.integers(1, 268_435_455)  # paho refuses larger values
     if spec.type == FOUR_BYTE:
         return st.integers(low, 0xFFFF_FFFF)
     if spec.type == VARINT:

@@ -102,10 +102,10 @@ async def test_oversized_packet_is_refused_from_its_header():
         (Connect("", clean_session=False), 0x02),
         (Connect("", protocol_level=3), 0x02),
         (Connect("x", keepalive_s=120), 0x02),
-        (b"\x10\x0d\x00\x04MQTT\x05\x02\x00\x3c\x00\x01x", 0x01),  # protocol level 5
+        (b"\x10\x0d\x00\x04MQTT\x06\x02\x00\x3c\x00\x01x", 0x01),  # protocol level 6
         (b"\x10\x0d\x00\x04MQTT\x02\x02\x00\x3c\x00\x01x", 0x01),  # protocol level 2
     ],
-    ids=["empty-id-persistent", "empty-id-mqtt31", "keepalive-too-long", "level-5", "level-2"],
+    ids=["empty-id-persistent", "empty-id-mqtt31", "keepalive-too-long", "level-6", "level-2"],
 )
 async def test_refused_connect_gets_connack_code_then_close(connect, code):
     async with running(make_config(max_keepalive_s=60)) as broker:

@@ -21,8 +21,8 @@ CLIENTS = ["c1", "c2", "c3"]
 SUBS = {c: Sub(c) for c in CLIENTS}
 
 
-def named(result: list[tuple[object, int]]) -> list[tuple[str, int]]:
-    names = [(s.name, qos) for s, qos in result]  # type: ignore[attr-defined]
+def named(result: list[tuple[object, int, object]]) -> list[tuple[str, int]]:
+    names = [(s.name, qos) for s, qos, _options in result]  # type: ignore[attr-defined]
     assert len({n for n, _ in names}) == len(names), f"a client appears twice: {names}"
     return sorted(names)
 
@@ -166,10 +166,10 @@ def test_add_returns_new_and_replaces_subscriber() -> None:
     trie = SubscriptionTrie()
     old, new = Sub("old"), Sub("new")
     assert trie.add("a", "c1", old, 1) is True
-    assert trie.match("a") == [(old, 1)]
+    assert trie.match("a") == [(old, 1, None)]
     assert trie.add("a", "c1", old, 1) is False  # identical: no change
     assert trie.add("a", "c1", new, 1) is False
-    assert trie.match("a") == [(new, 1)]
+    assert trie.match("a") == [(new, 1, None)]
     assert len(trie) == 1
     assert trie.remove("a", "c1") is True
     assert trie.remove("a", "c1") is False
