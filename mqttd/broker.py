@@ -918,7 +918,8 @@ class Broker:
         if qos == 1:
             routed = self.publish(packet, session, bridge)
             if v5_client and not routed:
-                self._reply(conn, _ack(0x40, packet_id, NO_MATCHING_SUBSCRIBERS), before)
+                self._reply(conn, _ack(0x40, packet_id, NO_MATCHING_SUBSCRIBERS,
+                                       conn.problem_information), before)
             else:
                 self._reply(conn, bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF)), before)
             return
@@ -927,7 +928,8 @@ class Broker:
             if len(session.inbound_qos2) >= self.config.limits.max_inbound_qos2:
                 self.limit_exceeded("inbound_qos2")
                 if v5_client:  # 5.0 can refuse this one message: PUBREC Quota exceeded
-                    self._reply(conn, _ack(0x50, packet_id, QUOTA_EXCEEDED), before)
+                    self._reply(conn, _ack(0x50, packet_id, QUOTA_EXCEEDED,
+                                           conn.problem_information), before)
                     return
                 raise ProtocolError(
                     f"more than max_inbound_qos2 ({self.config.limits.max_inbound_qos2}) "
@@ -938,7 +940,7 @@ class Broker:
                 session.writer.submit(ops.AddInbound(session.client_id, packet_id))
             if not self.publish(packet, session, bridge) and v5_client:
                 code = NO_MATCHING_SUBSCRIBERS
-        self._reply(conn, _ack(0x50, packet_id, code), before)
+        self._reply(conn, _ack(0x50, packet_id, code, conn.problem_information), before)
 
     def _publish_denied(self, conn: Connection, packet: Publish) -> None:
         """No write access: drop the message. MQTT 3.1.1 has no way to say so; QoS 1/2 are
@@ -948,10 +950,11 @@ class Broker:
         self._log_denied(conn, f"PUBLISH to {packet.topic!r} (dropped)")
         packet_id = packet.packet_id
         code = PUBLISH_NOT_AUTHORIZED if conn.protocol_level == PROTOCOL_5 else 0
+        text = conn.problem_information
         if packet.qos == 1:
-            self._reply(conn, _ack(0x40, packet_id, code), self.ticket())
+            self._reply(conn, _ack(0x40, packet_id, code, text), self.ticket())
         elif packet.qos == 2:
-            self._reply(conn, _ack(0x50, packet_id, code), self.ticket())
+            self._reply(conn, _ack(0x50, packet_id, code, text), self.ticket())
 
     def _on_puback(self, conn: Connection, packet: PubAck) -> None:
         if not conn.session.on_puback(packet.packet_id):  # type: ignore[union-attr]
@@ -1197,9 +1200,22 @@ class Broker:
             conn.close(reason, flush=conn.session is not None)
 
 
-def _ack(first: int, packet_id: int, code: int) -> bytes:
-    """PUBACK (0x40) / PUBREC (0x50) with a 5.0 reason code (none when it is 0)."""
+_REASON_STRINGS = {
+    NO_MATCHING_SUBSCRIBERS: "no matching subscribers",
+    PUBLISH_NOT_AUTHORIZED: "not authorized to publish to this topic",
+    QUOTA_EXCEEDED: "too many QoS 2 messages awaiting PUBREL",
+}
+
+
+def _ack(first: int, packet_id: int, code: int, reason_string: bool = False) -> bytes:
+    """PUBACK (0x40) / PUBREC (0x50) with a 5.0 reason code (none when it is 0), and its
+    reason string when the client asked for problem information."""
     if code:
+        if reason_string:
+            text = _REASON_STRINGS[code].encode()
+            props = bytes((len(text) + 3, 0x1F)) + len(text).to_bytes(2, "big") + text
+            body = bytes((packet_id >> 8, packet_id & 0xFF, code)) + props
+            return bytes((first, len(body))) + body
         return bytes((first, 3, packet_id >> 8, packet_id & 0xFF, code))
     return bytes((first, 2, packet_id >> 8, packet_id & 0xFF))
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from mqttd import v5
+from mqttd.codec.errors import QuotaExceeded
 from mqttd.codec.packets import PROTOCOL_5, Publish, PubRel, encode_publish_parts
 from persistence import ops
 
@@ -244,7 +245,7 @@ class Session:
                     "(overflow_policy disconnect)", self.client_id, self.queued,
                     self.queued_bytes,
                 )
-                conn.close()
+                conn.close(QuotaExceeded("queue full (overflow_policy disconnect)"))
             return
         writer = self.writer
         if writer is None:

@@ -547,3 +547,18 @@ def test_encode_publish_parts_dup_defaults_to_false() -> None:
     assert head[0] == 0x35
     head, _ = encode_publish_parts("a", b"", 2, True, True)
     assert head[0] == 0x3D
+
+
+def test_bridge_flag_on_the_protocol_level_is_kept_and_decoded_at_the_plain_level() -> None:
+    """mosquitto's try_private: a bridge sends level 0x84 (3.1.1 | 0x80). The Connect keeps
+    the level as sent; the stream after it is decoded as 3.1.1."""
+    from mqttd.codec import Decoder
+    from mqttd.codec.packets import Connect, PingReq
+
+    data = bytearray(Connect("bridge-1", keepalive_s=30).encode())
+    data[data.index(b"\x00\x04MQTT") + 6] |= 0x80
+    decoder = Decoder()
+    connect, ping = decoder.feed(bytes(data) + PingReq().encode())
+    assert isinstance(connect, Connect) and connect.protocol_level == 0x84
+    assert connect.client_id == "bridge-1" and isinstance(ping, PingReq)
+    assert decoder.protocol_level == 4

@@ -295,3 +295,56 @@ async def test_mosquitto_upstream_stopped_and_started_while_devices_publish(tmp_
                     b"%d" % i for i in range(2 * per_phase)
                 ]
                 await wait_until(lambda: link(edge)["queued"] + link(edge)["inflight"] == 0)
+
+
+async def test_fleet_keeps_publishing_while_the_upstream_broker_is_down(tmp_path):
+    """The issue's scenario with the device simulator: a fleet publishes QoS 1 telemetry to
+    the edge without pause; the upstream broker (file-backed, a persistent consumer on it)
+    is stopped for a while and started again on the same port. Every message of every
+    device reaches the upstream consumer (at least once: QoS 1), none is missing."""
+    from devices.consumer import Consumer
+    from devices.fleet import Fleet, FleetConfig
+
+    devices, per_device = 5, 60
+    total = devices * per_device
+    cloud_config = make_config(data_dir=tmp_path / "cloud")
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            cloud = Broker(cloud_config)
+            await nursery.start(cloud.serve)
+            port = cloud.port
+            async with running(edge_config(port, tmp_path / "edge")) as edge:
+                await bridge_up(edge)
+                consumer = Consumer(
+                    "127.0.0.1", port, client_id="backend", persistent=True,
+                    filter="edge-1/site/+/telemetry", backoff_initial_s=0.05,
+                )
+                await nursery.start(consumer.run)
+                fleet = Fleet("127.0.0.1", edge.port, FleetConfig(
+                    devices=devices, count=per_device, interval_s=0.01, qos=1,
+                    persistent=True,
+                ))
+                nursery.start_soon(fleet.run)
+                await wait_until(lambda: consumer.stats.received >= total // 5, 20)
+                cloud.shutdown()  # the upstream goes away mid-stream
+                await wait_until(lambda: link(edge)["state"] != "connected")
+                published_before = fleet.stats.acked
+                # the fleet goes on: the edge acknowledges and stores for the link
+                await wait_until(lambda: fleet.stats.acked >= published_before + total // 5, 20)
+                assert link(edge)["queued"] + link(edge)["inflight"] > 0
+                cloud = Broker(on_port(cloud_config, port))
+                await nursery.start(cloud.serve)
+                await wait_until(lambda: fleet.stats.acked == total, 30)
+                await wait_until(
+                    lambda: sum(t.count - t.duplicates for t in consumer.stats.devices.values())
+                    == total, 30,
+                )
+                assert consumer.stats.missing == 0
+                assert {t.next_seq - t.first_seq for t in consumer.stats.devices.values()} == {
+                    per_device
+                }
+                assert link(edge)["link_losses"] >= 1 and link(edge)["connects"] >= 2
+                consumer.stop()
+                fleet.stop()  # its devices say goodbye before the edge goes
+                await wait_until(lambda: fleet.stats.finished == devices, 10)
+            cloud.shutdown()

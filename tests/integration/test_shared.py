@@ -212,3 +212,35 @@ async def test_mosquitto_sub_as_a_group_member(broker):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+async def test_consumer_group_of_two_workers_splits_the_fleet(broker):
+    """The README demo in a test: a fleet publishes telemetry, two backend workers in one
+    consumer group share it: each message reaches exactly one of them."""
+    from devices.consumer import Consumer
+    from devices.fleet import run_fleet
+
+    devices, per_device = 4, 25
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            workers = [
+                Consumer("127.0.0.1", broker.port, client_id=f"worker-{i}", group="workers")
+                for i in (1, 2)
+            ]
+            for worker in workers:
+                await nursery.start(worker.run)
+            stats = await run_fleet("127.0.0.1", broker.port, devices, count=per_device,
+                                    interval_s=0.005, qos=1)
+            assert stats.acked == devices * per_device
+
+            def heard() -> int:
+                return sum(w.stats.received for w in workers)
+
+            await wait_until(lambda: heard() >= devices * per_device)
+            for worker in workers:
+                assert worker.stats.received > 0  # both take a share
+                assert worker.stats.duplicates == 0
+            assert heard() == devices * per_device  # exactly once across the group
+            assert broker.stats()["shared_members"] == 2
+            for worker in workers:
+                worker.stop()
