@@ -35,7 +35,7 @@ from typing import Any, cast
 import attrs
 import trio
 
-from mqttd import v5
+from mqttd import enhanced_auth, v5
 from mqttd.acl import AclFile, CachedAuthorizer
 from mqttd.auth import (
     Authenticator,
@@ -54,7 +54,6 @@ from mqttd.codec import (
     TopicNameInvalid,
 )
 from mqttd.codec.errors import (
-    BadAuthenticationMethod,
     NotAuthorized,
     ReceiveMaximumExceeded,
     ServerBusy,
@@ -147,6 +146,7 @@ class Broker:
     # files are loaded by load_security() (at open_store, or at the first CONNECT)
     authenticator: Authenticator | None = None
     authorizer: Authorizer | None = None
+    enhanced_authenticator: enhanced_auth.EnhancedAuthenticator | None = None  # 5.0 AUTH
     gate: Gatekeeper = attrs.field(init=False)
     _acl: CachedAuthorizer | None = attrs.field(init=False, default=None)
     _security_loaded: bool = attrs.field(init=False, default=False)
@@ -231,13 +231,23 @@ class Broker:
     def _dispatch(self, conn: Connection, packets: list[Packet]) -> None:
         handlers = self._handlers
         parked = self._parked
-        if parked and conn in parked:  # its password is being checked: handle these later
-            parked[conn].extend(packets)
+        if parked and conn in parked:  # its login is being decided: handle these later
+            if conn.auth_exchange is None:
+                parked[conn].extend(packets)
+                return
+            for index, packet in enumerate(packets):  # enhanced authentication goes on
+                if conn not in parked:  # accepted by the last AUTH: the rest as usual
+                    self._dispatch(conn, packets[index:])
+                    return
+                if packet.TYPE == AUTH:
+                    self._on_auth(conn, packet)  # type: ignore[arg-type]
+                else:
+                    parked[conn].append(packet)
             return
         if packets and packets[0].TYPE == CONNECT:  # only ever first in the first batch
             self._on_connect(conn, packets[0])  # type: ignore[arg-type]
             if conn in parked:
-                parked[conn].extend(packets[1:])
+                self._dispatch(conn, packets[1:])
                 return
             packets = packets[1:]
         for packet in packets:
@@ -397,7 +407,7 @@ class Broker:
         limits = self.config.limits
         if 0 <= limits.max_buffered_bytes < self.buffers.bytes:
             return True
-        if self._parked and conn in self._parked:
+        if self._parked and conn in self._parked and conn.auth_exchange is None:
             return True  # until its password check ends (it has no CONNACK yet)
         writer = self.writer
         if writer is not None and writer.congested:
@@ -536,10 +546,6 @@ class Broker:
         conn.protocol_level = level & ~BRIDGE_FLAG
         v5_client = conn.protocol_level == PROTOCOL_5
         props = packet.properties or {}
-        if "authentication_method" in props:
-            raise BadAuthenticationMethod(
-                f"authentication method {props['authentication_method']!r} is not supported"
-            )
         client_id = packet.client_id
         assigned = False
         if not client_id:
@@ -571,6 +577,10 @@ class Broker:
                     f"keepalive {packet.keepalive_s}s exceeds max_keepalive_s {max_keepalive_s}"
                 )
             conn.keepalive_s = packet.keepalive_s
+        if "authentication_method" in props:  # 5.0 enhanced authentication
+            if enhanced_auth.start(self, conn, packet):
+                self._accept(conn, packet, packet.username)
+            return
         ready, username = self._login(conn, packet)
         if ready:
             self._accept(conn, packet, username)
@@ -1084,7 +1094,21 @@ class Broker:
         conn.close()
 
     def _on_auth(self, conn: Connection, packet: Auth) -> None:
-        raise ProtocolError("AUTH without enhanced authentication in CONNECT")
+        enhanced_auth.on_auth(self, conn, packet)
+
+    def park(self, conn: Connection) -> None:
+        """Hold the packets of a connection whose CONNECT is not decided yet."""
+        self._parked.setdefault(conn, [])
+
+    def unpark(self, conn: Connection, packet: Connect) -> bool:
+        """Enhanced authentication accepted a parked connection: accept it and handle what
+        arrived meanwhile. False if it was not parked (the caller accepts it)."""
+        pending = self._parked.pop(conn, None)
+        if pending is None:
+            return False
+        self._accept(conn, packet, packet.username)
+        self._dispatch(conn, pending)
+        return True
 
     # -- running -----------------------------------------------------------------------
 

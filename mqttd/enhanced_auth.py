@@ -1,0 +1,108 @@
+"""MQTT 5.0 enhanced authentication (section 4.12): CONNECT with an Authentication Method,
+then AUTH packets back and forth until the broker accepts or refuses; re-authentication
+with AUTH 0x19 on a live connection.
+
+mqttd offers no method of its own. A program embedding the broker may pass an
+:class:`EnhancedAuthenticator` (``Broker(config, enhanced_authenticator=...)``); without one,
+or for a method it does not list, CONNECT gets CONNACK 0x8C Bad authentication method and
+an AUTH packet DISCONNECT 0x82 Protocol error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
+
+from mqttd.codec import MQTTError, ProtocolError
+from mqttd.codec.errors import BadAuthenticationMethod
+from mqttd.codec.packets import PROTOCOL_5, Auth, Connect
+
+if TYPE_CHECKING:
+    from mqttd.broker import Broker
+    from mqttd.protocol import Connection
+
+SUCCESS = 0x00
+CONTINUE = 0x18
+REAUTHENTICATE = 0x19
+
+
+class EnhancedAuthenticator(Protocol):
+    """One step of an authentication exchange, on the event loop (keep it quick).
+
+    ``state`` is None on the first step and then whatever the previous step returned.
+    Returns (reason code, authentication data to send, state): 0x00 accept, 0x18 continue
+    (the data goes to the client in AUTH and its answer comes to the next step), or a
+    CONNACK/DISCONNECT error code such as 0x86 or 0x87 to refuse."""
+
+    methods: Collection[str]
+
+    def step(
+        self, client_id: str, method: str, data: bytes | None, state: Any
+    ) -> tuple[int, bytes | None, Any]: ...
+
+
+@attrs.define(eq=False)
+class Exchange:
+    """An exchange in progress on one connection."""
+
+    method: str
+    state: Any
+    connect: Connect | None  # the CONNECT waiting for the outcome (None: accepted)
+    waiting: bool = False  # we sent AUTH 0x18 and wait for the client's AUTH 0x18
+
+
+def start(broker: Broker, conn: Connection, packet: Connect) -> bool:
+    """A CONNECT with an Authentication Method: True when the client is accepted at once,
+    False while the exchange goes on (the connection is parked). Raises MQTTError."""
+    props = packet.properties or {}
+    method = props["authentication_method"]
+    hook = broker.enhanced_authenticator
+    if hook is None or method not in hook.methods:
+        raise BadAuthenticationMethod(f"authentication method {method!r} is not supported")
+    exchange = Exchange(method, None, packet)
+    conn.auth_exchange = exchange
+    return _step(broker, conn, exchange, props.get("authentication_data"))
+
+
+def on_auth(broker: Broker, conn: Connection, packet: Auth) -> None:
+    exchange = conn.auth_exchange
+    props = packet.properties or {}
+    method = props.get("authentication_method")
+    if exchange is None or method != exchange.method:
+        raise ProtocolError("AUTH without (or with another) authentication method")
+    if exchange.waiting:
+        if packet.reason_code != CONTINUE:
+            raise ProtocolError("AUTH must continue the exchange (0x18)")
+    elif exchange.connect is None and packet.reason_code == REAUTHENTICATE:
+        exchange.state = None  # re-authentication starts over
+    else:
+        raise ProtocolError(f"unexpected AUTH with reason code {packet.reason_code:#04x}")
+    _step(broker, conn, exchange, props.get("authentication_data"))
+
+
+def _step(broker: Broker, conn: Connection, exchange: Exchange, data: bytes | None) -> bool:
+    hook = broker.enhanced_authenticator
+    assert hook is not None
+    code, reply, exchange.state = hook.step(conn.client_id, exchange.method, data, exchange.state)
+    props: dict[str, Any] = {"authentication_method": exchange.method}
+    if reply is not None:
+        props["authentication_data"] = reply
+    exchange.waiting = code == CONTINUE
+    if code == CONTINUE:
+        conn.send(Auth(CONTINUE, props).encode(PROTOCOL_5))
+        if exchange.connect is not None:
+            broker.park(conn)
+        return False
+    if code != SUCCESS:
+        raise MQTTError(f"authentication refused by {exchange.method!r}", reason_code=code)
+    if exchange.connect is None:  # re-authenticated
+        conn.send(Auth(SUCCESS, props).encode(PROTOCOL_5))
+        return True
+    connect, exchange.connect = exchange.connect, None
+    if conn.connack_properties is not None:
+        conn.connack_properties.update(props)
+    if broker.unpark(conn, connect):
+        return False  # accepted by unpark, with what arrived meanwhile
+    return True
