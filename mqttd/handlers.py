@@ -65,7 +65,10 @@ class PacketHandlers:
         if v5_client:
             if packet.properties or not packet.topic:
                 packet = v5.inbound(conn, packet, time.time())
-            if qos and conn.qos1_unacked + len(session.inbound_qos2) >= self._receive_maximum:
+            if (
+                qos and conn.qos1_unacked + len(session.inbound_qos2) >= self._receive_maximum
+                and not (qos == 2 and packet.packet_id in session.inbound_qos2)  # a resend
+            ):
                 raise ReceiveMaximumExceeded(
                     f"more than the Receive Maximum ({self._receive_maximum}) unacknowledged "
                     "QoS 1/2 PUBLISHes"
