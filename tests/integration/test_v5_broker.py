@@ -645,6 +645,18 @@ async def test_subscription_identifiers_attached_to_deliveries(broker):
         await nothing_pending(sub)
 
 
+async def test_subscription_identifier_on_retained_messages_sent_on_subscribe(broker):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        pub, _ = await connect(broker.port, "ret-ids-pub")
+        await publish(pub, "ret-ids/a", b"kept", 1, retain=True, content_type="text/plain")
+        sub, _ = await connect(broker.port, "ret-ids")
+        await subscribe(sub, Subscription("ret-ids/#", 1), sub_id=40)
+        message = await receive(sub)
+        assert (message.payload, message.retain, message.properties) == (
+            b"kept", True, {"content_type": "text/plain", "subscription_identifier": [40]}
+        )
+
+
 # -- SUBSCRIBE options ----------------------------------------------------------------------
 
 
