@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import attrs
@@ -26,7 +27,7 @@ import trio
 
 from mqttd.auth import hash_password
 from mqttd.broker import Broker, running
-from mqttd.config import Security
+from mqttd.config import Config, Security
 from tests.conftest import make_config
 from tests.interop.test_mosquitto_clients import (
     finish,
@@ -414,18 +415,21 @@ async def test_shared_subscription_of_two_v5_subscribers(broker):
 # -- reason codes -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def secured(tmp_path: Path):
-    """A broker with a password file (alice / secret) and an ACL: alice may publish under
-    allowed/ and read everything but $SYS."""
+def secured_config(tmp_path: Path) -> Config:
+    """A password file (alice / secret) and an ACL: alice may publish under allowed/ and
+    read everything but $SYS (a filter starting with # does not cover it)."""
     passwords = tmp_path / "passwords"
     passwords.write_text(f"alice:{hash_password('secret', 101)}\n")
     acl = tmp_path / "acl"
     acl.write_text("user alice\ntopic write allowed/#\ntopic read #\n")
-    config = attrs.evolve(
+    return attrs.evolve(
         make_config(), security=Security(password_file=str(passwords), acl_file=str(acl))
     )
-    async with running(config) as broker:
+
+
+@pytest.fixture
+async def secured(tmp_path: Path) -> AsyncIterator[Broker]:
+    async with running(secured_config(tmp_path)) as broker:
         yield broker
 
 
