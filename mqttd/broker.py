@@ -561,6 +561,9 @@ class Broker(ConnectHandling, PacketHandlers):
                 topic, v5.restored_message(topic, payload, qos, True, props, expires_at)
             )
         writer.next_message_id = snapshot.next_message_id
+        for session in self.sessions.values():  # 5.0 expiry intervals run on a timer
+            if session.expiry_s and session.expiry_s > 0 and session.disconnected_at:
+                self.call_at(session.disconnected_at + session.expiry_s, self.expire_sessions)
 
     async def _expiry_loop(self) -> None:
         interval_s = self.config.persistence.expiry_check_interval_s

@@ -123,11 +123,16 @@ class ConnectHandling:
                 )
         else:
             persistent = not packet.clean_session
-        self._delayed_wills.pop(client_id, None)  # back in time: its will is not sent
         session = self.sessions.get(client_id)
+        # the old session ends here if the client starts clean (or it was not kept)
+        ends = session is not None and (packet.clean_session or not session.persistent)
+        pending = self._delayed_wills.pop(client_id, None)
+        if pending is not None and ends:
+            self._publish_will(pending[1])  # 5.0: the session ended before the will delay
+        # (otherwise the client is back within the delay: the will is not sent)
         if session is not None and session.connection is not None:
-            self._take_over(session.connection)
-        if session is not None and (packet.clean_session or not session.persistent):
+            self._take_over(session.connection, ends)
+        if ends and session is not None:
             self._discard_session(session)
             session = None
         session_present = session is not None
@@ -303,9 +308,10 @@ class ConnectHandling:
                 DENIED_LOG_INTERVAL_S,
             )
 
-    def _take_over(self: Broker, old: Connection) -> None:
+    def _take_over(self: Broker, old: Connection, session_ends: bool = True) -> None:
         """A second connection with the same client id: close the first. Its will is
-        published (it did not send DISCONNECT; MQTT-3.1.2-8, as mosquitto does)."""
+        published (it did not send DISCONNECT; MQTT-3.1.2-8, as mosquitto does), unless it
+        has a 5.0 Will Delay Interval and the session goes on with the new connection."""
         log.info("client %s: taken over by a new connection; closing the old one", old.name)
         session = old.session
         will, old.will = old.will, None
@@ -313,8 +319,9 @@ class ConnectHandling:
         if session is not None:
             self._detach(session)
         old.close(SessionTakenOver("session taken over by a new connection"))
-        if will is not None and not (will.properties or {}).get("will_delay_interval"):
-            self._publish_will(will)  # a delayed will is cancelled: the client is back
+        delayed = will is not None and (will.properties or {}).get("will_delay_interval")
+        if will is not None and (session_ends or not delayed):
+            self._publish_will(will)  # else a delayed will is cancelled: the client is back
 
     def _detach(self: Broker, session: Session) -> None:
         """The session's connection is gone: hand what it holds from shared subscriptions
@@ -345,7 +352,7 @@ class ConnectHandling:
         now = time.time()
         session.disconnected_at = now
         if session.writer is not None and not session.discarded:
-            session.writer.submit(ops.SaveSession(session.client_id, now))
+            session.writer.submit(ops.SaveSession(session.client_id, now, session.expiry_s))
 
     def expire_sessions(self: Broker, now: float | None = None) -> int:
         """Delete persistent sessions whose client has been away longer than their 5.0

@@ -28,6 +28,7 @@ import attrs
 from mqttd import v5
 from mqttd.codec.errors import QuotaExceeded
 from mqttd.codec.packets import PROTOCOL_5, Publish, PubRel, encode_publish_parts
+from mqttd.topics import matches
 from persistence import ops
 
 if TYPE_CHECKING:
@@ -143,7 +144,9 @@ class Session:
             message = None if state == 2 else v5.restored_message(
                 topic, payload, qos, retain, props, expires
             )
-            session.inflight[packet_id] = (message, qos, retain, seq, None, None)
+            session.inflight[packet_id] = (
+                message, qos, retain, seq, None, session._sub_ids_for(topic)
+            )
         if session.inflight:
             session.next_packet_id = max(session.inflight) % 65535 + 1
         return session
@@ -440,7 +443,7 @@ class Session:
                     row.topic, row.payload, row.qos, row.retain, row.properties, row.expires_at
                 )
             self._queue_for_append().append(
-                (message, row.qos, row.retain, row.seq, None, None)
+                (message, row.qos, row.retain, row.seq, None, self._sub_ids_for(row.topic))
             )
         self.pump()
 
@@ -502,6 +505,22 @@ class Session:
                 head, tail = encode_publish_parts(message.topic, message.payload, qos, retain, True)
             conn.send_parts(head, _PACKET_ID_BYTES[packet_id], tail)
         self.pump()
+
+    def _sub_ids_for(self, topic: str) -> tuple[int, ...] | None:
+        """The 5.0 subscription identifiers of a message read back from the store (which
+        keeps them per subscription, not per queued message): those of this session's
+        subscriptions that match its topic."""
+        if not self.sub_options:
+            return None
+        ids = set()
+        for topic_filter, (_options, sub_id) in self.sub_options.items():
+            if sub_id:
+                inner = topic_filter
+                if topic_filter.startswith("$share/"):
+                    inner = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
+                if inner and matches(inner, topic):
+                    ids.add(sub_id)
+        return tuple(sorted(ids)) or None
 
     def take_shared(self) -> list[tuple[Publish, int, str]]:
         """Take back the unacknowledged deliveries that came through shared subscriptions
