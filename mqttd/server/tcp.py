@@ -27,7 +27,7 @@ import attrs
 import trio
 
 from mqttd.codec import MQTTError
-from mqttd.codec.errors import ServerShuttingDown
+from mqttd.codec.errors import KeepAliveTimeout, ServerShuttingDown
 from mqttd.config import Listener
 from mqttd.server.tls import TLSSetupError, certificate_cn, handshake, server_context
 from mqttd.server.websocket import accept_websocket
@@ -108,6 +108,15 @@ class ClientHandler:
                     self.broker.limit_exceeded("connect_timeout")
                 else:
                     log.info("client %s: keepalive expired; closing", conn.name)
+                    if not self._writing:  # 5.0: say why (DISCONNECT 0x8D), briefly
+                        conn.on_output = _no_writer
+                        conn.close(KeepAliveTimeout("keep alive timeout"))
+                        data = conn.data_to_send()
+                        with trio.move_on_after(CLOSE_FLUSH_TIMEOUT_S if data else 0):
+                            try:
+                                await self.stream.send_all(data)
+                            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                                pass
         finally:
             self.broker.connection_lost(conn)
             await trio.aclose_forcefully(self.stream)  # also ends a writer blocked in send
@@ -177,6 +186,10 @@ class ClientHandler:
             self._writing = False
         if conn.closing:
             self._scope.cancel()
+
+
+def _no_writer() -> None:
+    """The connection is over: output is sent by the caller, not by a writer task."""
 
 
 SCHEMES = {

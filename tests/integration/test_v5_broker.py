@@ -999,3 +999,13 @@ async def test_will_of_a_5_0_client_reaches_a_3_1_1_watcher_without_properties(b
         await device.aclose()
         will = await receive(watcher)
         assert (will.topic, will.payload, props(will)) == ("wills/device", b"gone", {})
+
+
+async def test_keepalive_expiry_is_told_with_disconnect_0x8d(broker):
+    """A 5.0 client silent for 1.5 x its keepalive gets DISCONNECT 0x8D before the close."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        client, _ = await connect(broker.port, "sleepy", keepalive_s=1)
+        got = await client.expect_closed(timeout_s=5)
+        assert [(type(p).__name__, getattr(p, "reason_code", None)) for p in got] == [
+            ("Disconnect", 0x8D)
+        ]
