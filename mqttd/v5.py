@@ -20,7 +20,7 @@ import attrs
 from mqttd.codec import MQTTError, ProtocolError
 from mqttd.codec.errors import TopicAliasInvalid
 from mqttd.codec.kinds import PUBLISH
-from mqttd.codec.packets import Publish, encode_publish_parts_v5
+from mqttd.codec.packets import ExpiringPublish, Publish, encode_publish_parts_v5
 from mqttd.codec.properties import decode_properties, encode_properties
 
 if TYPE_CHECKING:
@@ -110,9 +110,14 @@ def inbound(conn: Connection, packet: Publish, now: float) -> Publish:
         raise ProtocolError("PUBLISH with an empty topic and no topic alias")
     kept = {name: value for name, value in props.items() if name in FORWARDED}
     interval = props.get("message_expiry_interval")
-    return Publish(
+    if interval is None:
+        return Publish(
+            topic, packet.payload, packet.qos, packet.retain, packet.dup, packet.packet_id,
+            kept or None,
+        )
+    return ExpiringPublish(
         topic, packet.payload, packet.qos, packet.retain, packet.dup, packet.packet_id,
-        kept or None, expires_at=None if interval is None else now + interval,
+        kept or None, expires_at=now + interval,
     )
 
 
@@ -216,7 +221,9 @@ def restored_message(
     topic: str, payload: bytes, qos: int, retain: bool, block: bytes | None,
     expires_at: float | None,
 ) -> Publish:
-    return Publish(
+    if expires_at is None:
+        return Publish(topic, payload, qos, retain, False, 0, restored_properties(block))
+    return ExpiringPublish(
         topic, payload, qos, retain, False, 0, restored_properties(block), expires_at=expires_at
     )
 
@@ -269,7 +276,9 @@ def will_message(will: Any, now: float) -> Publish:
         return Publish(will.topic, will.payload, will.qos, will.retain)
     kept = {name: value for name, value in props.items() if name in FORWARDED}
     interval = props.get("message_expiry_interval")
-    return Publish(
+    if interval is None:
+        return Publish(will.topic, will.payload, will.qos, will.retain, False, 0, kept or None)
+    return ExpiringPublish(
         will.topic, will.payload, will.qos, will.retain, False, 0, kept or None,
-        expires_at=None if interval is None else now + interval,
+        expires_at=now + interval,
     )

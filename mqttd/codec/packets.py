@@ -131,9 +131,10 @@ class Publish:
     packet_id: int = 0
     properties: Properties | None = None
     # the broker's own bookkeeping, never on the wire: when a message with a 5.0 Message
-    # Expiry Interval expires (epoch seconds); the interval itself is not kept in
-    # ``properties`` but recomputed for each onward delivery
-    expires_at: float | None = attrs.field(default=None, eq=False, repr=False)
+    # Expiry Interval expires (epoch seconds; see ExpiringPublish); the interval itself is
+    # not kept in ``properties`` but recomputed for each onward delivery. A class attribute
+    # here, so that the common message pays nothing for it.
+    expires_at: ClassVar[float | None] = None
 
     def encode(self, version: int = PROTOCOL_311) -> bytes:
         if version == PROTOCOL_5:
@@ -147,6 +148,13 @@ class Publish:
         if self.qos:
             return head + self.packet_id.to_bytes(2, "big") + tail
         return head + tail
+
+
+@attrs.frozen
+class ExpiringPublish(Publish):
+    """A message with a 5.0 Message Expiry Interval: ``expires_at`` is when (epoch s)."""
+
+    expires_at: float | None = attrs.field(default=None, eq=False, repr=False)  # type: ignore[misc]
 
 
 def encode_publish_parts(
