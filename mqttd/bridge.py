@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +53,7 @@ from mqttd.codec.packets import (
     Subscription,
 )
 from mqttd.config import Bridge as BridgeConfig
-from mqttd.config import BridgeTopic
+from mqttd.config import BridgeTLS, BridgeTopic
 from mqttd.protocol import Connection
 from mqttd.session import Session
 from mqttd.topics import matches
@@ -90,6 +91,7 @@ class BridgeLink:
         ]
         self.session: Session | None = None
         self.conn: Connection | None = None
+        self.tls_context = _tls_context(config.tls) if config.tls is not None else None
         self.state = "down"
         self.subscribed = False  # the remote answered the ``in`` subscriptions
         self.private = config.try_private
@@ -221,11 +223,19 @@ class BridgeLink:
     async def _connect_and_serve(self) -> None:
         cfg = self.config
         self.state = "connecting"
-        with trio.fail_after(cfg.connect_timeout_s):
-            try:
+        stream: trio.abc.Stream
+        try:
+            with trio.fail_after(cfg.connect_timeout_s):
                 stream = await trio.open_tcp_stream(cfg.host, cfg.port)
-            except trio.TooSlowError:
-                raise LinkDown("connect timed out") from None
+                if self.tls_context is not None:
+                    stream = trio.SSLStream(stream, self.tls_context, server_hostname=cfg.host)
+                    try:
+                        await stream.do_handshake()
+                    except trio.BrokenResourceError as exc:
+                        await trio.aclose_forcefully(stream)
+                        raise LinkDown(f"TLS handshake failed: {exc.__cause__ or exc}") from None
+        except trio.TooSlowError:
+            raise LinkDown("connect timed out") from None
         async with stream:
             decoder = Decoder(protocol_level=PROTOCOL_311)
             connack = await self._handshake(stream, decoder)
@@ -266,7 +276,7 @@ class BridgeLink:
                 raise
             raise LinkDown(f"closed: {conn.close_reason or 'by the broker'}")
 
-    async def _handshake(self, stream: trio.SocketStream, decoder: Decoder) -> ConnAck:
+    async def _handshake(self, stream: trio.abc.Stream, decoder: Decoder) -> ConnAck:
         cfg = self.config
         packet = Connect(
             cfg.remote_client_id(), cfg.clean_session, cfg.keepalive_s, PROTOCOL_311,
@@ -310,7 +320,7 @@ class BridgeLink:
     def _output_ready(self) -> None:
         self._wake.set()
 
-    async def _writer(self, stream: trio.SocketStream, conn: Connection) -> None:
+    async def _writer(self, stream: trio.abc.Stream, conn: Connection) -> None:
         while True:
             data = conn.data_to_send()
             if data:
@@ -327,7 +337,7 @@ class BridgeLink:
             conn.send(b"\xc0\x00")  # PINGREQ
 
     async def _reader(
-        self, stream: trio.SocketStream, decoder: Decoder, conn: Connection
+        self, stream: trio.abc.Stream, decoder: Decoder, conn: Connection
     ) -> None:
         broker = self.broker
         silence_s = self.config.keepalive_s * 1.5 + 1
@@ -441,6 +451,17 @@ class BridgeLink:
         }
 
 
+def _tls_context(tls: BridgeTLS) -> ssl.SSLContext:
+    """The client-side TLS context of a bridge (files read once, at start-up: a missing or
+    broken file stops the broker with the reason)."""
+    context = ssl.create_default_context(cafile=tls.cafile)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.certfile is not None:
+        context.load_cert_chain(tls.certfile, tls.keyfile)
+    context.check_hostname = tls.verify_hostname
+    return context
+
+
 def _first_failure(group: BaseExceptionGroup) -> BaseException | None:
     """The first exception in ``group`` that is not a cancellation, if any."""
     for exc in group.exceptions:
@@ -453,7 +474,7 @@ def _first_failure(group: BaseExceptionGroup) -> BaseException | None:
     return None
 
 
-async def _say_goodbye(stream: trio.SocketStream) -> None:
+async def _say_goodbye(stream: trio.abc.Stream) -> None:
     """Shutdown: send DISCONNECT (best effort, shielded, within a second)."""
     with trio.move_on_after(1) as scope:
         scope.shield = True

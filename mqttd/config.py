@@ -298,6 +298,21 @@ class BridgeTopic:
         return self.remote_prefix + self.pattern
 
 
+@attrs.frozen
+class BridgeTLS:
+    """TLS to a bridge's remote broker (TLS 1.2 and later)."""
+
+    # CA certificates to verify the remote with (PEM); null: the system's CA store
+    cafile: str | None = attrs.field(default=None, validator=_optional(_checked(str, _non_empty)))
+    # our client certificate and key, if the remote asks for one (PEM; the key may be in certfile)
+    certfile: str | None = attrs.field(
+        default=None, validator=_optional(_checked(str, _non_empty))
+    )
+    keyfile: str | None = attrs.field(default=None, validator=_optional(_checked(str, _non_empty)))
+    # check that the remote's certificate names ``host`` (turn off only for tests)
+    verify_hostname: bool = attrs.field(default=True, validator=_checked(bool))
+
+
 def _at_least_one_topic(v: tuple[Any, ...]) -> str | None:
     return None if v else "at least one topic mapping is required"
 
@@ -328,6 +343,7 @@ class Bridge:
     connect_timeout_s: float = attrs.field(
         default=10.0, converter=_to_float, validator=_checked(float, _positive)
     )
+    tls: BridgeTLS | None = None  # null: plain TCP
     reconnect_delay_min_s: float = attrs.field(
         default=1.0, converter=_to_float, validator=_checked(float, _positive)
     )

@@ -348,3 +348,41 @@ async def test_fleet_keeps_publishing_while_the_upstream_broker_is_down(tmp_path
                 fleet.stop()  # its devices say goodbye before the edge goes
                 await wait_until(lambda: fleet.stats.finished == devices, 10)
             cloud.shutdown()
+
+
+async def test_bridge_over_tls_to_a_tls_listener(tmp_path):
+    """The link verifies the remote's certificate against the configured CA; with another
+    CA it does not connect (and says why)."""
+    from mqttd.config import BridgeTLS
+    from tests.security.test_tls import Certs, config_with
+
+    certs = Certs.make(tmp_path / "certs")
+    other = Certs.make(tmp_path / "other")
+    cloud_config = config_with(Listener(host="127.0.0.1", port=0, tls=certs.tls()))
+    with trio.fail_after(20):
+        async with running(cloud_config) as cloud:
+            good = BridgeTLS(cafile=certs.ca_file)
+            async with running(edge_config(cloud.port, tls=good)) as edge:
+                await bridge_up(edge)
+                backend = await tls_client(cloud.port, certs.ca_file)
+                await backend.subscribe("edge-1/site/#", qos=1)
+                device, _ = await RawClient.connected(edge.port, "sensor-1")
+                await device.publish("site/s1/telemetry", b"over tls", qos=1)
+                got = await receive(backend, 1)
+                assert (got[0].topic, got[0].payload) == ("edge-1/site/s1/telemetry", b"over tls")
+            wrong = BridgeTLS(cafile=other.ca_file)
+            async with running(edge_config(cloud.port, tls=wrong)) as edge:
+                await wait_until(lambda: link(edge)["connect_failures"] >= 1)
+                assert link(edge)["state"] != "connected"
+                assert "certificate" in link(edge)["last_error"].lower()
+
+
+async def tls_client(port: int, ca_file: str) -> RawClient:
+    from mqttd.codec.packets import ConnAck, Connect
+    from tests.security.test_tls import client_context, open_tls
+
+    stream = await open_tls(port, client_context(ca_file))
+    client = RawClient(stream)  # type: ignore[arg-type]
+    await client.send(Connect("backend"))
+    assert (await client.expect(ConnAck)).return_code == 0
+    return client
