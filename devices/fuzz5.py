@@ -86,8 +86,8 @@ if TYPE_CHECKING:
 
 Action = tuple[Any, ...]
 
-# Checks of findings not fixed yet that a long run may tolerate (``--tolerate NAME``), so that
-# they do not end every episode early and hide what comes after them:
+# Checks of findings that a long run may tolerate (``--tolerate NAME``), so that a finding
+# does not end every episode early (all three are fixed: tests/fuzz/test_v5_fuzz_findings.py):
 #   reason-string-size        a reason string / user property on a packet over the client's
 #                             Maximum Packet Size (DISCONNECT, CONNACK, PUBACK, PUBREC)
 #   pubrel-after-error        PUBREL after the client's PUBREC with a reason code >= 0x80

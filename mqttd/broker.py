@@ -235,7 +235,7 @@ class Broker(ConnectHandling, PacketHandlers):
             if conn.protocol_level == PROTOCOL_5:
                 code = exc.reason_code if exc.reason_code >= 0x80 else 0x80
                 props = {"reason_string": str(exc)[:200]} if str(exc) else None
-                conn.send(ConnAck(False, code, props).encode(PROTOCOL_5))
+                conn.send(conn.fit(ConnAck(False, code, props), ConnAck(False, code)))
             elif exc.connack_code is not None:
                 conn.send_packet(ConnAck(False, exc.connack_code))
         conn.close(exc, flush=True)

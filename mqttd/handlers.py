@@ -93,8 +93,8 @@ class PacketHandlers:
         if qos == 1:
             routed = self.publish(packet, session, bridge)
             if v5_client and not routed:
-                self._reply(conn, _ack(0x40, packet_id, NO_MATCHING_SUBSCRIBERS,
-                                       conn.problem_information), before)
+                self._reply(conn, _ack(0x40, packet_id, NO_MATCHING_SUBSCRIBERS, conn),
+                            before)
             else:
                 self._reply(conn, bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF)), before)
             return
@@ -103,8 +103,7 @@ class PacketHandlers:
             if len(session.inbound_qos2) >= self.config.limits.max_inbound_qos2:
                 self.limit_exceeded("inbound_qos2")
                 if v5_client:  # 5.0 can refuse this one message: PUBREC Quota exceeded
-                    self._reply(conn, _ack(0x50, packet_id, QUOTA_EXCEEDED,
-                                           conn.problem_information), before)
+                    self._reply(conn, _ack(0x50, packet_id, QUOTA_EXCEEDED, conn), before)
                     return
                 raise ProtocolError(
                     f"more than max_inbound_qos2 ({self.config.limits.max_inbound_qos2}) "
@@ -115,7 +114,7 @@ class PacketHandlers:
                 session.writer.submit(ops.AddInbound(session.client_id, packet_id))
             if not self.publish(packet, session, bridge) and v5_client:
                 code = NO_MATCHING_SUBSCRIBERS
-        self._reply(conn, _ack(0x50, packet_id, code, conn.problem_information), before)
+        self._reply(conn, _ack(0x50, packet_id, code, conn), before)
 
     def _publish_denied(self: Broker, conn: Connection, packet: Publish) -> None:
         """No write access: drop the message. MQTT 3.1.1 has no way to say so; QoS 1/2 are
@@ -125,17 +124,19 @@ class PacketHandlers:
         self._log_denied(conn, f"PUBLISH to {packet.topic!r} (dropped)")
         packet_id = packet.packet_id
         code = PUBLISH_NOT_AUTHORIZED if conn.protocol_level == PROTOCOL_5 else 0
-        text = conn.problem_information
         if packet.qos == 1:
-            self._reply(conn, _ack(0x40, packet_id, code, text), self.ticket())
+            self._reply(conn, _ack(0x40, packet_id, code, conn), self.ticket())
         elif packet.qos == 2:
-            self._reply(conn, _ack(0x50, packet_id, code, text), self.ticket())
+            self._reply(conn, _ack(0x50, packet_id, code, conn), self.ticket())
 
     def _on_puback(self: Broker, conn: Connection, packet: PubAck) -> None:
         if not conn.session.on_puback(packet.packet_id):  # type: ignore[union-attr]
             log.debug("client %s: PUBACK for unknown packet id %d", conn.name, packet.packet_id)
 
     def _on_pubrec(self: Broker, conn: Connection, packet: PubRec) -> None:
+        if packet.reason_code >= 0x80:  # 5.0: the client refused it; the exchange ends
+            conn.session.on_pubrec_refused(packet.packet_id)  # type: ignore[union-attr]
+            return
         if not conn.session.on_pubrec(packet.packet_id):  # type: ignore[union-attr]
             log.debug("client %s: PUBREC for unknown packet id %d", conn.name, packet.packet_id)
         conn.send_packet(PubRel(packet.packet_id))
@@ -303,14 +304,16 @@ _REASON_STRINGS = {
 }
 
 
-def _ack(first: int, packet_id: int, code: int, reason_string: bool = False) -> bytes:
+def _ack(first: int, packet_id: int, code: int, conn: Connection | None = None) -> bytes:
     """PUBACK (0x40) / PUBREC (0x50) with a 5.0 reason code (none when it is 0), and its
-    reason string when the client asked for problem information."""
+    reason string when the client asked for problem information and it fits the client's
+    Maximum Packet Size."""
     if code:
-        if reason_string:
+        if conn is not None and conn.problem_information:
             text = _REASON_STRINGS[code].encode()
             props = bytes((len(text) + 3, 0x1F)) + len(text).to_bytes(2, "big") + text
             body = bytes((packet_id >> 8, packet_id & 0xFF, code)) + props
-            return bytes((first, len(body))) + body
+            if not conn.max_send_size or len(body) + 2 <= conn.max_send_size:
+                return bytes((first, len(body))) + body
         return bytes((first, 3, packet_id >> 8, packet_id & 0xFF, code))
     return bytes((first, 2, packet_id >> 8, packet_id & 0xFF))

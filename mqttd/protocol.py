@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from mqttd.codec import Decoder, MQTTError, ProtocolError
+from mqttd.codec import reason as reason_codes
 from mqttd.codec.packets import (
     CONNACK,
     CONNECT,
@@ -90,6 +91,9 @@ class Connection:
     outbox_bytes: int = 0
     account: BufferAccount = attrs.Factory(BufferAccount)
     output_discarded: bool = False
+    # no new output is queued: set when the output is discarded, or once a 5.0 DISCONNECT
+    # is queued (what is queued before it is still sent and accounted as usual)
+    sealed: bool = False
     # when the I/O layer's current send started (None while it is not sending)
     send_blocked_since: float | None = None
     on_output: Callable[[], None] = _noop
@@ -176,7 +180,7 @@ class Connection:
     # -- output ----------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        if self.output_discarded:
+        if self.sealed:
             return
         size = len(data)
         self.outbox_bytes += size
@@ -190,7 +194,7 @@ class Connection:
     def send_parts(self, head: bytes, middle: bytes, tail: bytes) -> None:
         """Queue one packet given as three parts (a shared PUBLISH head, the packet id,
         the shared payload) without concatenating them here."""
-        if self.output_discarded:
+        if self.sealed:
             return
         first = not self.outbox
         self.outbox += (head, middle, tail)
@@ -202,6 +206,15 @@ class Connection:
 
     def send_packet(self, packet: Packet) -> None:
         self.send(packet.encode(self.protocol_level))
+
+    def fit(self, packet: Packet, without_extras: Packet) -> bytes:
+        """``packet`` encoded, or ``without_extras`` (the same without reason string / user
+        properties) when the first is larger than the client's 5.0 Maximum Packet Size
+        (MQTT-3.1.2-25)."""
+        data = packet.encode(self.protocol_level)
+        if self.max_send_size and len(data) > self.max_send_size:
+            return without_extras.encode(self.protocol_level)
+        return data
 
     def data_to_send(self) -> bytes:
         """Everything queued, joined; report it with :meth:`sent` once it is sent."""
@@ -223,7 +236,7 @@ class Connection:
         self.outbox.clear()
         self.account.bytes -= self.outbox_bytes
         self.outbox_bytes = 0
-        self.output_discarded = True
+        self.output_discarded = self.sealed = True
 
     def close(self, reason: MQTTError | None = None, *, flush: bool = False) -> None:
         """Ask the I/O layer to end this connection (idempotent). A 5.0 client that was
@@ -231,12 +244,19 @@ class Connection:
         if not self.closing:
             if (
                 reason is not None and self.protocol_level == PROTOCOL_5 and self.accepted
-                and not self.output_discarded
+                and not self.sealed
             ):
-                text = str(reason)
-                self.send(Disconnect(
-                    reason.reason_code, {"reason_string": text[:200]} if text else None
-                ).encode(PROTOCOL_5))
+                code = reason.reason_code
+                if not reason_codes.is_valid(code, DISCONNECT) or code < 0x80:
+                    code = reason_codes.PROTOCOL_ERROR  # e.g. a second CONNECT's 0x84
+                text = str(reason)[:200]
+                self.send(self.fit(
+                    Disconnect(code, {"reason_string": text} if text else None),
+                    Disconnect(code),
+                ))
+                # the DISCONNECT is the last packet (MQTT-3.14.4-1): what is queued before it
+                # is flushed, nothing is queued after it
+                self.sealed = True
                 flush = True
             self.closing = True
             self.state = State.CLOSED

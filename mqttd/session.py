@@ -116,6 +116,8 @@ class Session:
     expired: int = 0  # 5.0 messages whose expiry interval passed while queued
     too_large: int = 0  # 5.0 deliveries above the client's Maximum Packet Size
     _next_drop_log: float = 0.0
+    # inflight packet ids not resent yet on this connection (its window was smaller)
+    _held: deque[int] | None = None
 
     @classmethod
     def restore(
@@ -386,6 +388,15 @@ class Session:
         conn = self.connection
         if conn is None:
             return
+        not_resent = self._held
+        if not_resent is not None:  # in flight from an earlier connection, not resent yet
+            while not_resent and len(self.inflight) - len(not_resent) < self.max_inflight:
+                packet_id = not_resent.popleft()
+                if packet_id in self.inflight:
+                    self._resend(conn, packet_id)
+            if not_resent:
+                return
+            self._held = None
         queue = self._queue
         writer = self.writer
         now = 0.0
@@ -466,6 +477,16 @@ class Session:
                 self.writer.submit(ops.SetReleased(self.client_id, entry[3]))
         return True
 
+    def on_pubrec_refused(self, packet_id: int) -> bool:
+        """5.0: a PUBREC with an error code (0x80 and up) ends the QoS 2 exchange: no PUBREL,
+        the message is done with for this client (MQTT-4.3.3-4)."""
+        entry = self.inflight.get(packet_id)
+        if entry is None or entry[1] != 2 or entry[0] is None:
+            return False
+        del self.inflight[packet_id]
+        self._acknowledged(entry[3])
+        return True
+
     def on_pubcomp(self, packet_id: int) -> bool:
         entry = self.inflight.get(packet_id)
         if entry is None or entry[0] is not None:
@@ -487,24 +508,39 @@ class Session:
         PUBREL) with the original packet ids and order, then fill the window."""
         self.connection = conn
         self.disconnected_at = None
-        v5_client = conn.protocol_level == PROTOCOL_5
-        for packet_id, (message, qos, retain, seq, _share, ids) in list(self.inflight.items()):
-            if message is None:
-                conn.send_packet(PubRel(packet_id))
-                continue
-            if v5_client:
-                encoded = v5.publish_parts(conn, message, qos, retain, None, ids, True)
-                if encoded is None:  # this client accepts smaller packets than the last one
-                    self.too_large += 1
-                    del self.inflight[packet_id]
-                    if self.writer is not None:
-                        self.writer.submit(ops.RemoveDelivery(self.client_id, seq))
-                    continue
-                head, tail = encoded
-            else:
-                head, tail = encode_publish_parts(message.topic, message.payload, qos, retain, True)
-            conn.send_parts(head, _PACKET_ID_BYTES[packet_id], tail)
+        self._held = None
+        packet_ids = list(self.inflight)
+        resent = 0
+        for index, packet_id in enumerate(packet_ids):
+            if resent >= self.max_inflight:
+                # a 5.0 client's Receive Maximum may be lower than what is in flight: the
+                # rest is resent as acknowledgements make room (MQTT-3.3.4-9)
+                self._held = deque(packet_ids[index:])
+                break
+            if self._resend(conn, packet_id):
+                resent += 1
         self.pump()
+
+    def _resend(self, conn: Connection, packet_id: int) -> bool:
+        """Send an inflight delivery again on a new connection (PUBLISH with DUP=1, or
+        PUBREL); False if it was dropped (larger than the client accepts)."""
+        message, qos, retain, seq, _share, ids = self.inflight[packet_id]
+        if message is None:
+            conn.send_packet(PubRel(packet_id))
+            return True
+        if conn.protocol_level == PROTOCOL_5:
+            encoded = v5.publish_parts(conn, message, qos, retain, None, ids, True)
+            if encoded is None:  # this client accepts smaller packets than the last one
+                self.too_large += 1
+                del self.inflight[packet_id]
+                if self.writer is not None:
+                    self.writer.submit(ops.RemoveDelivery(self.client_id, seq))
+                return False
+            head, tail = encoded
+        else:
+            head, tail = encode_publish_parts(message.topic, message.payload, qos, retain, True)
+        conn.send_parts(head, _PACKET_ID_BYTES[packet_id], tail)
+        return True
 
     def _sub_ids_for(self, topic: str) -> tuple[int, ...] | None:
         """The 5.0 subscription identifiers of a message read back from the store (which
@@ -552,6 +588,7 @@ class Session:
 
     def detach(self) -> None:
         self.connection = None
+        self._held = None
         self._evict_queue()
 
     def _evict_queue(self) -> None:

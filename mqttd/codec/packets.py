@@ -70,7 +70,8 @@ class Connect:
 
     @property
     def protocol_name(self) -> str:
-        return "MQIsdp" if self.protocol_level == PROTOCOL_31 else "MQTT"
+        # a bridge sets the top bit of the level (mosquitto's try_private)
+        return "MQIsdp" if self.protocol_level & 0x7F == PROTOCOL_31 else "MQTT"
 
     def encode(self, version: int | None = None) -> bytes:
         v5 = self.protocol_level == PROTOCOL_5

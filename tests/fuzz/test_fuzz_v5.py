@@ -4,11 +4,9 @@ checked, and its checks catch what they are meant to catch."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
 import pytest
 
-from devices import fuzz5
 from devices.fuzz import (
     BrokerFuzzer,
     FuzzFailure,
@@ -19,17 +17,8 @@ from devices.fuzz import (
 from mqttd.codec.packets import PROTOCOL_5, Connect, Publish, Subscribe, Subscription
 
 
-@pytest.fixture
-def tolerant() -> Iterator[None]:
-    """The checks of 5.0 findings not fixed yet in mqttd are left out (they have their own
-    tests in test_v5_fuzz_findings.py when open)."""
-    fuzz5.TOLERATED.update(fuzz5.CHECKS)
-    yield
-    fuzz5.TOLERATED.clear()
-
-
 @pytest.mark.parametrize("seed", range(6))
-def test_episodes_connect_level_5_clients(tolerant: None, seed: int) -> None:
+def test_episodes_connect_level_5_clients(seed: int) -> None:
     rng = random.Random(seed)
     durable = seed % 2 == 1
     fuzzer = BrokerFuzzer(random_config(rng), durable=durable, deep_every=8)
