@@ -34,10 +34,13 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
+from mqttd import v5
 from mqttd.codec import Decoder, MQTTError, ProtocolError
 from mqttd.codec.packets import (
+    PROTOCOL_5,
     PROTOCOL_311,
     ConnAck,
     Connect,
@@ -94,7 +97,9 @@ class BridgeLink:
         self.tls_context = _tls_context(config.tls) if config.tls is not None else None
         self.state = "down"
         self.subscribed = False  # the remote answered the ``in`` subscriptions
-        self.private = config.try_private
+        self.level = PROTOCOL_5 if config.protocol == "5" else PROTOCOL_311
+        # 5.0 has No Local for what try_private does for 3.1.1
+        self.private = config.try_private and self.level == PROTOCOL_311
         self._inbound: Publish | None = None  # the message being routed in from the remote
         self._wake = trio.Event()
         self._subscribe_id = 0
@@ -105,6 +110,7 @@ class BridgeLink:
         self.forwarded = 0  # messages acknowledged by the remote broker
         self.received = 0  # messages from the remote published here
         self.unmapped = 0  # messages that matched no mapping (not forwarded)
+        self.refused = 0  # 5.0: messages the remote refused (PUBACK/PUBREC reason >= 0x80)
         self.last_error: str | None = None
         self.connected_at: float | None = None
         self.next_attempt_in_s = 0.0
@@ -173,7 +179,8 @@ class BridgeLink:
             return
         remote_topic = mapping.remote_prefix + topic[len(mapping.local_prefix):]
         qos = min(message.qos, mapping.qos)
-        remote = Publish(remote_topic, message.payload, qos, message.retain)
+        # (5.0 properties and expiry go along; a 3.1.1 link leaves them out when encoding)
+        remote = attrs.evolve(message, topic=remote_topic, qos=qos, dup=False, packet_id=0)
         self.session.deliver(remote, qos, message.retain, None)  # type: ignore[union-attr]
 
     def _local_topic(self, remote_topic: str) -> str | None:
@@ -237,17 +244,24 @@ class BridgeLink:
         except trio.TooSlowError:
             raise LinkDown("connect timed out") from None
         async with stream:
-            decoder = Decoder(protocol_level=PROTOCOL_311)
+            decoder = Decoder(protocol_level=self.level)
             connack = await self._handshake(stream, decoder)
             conn = Connection(peer=f"{cfg.host}:{cfg.port}", account=self.broker.buffers)
             conn.client_id = self.client_id
-            conn.protocol_level = PROTOCOL_311
+            conn.protocol_level = self.level
             conn.on_output = self._output_ready
+            session: Session = self.session  # type: ignore[assignment]
+            if self.level == PROTOCOL_5:  # the remote's limits, from its CONNACK
+                props = connack.properties or {}
+                conn.max_send_size = props.get("maximum_packet_size", 0)
+                conn.topic_alias_out_max = props.get("topic_alias_maximum", 0)
+                limits = self.broker.config.limits_for(self.client_id)
+                window = cfg.max_inflight_messages or limits.max_inflight_messages
+                session.max_inflight = min(window, props.get("receive_maximum", window))
             self.conn = conn
             self.state = "connected"
             self.connects += 1
             self.connected_at = time.time()
-            session: Session = self.session  # type: ignore[assignment]
             log.info(
                 "bridge %s: connected to %s:%d as %r (session present %d, %d messages to "
                 "forward)", self.name, cfg.host, cfg.port, cfg.remote_client_id(),
@@ -255,9 +269,12 @@ class BridgeLink:
             )
             if self.in_topics:
                 self._subscribe_id = self._free_packet_id(session)
+                v5_link = self.level == PROTOCOL_5
                 conn.send_packet(Subscribe(self._subscribe_id, tuple(
-                    Subscription(t.remote_filter, t.qos) for t in self.in_topics
-                )))
+                    # 5.0: No Local (our own messages do not come back), Retain As Published
+                    Subscription(t.remote_filter, t.qos, v5_link, v5_link)
+                    for t in self.in_topics
+                ), {} if v5_link else None))
             session.attach(conn)  # resend what is in flight (DUP), then the queue
             try:
                 async with trio.open_nursery() as nursery:
@@ -278,11 +295,15 @@ class BridgeLink:
 
     async def _handshake(self, stream: trio.abc.Stream, decoder: Decoder) -> ConnAck:
         cfg = self.config
+        properties = None
+        if self.level == PROTOCOL_5:  # a kept session is kept for good (0xFFFFFFFF)
+            properties = {"session_expiry_interval": 0 if cfg.clean_session else 0xFFFFFFFF}
         packet = Connect(
-            cfg.remote_client_id(), cfg.clean_session, cfg.keepalive_s, PROTOCOL_311,
+            cfg.remote_client_id(), cfg.clean_session, cfg.keepalive_s, self.level,
             None, cfg.username, cfg.password.encode() if cfg.password is not None else None,
+            properties,
         )
-        data = bytearray(packet.encode(PROTOCOL_311))
+        data = bytearray(packet.encode(self.level))
         if self.private:
             data[data.index(b"\x00\x04MQTT") + 6] |= PRIVATE_FLAG
         with trio.fail_after(cfg.connect_timeout_s):
@@ -359,8 +380,15 @@ class BridgeLink:
             self._inbound_publish(conn, session, packet)
         elif isinstance(packet, PubAck):
             if session.on_puback(packet.packet_id):
-                self.forwarded += 1
+                if packet.reason_code >= 0x80:
+                    self._refused(packet)
+                else:
+                    self.forwarded += 1
         elif isinstance(packet, PubRec):
+            if packet.reason_code >= 0x80:  # 5.0: refused, the exchange ends
+                if session.on_pubrec_refused(packet.packet_id):
+                    self._refused(packet)
+                return
             session.on_pubrec(packet.packet_id)
             conn.send_packet(PubRel(packet.packet_id))
         elif isinstance(packet, PubComp):
@@ -385,8 +413,15 @@ class BridgeLink:
         elif not isinstance(packet, PingResp):
             raise ProtocolError(f"unexpected {type(packet).__name__} from the remote broker")
 
+    def _refused(self, packet: PubAck | PubRec) -> None:
+        self.refused += 1
+        log.warning("bridge %s: the remote refused a message (reason code %#04x)", self.name,
+                    packet.reason_code)
+
     def _inbound_publish(self, conn: Connection, session: Session, packet: Publish) -> None:
         broker = self.broker
+        if packet.properties is not None:  # 5.0: keep what is forwarded, make expiry absolute
+            packet = v5.inbound(conn, packet, time.time())
         before = broker.ticket()
         packet_id = packet.packet_id
         qos = packet.qos
@@ -404,7 +439,7 @@ class BridgeLink:
             if topic is None:
                 self.unmapped += 1
             else:
-                message = Publish(topic, packet.payload, qos, packet.retain)
+                message = attrs.evolve(packet, topic=topic, dup=False, packet_id=0)
                 self._inbound = message
                 try:
                     broker.publish(message)
@@ -443,6 +478,8 @@ class BridgeLink:
             "forwarded": self.forwarded,
             "received": self.received,
             "unmapped": self.unmapped,
+            "refused": self.refused,
+            "protocol": self.config.protocol,
             "inflight": len(session.inflight) if session else 0,
             "queued": session.queued if session else 0,
             "queued_bytes": session.queued_bytes if session else 0,

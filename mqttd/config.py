@@ -251,6 +251,12 @@ def _direction(v: str) -> str | None:
     return f"must be one of {', '.join(BRIDGE_DIRECTIONS)}, got {reprlib.repr(v)}"
 
 
+def _bridge_protocol(v: str) -> str | None:
+    if v in ("3.1.1", "5"):
+        return None
+    return f"must be \"3.1.1\" or \"5\", got {reprlib.repr(v)}"
+
+
 def _bridge_name(v: str) -> str | None:
     if not v:
         return "must not be empty"
@@ -337,6 +343,9 @@ class Bridge:
     password: str | None = attrs.field(default=None, validator=_optional(_checked(str)))
     keepalive_s: int = attrs.field(default=60, validator=_between(1, 65535))
     clean_session: bool = attrs.field(default=False, validator=_checked(bool))
+    # the MQTT version spoken on the link: "3.1.1" or "5" (5: properties carried across, No
+    # Local subscriptions instead of try_private, the remote's limits honoured)
+    protocol: str = attrs.field(default="3.1.1", validator=_checked(str, _bridge_protocol))
     # announce ourselves as a bridge (protocol level | 0x80, as mosquitto's try_private):
     # a mosquitto or mqttd remote then does not send our own messages back to us
     try_private: bool = attrs.field(default=True, validator=_checked(bool))

@@ -11,6 +11,7 @@ import subprocess
 from contextlib import asynccontextmanager
 
 import attrs
+import pytest
 import trio
 
 from mqttd.broker import Broker, running
@@ -237,11 +238,13 @@ async def mosquitto(tmp_path: pathlib.Path, port: int | None = None):
         await trio.to_thread.run_sync(proc.wait, 5)
 
 
-async def test_bridge_to_mosquitto(tmp_path):
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+async def test_bridge_to_mosquitto(tmp_path, protocol):
+    """3.1.1 (loops prevented by try_private) and 5.0 (by No Local) links to mosquitto."""
     topics = (*EDGE_TOPICS, BridgeTopic(pattern="sync/#", direction="both", qos=1))
     async with mosquitto(tmp_path) as port:
         with trio.fail_after(20):
-            async with running(edge_config(port, topics=topics)) as edge:
+            async with running(edge_config(port, topics=topics, protocol=protocol)) as edge:
                 await bridge_up(edge)
                 backend, _ = await RawClient.connected(port, "backend")
                 await backend.subscribe("edge-1/site/#", "sync/#", qos=1)
@@ -386,3 +389,46 @@ async def tls_client(port: int, ca_file: str) -> RawClient:
     await client.send(Connect("backend"))
     assert (await client.expect(ConnAck)).return_code == 0
     return client
+
+
+async def test_mqtt5_link_carries_properties_and_uses_no_local():
+    """protocol: "5" on the link: user properties, content type and correlation data go both
+    ways; a `both` mapping does not loop (No Local on the link's subscriptions)."""
+    from mqttd.codec.packets import PROTOCOL_5, ConnAck, Connect
+
+    topics = (*EDGE_TOPICS, BridgeTopic(pattern="sync/#", direction="both", qos=1))
+    props = {"content_type": "application/json", "correlation_data": b"42",
+             "user_property": [("site", "17"), ("site", "18")]}
+
+    async def client5(port: int, client_id: str) -> RawClient:
+        client = await RawClient.open(port)
+        client.protocol_level = client.decoder.protocol_level = PROTOCOL_5
+        await client.send(Connect(client_id, protocol_level=PROTOCOL_5))
+        assert (await client.expect(ConnAck)).return_code == 0
+        return client
+
+    with trio.fail_after(20):
+        async with running(make_config()) as cloud:
+            async with running(edge_config(cloud.port, topics=topics, protocol="5")) as edge:
+                await bridge_up(edge)
+                assert cloud.sessions["edge-1"].connection.protocol_level == PROTOCOL_5
+                backend = await client5(cloud.port, "backend")
+                await backend.subscribe("edge-1/site/#", "sync/#", qos=1)
+                device = await client5(edge.port, "sensor-1")
+                await device.subscribe("command/#", "sync/#", qos=1)
+                publisher = await client5(edge.port, "sensor-2")
+                await publisher.send(Publish("site/s1/telemetry", b"{}", 1, packet_id=1,
+                                             properties=props))
+                up = (await receive(backend, 1))[0]
+                assert (up.topic, up.properties) == ("edge-1/site/s1/telemetry", props)
+                await backend.send(Publish("edge-1/command/s1", b"on", 1, packet_id=2,
+                                           properties={"response_topic": "replies/s1"}))
+                down = (await receive(device, 1))[0]
+                assert (down.topic, down.properties) == (
+                    "command/s1", {"response_topic": "replies/s1"}
+                )
+                await publisher.send(Publish("sync/x", b"edge", 1, packet_id=3))
+                assert [p.payload for p in await receive(backend, 1)] == [b"edge"]
+                assert [p.payload for p in await receive(device, 1)] == [b"edge"]
+                assert await _nothing_more(device)
+                assert link(edge)["protocol"] == "5" and link(edge)["refused"] == 0
