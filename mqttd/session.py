@@ -28,6 +28,7 @@ import attrs
 from mqttd import v5
 from mqttd.codec.errors import QuotaExceeded
 from mqttd.codec.packets import PROTOCOL_5, Publish, PubRel, encode_publish_parts
+from mqttd.shared import is_shared, parse_shared
 from mqttd.topics import matches
 from persistence import ops
 
@@ -551,10 +552,8 @@ class Session:
         ids = set()
         for topic_filter, (_options, sub_id) in self.sub_options.items():
             if sub_id:
-                inner = topic_filter
-                if topic_filter.startswith("$share/"):
-                    inner = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
-                if inner and matches(inner, topic):
+                inner = parse_shared(topic_filter)[1] if is_shared(topic_filter) else topic_filter
+                if matches(inner, topic):
                     ids.add(sub_id)
         return tuple(sorted(ids)) or None
 

@@ -108,16 +108,23 @@ def inbound(conn: Connection, packet: Publish, now: float) -> Publish:
             topic = known
     elif not topic:
         raise ProtocolError("PUBLISH with an empty topic and no topic alias")
-    kept = {name: value for name, value in props.items() if name in FORWARDED}
+    return _message(
+        topic, packet.payload, packet.qos, packet.retain, packet.dup, packet.packet_id, props, now
+    )
+
+
+def _message(
+    topic: str, payload: bytes, qos: int, retain: bool, dup: bool, packet_id: int,
+    props: dict[str, Any], now: float,
+) -> Publish:
+    """The broker's message for 5.0 ``props``: only the forwarded properties kept, the
+    Message Expiry Interval made absolute (on an ExpiringPublish)."""
+    kept = {name: value for name, value in props.items() if name in FORWARDED} or None
     interval = props.get("message_expiry_interval")
     if interval is None:
-        return Publish(
-            topic, packet.payload, packet.qos, packet.retain, packet.dup, packet.packet_id,
-            kept or None,
-        )
+        return Publish(topic, payload, qos, retain, dup, packet_id, kept)
     return ExpiringPublish(
-        topic, packet.payload, packet.qos, packet.retain, packet.dup, packet.packet_id,
-        kept or None, expires_at=now + interval,
+        topic, payload, qos, retain, dup, packet_id, kept, expires_at=now + interval
     )
 
 
@@ -274,11 +281,4 @@ def will_message(will: Any, now: float) -> Publish:
     props = will.properties
     if not props:
         return Publish(will.topic, will.payload, will.qos, will.retain)
-    kept = {name: value for name, value in props.items() if name in FORWARDED}
-    interval = props.get("message_expiry_interval")
-    if interval is None:
-        return Publish(will.topic, will.payload, will.qos, will.retain, False, 0, kept or None)
-    return ExpiringPublish(
-        will.topic, will.payload, will.qos, will.retain, False, 0, kept or None,
-        expires_at=now + interval,
-    )
+    return _message(will.topic, will.payload, will.qos, will.retain, False, 0, props, now)

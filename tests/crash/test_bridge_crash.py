@@ -4,7 +4,6 @@ it PUBACKed reaches the upstream broker (duplicates allowed: QoS 1)."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import attrs
@@ -21,6 +20,7 @@ from tests.crash.harness import (
     subscribe_and_leave,
 )
 from tests.crash.test_crash import publish_then_kill
+from tests.security.test_auth import free_port
 
 ROUNDS = 2
 ROUND_TIMEOUT_S = 30.0
@@ -48,10 +48,6 @@ bridges:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def test_acked_messages_reach_the_upstream_broker_across_kill_9(tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import getpass
 import pathlib
 import shutil
-import socket
 import subprocess
 from contextlib import asynccontextmanager
 
@@ -20,6 +19,7 @@ from mqttd.config import Bridge, BridgeTopic, Config, Listener
 from tests.conftest import make_config
 from tests.integration.test_broker_tcp import wait_until
 from tests.rawclient import RawClient
+from tests.security.test_auth import free_port
 
 FAST_RETRY = {"reconnect_delay_min_s": 0.05, "reconnect_delay_max_s": 0.2}
 EDGE_TOPICS = (
@@ -203,10 +203,6 @@ async def _nothing_more(client: RawClient) -> bool:
     return True
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @asynccontextmanager
