@@ -80,9 +80,40 @@ class RawClient:
         return self.received.pop(0)
 
     async def expect(self, kind: type, timeout_s: float = TIMEOUT_S) -> Packet:
+        """The next packet, which must be a ``kind``: for exact sequences the broker
+        promises (CONNACK first, acks in the order of their packets, one subscriber's
+        messages in order). Where MQTT leaves the order open, use :meth:`take`."""
         packet = await self.recv(timeout_s)
         assert isinstance(packet, kind), f"expected {kind.__name__}, got {packet!r}"
         return packet
+
+    async def take(
+        self, kind: type, timeout_s: float = TIMEOUT_S, *, packet_id: int | None = None
+    ) -> Packet:
+        """The first packet of ``kind`` (with ``packet_id``, if given) among those that
+        arrive, skipping the others explicitly: they stay queued, in their order, for
+        later calls. MQTT orders acknowledgements among themselves and the messages of one
+        subscription among themselves, but not the one against the other: the PUBACK of a
+        client's own QoS 1 PUBLISH may come before or after the messages routed to it."""
+        with trio.fail_after(timeout_s):
+            index = 0
+            while True:
+                while index < len(self.received):
+                    packet = self.received[index]
+                    if isinstance(packet, kind) and (
+                        packet_id is None or getattr(packet, "packet_id", None) == packet_id
+                    ):
+                        return self.received.pop(index)
+                    index += 1
+                try:
+                    data = await self.stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    data = b""
+                if not data:
+                    raise AssertionError(
+                        f"connection closed before a {kind.__name__}; got {self.received!r}"
+                    )
+                self.received.extend(self.decoder.feed(data))
 
     async def expect_closed(self, timeout_s: float = TIMEOUT_S) -> list[Packet]:
         """Wait for the broker to close the connection; returns packets received before."""
@@ -96,9 +127,9 @@ class RawClient:
     async def subscribe(self, *filters: str, qos: int = 0) -> SubAck:
         pid = self.packet_id()
         await self.send(Subscribe(pid, tuple(Subscription(f, qos) for f in filters)))
-        suback = await self.expect(SubAck)
-        assert suback.packet_id == pid
-        return suback
+        # messages of earlier subscriptions may arrive before the SUBACK: they stay queued
+        suback = await self.take(SubAck, packet_id=pid)
+        return suback  # type: ignore[return-value]
 
     async def publish(
         self, topic: str, payload: bytes, qos: int = 0, retain: bool = False
@@ -106,8 +137,9 @@ class RawClient:
         pid = self.packet_id() if qos else 0
         await self.send(Publish(topic, payload, qos, retain, False, pid))
         if qos == 1:
-            ack = await self.expect(PubAck)
-            assert ack.packet_id == pid
+            # a PUBLISH routed back to this client may come before or after its PUBACK:
+            # it stays queued for the caller
+            await self.take(PubAck, packet_id=pid)
 
     async def aclose(self) -> None:
         await self.stream.aclose()
