@@ -19,6 +19,7 @@ from mqttd.codec import (
 from mqttd.codec.errors import (
     ReceiveMaximumExceeded,
 )
+from mqttd.codec.kinds import PUBACK, PUBCOMP, PUBREC, PUBREL
 from mqttd.codec.packets import (
     PROTOCOL_5,
     Auth,
@@ -34,7 +35,16 @@ from mqttd.codec.packets import (
     UnsubAck,
     Unsubscribe,
 )
-from mqttd.codec.reason import SUBACK_FAILURE
+from mqttd.codec.reason import (
+    DISCONNECT_WITH_WILL_MESSAGE,
+    NO_MATCHING_SUBSCRIBERS,
+    NO_SUBSCRIPTION_EXISTED,
+    NOT_AUTHORIZED,
+    PACKET_IDENTIFIER_NOT_FOUND,
+    QUOTA_EXCEEDED,
+    SUBACK_FAILURE,
+    TOPIC_FILTER_INVALID,
+)
 from mqttd.protocol import Connection
 from mqttd.session import Session
 from mqttd.shared import is_shared, parse_shared
@@ -47,13 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mqttd.broker")  # one logger for the broker and its mixins
 
 MAX_QOS = 2
-DISCONNECT_WITH_WILL = 0x04
-NO_MATCHING_SUBSCRIBERS = 0x10
-NO_SUBSCRIPTION_EXISTED = 0x11
-SUBACK_NOT_AUTHORIZED = 0x87
-TOPIC_FILTER_INVALID = 0x8F
-QUOTA_EXCEEDED = 0x97
-PUBLISH_NOT_AUTHORIZED = 0x87
+SUBACK_NOT_AUTHORIZED = PUBLISH_NOT_AUTHORIZED = NOT_AUTHORIZED
 
 
 class PacketHandlers:
@@ -93,7 +97,7 @@ class PacketHandlers:
         if qos == 1:
             routed = self.publish(packet, session, bridge)
             if v5_client and not routed:
-                self._reply(conn, _ack(0x40, packet_id, NO_MATCHING_SUBSCRIBERS, conn),
+                self._reply(conn, conn.encode_ack(PUBACK, packet_id, NO_MATCHING_SUBSCRIBERS),
                             before)
             else:
                 self._reply(conn, bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF)), before)
@@ -103,7 +107,9 @@ class PacketHandlers:
             if len(session.inbound_qos2) >= self.config.limits.max_inbound_qos2:
                 self.limit_exceeded("inbound_qos2")
                 if v5_client:  # 5.0 can refuse this one message: PUBREC Quota exceeded
-                    self._reply(conn, _ack(0x50, packet_id, QUOTA_EXCEEDED, conn), before)
+                    self._reply(conn, conn.encode_ack(
+                        PUBREC, packet_id, QUOTA_EXCEEDED, _REASON_STRINGS[QUOTA_EXCEEDED]
+                    ), before)
                     return
                 raise ProtocolError(
                     f"more than max_inbound_qos2 ({self.config.limits.max_inbound_qos2}) "
@@ -114,7 +120,7 @@ class PacketHandlers:
                 session.writer.submit(ops.AddInbound(session.client_id, packet_id))
             if not self.publish(packet, session, bridge) and v5_client:
                 code = NO_MATCHING_SUBSCRIBERS
-        self._reply(conn, _ack(0x50, packet_id, code, conn), before)
+        self._reply(conn, conn.encode_ack(PUBREC, packet_id, code), before)
 
     def _publish_denied(self: Broker, conn: Connection, packet: Publish) -> None:
         """No write access: drop the message. MQTT 3.1.1 has no way to say so; QoS 1/2 are
@@ -122,12 +128,11 @@ class PacketHandlers:
         PUBACK / PUBREC 0x87 Not authorized."""
         self.acl_denied_publish += 1
         self._log_denied(conn, f"PUBLISH to {packet.topic!r} (dropped)")
-        packet_id = packet.packet_id
-        code = PUBLISH_NOT_AUTHORIZED if conn.protocol_level == PROTOCOL_5 else 0
-        if packet.qos == 1:
-            self._reply(conn, _ack(0x40, packet_id, code, conn), self.ticket())
-        elif packet.qos == 2:
-            self._reply(conn, _ack(0x50, packet_id, code, conn), self.ticket())
+        if packet.qos:
+            kind = PUBACK if packet.qos == 1 else PUBREC
+            reason = _REASON_STRINGS[PUBLISH_NOT_AUTHORIZED]
+            self._reply(conn, conn.encode_ack(kind, packet.packet_id, PUBLISH_NOT_AUTHORIZED,
+                                              reason), self.ticket())
 
     def _on_puback(self: Broker, conn: Connection, packet: PubAck) -> None:
         if not conn.session.on_puback(packet.packet_id):  # type: ignore[union-attr]
@@ -137,18 +142,25 @@ class PacketHandlers:
         if packet.reason_code >= 0x80:  # 5.0: the client refused it; the exchange ends
             conn.session.on_pubrec_refused(packet.packet_id)  # type: ignore[union-attr]
             return
+        code = 0
         if not conn.session.on_pubrec(packet.packet_id):  # type: ignore[union-attr]
             log.debug("client %s: PUBREC for unknown packet id %d", conn.name, packet.packet_id)
-        conn.send_packet(PubRel(packet.packet_id))
+            code = PACKET_IDENTIFIER_NOT_FOUND  # 5.0 says so; 3.x answers PUBREL all the same
+        conn.send(conn.encode_ack(PUBREL, packet.packet_id, code))
 
     def _on_pubrel(self: Broker, conn: Connection, packet: PubRel) -> None:
         session: Session = conn.session  # type: ignore[assignment]
         before = self.ticket()
+        code = 0
         if packet.packet_id in session.inbound_qos2:
             session.inbound_qos2.discard(packet.packet_id)
             if session.writer is not None:
                 session.writer.submit(ops.RemoveInbound(session.client_id, packet.packet_id))
-        self._reply(conn, PubComp(packet.packet_id).encode(), before)
+        else:
+            # e.g. a PUBREL sent again after a reconnect, for an exchange that completed:
+            # 5.0 says Packet Identifier not found, 3.x answers PUBCOMP all the same
+            code = PACKET_IDENTIFIER_NOT_FOUND
+        self._reply(conn, conn.encode_ack(PUBCOMP, packet.packet_id, code), before)
 
     def _on_pubcomp(self: Broker, conn: Connection, packet: PubComp) -> None:
         if not conn.session.on_pubcomp(packet.packet_id):  # type: ignore[union-attr]
@@ -253,7 +265,7 @@ class PacketHandlers:
                 if session.writer is not None:
                     session.writer.submit(ops.SaveSession(session.client_id, None,
                                                           session.expiry_s))
-            if packet.reason_code == DISCONNECT_WITH_WILL:
+            if packet.reason_code == DISCONNECT_WITH_WILL_MESSAGE:
                 conn.close()  # the will is published as if the connection had failed
                 return
         conn.will = None  # a clean DISCONNECT discards the will (MQTT-3.14.4-3)
@@ -297,23 +309,9 @@ class PacketHandlers:
         return None
 
 
+# reason strings of refusals (sent when the client allows problem information: acks.py)
 _REASON_STRINGS = {
-    NO_MATCHING_SUBSCRIBERS: "no matching subscribers",
     PUBLISH_NOT_AUTHORIZED: "not authorized to publish to this topic",
     QUOTA_EXCEEDED: "too many QoS 2 messages awaiting PUBREL",
 }
 
-
-def _ack(first: int, packet_id: int, code: int, conn: Connection | None = None) -> bytes:
-    """PUBACK (0x40) / PUBREC (0x50) with a 5.0 reason code (none when it is 0), and its
-    reason string when the client asked for problem information and it fits the client's
-    Maximum Packet Size."""
-    if code:
-        if conn is not None and conn.problem_information:
-            text = _REASON_STRINGS[code].encode()
-            props = bytes((len(text) + 3, 0x1F)) + len(text).to_bytes(2, "big") + text
-            body = bytes((packet_id >> 8, packet_id & 0xFF, code)) + props
-            if not conn.max_send_size or len(body) + 2 <= conn.max_send_size:
-                return bytes((first, len(body))) + body
-        return bytes((first, 3, packet_id >> 8, packet_id & 0xFF, code))
-    return bytes((first, 2, packet_id >> 8, packet_id & 0xFF))

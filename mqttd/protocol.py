@@ -18,6 +18,7 @@ import attrs
 
 from mqttd.codec import Decoder, MQTTError, ProtocolError
 from mqttd.codec import reason as reason_codes
+from mqttd.codec.acks import encode_ack
 from mqttd.codec.packets import (
     CONNACK,
     CONNECT,
@@ -206,6 +207,15 @@ class Connection:
 
     def send_packet(self, packet: Packet) -> None:
         self.send(packet.encode(self.protocol_level))
+
+    def encode_ack(self, kind: int, packet_id: int, code: int = 0, reason: str = "") -> bytes:
+        """PUBACK / PUBREC / PUBREL / PUBCOMP for this client: the reason code at level 5
+        only, the reason string only with an error code, when the client allows problem
+        information and when it fits the client's Maximum Packet Size (codec/acks.py)."""
+        return encode_ack(
+            kind, packet_id, code, level=self.protocol_level,
+            reason=reason if self.problem_information else "", max_size=self.max_send_size,
+        )
 
     def fit(self, packet: Packet, without_extras: Packet) -> bytes:
         """``packet`` encoded, or ``without_extras`` (the same without reason string / user

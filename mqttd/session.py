@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from mqttd import v5
-from mqttd.codec.errors import QuotaExceeded
+from mqttd.codec.errors import ProtocolError, QuotaExceeded
 from mqttd.codec.packets import PROTOCOL_5, Publish, PubRel, encode_publish_parts
 from mqttd.shared import is_shared, parse_shared
 from mqttd.topics import matches
@@ -459,19 +459,30 @@ class Session:
             )
         self.pump()
 
+    # The acks of outbound deliveries. An unknown packet id is no error (False: e.g. an ack
+    # that crossed a resend); an ack of the wrong kind for a delivery in flight is: a QoS 1
+    # PUBLISH is answered by PUBACK only, a QoS 2 one by PUBREC and then PUBCOMP (MQTT 3.1.1
+    # table 3.4, 5.0 section 4.3). ProtocolError closes the connection; the delivery stays
+    # in flight and is sent again on the next one, as after any lost connection.
+
     def on_puback(self, packet_id: int) -> bool:
         entry = self.inflight.get(packet_id)
-        if entry is None or entry[0] is None or entry[1] != 1:
+        if entry is None:
             return False
+        if entry[1] != 1:
+            raise ProtocolError(f"PUBACK for the QoS 2 PUBLISH {packet_id}")
         del self.inflight[packet_id]
         self._acknowledged(entry[3])
         return True
 
     def on_pubrec(self, packet_id: int) -> bool:
-        """QoS 2 step 2: the PUBLISH is never sent again, a PUBREL is (by the caller)."""
+        """QoS 2 step 2: the PUBLISH is never sent again, a PUBREL is (by the caller). A
+        PUBREC again after the PUBREL is a resend: True, the caller sends PUBREL again."""
         entry = self.inflight.get(packet_id)
-        if entry is None or entry[1] != 2:
+        if entry is None:
             return False
+        if entry[1] != 2:
+            raise ProtocolError(f"PUBREC for the QoS 1 PUBLISH {packet_id}")
         if entry[0] is not None:
             self.inflight[packet_id] = (None, 2, False, entry[3], None, None)
             if self.writer is not None:
@@ -482,16 +493,24 @@ class Session:
         """5.0: a PUBREC with an error code (0x80 and up) ends the QoS 2 exchange: no PUBREL,
         the message is done with for this client (MQTT-4.3.3-4)."""
         entry = self.inflight.get(packet_id)
-        if entry is None or entry[1] != 2 or entry[0] is None:
+        if entry is None:
             return False
+        if entry[1] != 2:
+            raise ProtocolError(f"PUBREC for the QoS 1 PUBLISH {packet_id}")
+        if entry[0] is None:
+            return False  # after our PUBREL: the exchange is past PUBREC already
         del self.inflight[packet_id]
         self._acknowledged(entry[3])
         return True
 
     def on_pubcomp(self, packet_id: int) -> bool:
         entry = self.inflight.get(packet_id)
-        if entry is None or entry[0] is not None:
+        if entry is None:
             return False
+        if entry[1] != 2:
+            raise ProtocolError(f"PUBCOMP for the QoS 1 PUBLISH {packet_id}")
+        if entry[0] is not None:
+            raise ProtocolError(f"PUBCOMP before PUBREC for the QoS 2 PUBLISH {packet_id}")
         del self.inflight[packet_id]
         self._acknowledged(entry[3])
         return True

@@ -305,7 +305,15 @@ class Decoder:
         return PubRec(self._ack_id(flags, 0, data, i, end, "PUBREC"))
 
     def _pubrel(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
-        return PubRel(self._ack_id(flags, 2, data, i, end, "PUBREL"))
+        return PubRel(self._ack_id(self._v31_dup(flags), 2, data, i, end, "PUBREL"))
+
+    def _v31_dup(self, flags: int) -> int:
+        """MQTT 3.1 sets DUP on a PUBREL, SUBSCRIBE or UNSUBSCRIBE it sends again (3.1 section
+        2.1, fixed header 0x6A / 0x8A / 0xAA); 3.1.1 made those flags reserved (0x2). The
+        flags as 3.1.1 would have them: DUP cleared on a level-3 stream, kept otherwise."""
+        if flags == 0x0A and self._level == PROTOCOL_31:
+            return 0x02
+        return flags
 
     def _pubcomp(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
         return PubComp(self._ack_id(flags, 0, data, i, end, "PUBCOMP"))
@@ -317,7 +325,7 @@ class Decoder:
         return packet_id
 
     def _subscribe(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
-        _expect_flags(flags, 2, "SUBSCRIBE")
+        _expect_flags(self._v31_dup(flags), 2, "SUBSCRIBE")
         packet_id = self._packet_id(data, i, end, "SUBSCRIBE")
         i += 2
         subs = []
@@ -347,7 +355,7 @@ class Decoder:
         return SubAck(packet_id, codes)
 
     def _unsubscribe(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
-        _expect_flags(flags, 2, "UNSUBSCRIBE")
+        _expect_flags(self._v31_dup(flags), 2, "UNSUBSCRIBE")
         packet_id = self._packet_id(data, i, end, "UNSUBSCRIBE")
         i += 2
         filters = []

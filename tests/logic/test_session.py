@@ -3,7 +3,9 @@ queue, and what ``attach`` resends (MQTT 3.1.1 sections 2.3.1, 4.3, 4.4, 4.6).""
 
 from __future__ import annotations
 
-from mqttd.codec import Decoder
+import pytest
+
+from mqttd.codec import Decoder, ProtocolError
 from mqttd.codec.packets import Publish, PubRel
 from mqttd.protocol import Connection
 from mqttd.session import Session, new_parts_cache
@@ -186,21 +188,38 @@ def test_duplicate_and_unknown_puback_return_false_and_change_nothing() -> None:
     assert session.on_puback(p1.packet_id)
 
 
-def test_puback_for_a_qos2_message_is_refused() -> None:
+def test_puback_for_a_qos2_message_is_a_protocol_error() -> None:
     session, conn = online()
     session.deliver(msg("x", qos=2), 2, False, None)
     (p,) = sent(conn)
-    assert session.on_puback(p.packet_id) is False
+    with pytest.raises(ProtocolError, match="PUBACK for the QoS 2"):
+        session.on_puback(p.packet_id)
+    assert session.inflight[p.packet_id][0] is not None  # kept, to be sent again
+    assert session.on_pubrec(p.packet_id)  # a PUBREC after PUBREL again
+    with pytest.raises(ProtocolError, match="PUBACK for the QoS 2"):
+        session.on_puback(p.packet_id)
     assert p.packet_id in session.inflight
 
 
-def test_pubrec_or_pubcomp_for_a_qos1_message_is_refused() -> None:
+def test_pubrec_or_pubcomp_for_a_qos1_message_is_a_protocol_error() -> None:
     session, conn = online()
     session.deliver(msg("x"), 1, False, None)
     (p,) = sent(conn)
-    assert session.on_pubrec(p.packet_id) is False
-    assert session.on_pubcomp(p.packet_id) is False
-    assert session.inflight[p.packet_id][0] is not None  # not released
+    with pytest.raises(ProtocolError, match="PUBREC for the QoS 1"):
+        session.on_pubrec(p.packet_id)
+    with pytest.raises(ProtocolError, match="PUBREC for the QoS 1"):
+        session.on_pubrec_refused(p.packet_id)
+    with pytest.raises(ProtocolError, match="PUBCOMP for the QoS 1"):
+        session.on_pubcomp(p.packet_id)
+    assert session.inflight[p.packet_id][0] is not None  # kept, to be sent again
+
+
+def test_acks_for_unknown_packet_ids_are_ignored() -> None:
+    session, _conn = online()
+    assert session.on_puback(7) is False
+    assert session.on_pubrec(7) is False
+    assert session.on_pubrec_refused(7) is False
+    assert session.on_pubcomp(7) is False
 
 
 def test_qos2_outbound_flow() -> None:
@@ -209,11 +228,12 @@ def test_qos2_outbound_flow() -> None:
     session.deliver(msg("b", qos=2), 2, False, None)
     (p,) = sent(conn)
     assert p.qos == 2
-    # PUBCOMP before PUBREC is unknown
-    assert session.on_pubcomp(p.packet_id) is False
+    with pytest.raises(ProtocolError, match="PUBCOMP before PUBREC"):
+        session.on_pubcomp(p.packet_id)
     assert session.inflight[p.packet_id][0] is not None  # not released
     assert session.on_pubrec(p.packet_id)
     assert session.inflight[p.packet_id][0] is None  # released: PUBREL sent
+    assert session.on_pubrec(p.packet_id)  # a PUBREC again: the caller sends PUBREL again
     # still holds the window and the id: nothing else sent yet
     assert conn.data_to_send() == b""
     assert list(session.queue)
