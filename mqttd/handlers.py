@@ -251,7 +251,9 @@ class PacketHandlers:
         self._reply(conn, UnsubAck(packet.packet_id, tuple(codes)).encode(level), before)
 
     def _on_pingreq(self: Broker, conn: Connection, packet: PingReq) -> None:
-        conn.send(b"\xd0\x00")
+        # behind the replies that wait for a commit, like every reply on this connection:
+        # a PINGRESP then tells the client that everything it sent before was answered
+        self._reply(conn, b"\xd0\x00", self.ticket())
 
     def _on_disconnect(self: Broker, conn: Connection, packet: Disconnect) -> None:
         if conn.protocol_level == PROTOCOL_5:

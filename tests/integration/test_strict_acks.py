@@ -275,3 +275,22 @@ async def test_acks_for_unknown_packet_ids(level: int):
                               + code)
             await exact_reply(client, PubAck(9).encode(level), b"")
             await exact_reply(client, PubComp(9).encode(level), b"")
+
+
+# -- replies keep their order, PINGRESP included -------------------------------------------
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("qos", [1, 2])
+async def test_pingresp_comes_after_the_acks_that_wait_for_a_commit(level: int, qos: int):
+    """A PUBLISH for a persistent session is acknowledged after the store commits it; a
+    PINGREQ sent behind it is answered behind that ack (a PINGRESP tells the client that
+    everything before was answered: the tests' barrier, and what a client may rely on)."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with running(make_config()) as broker:
+            expiry = {"session_expiry_interval": 300} if level == PROTOCOL_5 else {}
+            sub, _ = await connect(broker.port, "sub", level=level, clean_start=False, **expiry)
+            await subscribe(sub, Subscription("t", 1))
+            pub, _ = await connect(broker.port, "pub", level=level)
+            ack = (b"\x40" if qos == 1 else b"\x50") + b"\x02" + pid_bytes(1)
+            await exact_reply(pub, Publish("t", b"x", qos, packet_id=1).encode(level), ack)
