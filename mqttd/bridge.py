@@ -39,6 +39,7 @@ import trio
 
 from mqttd import v5
 from mqttd.codec import Decoder, MQTTError, ProtocolError
+from mqttd.codec.kinds import BRIDGE_LEVEL_FLAG
 from mqttd.codec.packets import (
     PROTOCOL_5,
     PROTOCOL_311,
@@ -55,8 +56,9 @@ from mqttd.codec.packets import (
     Subscribe,
     Subscription,
 )
+from mqttd.codec.reason import CONNACK_UNACCEPTABLE_PROTOCOL_VERSION
+from mqttd.config import BRIDGE_PREFIX, BridgeTLS, BridgeTopic
 from mqttd.config import Bridge as BridgeConfig
-from mqttd.config import BridgeTLS, BridgeTopic
 from mqttd.protocol import Connection
 from mqttd.session import Session
 from mqttd.topics import matches
@@ -68,10 +70,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BRIDGE_PREFIX = "$bridge/"
 STABLE_LINK_S = 30.0  # a link up this long resets the reconnect delay to its minimum
-CONNACK_REFUSED_PROTOCOL = 0x01
-PRIVATE_FLAG = 0x80
 
 
 class LinkDown(Exception):
@@ -299,16 +298,14 @@ class BridgeLink:
         if self.level == PROTOCOL_5:  # a kept session is kept for good (0xFFFFFFFF)
             properties = {"session_expiry_interval": 0 if cfg.clean_session else 0xFFFFFFFF}
         packet = Connect(
-            cfg.remote_client_id(), cfg.clean_session, cfg.keepalive_s, self.level,
+            cfg.remote_client_id(), cfg.clean_session, cfg.keepalive_s,
+            self.level | BRIDGE_LEVEL_FLAG if self.private else self.level,
             None, cfg.username, cfg.password.encode() if cfg.password is not None else None,
             properties,
         )
-        data = bytearray(packet.encode(self.level))
-        if self.private:
-            data[data.index(b"\x00\x04MQTT") + 6] |= PRIVATE_FLAG
         with trio.fail_after(cfg.connect_timeout_s):
             try:
-                await stream.send_all(bytes(data))
+                await stream.send_all(packet.encode())
                 while True:
                     chunk = await stream.receive_some(65536)
                     if not chunk:
@@ -324,7 +321,7 @@ class BridgeLink:
         connack = packets[0]
         if not isinstance(connack, ConnAck):
             raise ProtocolError(f"expected CONNACK, got {type(connack).__name__}")
-        if connack.return_code == CONNACK_REFUSED_PROTOCOL and self.private:
+        if connack.return_code == CONNACK_UNACCEPTABLE_PROTOCOL_VERSION and self.private:
             self.private = False
             raise _RetryWithoutPrivate("bridge protocol flag refused: retrying as a client")
         if connack.return_code != 0:

@@ -27,6 +27,8 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# client ids of the local sessions of bridges (reserved: a client may not use them)
+BRIDGE_PREFIX = "$bridge/"
 OVERFLOW_POLICIES = ("drop_oldest", "drop_new", "disconnect")
 MQTT_MAX_PACKET_SIZE_BYTES = 268_435_455 + 5  # largest remaining length + fixed header
 
@@ -374,7 +376,7 @@ class Bridge:
     @property
     def local_client_id(self) -> str:
         """The id of the local session that holds the messages for the remote side."""
-        return f"$bridge/{self.name}"
+        return f"{BRIDGE_PREFIX}{self.name}"
 
     def remote_client_id(self) -> str:
         if self.client_id is not None:

@@ -22,7 +22,6 @@ from mqttd.auth import (
     PasswordFile,
     SecurityFileError,
 )
-from mqttd.bridge import BRIDGE_PREFIX
 from mqttd.codec import (
     ClientIdRejected,
     MQTTError,
@@ -31,6 +30,7 @@ from mqttd.codec.errors import (
     NotAuthorized,
     SessionTakenOver,
 )
+from mqttd.codec.kinds import BRIDGE_LEVEL_FLAG
 from mqttd.codec.packets import (
     PROTOCOL_5,
     PROTOCOL_31,
@@ -38,6 +38,7 @@ from mqttd.codec.packets import (
     Connect,
     Will,
 )
+from mqttd.config import BRIDGE_PREFIX
 from mqttd.protocol import Connection
 from mqttd.session import Session
 from mqttd.shared import is_shared
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mqttd.broker")  # one logger for the broker and its mixins
 
-BRIDGE_FLAG = 0x80
 DENIED_LOG_INTERVAL_S = 10.0  # at most one log line per interval for ACL refusals
 
 
@@ -57,8 +57,8 @@ class ConnectHandling:
         level = packet.protocol_level
         # a bridge announces itself with level | 0x80 (mosquitto's try_private): it does
         # not get its own messages back
-        conn.is_bridge = bool(level & BRIDGE_FLAG)
-        conn.protocol_level = level & ~BRIDGE_FLAG
+        conn.is_bridge = bool(level & BRIDGE_LEVEL_FLAG)
+        conn.protocol_level = level & ~BRIDGE_LEVEL_FLAG
         v5_client = conn.protocol_level == PROTOCOL_5
         props = packet.properties or {}
         client_id = packet.client_id

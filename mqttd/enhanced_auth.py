@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
-from mqttd.codec import MQTTError, ProtocolError
+from mqttd.codec import MQTTError, ProtocolError, reason
 from mqttd.codec.errors import BadAuthenticationMethod
 from mqttd.codec.packets import PROTOCOL_5, Auth, Connect
 
@@ -23,9 +23,9 @@ if TYPE_CHECKING:
     from mqttd.broker import Broker
     from mqttd.protocol import Connection
 
-SUCCESS = 0x00
-CONTINUE = 0x18
-REAUTHENTICATE = 0x19
+SUCCESS = reason.SUCCESS
+CONTINUE = reason.CONTINUE_AUTHENTICATION
+REAUTHENTICATE = reason.RE_AUTHENTICATE
 
 
 class EnhancedAuthenticator(Protocol):

@@ -3,6 +3,9 @@
 PROTOCOL_31 = 3
 PROTOCOL_311 = 4
 PROTOCOL_5 = 5
+# A bridge may set the top bit of the protocol level in its CONNECT (mosquitto's try_private):
+# "I am a broker", so that the remote does not send its own messages back.
+BRIDGE_LEVEL_FLAG = 0x80
 
 CONNECT = 1
 CONNACK = 2

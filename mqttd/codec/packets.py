@@ -16,6 +16,7 @@ import attrs
 
 from mqttd.codec.kinds import (
     AUTH,
+    BRIDGE_LEVEL_FLAG,
     CONNACK,
     CONNECT,
     DISCONNECT,
@@ -71,10 +72,10 @@ class Connect:
     @property
     def protocol_name(self) -> str:
         # a bridge sets the top bit of the level (mosquitto's try_private)
-        return "MQIsdp" if self.protocol_level & 0x7F == PROTOCOL_31 else "MQTT"
+        return "MQIsdp" if self.protocol_level & ~BRIDGE_LEVEL_FLAG == PROTOCOL_31 else "MQTT"
 
     def encode(self, version: int | None = None) -> bytes:
-        v5 = self.protocol_level == PROTOCOL_5
+        v5 = self.protocol_level & ~BRIDGE_LEVEL_FLAG == PROTOCOL_5
         flags = 0x02 if self.clean_session else 0
         if self.will is not None:
             flags |= 0x04 | (self.will.qos << 3) | (0x20 if self.will.retain else 0)
