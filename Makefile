@@ -34,6 +34,7 @@ test: $(TEST_STAMP)
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check mqttd persistence devices tests
 	$(VENV)/bin/mypy mqttd persistence devices
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

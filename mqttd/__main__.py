@@ -11,9 +11,9 @@ import sys
 
 import trio
 
-from mqttd.auth import SecurityFileError
 from mqttd.broker import Broker
 from mqttd.config import Config, ConfigError, load_config
+from mqttd.security.hooks import SecurityFileError
 from persistence.store import StoreError
 
 log = logging.getLogger("mqttd")

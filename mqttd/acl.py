@@ -35,7 +35,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from mqttd.auth import Authorizer, SecurityFileError
+from mqttd.security.hooks import Authorizer, SecurityFileError
 from mqttd.topics import InvalidTopic, matches, split_levels, validate_topic_filter
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class RuleSet:
 
 @attrs.define(eq=False)
 class AclFile:
-    """A parsed ACL file: the default :class:`~mqttd.auth.Authorizer`."""
+    """A parsed ACL file: the default :class:`~mqttd.security.hooks.Authorizer`."""
 
     source: str
     anonymous: tuple[Rule, ...] = ()

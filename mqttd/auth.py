@@ -37,7 +37,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -48,6 +48,7 @@ from mqttd.codec.errors import (
     NotAuthorized,
     ServerUnavailable,
 )
+from mqttd.security.hooks import Authenticator, SecurityFileError
 
 if TYPE_CHECKING:
     from mqttd.codec.packets import Connect
@@ -73,54 +74,7 @@ SLOW_ITERATIONS = 5_000
 MAX_ITERATIONS = 100_000_000  # a typo, not a policy: refuse at load rather than hang a thread
 
 
-class SecurityFileError(Exception):
-    """A password or ACL file that cannot be used; the message names the file and line."""
-
-    def __init__(self, source: str, problem: str, line: int | None = None) -> None:
-        where = f"{source}:{line}" if line is not None else source
-        super().__init__(f"{where}: {problem}")
-        self.source = source
-        self.line = line
-        self.problem = problem
-
-
-# -- hook interfaces --------------------------------------------------------------------
-
-
-class Authenticator(Protocol):
-    """Decides whether a client that gave a user name may connect.
-
-    Called for every CONNECT that carries a user name (clients without one are governed by
-    the listener's ``allow_anonymous``). It runs on the event loop, so it must be quick;
-    an object that also has a method ``is_slow(username, password) -> bool`` returning
-    True is called in a worker thread instead (then it must be thread-safe). ``peer`` is
-    ``"host:port"``; ``listener`` is None for connections driven without I/O.
-    """
-
-    def authenticate(
-        self,
-        client_id: str,
-        username: str,
-        password: bytes | None,
-        *,
-        peer: str,
-        listener: Listener | None,
-    ) -> bool: ...
-
-
-class Authorizer(Protocol):
-    """Decides what an authenticated client may do. ``username`` is None for anonymous
-    clients. The broker caches ``can_publish`` and ``can_receive`` answers per (client id,
-    user name, topic) until :meth:`mqttd.broker.Broker.reload`, so they must depend on
-    nothing else. Client ids or user names containing ``+`` or ``#`` are refused
-    everything before these are asked (as mosquitto does: they would act as wildcards in
-    ``%c``/``%u`` patterns)."""
-
-    def can_publish(self, client_id: str, username: str | None, topic: str) -> bool: ...
-
-    def can_subscribe(self, client_id: str, username: str | None, topic_filter: str) -> bool: ...
-
-    def can_receive(self, client_id: str, username: str | None, topic: str) -> bool: ...
+# the hook interfaces and the file error live in mqttd.security.hooks (no trio there)
 
 
 # -- hashes -----------------------------------------------------------------------------

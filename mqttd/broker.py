@@ -37,12 +37,7 @@ import trio
 
 from mqttd import enhanced_auth, v5
 from mqttd.acl import CachedAuthorizer
-from mqttd.auth import (
-    Authenticator,
-    Authorizer,
-    Gatekeeper,
-    LoginRateLimiter,
-)
+from mqttd.auth import Gatekeeper, LoginRateLimiter
 from mqttd.bridge import Bridges
 from mqttd.codec import (
     MQTTError,
@@ -75,6 +70,7 @@ from mqttd.handlers import PacketHandlers
 from mqttd.protocol import BufferAccount, Connection
 from mqttd.retained import RetainedStore
 from mqttd.router import Router
+from mqttd.security.hooks import Authenticator, Authorizer
 from mqttd.session import DropCounters, Session
 from mqttd.shared import ShareGroups, is_shared
 from mqttd.topics import InvalidTopic

@@ -17,11 +17,7 @@ import trio
 
 from mqttd import enhanced_auth, v5
 from mqttd.acl import AclFile, CachedAuthorizer
-from mqttd.auth import (
-    Authorizer,
-    PasswordFile,
-    SecurityFileError,
-)
+from mqttd.auth import PasswordFile
 from mqttd.codec import (
     ClientIdRejected,
     MQTTError,
@@ -40,6 +36,7 @@ from mqttd.codec.packets import (
 )
 from mqttd.config import BRIDGE_PREFIX
 from mqttd.protocol import Connection
+from mqttd.security.hooks import Authorizer, SecurityFileError
 from mqttd.session import Session
 from mqttd.shared import is_shared
 from persistence import ops

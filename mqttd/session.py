@@ -34,8 +34,8 @@ from persistence import ops
 
 if TYPE_CHECKING:
     from mqttd.protocol import Connection
+    from persistence.journal import Journal
     from persistence.store import RestoredSession
-    from persistence.writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Session:
     persistent: bool
     max_inflight: int = 20  # the window: the configured one, lowered by a Receive Maximum
     max_queued: int = 1000
-    writer: GroupCommitWriter | None = None  # persistent sessions only
+    writer: Journal | None = None  # persistent sessions only
     page_size: int = 256
     max_queued_bytes: int = -1  # payload bytes; -1: no limit
     overflow_policy: str = DROP_OLDEST
@@ -124,7 +124,7 @@ class Session:
     def restore(
         cls,
         row: RestoredSession,
-        writer: GroupCommitWriter,
+        writer: Journal,
         *,
         page_size: int,
         **limits: object,
@@ -441,7 +441,7 @@ class Session:
             self.queued_bytes = max(0, self.queued_bytes - (expected - len(rows)))
         if rows:
             self.disk_after = rows[-1].seq
-        writer: GroupCommitWriter = self.writer  # type: ignore[assignment]
+        writer: Journal = self.writer  # type: ignore[assignment]
         for row in rows[:skip]:  # dropped while being read back
             writer.submit(ops.RemoveDelivery(self.client_id, row.seq))
         disk_drops, self.pending_disk_drops = self.pending_disk_drops, 0
