@@ -63,8 +63,8 @@ The first input byte picks the target; for the broker the rest is a little progr
 from __future__ import annotations
 
 import argparse
-import heapq
 import logging
+import math
 import random
 import re
 import signal
@@ -74,7 +74,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 
@@ -700,11 +700,7 @@ class BrokerFuzzer:
                                    properties={"reason_string": "fuzz"} if action[5] else None)
                 self.send(peer, ack.encode(PROTOCOL_5 if peer.v5 is not None else PROTOCOL_311))
         elif name == "timers":  # as if time passed until every timer is due
-            timers = getattr(self.broker, "_timers", [])
-            for _ in range(1000):
-                if not timers:
-                    break
-                heapq.heappop(timers)[2]()
+            self.broker.timers.run_due(math.inf, limit=1000)
         elif name == "lost":
             peer = self._pick(action[1], connected=False)
             if peer is not None:
@@ -730,10 +726,14 @@ class BrokerFuzzer:
         else:
             raise ValueError(f"unknown action {action!r}")
 
+    def _writer(self) -> GroupCommitWriter | None:
+        """The broker's store writer, whose internals the fuzzer drives by hand."""
+        return cast("GroupCommitWriter | None", self.broker.writer)
+
     def commit(self, everything: bool = True) -> None:
         """What the store's writer task does: apply what is pending in one transaction, release
         the replies held for it, run the read callbacks (which may submit more)."""
-        writer = self.broker.writer
+        writer = self._writer()
         if writer is None:
             return
         for _ in range(100 if everything else 1):
@@ -792,7 +792,7 @@ class BrokerFuzzer:
         """Everything committed: the store holds exactly the broker's persistent state (what a
         restart would restore)."""
         broker = self.broker
-        writer = broker.writer
+        writer = self._writer()
         if writer is None:
             return
         self.commit(everything=True)
@@ -837,12 +837,13 @@ class BrokerFuzzer:
         if old.writer is None:
             return
         self.check_store()
-        store = old.writer.store
+        store = cast(GroupCommitWriter, old.writer).store
         snapshot = store.load(time.time(), self.config.persistence.session_expiry_s)
         broker = Broker(self.config)
-        broker.writer = GroupCommitWriter(store, self.config.persistence.max_pending_writes)
-        broker.writer.on_commit = broker._on_commit
-        broker._restore(snapshot)
+        writer = GroupCommitWriter(store, self.config.persistence.max_pending_writes)
+        writer.on_commit = broker._on_commit
+        broker.writer = writer
+        broker.restore(snapshot)
         self.broker = broker
         self.protocol_checks = self._hook(broker)
         self.restarts += 1

@@ -1,6 +1,7 @@
-"""Authentication: mosquitto-compatible password files, the hook interfaces an embedding
-program can implement (:class:`Authenticator`, :class:`Authorizer`), the per-address limit on
-failed logins, and the :class:`Gatekeeper` that decides each CONNECT with them.
+"""Authentication: mosquitto-compatible password files and the per-address limit on failed
+logins. The hook interfaces an embedding program can implement (:class:`Authenticator`,
+:class:`Authorizer`) are in :mod:`mqttd.security.hooks`; the decision for each CONNECT in
+:mod:`mqttd.security.gatekeeper`.
 
 Password file format (mosquitto's): one ``user:hash`` per line; blank lines and lines whose
 first character is ``#`` are ignored. Two hash formats are read:
@@ -23,7 +24,6 @@ import argparse
 import base64
 import binascii
 import contextlib
-import functools
 import getpass
 import hashlib
 import hmac
@@ -35,25 +35,15 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
-import trio
 
-from mqttd.codec.errors import (
-    BadUserNameOrPassword,
-    MQTTError,
-    NotAuthorized,
-    ServerUnavailable,
-)
-from mqttd.security.hooks import Authenticator, SecurityFileError
+from mqttd.security.hooks import SecurityFileError
 
 if TYPE_CHECKING:
-    from mqttd.codec.packets import Connect
     from mqttd.config import Listener
-    from mqttd.protocol import Connection
 
 log = logging.getLogger(__name__)
 
@@ -298,154 +288,6 @@ class LoginRateLimiter:
 
     def __len__(self) -> int:
         return len(self._recent)
-
-
-# -- the CONNECT gate --------------------------------------------------------------------
-
-AUTH_THREADS = 2  # worker threads for slow password hashes (a bounded share of the CPU)
-
-
-def _bad_login(username: str) -> BadUserNameOrPassword:
-    return BadUserNameOrPassword(f"user {username!r}: unknown user or wrong password")
-
-
-@attrs.define(eq=False)
-class Gatekeeper:
-    """Decides whether a CONNECT may proceed, and as whom (the user name the ACL sees).
-
-    * the source address is over the failed-login limit -> NotAuthorized (CONNACK 0x05),
-      without checking anything;
-    * on a TLS listener with ``use_identity_as_username`` the certificate's identity is the
-      user name and CONNECT's user name and password are not used (as mosquitto); no
-      identity -> NotAuthorized;
-    * no user name -> allowed where the listener allows anonymous clients, else
-      NotAuthorized;
-    * a user name with an ``authenticator`` (the password file, or the program's hook) ->
-      its answer (BadUserNameOrPassword, 0x04, and one failure for the address, when no);
-      without one -> the anonymous rule.
-
-    A check the authenticator calls slow (``is_slow``) runs in a worker thread
-    (:meth:`check_in_thread`), one at a time per source address."""
-
-    limiter: LoginRateLimiter
-    authenticator: Authenticator | None = None
-    threads: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(AUTH_THREADS))
-    _turns: dict[str, list[Any]] = attrs.field(init=False, factory=dict)
-
-    def _over_limit(self, host: str) -> NotAuthorized | None:
-        limiter = self.limiter
-        if not limiter.blocked(host):
-            return None
-        limiter.refuse()
-        return NotAuthorized(
-            f"more than {limiter.max_failures} failed logins from {host} in the last "
-            f"{limiter.window_s:.0f}s; refused without checking"
-        )
-
-    def login(
-        self, conn: Connection, packet: Connect, *, may_defer: bool = False
-    ) -> tuple[bool, str | None]:
-        """(True, user name) when the client may proceed; (False, user name) when its
-        password must be checked with :meth:`check_in_thread` (only if ``may_defer``).
-        Raises NotAuthorized, BadUserNameOrPassword or ServerUnavailable."""
-        host = peer_host(conn.peer)
-        refusal = self._over_limit(host)
-        if refusal is not None:
-            raise refusal
-        listener = conn.listener
-        tls = listener.tls if listener is not None else None
-        if tls is not None and tls.use_identity_as_username:
-            if conn.tls_identity is None:
-                raise NotAuthorized("no client certificate identity to use as the user name")
-            return True, conn.tls_identity
-        # a listener of None: a connection driven without I/O, treated as loopback
-        anonymous_allowed = listener.anonymous_allowed if listener is not None else True
-        username = packet.username
-        if username is None:
-            if not anonymous_allowed:
-                raise NotAuthorized("anonymous clients are not allowed on this listener")
-            return True, None
-        authenticator = self.authenticator
-        if authenticator is None:
-            if not anonymous_allowed:
-                raise NotAuthorized(
-                    f"user {username!r}: no password file, and anonymous clients are not "
-                    "allowed on this listener"
-                )
-            return True, username
-        is_slow = getattr(authenticator, "is_slow", None)
-        if may_defer and is_slow is not None and is_slow(username, packet.password):
-            return False, username
-        if not self._authenticate(authenticator, conn, username, packet.password):
-            self.limiter.failed(host)
-            raise _bad_login(username)
-        return True, username
-
-    async def check_in_thread(
-        self,
-        conn: Connection,
-        packet: Connect,
-        username: str,
-        deadline: float,
-        wanted: Callable[[], bool],
-    ) -> MQTTError | None:
-        """Check a deferred login in a worker thread: None if accepted, else the refusal.
-        Checks from one address run one after the other, so that a burst of guesses meets
-        the failed-login limit after ``max_failures`` of them. ``wanted()`` False (the
-        client left meanwhile) skips the check; past ``deadline`` (trio time) the client is
-        told to come back later (ServerUnavailable) without one."""
-        host = peer_host(conn.peer)
-        async with self._turn(host):
-            if not wanted():
-                return None
-            if trio.current_time() > deadline:
-                return ServerUnavailable("the password check waited past connect_timeout_s")
-            refusal = self._over_limit(host)
-            if refusal is not None:
-                return refusal
-            check = functools.partial(
-                self._authenticate,
-                self.authenticator,  # type: ignore[arg-type]
-                conn, username, packet.password,
-            )
-            try:
-                ok = await trio.to_thread.run_sync(
-                    check, limiter=self.threads, abandon_on_cancel=True
-                )
-            except MQTTError as exc:
-                return exc
-            if not ok:
-                self.limiter.failed(host)  # before the next check from this address starts
-                return _bad_login(username)
-        return None
-
-    @staticmethod
-    def _authenticate(
-        authenticator: Authenticator, conn: Connection, username: str, password: bytes | None
-    ) -> bool:
-        try:
-            return bool(
-                authenticator.authenticate(
-                    conn.client_id, username, password, peer=conn.peer, listener=conn.listener
-                )
-            )
-        except Exception:
-            log.exception("client %s: the authenticator failed", conn.name)
-            raise ServerUnavailable("the authenticator failed") from None
-
-    @asynccontextmanager
-    async def _turn(self, host: str) -> AsyncIterator[None]:
-        turn = self._turns.get(host)
-        if turn is None:
-            turn = self._turns[host] = [trio.Lock(), 0]
-        turn[1] += 1
-        try:
-            async with turn[0]:
-                yield
-        finally:
-            turn[1] -= 1
-            if not turn[1]:
-                del self._turns[host]
 
 
 # -- mqttd passwd -----------------------------------------------------------------------

@@ -65,7 +65,8 @@ from mqttd.topics import matches
 from persistence import ops
 
 if TYPE_CHECKING:
-    from mqttd.broker import Broker
+    from mqttd.engine.dispatch import Engine as Broker
+    from mqttd.server.pauses import ReadPauses
     from mqttd.session import PartsCache
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,9 @@ class LinkDown(Exception):
 class BridgeLink:
     """One configured bridge: the local session, the remote connection, the counters."""
 
-    def __init__(self, broker: Broker, config: BridgeConfig) -> None:
+    def __init__(self, broker: Broker, config: BridgeConfig, pauses: ReadPauses) -> None:
         self.broker = broker
+        self.pauses = pauses
         self.config = config
         self.name = config.name
         self.client_id = config.local_client_id
@@ -361,7 +363,7 @@ class BridgeLink:
         silence_s = self.config.keepalive_s * 1.5 + 1
         while True:
             if broker.reading_paused(conn):
-                await broker.wait_readable(conn)
+                await self.pauses.wait_readable(conn)
             with trio.move_on_after(silence_s):
                 data = await stream.receive_some(65536)
                 if not data:
@@ -525,9 +527,9 @@ class _RetryWithoutPrivate(LinkDown):
 class Bridges:
     """Every configured bridge, run in one nursery; stopped before the store is flushed."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, pauses: ReadPauses) -> None:
         self.broker = broker
-        self.links = [BridgeLink(broker, cfg) for cfg in broker.config.bridges]
+        self.links = [BridgeLink(broker, cfg, pauses) for cfg in broker.config.bridges]
         self._scope = trio.CancelScope()
         self._done = trio.Event()
 

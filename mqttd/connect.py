@@ -13,8 +13,6 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, cast
 
-import trio
-
 from mqttd import enhanced_auth, v5
 from mqttd.acl import AclFile, CachedAuthorizer
 from mqttd.auth import PasswordFile
@@ -42,7 +40,7 @@ from mqttd.shared import is_shared
 from persistence import ops
 
 if TYPE_CHECKING:
-    from mqttd.broker import Broker
+    from mqttd.engine.dispatch import Engine as Broker
 
 log = logging.getLogger("mqttd.broker")  # one logger for the broker and its mixins
 
@@ -177,24 +175,12 @@ class ConnectHandling:
         BadUserNameOrPassword (0x04)."""
         if not self._security_loaded:
             self.load_security()
-        services = self._services
-        ready, username = self.gate.login(conn, packet, may_defer=services is not None)
+        login_checks = self.login_checks
+        ready, username = self.gate.login(conn, packet, may_defer=login_checks is not None)
         if not ready:
             self._parked[conn] = []
-            deadline = trio.current_time() + self.config.limits.connect_timeout_s
-            services.start_soon(  # type: ignore[union-attr]
-                self._login_in_thread, conn, packet, cast(str, username), deadline
-            )
+            login_checks(conn, packet, cast(str, username))  # type: ignore[misc]
         return ready, username
-
-    async def _login_in_thread(
-        self: Broker, conn: Connection, packet: Connect, username: str, deadline: float
-    ) -> None:
-        error = await self.gate.check_in_thread(
-            conn, packet, username, deadline,
-            wanted=lambda: not conn.closing and conn in self._parked,
-        )
-        self._login_done(conn, packet, username, error)
 
     def _login_done(
         self: Broker, conn: Connection, packet: Connect, username: str, error: MQTTError | None
@@ -249,24 +235,19 @@ class ConnectHandling:
         self.router.authorizer = self._acl
         self.router.acl_changed()
 
-    def reload(self: Broker) -> bool:
+    def reload_security(self: Broker) -> bool:
         """Re-read the password file and the ACL file (SIGHUP). A file that cannot be read
         or parsed is reported and the one in use is kept. Connected clients stay connected;
         the new ACL applies to their next publish, subscribe and delivery. Cached ACL
         answers are dropped (also for an authorizer given by the program, so it can change
-        its policy and call reload). TLS listeners re-read their certificate files too.
-        Returns True when everything was reloaded."""
-        from mqttd.server.tcp import TCPServer
-
-        server = TCPServer.running_for(self)
-        certificates_ok = server.reload_certificates() if server is not None else True
+        its policy and call reload). Returns True when everything was reloaded."""
         if not self._security_loaded:
             try:
                 self.load_security()
             except SecurityFileError as exc:
                 log.error("reload: %s", exc)
                 return False
-            return certificates_ok
+            return True
         security = self.config.security
         ok = True
         if self._password_file_used and security.password_file is not None:
@@ -291,7 +272,7 @@ class ConnectHandling:
         if self._acl is not None:
             self._acl.clear()
         self.router.acl_changed()
-        return ok and certificates_ok
+        return ok
 
     def _log_denied(self: Broker, conn: Connection, what: str) -> None:
         """Log an ACL refusal, at most once per DENIED_LOG_INTERVAL_S (with the totals)."""

@@ -20,7 +20,7 @@ from mqttd.codec.errors import BadAuthenticationMethod
 from mqttd.codec.packets import PROTOCOL_5, Auth, Connect
 
 if TYPE_CHECKING:
-    from mqttd.broker import Broker
+    from mqttd.engine.dispatch import Engine as Broker
     from mqttd.protocol import Connection
 
 SUCCESS = reason.SUCCESS

@@ -52,7 +52,7 @@ from mqttd.topics import InvalidTopic, validate_topic_filter
 from persistence import ops
 
 if TYPE_CHECKING:
-    from mqttd.broker import Broker
+    from mqttd.engine.dispatch import Engine as Broker
 
 log = logging.getLogger("mqttd.broker")  # one logger for the broker and its mixins
 

@@ -1,5 +1,6 @@
 """What the broker's sans-IO code needs of the store writer: submit typed operations and
-message bodies, and a ticket to tell whether handling a packet wrote anything.
+message bodies, a ticket to tell whether handling a packet wrote anything, and how far behind
+the writer is.
 
 :class:`persistence.writer.GroupCommitWriter` is the implementation (trio); this Protocol
 lets sessions and the engine be typed against the store without importing trio."""
@@ -14,6 +15,18 @@ from persistence.ops import Op
 class Journal(Protocol):
     ticket: int  # operations submitted so far
     next_message_id: int
+    commits: int
+    ops_written: int
+
+    @property
+    def pending(self) -> int:
+        """Operations submitted and not committed yet."""
+        ...
+
+    @property
+    def congested(self) -> bool:
+        """Too many pending operations: stop reading from clients until it drains."""
+        ...
 
     def submit(self, op: Op) -> None: ...
 

@@ -19,7 +19,6 @@ import errno
 import logging
 import math
 import ssl
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +32,8 @@ from mqttd.server.tls import TLSSetupError, certificate_cn, handshake, server_co
 from mqttd.server.websocket import accept_websocket
 
 if TYPE_CHECKING:
-    from mqttd.broker import Broker
+    from mqttd.engine.dispatch import Engine as Broker
+    from mqttd.server.pauses import ReadPauses
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,12 @@ class ClientHandler:
     sends. Deadlines (the CONNECT timeout, then 1.5 x keepalive) live on the connection's
     cancel scope, so an idle connection holds no per-read timer either."""
 
-    __slots__ = ("_nursery", "_scope", "_writing", "broker", "conn", "stream")
+    __slots__ = ("_nursery", "_scope", "_writing", "broker", "conn", "pauses", "stream")
 
     def __init__(
         self,
         broker: Broker,
+        pauses: ReadPauses,
         stream: trio.abc.Stream,
         peer: str,
         nursery: trio.Nursery,
@@ -65,6 +66,7 @@ class ClientHandler:
         tls_identity: str | None = None,
     ) -> None:
         self.broker = broker
+        self.pauses = pauses
         self.stream = stream
         self.conn = broker.new_connection(peer, listener, tls_identity)
         self.conn.on_output = self._start_writer
@@ -137,7 +139,7 @@ class ClientHandler:
                 # reading (TCP backpressure) until that drains; the pause is ours, so the
                 # keepalive clock starts again afterwards
                 scope.deadline = math.inf
-                await broker.wait_readable(conn)
+                await self.pauses.wait_readable(conn)
                 if conn.closing:
                     return
                 scope.deadline = self._keepalive_deadline()
@@ -281,15 +283,12 @@ class BoundListener:
         }
 
 
-# the TCPServer serving each running broker (see TCPServer.running_for)
-_running: weakref.WeakKeyDictionary[Broker, TCPServer] = weakref.WeakKeyDictionary()
-
-
 class TCPServer:
     """Every listener of ``broker.config``: plain MQTT, TLS, WebSocket, WebSocket over TLS."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, pauses: ReadPauses) -> None:
         self.broker = broker
+        self.pauses = pauses
         self.handlers: set[ClientHandler] = set()
         self.listeners = [
             BoundListener(cfg, index) for index, cfg in enumerate(broker.config.listeners)
@@ -303,11 +302,6 @@ class TCPServer:
         self._handlers_nursery: trio.Nursery | None = None
         self._stopping = False
         self._all_closed = trio.Event()
-
-    @classmethod
-    def running_for(cls, broker: Broker) -> TCPServer | None:
-        """The server of a broker whose ``serve`` is running (None otherwise)."""
-        return _running.get(broker)
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Bind every listener and serve. Reports ``[(host, port), ...]`` (in listener order)
@@ -337,20 +331,15 @@ class TCPServer:
             for host, port in bound.addresses:
                 log.info("mqttd listening on %s", bound.describe(host, port))
                 addresses.append((host, port))
-        _running[self.broker] = self
-        try:
-            async with trio.open_nursery() as handlers:
-                self._handlers_nursery = handlers
-                async with trio.open_nursery() as accepting:
-                    self._accept_scope = accepting.cancel_scope
-                    for bound in self.listeners:
-                        for socket_listener in bound.sockets:
-                            accepting.start_soon(self._accept_loop, bound, socket_listener)
-                    task_status.started(addresses)
-                # listeners are closed; handlers run until shutdown() closes them
-        finally:
-            if _running.get(self.broker) is self:
-                del _running[self.broker]
+        async with trio.open_nursery() as handlers:
+            self._handlers_nursery = handlers
+            async with trio.open_nursery() as accepting:
+                self._accept_scope = accepting.cancel_scope
+                for bound in self.listeners:
+                    for socket_listener in bound.sockets:
+                        accepting.start_soon(self._accept_loop, bound, socket_listener)
+                task_status.started(addresses)
+            # listeners are closed; handlers run until shutdown() closes them
 
     async def _accept_loop(
         self, bound: BoundListener, socket_listener: trio.SocketListener
@@ -456,7 +445,7 @@ class TCPServer:
             await trio.aclose_forcefully(stream)
             return
         handler = ClientHandler(
-            self.broker, stream, peer, self._handlers_nursery,  # type: ignore[arg-type]
+            self.broker, self.pauses, stream, peer, self._handlers_nursery,  # type: ignore[arg-type]
             bound.config, identity,
         )
         self.handlers.add(handler)

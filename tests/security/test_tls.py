@@ -97,7 +97,7 @@ def config_with(*listeners: Listener, **limits: Any) -> Config:
 
 
 def server_of(broker: Broker) -> TCPServer:
-    server = TCPServer.running_for(broker)
+    server = broker.server
     assert server is not None
     return server
 

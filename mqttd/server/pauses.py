@@ -1,0 +1,42 @@
+"""Where readers wait while the engine's flow control pauses them (the store writer is
+behind, the broker's unsent output is over its budget, a connection has too many acks
+waiting for a commit): one trio Event per wave of progress, set when output was sent or a
+commit finished. Used by the client connections and the bridges' links alike."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    from mqttd.engine.dispatch import Engine
+    from mqttd.protocol import Connection
+
+
+class ReadPauses:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._progress = trio.Event()
+
+    def notify(self) -> None:
+        """Output was sent or a commit finished: paused readers look again."""
+        if self.engine.paused_readers:
+            self._progress.set()
+            self._progress = trio.Event()
+
+    async def wait_readable(self, conn: Connection) -> None:
+        """Wait until reading from ``conn`` may go on (Engine.reading_paused); while it waits
+        past ``stalled_output_timeout_s``, disconnect the stalled clients."""
+        engine = self.engine
+        engine.read_pauses += 1
+        engine.paused_readers += 1
+        timeout_s = engine.config.limits.stalled_output_timeout_s
+        try:
+            while engine.reading_paused(conn) and not conn.closing:
+                with trio.move_on_after(timeout_s):
+                    await self._progress.wait()
+                    continue
+                engine.disconnect_stalled_clients(trio.current_time())
+        finally:
+            engine.paused_readers -= 1

@@ -1,0 +1,258 @@
+"""The broker as a trio service: an :class:`~mqttd.engine.dispatch.Engine` run on the network.
+
+``Broker.serve`` opens the store (restoring what it holds), loads the security files, and runs
+in one nursery the store writer, the timer loop, the session expiry loop, the listeners
+(``mqttd.server``) and the bridges, then reports the bound addresses::
+
+    broker = Broker(config)
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(broker.serve)
+        ...
+        broker.shutdown()          # ordered: listeners, wills, connections, bridges, storage
+
+or ``async with mqttd.service.running(config) as broker: broker.port``.
+
+Everything that waits lives here: paused readers wait for progress (``wait_readable``), the
+timer loop sleeps until the engine's next timer, slow password checks run in worker threads
+(:class:`LoginChecks`). The engine asks for them through its hooks and never imports trio.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from mqttd.auth import peer_host
+from mqttd.bridge import Bridges
+from mqttd.codec import MQTTError
+from mqttd.codec.errors import ServerUnavailable
+from mqttd.codec.packets import Connect
+from mqttd.config import Config
+from mqttd.engine.dispatch import Engine
+from mqttd.protocol import Connection
+from mqttd.security.gatekeeper import Gatekeeper
+from mqttd.server.pauses import ReadPauses
+from mqttd.server.tcp import TCPServer
+from persistence.store import MEMORY, SqliteStore
+from persistence.writer import GroupCommitWriter
+
+log = logging.getLogger("mqttd.broker")
+
+SHUTDOWN_FLUSH_TIMEOUT_S = 5.0
+AUTH_THREADS = 2  # worker threads for slow password hashes (a bounded share of the CPU)
+
+
+@attrs.define(eq=False)
+class Broker(Engine):
+    addresses: list[tuple[str, int]] = attrs.Factory(list)
+    pauses: ReadPauses = attrs.field(
+        init=False, default=attrs.Factory(ReadPauses, takes_self=True)
+    )
+    bridges: Bridges | None = attrs.field(init=False, default=None)  # while serving
+    server: TCPServer | None = attrs.field(init=False, default=None)  # while serving
+    _shutdown_requested: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _timer_wakeup: trio.Event = attrs.field(init=False, factory=trio.Event)
+
+    @property
+    def port(self) -> int:
+        """The port of the first listener (useful with port 0)."""
+        return self.addresses[0][1]
+
+    # -- running -----------------------------------------------------------------------
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on every configured listener and serve until :meth:`shutdown`.
+        Reports the bound ``[(host, port), ...]`` through ``task_status``."""
+        if self.writer is None:
+            await trio.to_thread.run_sync(self.open_store)
+        if not self._security_loaded:
+            self.load_security()
+        writer = self.writer
+        assert isinstance(writer, GroupCommitWriter)
+        server = self.server = TCPServer(self, self.pauses)
+        bridges = self.bridges = Bridges(self, self.pauses)
+        bridges.setup()  # before clients connect, so that nothing for a bridge is missed
+        try:
+            async with trio.open_nursery() as services:
+                logins = LoginChecks(self.gate)
+                self.login_checks = lambda conn, packet, username: services.start_soon(
+                    self._check_login, logins, conn, packet, username,
+                    trio.current_time() + self.config.limits.connect_timeout_s,
+                )
+                await services.start(writer.run)
+                services.start_soon(self._expiry_loop)
+                services.start_soon(self._timer_loop)
+                self.addresses = await services.start(server.serve)
+                await services.start(bridges.run)
+                task_status.started(self.addresses)
+                await self._shutdown_requested.wait()
+                log.info("shutting down: %d connections", len(self.connections))
+                await server.shutdown(SHUTDOWN_FLUSH_TIMEOUT_S)
+                await bridges.stop()  # after the wills, which may be bridged
+                await writer.flush()  # storage last: everything the connections left
+                log.info(
+                    "store flushed: %d commits, %d writes", writer.commits, writer.ops_written
+                )
+                services.cancel_scope.cancel()
+        finally:
+            self.login_checks = None
+            self.server = None
+            with trio.CancelScope(shield=True):
+                await writer.aclose()
+        log.info("mqttd stopped")
+
+    def open_store(self) -> None:
+        """Open the database (moving a corrupt one aside) and restore sessions,
+        subscriptions, inflight and queued messages and retained messages from it. Loads the
+        password and ACL files too (SecurityFileError if one is unusable)."""
+        if not self._security_loaded:
+            self.load_security()
+        cfg = self.config.persistence
+        path = MEMORY if cfg.in_memory else str(cfg.db_path())
+        store = SqliteStore.open(path, cfg.durability)
+        snapshot = store.load(time.time(), cfg.session_expiry_s)
+        writer = GroupCommitWriter(store, cfg.max_pending_writes)
+        writer.on_commit = self._on_commit
+        self.writer = writer
+        self.restore(snapshot)
+        log.info(
+            "store %s: restored %d sessions (%d subscriptions, %d inflight, %d queued), "
+            "%d retained messages; %d expired sessions deleted",
+            path, len(snapshot.sessions),
+            sum(len(s.subscriptions) for s in snapshot.sessions.values()),
+            sum(len(s.inflight) for s in snapshot.sessions.values()),
+            sum(s.queued for s in snapshot.sessions.values()),
+            len(snapshot.retained), len(snapshot.expired),
+        )
+
+    def shutdown(self) -> None:
+        """Ask :meth:`serve` to stop: listeners first, then connections (with a deadline)."""
+        self._shutdown_requested.set()
+
+    def reload(self) -> bool:
+        """Re-read the password and ACL files (see Engine.reload) and the TLS listeners'
+        certificate files (SIGHUP). True when everything was reloaded."""
+        server = self.server
+        certificates_ok = server.reload_certificates() if server is not None else True
+        return self.reload_security() and certificates_ok
+
+    # -- the engine's hooks ----------------------------------------------------------------
+
+    def notify_progress(self) -> None:
+        """Output was sent or a commit finished: paused readers look again."""
+        self.pauses.notify()
+
+    def timers_changed(self) -> None:
+        self._timer_wakeup.set()
+
+    async def wait_readable(self, conn: Connection) -> None:
+        """Wait until reading from ``conn`` may go on (server/pauses.py)."""
+        await self.pauses.wait_readable(conn)
+
+    async def _check_login(
+        self, logins: LoginChecks, conn: Connection, packet: Connect, username: str,
+        deadline: float,
+    ) -> None:
+        error = await logins.check(
+            conn, packet, username, deadline,
+            wanted=lambda: not conn.closing and conn in self._parked,
+        )
+        self._login_done(conn, packet, username, error)
+
+    async def _timer_loop(self) -> None:
+        timers = self.timers
+        while True:
+            timers.run_due(time.time())
+            self._timer_wakeup = trio.Event()
+            with trio.move_on_after(timers.next_deadline() - time.time()):
+                await self._timer_wakeup.wait()
+
+    async def _expiry_loop(self) -> None:
+        interval_s = self.config.persistence.expiry_check_interval_s
+        while True:
+            await trio.sleep(interval_s)
+            self.expire_sessions()
+
+    # -- counters ---------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Broker-wide counters (read by the metrics work)."""
+        result = super().stats()
+        links = self.bridges.links if self.bridges is not None else ()
+        result["bridges_connected"] = sum(link.state == "connected" for link in links)
+        return result
+
+    def bridge_stats(self) -> list[dict[str, Any]]:
+        """Per bridge: state, connects, forwarded, received, queued, last error, ..."""
+        return self.bridges.stats() if self.bridges is not None else []
+
+
+class LoginChecks:
+    """Password checks the authenticator calls slow (PBKDF2 with many iterations), in at most
+    AUTH_THREADS worker threads, one at a time per source address: a burst of guesses from one
+    address meets the failed-login limit after ``max_failures`` of them."""
+
+    def __init__(self, gate: Gatekeeper) -> None:
+        self.gate = gate
+        self.threads = trio.CapacityLimiter(AUTH_THREADS)
+        self._turns: dict[str, tuple[trio.Lock, list[int]]] = {}
+
+    async def check(
+        self, conn: Connection, packet: Connect, username: str, deadline: float,
+        wanted: Callable[[], bool],
+    ) -> MQTTError | None:
+        """None if accepted, else the refusal. ``wanted()`` False (the client left
+        meanwhile) skips the check; past ``deadline`` (trio time) the client is told to come
+        back later (ServerUnavailable) without one."""
+        host = peer_host(conn.peer)
+        async with self._turn(host):
+            if not wanted():
+                return None
+            if trio.current_time() > deadline:
+                return ServerUnavailable("the password check waited past connect_timeout_s")
+            refusal = self.gate.over_limit(host)
+            if refusal is not None:
+                return refusal
+            try:
+                ok = await trio.to_thread.run_sync(
+                    self.gate.authenticate, conn, username, packet.password,
+                    limiter=self.threads, abandon_on_cancel=True,
+                )
+            except MQTTError as exc:
+                return exc
+            if not ok:  # counted before the next check from this address starts
+                return self.gate.failed(host, username)
+        return None
+
+    @asynccontextmanager
+    async def _turn(self, host: str) -> AsyncIterator[None]:
+        turn = self._turns.get(host)
+        if turn is None:
+            turn = self._turns[host] = (trio.Lock(), [0])
+        turn[1][0] += 1
+        try:
+            async with turn[0]:
+                yield
+        finally:
+            turn[1][0] -= 1
+            if not turn[1][0]:
+                del self._turns[host]
+
+
+@asynccontextmanager
+async def running(config: Config | None = None, **options: Any) -> AsyncIterator[Broker]:
+    """Run a broker for the duration of the block; ``broker.port`` is the bound port.
+    ``options`` go to :class:`Broker` (e.g. ``authenticator=``, ``authorizer=``)."""
+    broker = Broker(config if config is not None else Config(), **options)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(broker.serve)
+        try:
+            yield broker
+        finally:
+            broker.shutdown()
