@@ -394,13 +394,13 @@ class BridgeLink:
             if session.on_pubcomp(packet.packet_id):
                 self.forwarded += 1
         elif isinstance(packet, PubRel):
-            before = self.broker.ticket()
+            self.broker.begin_packet()
             if packet.packet_id in session.inbound_qos2:
                 session.inbound_qos2.discard(packet.packet_id)
                 session.writer.submit(  # type: ignore[union-attr]
                     ops.RemoveInbound(self.client_id, packet.packet_id)
                 )
-            self.broker.reply_after_commit(conn, PubComp(packet.packet_id).encode(), before)
+            self.broker.reply(conn, PubComp(packet.packet_id).encode())
         elif isinstance(packet, SubAck):
             refused = [
                 t.remote_filter for t, code in zip(self.in_topics, packet.return_codes,
@@ -421,7 +421,7 @@ class BridgeLink:
         broker = self.broker
         if packet.properties is not None:  # 5.0: keep what is forwarded, make expiry absolute
             packet = v5.inbound(conn, packet, time.time())
-        before = broker.ticket()
+        broker.begin_packet()
         packet_id = packet.packet_id
         qos = packet.qos
         route = True
@@ -446,9 +446,9 @@ class BridgeLink:
                     self._inbound = None
                 self.received += 1
         if qos == 1:
-            broker.reply_after_commit(conn, PubAck(packet_id).encode(), before)
+            broker.reply(conn, PubAck(packet_id).encode(), puback=True)
         elif qos == 2:
-            broker.reply_after_commit(conn, PubRec(packet_id).encode(), before)
+            broker.reply(conn, PubRec(packet_id).encode())
 
     def _link_down(self) -> None:
         conn, self.conn = self.conn, None

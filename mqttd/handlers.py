@@ -93,23 +93,22 @@ class PacketHandlers:
             self.publish(packet, session, bridge)
             return
         packet_id = packet.packet_id
-        before = self.ticket()
         if qos == 1:
             routed = self.publish(packet, session, bridge)
             if v5_client and not routed:
-                self._reply(conn, conn.encode_ack(PUBACK, packet_id, NO_MATCHING_SUBSCRIBERS),
-                            before)
+                self.reply(conn, conn.encode_ack(PUBACK, packet_id, NO_MATCHING_SUBSCRIBERS),
+                           puback=True)
             else:
-                self._reply(conn, bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF)), before)
+                self.reply(conn, bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF)), puback=True)
             return
         code = 0
         if packet_id not in session.inbound_qos2:  # exactly once: route on first receipt only
             if len(session.inbound_qos2) >= self.config.limits.max_inbound_qos2:
                 self.limit_exceeded("inbound_qos2")
                 if v5_client:  # 5.0 can refuse this one message: PUBREC Quota exceeded
-                    self._reply(conn, conn.encode_ack(
+                    self.reply(conn, conn.encode_ack(
                         PUBREC, packet_id, QUOTA_EXCEEDED, _REASON_STRINGS[QUOTA_EXCEEDED]
-                    ), before)
+                    ))
                     return
                 raise ProtocolError(
                     f"more than max_inbound_qos2 ({self.config.limits.max_inbound_qos2}) "
@@ -120,7 +119,7 @@ class PacketHandlers:
                 session.writer.submit(ops.AddInbound(session.client_id, packet_id))
             if not self.publish(packet, session, bridge) and v5_client:
                 code = NO_MATCHING_SUBSCRIBERS
-        self._reply(conn, conn.encode_ack(PUBREC, packet_id, code), before)
+        self.reply(conn, conn.encode_ack(PUBREC, packet_id, code))
 
     def _publish_denied(self: Broker, conn: Connection, packet: Publish) -> None:
         """No write access: drop the message. MQTT 3.1.1 has no way to say so; QoS 1/2 are
@@ -131,8 +130,8 @@ class PacketHandlers:
         if packet.qos:
             kind = PUBACK if packet.qos == 1 else PUBREC
             reason = _REASON_STRINGS[PUBLISH_NOT_AUTHORIZED]
-            self._reply(conn, conn.encode_ack(kind, packet.packet_id, PUBLISH_NOT_AUTHORIZED,
-                                              reason), self.ticket())
+            self.reply(conn, conn.encode_ack(kind, packet.packet_id, PUBLISH_NOT_AUTHORIZED,
+                                             reason), puback=packet.qos == 1)
 
     def _on_puback(self: Broker, conn: Connection, packet: PubAck) -> None:
         if not conn.session.on_puback(packet.packet_id):  # type: ignore[union-attr]
@@ -150,7 +149,6 @@ class PacketHandlers:
 
     def _on_pubrel(self: Broker, conn: Connection, packet: PubRel) -> None:
         session: Session = conn.session  # type: ignore[assignment]
-        before = self.ticket()
         code = 0
         if packet.packet_id in session.inbound_qos2:
             session.inbound_qos2.discard(packet.packet_id)
@@ -160,7 +158,7 @@ class PacketHandlers:
             # e.g. a PUBREL sent again after a reconnect, for an exchange that completed:
             # 5.0 says Packet Identifier not found, 3.x answers PUBCOMP all the same
             code = PACKET_IDENTIFIER_NOT_FOUND
-        self._reply(conn, conn.encode_ack(PUBCOMP, packet.packet_id, code), before)
+        self.reply(conn, conn.encode_ack(PUBCOMP, packet.packet_id, code))
 
     def _on_pubcomp(self: Broker, conn: Connection, packet: PubComp) -> None:
         if not conn.session.on_pubcomp(packet.packet_id):  # type: ignore[union-attr]
@@ -168,7 +166,6 @@ class PacketHandlers:
 
     def _on_subscribe(self: Broker, conn: Connection, packet: Subscribe) -> None:
         session: Session = conn.session  # type: ignore[assignment]
-        before = self.ticket()
         codes = []
         retained: list[tuple[Publish, int, tuple[int, ...] | None]] = []
         acl = self._acl
@@ -231,13 +228,12 @@ class PacketHandlers:
                 if message.expires_at is not None and message.expires_at <= now:
                     continue
                 retained.append((message, min(message.qos, qos), (sub_id,) if sub_id else None))
-        self._reply(conn, SubAck(packet.packet_id, tuple(codes)).encode(level), before)
+        self.reply(conn, SubAck(packet.packet_id, tuple(codes)).encode(level))
         for message, qos, ids in retained:
             session.deliver(message, qos, True, None, None, ids)
 
     def _on_unsubscribe(self: Broker, conn: Connection, packet: Unsubscribe) -> None:
         session: Session = conn.session  # type: ignore[assignment]
-        before = self.ticket()
         codes = []
         for topic_filter in packet.filters:
             if self._remove_subscription(session, topic_filter):
@@ -248,12 +244,12 @@ class PacketHandlers:
             else:
                 codes.append(NO_SUBSCRIPTION_EXISTED)
         level = conn.protocol_level
-        self._reply(conn, UnsubAck(packet.packet_id, tuple(codes)).encode(level), before)
+        self.reply(conn, UnsubAck(packet.packet_id, tuple(codes)).encode(level))
 
     def _on_pingreq(self: Broker, conn: Connection, packet: PingReq) -> None:
         # behind the replies that wait for a commit, like every reply on this connection:
         # a PINGRESP then tells the client that everything it sent before was answered
-        self._reply(conn, b"\xd0\x00", self.ticket())
+        self.reply(conn, b"\xd0\x00")
 
     def _on_disconnect(self: Broker, conn: Connection, packet: Disconnect) -> None:
         if conn.protocol_level == PROTOCOL_5:

@@ -98,8 +98,8 @@ class Connection:
     # when the I/O layer's current send started (None while it is not sending)
     send_blocked_since: float | None = None
     on_output: Callable[[], None] = _noop
-    # replies held back until the store commits what they acknowledge: (ticket, bytes)
-    _deferred: deque[tuple[int, bytes]] | None = None
+    # replies held back until the store commits what they acknowledge: (ticket, bytes, puback)
+    _deferred: deque[tuple[int, bytes, bool]] | None = None
     # set by the broker to end the connection: the I/O layer flushes (if asked) and closes
     closing: bool = False
     close_reason: MQTTError | None = None
@@ -116,14 +116,15 @@ class Connection:
         self.decoder = Decoder(self.max_packet_size, accept_v5=True)
 
     @property
-    def deferred(self) -> deque[tuple[int, bytes]] | tuple[()]:
-        """Replies held back until the store commits: (ticket, bytes), oldest first."""
+    def deferred(self) -> deque[tuple[int, bytes, bool]] | tuple[()]:
+        """Replies held back until the store commits: (ticket, bytes, is a PUBACK), oldest
+        first."""
         return self._deferred if self._deferred is not None else ()
 
-    def defer(self, ticket: int, data: bytes) -> None:
+    def defer(self, ticket: int, data: bytes, puback: bool = False) -> None:
         if self._deferred is None:
             self._deferred = deque()
-        self._deferred.append((ticket, data))
+        self._deferred.append((ticket, data, puback))
 
     def release_deferred(self, committed: int) -> bool:
         """Send the held replies whose ticket is committed; True when none are left."""
@@ -131,8 +132,8 @@ class Connection:
         if not deferred:
             return True
         while deferred and deferred[0][0] <= committed:
-            data = deferred.popleft()[1]
-            if data[0] == 0x40:  # a PUBACK: that PUBLISH no longer counts as unacknowledged
+            _ticket, data, puback = deferred.popleft()
+            if puback:  # that PUBLISH no longer counts as unacknowledged
                 self.qos1_unacked -= 1
             self.send(data)
         return not deferred

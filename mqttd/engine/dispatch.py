@@ -116,6 +116,8 @@ class Engine(ConnectHandling, PacketHandlers):
     # 5.0 wills waiting for their delay: client id -> (when, will)
     _delayed_wills: dict[str, tuple[float, Will]] = attrs.field(init=False, factory=dict)
     timers: TimerQueue = attrs.field(init=False, factory=TimerQueue)
+    # the journal's ticket when the packet being handled began (see begin_packet, reply)
+    _packet_ticket: int = attrs.field(init=False, default=0)
     _next_denied_log: float = attrs.field(init=False, default=0.0)
     # counters
     connections_total: int = 0
@@ -197,9 +199,12 @@ class Engine(ConnectHandling, PacketHandlers):
                 self._dispatch(conn, packets[1:])
                 return
             packets = packets[1:]
+        writer = self.writer
         for packet in packets:
             if conn.closing:
                 return
+            if writer is not None:
+                self._packet_ticket = writer.ticket  # see reply()
             handlers[packet.TYPE](conn, packet)
 
     def protocol_error(self, conn: Connection, exc: MQTTError) -> None:
@@ -275,31 +280,32 @@ class Engine(ConnectHandling, PacketHandlers):
                 writer.submit(ops.DeleteRetained(message.topic))
         return self.router.route(message, publisher, bridge)
 
-    def _reply(self, conn: Connection, data: bytes, ticket_before: int) -> None:
-        """Send a reply that acknowledges state: at once if handling the packet wrote
-        nothing to the store, else after the commit that holds it. Replies on one
-        connection keep their order."""
+    def begin_packet(self) -> None:
+        """Handling of one packet starts (the dispatcher calls this for clients, a bridge's
+        link for the packets of its remote): what it writes from now on, its reply waits for."""
         writer = self.writer
-        if writer is None or (writer.ticket == ticket_before and not conn.deferred):
+        if writer is not None:
+            self._packet_ticket = writer.ticket
+
+    def reply(self, conn: Connection, data: bytes, *, puback: bool = False) -> None:
+        """The one rule of durable replies: a reply that acknowledges state (PUBACK, PUBREC,
+        PUBCOMP, SUBACK, UNSUBACK, and PINGRESP to keep its place) goes at once if handling
+        its packet wrote nothing to the store, else after the commit of everything submitted
+        so far, which holds what the packet wrote. Replies on one connection keep their
+        order: once one waits, those after it wait too. ``puback``: the PUBACK of a QoS 1
+        PUBLISH, which counts against the 5.0 Receive Maximum until it is sent."""
+        writer = self.writer
+        if writer is None or (writer.ticket == self._packet_ticket and not conn.deferred):
             conn.send(data)
         else:
-            conn.defer(writer.ticket, data)
-            if data[0] == 0x40:
-                conn.qos1_unacked += 1  # until its PUBACK is sent (5.0 Receive Maximum)
+            conn.defer(writer.ticket, data, puback)
+            if puback:
+                conn.qos1_unacked += 1
             self._awaiting_commit.add(conn)
-
-    def reply_after_commit(self, conn: Connection, data: bytes, ticket_before: int) -> None:
-        """``_reply`` for the bridges' remote connections."""
-        self._reply(conn, data, ticket_before)
 
     def forget_connection(self, conn: Connection) -> None:
         """A bridge's remote connection is gone: hold no replies for it."""
         self._awaiting_commit.discard(conn)
-
-    def ticket(self) -> int:
-        """The store writer's ticket now (0 without a store): compare after handling a
-        packet to know whether it wrote anything."""
-        return self.writer.ticket if self.writer is not None else 0
 
     def _on_commit(self, committed: int) -> None:
         released = []
