@@ -20,7 +20,6 @@ from mqttd.codec.errors import BadAuthenticationMethod
 from mqttd.codec.packets import PROTOCOL_5, Auth, Connect
 
 if TYPE_CHECKING:
-    from mqttd.engine.dispatch import Engine as Broker
     from mqttd.protocol import Connection
 
 SUCCESS = reason.SUCCESS
@@ -53,24 +52,28 @@ class Exchange:
     waiting: bool = False  # we sent AUTH 0x18 and wait for the client's AUTH 0x18
 
 
-def start(broker: Broker, conn: Connection, packet: Connect) -> bool:
-    """A CONNECT with an Authentication Method: True when the client is accepted at once,
-    False while the exchange goes on (the connection is parked). Raises MQTTError."""
+def start(hook: EnhancedAuthenticator | None, conn: Connection, packet: Connect
+          ) -> Connect | None:
+    """A CONNECT with an Authentication Method: the CONNECT when the client is accepted at
+    once, None while the exchange goes on (the caller holds the connection's other packets
+    until it ends). Raises MQTTError."""
     props = packet.properties or {}
     method = props["authentication_method"]
-    hook = broker.enhanced_authenticator
     if hook is None or method not in hook.methods:
         raise BadAuthenticationMethod(f"authentication method {method!r} is not supported")
     exchange = Exchange(method, None, packet)
     conn.auth_exchange = exchange
-    return _step(broker, conn, exchange, props.get("authentication_data"))
+    return _step(hook, conn, exchange, props.get("authentication_data"))
 
 
-def on_auth(broker: Broker, conn: Connection, packet: Auth) -> None:
+def on_auth(hook: EnhancedAuthenticator | None, conn: Connection, packet: Auth
+            ) -> Connect | None:
+    """An AUTH packet: the CONNECT waiting for the exchange when it is now accepted, else
+    None (the exchange goes on, or a re-authentication succeeded). Raises MQTTError."""
     exchange = conn.auth_exchange
     props = packet.properties or {}
     method = props.get("authentication_method")
-    if exchange is None or method != exchange.method:
+    if exchange is None or method != exchange.method or hook is None:
         raise ProtocolError("AUTH without (or with another) authentication method")
     if exchange.waiting:
         if packet.reason_code != CONTINUE:
@@ -79,12 +82,11 @@ def on_auth(broker: Broker, conn: Connection, packet: Auth) -> None:
         exchange.state = None  # re-authentication starts over
     else:
         raise ProtocolError(f"unexpected AUTH with reason code {packet.reason_code:#04x}")
-    _step(broker, conn, exchange, props.get("authentication_data"))
+    return _step(hook, conn, exchange, props.get("authentication_data"))
 
 
-def _step(broker: Broker, conn: Connection, exchange: Exchange, data: bytes | None) -> bool:
-    hook = broker.enhanced_authenticator
-    assert hook is not None
+def _step(hook: EnhancedAuthenticator, conn: Connection, exchange: Exchange,
+          data: bytes | None) -> Connect | None:
     code, reply, exchange.state = hook.step(conn.client_id, exchange.method, data, exchange.state)
     props: dict[str, Any] = {"authentication_method": exchange.method}
     if reply is not None:
@@ -92,17 +94,13 @@ def _step(broker: Broker, conn: Connection, exchange: Exchange, data: bytes | No
     exchange.waiting = code == CONTINUE
     if code == CONTINUE:
         conn.send(Auth(CONTINUE, props).encode(PROTOCOL_5))
-        if exchange.connect is not None:
-            broker.park(conn)
-        return False
+        return None
     if code != SUCCESS:
         raise MQTTError(f"authentication refused by {exchange.method!r}", reason_code=code)
     if exchange.connect is None:  # re-authenticated
         conn.send(Auth(SUCCESS, props).encode(PROTOCOL_5))
-        return True
+        return None
     connect, exchange.connect = exchange.connect, None
     if conn.connack_properties is not None:
         conn.connack_properties.update(props)
-    if broker.unpark(conn, connect):
-        return False  # accepted by unpark, with what arrived meanwhile
-    return True
+    return connect

@@ -34,6 +34,7 @@ from mqttd.codec import MQTTError
 from mqttd.codec.errors import ServerUnavailable
 from mqttd.codec.packets import Connect
 from mqttd.config import Config
+from mqttd.engine import connect
 from mqttd.engine.dispatch import Engine
 from mqttd.protocol import Connection
 from mqttd.security.gatekeeper import Gatekeeper
@@ -71,7 +72,7 @@ class Broker(Engine):
         Reports the bound ``[(host, port), ...]`` through ``task_status``."""
         if self.writer is None:
             await trio.to_thread.run_sync(self.open_store)
-        if not self._security_loaded:
+        if not self.security_loaded:
             self.load_security()
         writer = self.writer
         assert isinstance(writer, GroupCommitWriter)
@@ -111,7 +112,7 @@ class Broker(Engine):
         """Open the database (moving a corrupt one aside) and restore sessions,
         subscriptions, inflight and queued messages and retained messages from it. Loads the
         password and ACL files too (SecurityFileError if one is unusable)."""
-        if not self._security_loaded:
+        if not self.security_loaded:
             self.load_security()
         cfg = self.config.persistence
         path = MEMORY if cfg.in_memory else str(cfg.db_path())
@@ -161,9 +162,9 @@ class Broker(Engine):
     ) -> None:
         error = await logins.check(
             conn, packet, username, deadline,
-            wanted=lambda: not conn.closing and conn in self._parked,
+            wanted=lambda: not conn.closing and conn in self.parked,
         )
-        self._login_done(conn, packet, username, error)
+        connect.login_done(self, conn, packet, username, error)
 
     async def _timer_loop(self) -> None:
         timers = self.timers

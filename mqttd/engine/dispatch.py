@@ -1,13 +1,11 @@
-"""The engine: the broker without I/O. Sessions, routing, retained messages and wills over
-one state, driven synchronously by the I/O layer (no ``await``, no trio): ``new_connection``,
-``handle_data`` (decode, then handle every packet), ``protocol_error``, ``connection_lost``;
-output waits in each :class:`~mqttd.protocol.Connection`'s outbox for the I/O layer to send.
-
-CONNECT and sessions are handled in :mod:`mqttd.connect`, the other packets in
-:mod:`mqttd.handlers` (mixins of :class:`Engine` for now). :class:`mqttd.service.Broker` runs an
-engine on the network: it opens the store, serves the listeners and bridges, runs the timers,
-wakes paused readers and checks slow passwords in worker threads, through the hooks at the end
-of this class (``notify_progress``, ``timers_changed``, ``login_checks``).
+"""The engine: the broker without I/O. :class:`Engine` is the :class:`~mqttd.engine.state.
+BrokerState` with the packet dispatch table, driven synchronously by the I/O layer (no
+``await``, no trio): ``new_connection``, ``handle_data`` (decode, then handle every packet),
+``protocol_error``, ``connection_lost``; output waits in each :class:`~mqttd.protocol.
+Connection`'s outbox for the I/O layer to send. The handlers are functions over the state in
+engine/connect.py (CONNECT, DISCONNECT, AUTH), publish.py (PUBLISH and its acks), subscribe.py
+(SUBSCRIBE, UNSUBSCRIBE); sessions.py and wills.py hold what happens when a session ends.
+:class:`mqttd.service.Broker` runs an engine on the network.
 
 Security: every CONNECT passes the :class:`~mqttd.security.gatekeeper.Gatekeeper` (failed-login
 limit, anonymous access per listener, the password file or the program's ``authenticator``).
@@ -19,6 +17,7 @@ deliveries, retained ones included, go only to sessions allowed to read the topi
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -26,22 +25,14 @@ from typing import Any
 
 import attrs
 
-from mqttd import enhanced_auth, v5
-from mqttd.acl import CachedAuthorizer
-from mqttd.auth import LoginRateLimiter
-from mqttd.codec import (
-    MQTTError,
-    PacketTooLarge,
-)
-from mqttd.codec.errors import (
-    ServerBusy,
-)
+from mqttd import v5
+from mqttd.codec import MQTTError
+from mqttd.codec.errors import ServerBusy
 from mqttd.codec.packets import (
     AUTH,
     CONNECT,
     DISCONNECT,
     PINGREQ,
-    PROTOCOL_5,
     PUBACK,
     PUBCOMP,
     PUBLISH,
@@ -49,106 +40,49 @@ from mqttd.codec.packets import (
     PUBREL,
     SUBSCRIBE,
     UNSUBSCRIBE,
-    ConnAck,
     Packet,
-    Publish,
-    Will,
+    PingReq,
 )
-from mqttd.config import Config, Listener
-from mqttd.connect import ConnectHandling
-from mqttd.engine.timers import TimerQueue
-from mqttd.handlers import PacketHandlers
-from mqttd.protocol import BufferAccount, Connection
-from mqttd.retained import RetainedStore
-from mqttd.router import Router
-from mqttd.security.gatekeeper import Gatekeeper
-from mqttd.security.hooks import Authenticator, Authorizer
-from mqttd.session import DropCounters, Session
-from mqttd.shared import ShareGroups, is_shared
+from mqttd.config import Listener
+from mqttd.engine import connect, publish, sessions, subscribe, wills
+from mqttd.engine.state import BrokerState
+from mqttd.protocol import Connection
+from mqttd.session import Session
+from mqttd.shared import is_shared
 from mqttd.topics import InvalidTopic
-from persistence import ops
 from persistence.journal import Journal
 from persistence.store import Snapshot
 
-log = logging.getLogger("mqttd.broker")  # one logger for the engine and its mixins
+log = logging.getLogger("mqttd.broker")
+
+
+def on_pingreq(state: BrokerState, conn: Connection, packet: PingReq) -> None:
+    # behind the replies that wait for a commit, like every reply on this connection:
+    # a PINGRESP then tells the client that everything it sent before was answered
+    state.reply(conn, b"\xd0\x00")
 
 
 @attrs.define(eq=False)
-class Engine(ConnectHandling, PacketHandlers):
-    config: Config = attrs.Factory(Config)
-    sessions: dict[str, Session] = attrs.Factory(dict)
-    router: Router = attrs.Factory(Router)
-    retained: RetainedStore = attrs.Factory(RetainedStore)
-    connections: set[Connection] = attrs.Factory(set)
-    # the store's group-commit writer; None until the service opens the store (or when the
-    # engine is driven without I/O, in which case nothing is persisted)
-    writer: Journal | None = None
-    _awaiting_commit: set[Connection] = attrs.Factory(set)
-    buffers: BufferAccount = attrs.Factory(BufferAccount)
-    drops: DropCounters = attrs.Factory(DropCounters)
-    paused_readers: int = 0
-    limits_exceeded: dict[str, int] = attrs.Factory(dict)
-    _check_topic_limits: bool = attrs.field(init=False)
-    _publish_rate: float = attrs.field(init=False)  # per client per second; 0: no limit
-    _receive_maximum: int = attrs.field(init=False)  # 5.0, announced in CONNACK
-    read_pauses: int = 0
-    stalled_disconnects: int = 0
+class Engine(BrokerState):
     _handlers: dict[int, Callable[[Connection, Any], None]] = attrs.field(init=False)
-    shares: ShareGroups = attrs.field(init=False)  # $share/<group>/<filter> subscriptions
-    # security: hooks given by an embedding program win over the configured files; the
-    # files are loaded by load_security() (at open_store, or at the first CONNECT)
-    authenticator: Authenticator | None = None
-    authorizer: Authorizer | None = None
-    enhanced_authenticator: enhanced_auth.EnhancedAuthenticator | None = None  # 5.0 AUTH
-    gate: Gatekeeper = attrs.field(init=False)
-    _acl: CachedAuthorizer | None = attrs.field(init=False, default=None)
-    _security_loaded: bool = attrs.field(init=False, default=False)
-    _password_file_used: bool = attrs.field(init=False, default=False)
-    _acl_file_used: bool = attrs.field(init=False, default=False)
-    # connections whose password is being checked in a worker thread, with the packets
-    # that arrived meanwhile
-    _parked: dict[Connection, list[Packet]] = attrs.field(init=False, factory=dict)
-    # set by the service while serving: runs a slow password check (in a worker thread)
-    # and answers with _login_done; None: every check runs at once, on the caller's thread
-    login_checks: Callable[[Connection, Any, str], None] | None = attrs.field(
-        init=False, default=None
-    )
-    # 5.0 wills waiting for their delay: client id -> (when, will)
-    _delayed_wills: dict[str, tuple[float, Will]] = attrs.field(init=False, factory=dict)
-    timers: TimerQueue = attrs.field(init=False, factory=TimerQueue)
-    # the journal's ticket when the packet being handled began (see begin_packet, reply)
-    _packet_ticket: int = attrs.field(init=False, default=0)
-    _next_denied_log: float = attrs.field(init=False, default=0.0)
-    # counters
-    connections_total: int = 0
-    messages_received: int = 0
-    acl_denied_publish: int = 0
-    acl_denied_subscribe: int = 0
-    acl_denied_retained: int = 0
 
     def __attrs_post_init__(self) -> None:
-        limits = self.config.limits
-        self.gate = Gatekeeper(
-            LoginRateLimiter(self.config.security.max_login_failures_per_minute)
-        )
-        self._check_topic_limits = (
-            limits.max_topic_length_bytes < 65535 or limits.max_topic_levels > 0
-        )
-        self._publish_rate = max(0.0, limits.max_publish_rate_per_s)
-        self._receive_maximum = min(limits.max_receive_messages, 65535)
-        self.shares = ShareGroups(self.router.trie)
+        super().__attrs_post_init__()
         self._handlers = {
-            CONNECT: self._on_connect,
-            PUBLISH: self._on_publish,
-            PUBACK: self._on_puback,
-            PUBREC: self._on_pubrec,
-            PUBREL: self._on_pubrel,
-            PUBCOMP: self._on_pubcomp,
-            SUBSCRIBE: self._on_subscribe,
-            UNSUBSCRIBE: self._on_unsubscribe,
-            PINGREQ: self._on_pingreq,
-            DISCONNECT: self._on_disconnect,
-            AUTH: self._on_auth,
+            kind: functools.partial(handler, self)
+            for kind, handler in (
+                (CONNECT, connect.on_connect),
+                (PUBLISH, publish.on_publish),
+                (PUBACK, publish.on_puback),
+                (PUBREC, publish.on_pubrec),
+                (PUBREL, publish.on_pubrel),
+                (PUBCOMP, publish.on_pubcomp),
+                (SUBSCRIBE, subscribe.on_subscribe),
+                (UNSUBSCRIBE, subscribe.on_unsubscribe),
+                (PINGREQ, on_pingreq),
+                (DISCONNECT, connect.on_disconnect),
+                (AUTH, connect.on_auth),
+            )
         }
 
     # -- connections (called by the I/O layer) ---------------------------------------
@@ -173,30 +107,30 @@ class Engine(ConnectHandling, PacketHandlers):
         try:
             packets = conn.receive_data(data)
         except MQTTError as exc:
-            self._dispatch(conn, exc.packets_before)
+            self.dispatch(conn, exc.packets_before)
             raise
-        self._dispatch(conn, packets)
+        self.dispatch(conn, packets)
 
-    def _dispatch(self, conn: Connection, packets: list[Packet]) -> None:
+    def dispatch(self, conn: Connection, packets: list[Packet]) -> None:
         handlers = self._handlers
-        parked = self._parked
+        parked = self.parked
         if parked and conn in parked:  # its login is being decided: handle these later
             if conn.auth_exchange is None:
                 parked[conn].extend(packets)
                 return
             for index, packet in enumerate(packets):  # enhanced authentication goes on
                 if conn not in parked:  # accepted by the last AUTH: the rest as usual
-                    self._dispatch(conn, packets[index:])
+                    self.dispatch(conn, packets[index:])
                     return
                 if packet.TYPE == AUTH:
-                    self._on_auth(conn, packet)  # type: ignore[arg-type]
+                    connect.on_auth(self, conn, packet)  # type: ignore[arg-type]
                 else:
                     parked[conn].append(packet)
             return
         if packets and packets[0].TYPE == CONNECT:  # only ever first in the first batch
-            self._on_connect(conn, packets[0])  # type: ignore[arg-type]
+            handlers[CONNECT](conn, packets[0])
             if conn in parked:
-                self._dispatch(conn, packets[1:])
+                self.dispatch(conn, packets[1:])
                 return
             packets = packets[1:]
         writer = self.writer
@@ -204,30 +138,15 @@ class Engine(ConnectHandling, PacketHandlers):
             if conn.closing:
                 return
             if writer is not None:
-                self._packet_ticket = writer.ticket  # see reply()
+                self.packet_ticket = writer.ticket  # see BrokerState.reply
             handlers[packet.TYPE](conn, packet)
-
-    def protocol_error(self, conn: Connection, exc: MQTTError) -> None:
-        """Answer a protocol error the way the protocol version allows, then close.
-        Replies already queued for the packets before the bad one are sent first."""
-        log.warning("client %s: %s (%s); closing", conn.name, exc, type(exc).__name__)
-        if isinstance(exc, PacketTooLarge):
-            self.limit_exceeded("packet_size")
-        if conn.session is None:
-            if conn.protocol_level == PROTOCOL_5:
-                code = exc.reason_code if exc.reason_code >= 0x80 else 0x80
-                props = {"reason_string": str(exc)[:200]} if str(exc) else None
-                conn.send(conn.fit(ConnAck(False, code, props), ConnAck(False, code)))
-            elif exc.connack_code is not None:
-                conn.send_packet(ConnAck(False, exc.connack_code))
-        conn.close(exc, flush=True)
 
     def connection_lost(self, conn: Connection) -> None:
         """The connection is over, for whatever reason: publish the will unless the
         client sent DISCONNECT, detach the session, discard it if clean."""
         self.connections.discard(conn)
-        self._awaiting_commit.discard(conn)
-        self._parked.pop(conn, None)
+        self.awaiting_commit.discard(conn)
+        self.parked.pop(conn, None)
         conn.discard_output()
         self.notify_progress()
         session = conn.session
@@ -236,84 +155,30 @@ class Engine(ConnectHandling, PacketHandlers):
         conn.session = None
         will, conn.will = conn.will, None
         if session.connection is conn:
-            self._detach(session)
+            sessions.detach(self, session)
         ends = not session.persistent or session.expiry_s == 0
         if ends and self.sessions.get(session.client_id) is session:
-            self._discard_session(session)
+            sessions.discard(self, session)
         reason = conn.close_reason
         log.info(
             "client %s disconnected%s", conn.name, f" ({reason})" if reason is not None else ""
         )
         if will is not None:
-            self._will_due(session, will, ends)
+            sessions.will_due(self, session, will, ends)
         elif session.expiry_s is not None and session.expiry_s > 0 and not ends:
-            self.call_at(time.time() + session.expiry_s, self.expire_sessions)
-
-    # -- timers: 5.0 will delay and session expiry -----------------------------------------
-
-    def call_at(self, when: float, callback: Callable[[], object]) -> None:
-        """Run ``callback`` at ``when`` (epoch seconds), by the service's timer loop."""
-        if self.timers.call_at(when, callback):
-            self.timers_changed()
-
-    # -- messages --------------------------------------------------------------------
-
-    def publish(
-        self, message: Publish, publisher: Session | None = None, bridge: bool = False
-    ) -> int:
-        """Store (if retained) and route a message; returns the number of deliveries.
-        ``publisher``: the publishing session (5.0 No Local; with ``bridge`` it gets
-        nothing back at all)."""
-        if message.retain:
-            writer = self.writer
-            if message.payload:
-                self.retained.set(message.topic, message)
-                if writer is not None:
-                    if message.properties is None and message.expires_at is None:
-                        writer.submit(ops.SetRetained(message.topic, message.payload, message.qos))
-                    else:
-                        writer.submit(ops.SetRetained(
-                            message.topic, message.payload, message.qos,
-                            v5.stored_properties(message), message.expires_at,
-                        ))
-            elif self.retained.delete(message.topic) and writer is not None:
-                writer.submit(ops.DeleteRetained(message.topic))
-        return self.router.route(message, publisher, bridge)
-
-    def begin_packet(self) -> None:
-        """Handling of one packet starts (the dispatcher calls this for clients, a bridge's
-        link for the packets of its remote): what it writes from now on, its reply waits for."""
-        writer = self.writer
-        if writer is not None:
-            self._packet_ticket = writer.ticket
-
-    def reply(self, conn: Connection, data: bytes, *, puback: bool = False) -> None:
-        """The one rule of durable replies: a reply that acknowledges state (PUBACK, PUBREC,
-        PUBCOMP, SUBACK, UNSUBACK, and PINGRESP to keep its place) goes at once if handling
-        its packet wrote nothing to the store, else after the commit of everything submitted
-        so far, which holds what the packet wrote. Replies on one connection keep their
-        order: once one waits, those after it wait too. ``puback``: the PUBACK of a QoS 1
-        PUBLISH, which counts against the 5.0 Receive Maximum until it is sent."""
-        writer = self.writer
-        if writer is None or (writer.ticket == self._packet_ticket and not conn.deferred):
-            conn.send(data)
-        else:
-            conn.defer(writer.ticket, data, puback)
-            if puback:
-                conn.qos1_unacked += 1
-            self._awaiting_commit.add(conn)
+            sessions.expire_at(self, time.time() + session.expiry_s)
 
     def forget_connection(self, conn: Connection) -> None:
         """A bridge's remote connection is gone: hold no replies for it."""
-        self._awaiting_commit.discard(conn)
+        self.awaiting_commit.discard(conn)
 
     def _on_commit(self, committed: int) -> None:
         released = []
-        for conn in self._awaiting_commit:
+        for conn in self.awaiting_commit:
             if conn.release_deferred(committed):
                 released.append(conn)
         for conn in released:
-            self._awaiting_commit.discard(conn)
+            self.awaiting_commit.discard(conn)
         self.notify_progress()
 
     # -- inbound flow control ---------------------------------------------------------------
@@ -325,7 +190,7 @@ class Engine(ConnectHandling, PacketHandlers):
         limits = self.config.limits
         if 0 <= limits.max_buffered_bytes < self.buffers.bytes:
             return True
-        if self._parked and conn in self._parked and conn.auth_exchange is None:
+        if self.parked and conn in self.parked and conn.auth_exchange is None:
             return True  # until its password check ends (it has no CONNACK yet)
         writer = self.writer
         if writer is not None and writer.congested:
@@ -359,7 +224,7 @@ class Engine(ConnectHandling, PacketHandlers):
         """Token bucket for ``limits.max_publish_rate_per_s``: refill ``conn``'s tokens (a
         burst of one second's worth at most) and return how long to stop reading from it so
         that its rate stays under the limit (0: no need)."""
-        rate = self._publish_rate
+        rate = self.publish_rate
         if not rate:
             return 0.0
         burst = max(rate, 1.0)
@@ -414,9 +279,23 @@ class Engine(ConnectHandling, PacketHandlers):
         return result
 
 
-    def limit_exceeded(self, name: str) -> None:
-        """Count a limit hit (read by stats()); the I/O layer reports its own."""
-        self.limits_exceeded[name] = self.limits_exceeded.get(name, 0) + 1
+    # -- sessions and security, for the service and embedding programs --------------------
+
+    def expire_sessions(self, now: float | None = None) -> int:
+        """See :func:`mqttd.engine.sessions.expire_sessions`."""
+        return sessions.expire_sessions(self, now)
+
+    def load_security(self) -> None:
+        """See :func:`mqttd.engine.connect.load_security`."""
+        connect.load_security(self)
+
+    def reload_security(self) -> bool:
+        """See :func:`mqttd.engine.connect.reload_security`."""
+        return connect.reload_security(self)
+
+    def reload(self) -> bool:
+        """Re-read the security files (the service re-reads TLS certificates too)."""
+        return self.reload_security()
 
     # -- restoring and closing ---------------------------------------------------------
 
@@ -429,7 +308,7 @@ class Engine(ConnectHandling, PacketHandlers):
             session = Session.restore(
                 row, writer,
                 page_size=self.config.persistence.queue_page_messages,
-                **self._session_limits(row.client_id),
+                **self.session_limits(row.client_id),
             )
             self.sessions[session.client_id] = session
             for topic_filter, qos in session.subscriptions.items():
@@ -450,31 +329,17 @@ class Engine(ConnectHandling, PacketHandlers):
         writer.next_message_id = snapshot.next_message_id
         for session in self.sessions.values():  # 5.0 expiry intervals run on a timer
             if session.expiry_s and session.expiry_s > 0 and session.disconnected_at:
-                self.call_at(session.disconnected_at + session.expiry_s, self.expire_sessions)
+                sessions.expire_at(self, session.disconnected_at + session.expiry_s)
 
     def close_all_connections(self, reason: MQTTError) -> None:
         """Server shutdown: publish the wills of connected clients (as mosquitto does at
         exit), then close every connection after flushing what is queued for it."""
-        wills = [will for _when, will in self._delayed_wills.values()]
-        self._delayed_wills.clear()
+        wills.publish_waiting_wills(self)
         for conn in list(self.connections):
             if conn.will is not None:
-                wills.append(conn.will)
-                conn.will = None
-        for will in wills:
-            self._publish_will(will)
+                will, conn.will = conn.will, None
+                wills.publish_will(self, will)
         for conn in list(self.connections):
             conn.close(reason, flush=conn.session is not None)
 
 
-    # -- what the service provides (no-ops for an engine driven without I/O) ---------------
-
-    def notify_progress(self) -> None:
-        """Output was sent or a commit finished: paused readers look again."""
-
-    def timers_changed(self) -> None:
-        """A timer was scheduled before every other one: the timer loop must wake up."""
-
-    def reload(self) -> bool:
-        """Re-read the security files (the service re-reads TLS certificates too)."""
-        return self.reload_security()

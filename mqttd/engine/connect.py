@@ -1,0 +1,296 @@
+"""CONNECT: the client's terms (3.x keepalive, 5.0 properties), authentication (the
+gatekeeper, slow password checks handed to the service, 5.0 enhanced authentication), then
+acceptance: its session taken over, resumed or created, CONNACK. The security files and
+their reload are here too (they decide the next CONNECTs)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import cast
+
+from mqttd import enhanced_auth, v5
+from mqttd.acl import AclFile, CachedAuthorizer
+from mqttd.auth import PasswordFile
+from mqttd.codec import ClientIdRejected, MQTTError, ProtocolError
+from mqttd.codec.errors import NotAuthorized
+from mqttd.codec.kinds import BRIDGE_LEVEL_FLAG
+from mqttd.codec.packets import PROTOCOL_5, PROTOCOL_31, Auth, ConnAck, Connect, Disconnect
+from mqttd.codec.reason import DISCONNECT_WITH_WILL_MESSAGE
+from mqttd.config import BRIDGE_PREFIX
+from mqttd.engine import sessions, wills
+from mqttd.engine.state import BrokerState
+from mqttd.protocol import Connection
+from mqttd.security.hooks import Authorizer, SecurityFileError
+from mqttd.session import Session
+from persistence import ops
+
+log = logging.getLogger("mqttd.broker")
+
+
+def on_connect(state: BrokerState, conn: Connection, packet: Connect) -> None:
+    level = packet.protocol_level
+    # a bridge announces itself with level | 0x80 (mosquitto's try_private): it does
+    # not get its own messages back
+    conn.is_bridge = bool(level & BRIDGE_LEVEL_FLAG)
+    conn.protocol_level = level & ~BRIDGE_LEVEL_FLAG
+    v5_client = conn.protocol_level == PROTOCOL_5
+    props = packet.properties or {}
+    client_id = packet.client_id
+    assigned = False
+    if not client_id:
+        if not packet.clean_session and not v5_client:
+            raise ClientIdRejected("empty client identifier with clean session 0")
+        if conn.protocol_level == PROTOCOL_31:
+            raise ClientIdRejected("empty client identifier is not allowed in MQTT 3.1")
+        client_id = f"auto-{uuid.uuid4()}"
+        assigned = True
+    if client_id.startswith(BRIDGE_PREFIX):
+        raise ClientIdRejected(f"client ids starting with {BRIDGE_PREFIX!r} are reserved")
+    conn.client_id = client_id
+    limits = state.config.limits
+    max_keepalive_s = limits.max_keepalive_s
+    if v5_client:
+        conn.keepalive_s, connack = v5.connect_terms(
+            conn, props, keepalive_s=packet.keepalive_s, max_keepalive_s=max_keepalive_s,
+            receive_maximum=limits.max_receive_messages,
+            max_packet_size=limits.max_packet_size_bytes,
+            topic_alias_maximum=limits.max_topic_aliases,
+        )
+        if assigned:
+            connack["assigned_client_identifier"] = client_id
+        conn.connack_properties = connack
+    else:
+        if packet.keepalive_s > max_keepalive_s:
+            # 3.x cannot tell the client another keepalive; mosquitto refuses it this way
+            raise ClientIdRejected(
+                f"keepalive {packet.keepalive_s}s exceeds max_keepalive_s {max_keepalive_s}"
+            )
+        conn.keepalive_s = packet.keepalive_s
+    if "authentication_method" in props:  # 5.0 enhanced authentication
+        if enhanced_auth.start(state.enhanced_authenticator, conn, packet) is not None:
+            accept(state, conn, packet, packet.username)
+        else:
+            state.parked.setdefault(conn, [])  # until the exchange ends
+        return
+    ready, username = login(state, conn, packet)
+    if ready:
+        accept(state, conn, packet, username)
+
+
+def accept(
+    state: BrokerState, conn: Connection, packet: Connect, username: str | None
+) -> None:
+    """The client is authenticated: check its will, take over or create its session,
+    answer CONNACK."""
+    client_id = conn.client_id
+    will = packet.will
+    acl = state.acl
+    if will is not None and acl is not None and not acl.can_publish(
+        client_id, username, will.topic
+    ):
+        raise NotAuthorized(f"the ACL does not allow publishing the will to {will.topic!r}")
+    v5_client = conn.protocol_level == PROTOCOL_5
+    props = packet.properties or {}
+    expiry_s: int | None = None
+    if v5_client:  # Session Expiry Interval instead of clean session (0: ends with this)
+        requested = props.get("session_expiry_interval", 0)
+        expiry_s = v5.session_expiry(requested, state.config.persistence.session_expiry_s)
+        persistent = expiry_s != 0
+        if expiry_s != (-1 if requested == v5.NEVER else requested):
+            conn.connack_properties["session_expiry_interval"] = (  # type: ignore[index]
+                v5.NEVER if expiry_s < 0 else expiry_s
+            )
+    else:
+        persistent = not packet.clean_session
+    session = state.sessions.get(client_id)
+    # the old session ends here if the client starts clean (or it was not kept)
+    ends = session is not None and (packet.clean_session or not session.persistent)
+    pending = wills.take_back(state, client_id)
+    if pending is not None and ends:
+        wills.publish_will(state, pending)  # 5.0: the session ended before the will delay
+    # (otherwise the client is back within the delay: the will is not sent)
+    if session is not None and session.connection is not None:
+        sessions.take_over(state, session.connection, ends)
+    if ends and session is not None:
+        sessions.discard(state, session)
+        session = None
+    session_present = session is not None
+    if session is None:
+        session = Session(
+            client_id,
+            persistent=persistent,
+            writer=state.writer if persistent else None,
+            page_size=state.config.persistence.queue_page_messages,
+            **state.session_limits(client_id),
+        )
+        state.sessions[client_id] = session
+    session.expiry_s = expiry_s
+    window = state.config.limits_for(client_id).max_inflight_messages
+    session.max_inflight = min(window, props.get("receive_maximum", window))
+    if session.writer is not None:
+        session.writer.submit(ops.SaveSession(client_id, None, expiry_s))
+    conn.session = session
+    if acl is not None and session.subscriptions and (
+        not session.login_known or session.username != username
+    ):
+        state.router.acl_changed()  # its subscriptions now answer to another identity
+    session.username = username
+    session.login_known = True
+    conn.will = packet.will
+    conn.send_packet(ConnAck(session_present, 0, conn.connack_properties))
+    conn.accepted = True
+    session.attach(conn)
+    log.info(
+        "client %s connected (MQTT %s, clean session %d, keepalive %ds, session present %d"
+        "%s)",
+        conn.name,
+        {PROTOCOL_31: "3.1", PROTOCOL_5: "5.0"}.get(conn.protocol_level, "3.1.1")
+        + (" bridge" if conn.is_bridge else ""),
+        packet.clean_session,
+        packet.keepalive_s,
+        session_present,
+        "" if username is None else f", user {username!r}",
+    )
+
+
+def login(state: BrokerState, conn: Connection, packet: Connect) -> tuple[bool, str | None]:
+    """Authenticate a CONNECT (see Gatekeeper). Returns (True, user name) when the client
+    may go on; (False, user name) when its password is being checked in a worker thread
+    (the connection is parked until then). Raises NotAuthorized (CONNACK 0x05) or
+    BadUserNameOrPassword (0x04)."""
+    if not state.security_loaded:
+        load_security(state)
+    login_checks = state.login_checks
+    ready, username = state.gate.login(conn, packet, may_defer=login_checks is not None)
+    if not ready:
+        state.parked[conn] = []
+        login_checks(conn, packet, cast(str, username))  # type: ignore[misc]
+    return ready, username
+
+
+def login_done(
+    state: BrokerState, conn: Connection, packet: Connect, username: str,
+    error: MQTTError | None,
+) -> None:
+    """The worker thread's answer: accept (then handle what arrived meanwhile) or refuse."""
+    pending = state.parked.pop(conn, None)
+    state.notify_progress()  # the connection's reader waits in wait_readable
+    if pending is None or conn.closing:
+        return
+    try:
+        if error is not None:
+            raise error
+        accept(state, conn, packet, username)
+        state.dispatch(conn, pending)
+    except MQTTError as exc:
+        state.protocol_error(conn, exc)
+    except Exception:
+        log.exception("client %s: internal error while handling its packets", conn.name)
+        conn.close()
+
+def on_disconnect(state: BrokerState, conn: Connection, packet: Disconnect) -> None:
+    if conn.protocol_level == PROTOCOL_5:
+        requested = (packet.properties or {}).get("session_expiry_interval")
+        session = conn.session
+        if requested is not None and session is not None:
+            if session.expiry_s == 0 and requested:
+                raise ProtocolError("session expiry set on DISCONNECT after 0 at CONNECT")
+            cap_s = state.config.persistence.session_expiry_s
+            session.expiry_s = v5.session_expiry(requested, cap_s)
+            if session.writer is not None:
+                session.writer.submit(ops.SaveSession(session.client_id, None,
+                                                      session.expiry_s))
+        if packet.reason_code == DISCONNECT_WITH_WILL_MESSAGE:
+            conn.close()  # the will is published as if the connection had failed
+            return
+    conn.will = None  # a clean DISCONNECT discards the will (MQTT-3.14.4-3)
+    conn.close()
+
+
+def on_auth(state: BrokerState, conn: Connection, packet: Auth) -> None:
+    """5.0 AUTH: the enhanced authentication goes on; when it accepts a waiting CONNECT,
+    the client is accepted and what arrived meanwhile is handled."""
+    connect = enhanced_auth.on_auth(state.enhanced_authenticator, conn, packet)
+    if connect is None:
+        return
+    pending = state.parked.pop(conn, None)
+    accept(state, conn, connect, connect.username)
+    if pending:
+        state.dispatch(conn, pending)
+
+
+def load_security(state: BrokerState) -> None:
+    """Build the password file and ACL named by ``config.security`` (unless an embedding
+    program passed its own ``authenticator``/``authorizer``). Raises SecurityFileError.
+    Called by open_store(); a broker driven without I/O loads at the first CONNECT."""
+    security = state.config.security
+    authenticator = state.authenticator
+    authorizer = state.authorizer
+    if security.password_file is not None:
+        if authenticator is None:
+            authenticator = PasswordFile.load(security.password_file)
+            log.info("password file %s: %d users", security.password_file,
+                     len(authenticator))
+            state.password_file_used = True
+        else:
+            log.info("password_file %s not used: the authenticator was given by the "
+                     "program", security.password_file)
+    if security.acl_file is not None:
+        if authorizer is None:
+            authorizer = AclFile.load(security.acl_file)
+            log.info("ACL file %s: %d rules", security.acl_file, len(authorizer))
+            state.acl_file_used = True
+        else:
+            log.info("acl_file %s not used: the authorizer was given by the program",
+                     security.acl_file)
+    state.authenticator = state.gate.authenticator = authenticator
+    set_authorizer(state, authorizer)
+    state.security_loaded = True
+
+
+def set_authorizer(state: BrokerState, authorizer: Authorizer | None) -> None:
+    state.authorizer = authorizer
+    state.acl = CachedAuthorizer(authorizer) if authorizer is not None else None
+    state.router.authorizer = state.acl
+    state.router.acl_changed()
+
+
+def reload_security(state: BrokerState) -> bool:
+    """Re-read the password file and the ACL file (SIGHUP). A file that cannot be read
+    or parsed is reported and the one in use is kept. Connected clients stay connected;
+    the new ACL applies to their next publish, subscribe and delivery. Cached ACL
+    answers are dropped (also for an authorizer given by the program, so it can change
+    its policy and call reload). Returns True when everything was reloaded."""
+    if not state.security_loaded:
+        try:
+            load_security(state)
+        except SecurityFileError as exc:
+            log.error("reload: %s", exc)
+            return False
+        return True
+    security = state.config.security
+    ok = True
+    if state.password_file_used and security.password_file is not None:
+        try:
+            passwords = PasswordFile.load(security.password_file)
+        except SecurityFileError as exc:
+            log.error("reload: %s; keeping the password file loaded before", exc)
+            ok = False
+        else:
+            state.authenticator = state.gate.authenticator = passwords
+            log.info("password file %s reloaded: %d users", security.password_file,
+                     len(passwords))
+    if state.acl_file_used and security.acl_file is not None:
+        try:
+            acl = AclFile.load(security.acl_file)
+        except SecurityFileError as exc:
+            log.error("reload: %s; keeping the ACL loaded before", exc)
+            ok = False
+        else:
+            set_authorizer(state, acl)
+            log.info("ACL file %s reloaded: %d rules", security.acl_file, len(acl))
+    if state.acl is not None:
+        state.acl.clear()
+    state.router.acl_changed()
+    return ok

@@ -1,0 +1,143 @@
+"""PUBLISH and its acknowledgements: a client's message checked (5.0 aliases and Receive
+Maximum, topic limits, the ACL), routed, acknowledged after the commit that holds it (QoS 2
+exactly once: routed on first receipt only); the acks of what the broker delivered
+(mosquitto's handle_publish.c and handle_pubackcomp.c)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from mqttd import v5
+from mqttd.codec import ProtocolError, TopicNameInvalid
+from mqttd.codec.errors import ReceiveMaximumExceeded
+from mqttd.codec.kinds import PUBACK, PUBCOMP, PUBREC, PUBREL
+from mqttd.codec.packets import PROTOCOL_5, PubAck, PubComp, Publish, PubRec, PubRel
+from mqttd.codec.reason import (
+    NO_MATCHING_SUBSCRIBERS,
+    NOT_AUTHORIZED,
+    PACKET_IDENTIFIER_NOT_FOUND,
+    QUOTA_EXCEEDED,
+)
+from mqttd.engine.state import BrokerState
+from mqttd.protocol import Connection
+from mqttd.session import Session
+from persistence import ops
+
+log = logging.getLogger("mqttd.broker")
+
+PUBLISH_NOT_AUTHORIZED = NOT_AUTHORIZED
+# reason strings of refusals (sent when the client allows problem information: acks.py)
+_REASON_STRINGS = {
+    PUBLISH_NOT_AUTHORIZED: "not authorized to publish to this topic",
+    QUOTA_EXCEEDED: "too many QoS 2 messages awaiting PUBREL",
+}
+
+
+def on_publish(state: BrokerState, conn: Connection, packet: Publish) -> None:
+    state.messages_received += 1
+    v5_client = conn.protocol_level == PROTOCOL_5
+    session: Session = conn.session  # type: ignore[assignment]
+    qos = packet.qos
+    if v5_client:
+        if packet.properties or not packet.topic:
+            packet = v5.inbound(conn, packet, time.time())
+        if (
+            qos and conn.qos1_unacked + len(session.inbound_qos2) >= state.receive_maximum
+            and not (qos == 2 and packet.packet_id in session.inbound_qos2)  # a resend
+        ):
+            raise ReceiveMaximumExceeded(
+                f"more than the Receive Maximum ({state.receive_maximum}) unacknowledged "
+                "QoS 1/2 PUBLISHes"
+            )
+    if state.check_topic_limits:
+        problem = state.topic_limit_problem(packet.topic)
+        if problem is not None:
+            state.limit_exceeded("topic")
+            raise TopicNameInvalid(problem)
+    if state.publish_rate:
+        conn.publish_tokens -= 1.0
+    acl = state.acl
+    if acl is not None and not acl.can_publish(conn.client_id, session.username, packet.topic):
+        publish_denied(state, conn, packet)
+        return
+    bridge = conn.is_bridge
+    if not qos:
+        state.publish(packet, session, bridge)
+        return
+    packet_id = packet.packet_id
+    if qos == 1:
+        routed = state.publish(packet, session, bridge)
+        if v5_client and not routed:
+            state.reply(conn, conn.encode_ack(PUBACK, packet_id, NO_MATCHING_SUBSCRIBERS),
+                       puback=True)
+        else:
+            state.reply(conn, bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF)), puback=True)
+        return
+    code = 0
+    if packet_id not in session.inbound_qos2:  # exactly once: route on first receipt only
+        if len(session.inbound_qos2) >= state.config.limits.max_inbound_qos2:
+            state.limit_exceeded("inbound_qos2")
+            if v5_client:  # 5.0 can refuse this one message: PUBREC Quota exceeded
+                state.reply(conn, conn.encode_ack(
+                    PUBREC, packet_id, QUOTA_EXCEEDED, _REASON_STRINGS[QUOTA_EXCEEDED]
+                ))
+                return
+            raise ProtocolError(
+                f"more than max_inbound_qos2 ({state.config.limits.max_inbound_qos2}) "
+                "QoS 2 messages awaiting PUBREL"
+            )
+        session.inbound_qos2.add(packet_id)
+        if session.writer is not None:
+            session.writer.submit(ops.AddInbound(session.client_id, packet_id))
+        if not state.publish(packet, session, bridge) and v5_client:
+            code = NO_MATCHING_SUBSCRIBERS
+    state.reply(conn, conn.encode_ack(PUBREC, packet_id, code))
+
+
+def publish_denied(state: BrokerState, conn: Connection, packet: Publish) -> None:
+    """No write access: drop the message. MQTT 3.1.1 has no way to say so; QoS 1/2 are
+    still acknowledged so that the client does not send them again. 5.0 says so:
+    PUBACK / PUBREC 0x87 Not authorized."""
+    state.acl_denied_publish += 1
+    state.log_denied(conn, f"PUBLISH to {packet.topic!r} (dropped)")
+    if packet.qos:
+        kind = PUBACK if packet.qos == 1 else PUBREC
+        reason = _REASON_STRINGS[PUBLISH_NOT_AUTHORIZED]
+        state.reply(conn, conn.encode_ack(kind, packet.packet_id, PUBLISH_NOT_AUTHORIZED,
+                                         reason), puback=packet.qos == 1)
+
+
+def on_puback(state: BrokerState, conn: Connection, packet: PubAck) -> None:
+    if not conn.session.on_puback(packet.packet_id):  # type: ignore[union-attr]
+        log.debug("client %s: PUBACK for unknown packet id %d", conn.name, packet.packet_id)
+
+
+def on_pubrec(state: BrokerState, conn: Connection, packet: PubRec) -> None:
+    if packet.reason_code >= 0x80:  # 5.0: the client refused it; the exchange ends
+        conn.session.on_pubrec_refused(packet.packet_id)  # type: ignore[union-attr]
+        return
+    code = 0
+    if not conn.session.on_pubrec(packet.packet_id):  # type: ignore[union-attr]
+        log.debug("client %s: PUBREC for unknown packet id %d", conn.name, packet.packet_id)
+        code = PACKET_IDENTIFIER_NOT_FOUND  # 5.0 says so; 3.x answers PUBREL all the same
+    conn.send(conn.encode_ack(PUBREL, packet.packet_id, code))
+
+
+def on_pubrel(state: BrokerState, conn: Connection, packet: PubRel) -> None:
+    session: Session = conn.session  # type: ignore[assignment]
+    code = 0
+    if packet.packet_id in session.inbound_qos2:
+        session.inbound_qos2.discard(packet.packet_id)
+        if session.writer is not None:
+            session.writer.submit(ops.RemoveInbound(session.client_id, packet.packet_id))
+    else:
+        # e.g. a PUBREL sent again after a reconnect, for an exchange that completed:
+        # 5.0 says Packet Identifier not found, 3.x answers PUBCOMP all the same
+        code = PACKET_IDENTIFIER_NOT_FOUND
+    state.reply(conn, conn.encode_ack(PUBCOMP, packet.packet_id, code))
+
+
+def on_pubcomp(state: BrokerState, conn: Connection, packet: PubComp) -> None:
+    if not conn.session.on_pubcomp(packet.packet_id):  # type: ignore[union-attr]
+        log.debug("client %s: PUBCOMP for unknown packet id %d", conn.name, packet.packet_id)

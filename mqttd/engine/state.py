@@ -1,0 +1,228 @@
+"""The broker's state, and the services every packet handler uses: routing a message (with
+its retained copy), replies that wait for the store, timers, limits, ACL log lines.
+
+The handlers are functions over a :class:`BrokerState` in the modules beside this one
+(connect, sessions, wills, security_files, publish, subscribe); :class:`mqttd.engine.dispatch.
+Engine` is the state with the dispatch table, and :class:`mqttd.service.Broker` runs it with
+trio. Nothing here imports trio or a module above it; what only the layers above can do (wake
+a timer loop, wake paused readers, check a password in a thread) is asked through the hooks
+at the end of the class."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from mqttd import enhanced_auth, v5
+from mqttd.acl import CachedAuthorizer
+from mqttd.auth import LoginRateLimiter
+from mqttd.codec import MQTTError, PacketTooLarge
+from mqttd.codec.packets import PROTOCOL_5, ConnAck, Packet, Publish, Will
+from mqttd.config import Config
+from mqttd.engine.timers import TimerQueue
+from mqttd.protocol import BufferAccount, Connection
+from mqttd.retained import RetainedStore
+from mqttd.router import Router
+from mqttd.security.gatekeeper import Gatekeeper
+from mqttd.security.hooks import Authenticator, Authorizer
+from mqttd.session import DropCounters, Session
+from mqttd.shared import ShareGroups
+from persistence import ops
+from persistence.journal import Journal
+
+log = logging.getLogger("mqttd.broker")  # one logger for the engine's modules
+
+DENIED_LOG_INTERVAL_S = 10.0  # at most one log line per interval for ACL refusals
+
+
+@attrs.define(eq=False)
+class BrokerState:
+    config: Config = attrs.Factory(Config)
+    sessions: dict[str, Session] = attrs.Factory(dict)
+    router: Router = attrs.Factory(Router)
+    retained: RetainedStore = attrs.Factory(RetainedStore)
+    connections: set[Connection] = attrs.Factory(set)
+    # the store's group-commit writer; None until the service opens the store (or when the
+    # engine is driven without I/O, in which case nothing is persisted)
+    writer: Journal | None = None
+    awaiting_commit: set[Connection] = attrs.Factory(set)  # they hold deferred replies
+    buffers: BufferAccount = attrs.Factory(BufferAccount)
+    drops: DropCounters = attrs.Factory(DropCounters)
+    paused_readers: int = 0
+    limits_exceeded: dict[str, int] = attrs.Factory(dict)
+    check_topic_limits: bool = attrs.field(init=False)
+    publish_rate: float = attrs.field(init=False)  # per client per second; 0: no limit
+    receive_maximum: int = attrs.field(init=False)  # 5.0, announced in CONNACK
+    read_pauses: int = 0
+    stalled_disconnects: int = 0
+    shares: ShareGroups = attrs.field(init=False)  # $share/<group>/<filter> subscriptions
+    # security: hooks given by an embedding program win over the configured files; the
+    # files are loaded by load_security() (at open_store, or at the first CONNECT)
+    authenticator: Authenticator | None = None
+    authorizer: Authorizer | None = None
+    enhanced_authenticator: enhanced_auth.EnhancedAuthenticator | None = None  # 5.0 AUTH
+    gate: Gatekeeper = attrs.field(init=False)
+    acl: CachedAuthorizer | None = attrs.field(init=False, default=None)
+    security_loaded: bool = attrs.field(init=False, default=False)
+    password_file_used: bool = attrs.field(init=False, default=False)
+    acl_file_used: bool = attrs.field(init=False, default=False)
+    # connections whose CONNECT is not decided yet (a password checked in a worker thread,
+    # an enhanced authentication going on), with the packets that arrived meanwhile
+    parked: dict[Connection, list[Packet]] = attrs.field(init=False, factory=dict)
+    # set by the service while serving: runs a slow password check (in a worker thread)
+    # and answers with connect.login_done; None: every check runs at once
+    login_checks: Callable[[Connection, Any, str], None] | None = attrs.field(
+        init=False, default=None
+    )
+    # 5.0 wills waiting for their delay: client id -> (when, will)
+    delayed_wills: dict[str, tuple[float, Will]] = attrs.field(init=False, factory=dict)
+    timers: TimerQueue = attrs.field(init=False, factory=TimerQueue)
+    # the journal's ticket when the packet being handled began (see begin_packet, reply)
+    packet_ticket: int = attrs.field(init=False, default=0)
+    next_denied_log: float = attrs.field(init=False, default=0.0)
+    # counters
+    connections_total: int = 0
+    messages_received: int = 0
+    acl_denied_publish: int = 0
+    acl_denied_subscribe: int = 0
+    acl_denied_retained: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        limits = self.config.limits
+        self.gate = Gatekeeper(
+            LoginRateLimiter(self.config.security.max_login_failures_per_minute)
+        )
+        self.check_topic_limits = (
+            limits.max_topic_length_bytes < 65535 or limits.max_topic_levels > 0
+        )
+        self.publish_rate = max(0.0, limits.max_publish_rate_per_s)
+        self.receive_maximum = min(limits.max_receive_messages, 65535)
+        self.shares = ShareGroups(self.router.trie)
+
+    # -- messages --------------------------------------------------------------------
+
+    def publish(
+        self, message: Publish, publisher: Session | None = None, bridge: bool = False
+    ) -> int:
+        """Store (if retained) and route a message; returns the number of deliveries.
+        ``publisher``: the publishing session (5.0 No Local; with ``bridge`` it gets
+        nothing back at all)."""
+        if message.retain:
+            writer = self.writer
+            if message.payload:
+                self.retained.set(message.topic, message)
+                if writer is not None:
+                    if message.properties is None and message.expires_at is None:
+                        writer.submit(ops.SetRetained(message.topic, message.payload, message.qos))
+                    else:
+                        writer.submit(ops.SetRetained(
+                            message.topic, message.payload, message.qos,
+                            v5.stored_properties(message), message.expires_at,
+                        ))
+            elif self.retained.delete(message.topic) and writer is not None:
+                writer.submit(ops.DeleteRetained(message.topic))
+        return self.router.route(message, publisher, bridge)
+
+    # -- replies ---------------------------------------------------------------------
+
+    def begin_packet(self) -> None:
+        """Handling of one packet starts (the dispatcher calls this for clients, a bridge's
+        link for the packets of its remote): what it writes from now on, its reply waits for."""
+        writer = self.writer
+        if writer is not None:
+            self.packet_ticket = writer.ticket
+
+    def reply(self, conn: Connection, data: bytes, *, puback: bool = False) -> None:
+        """The one rule of durable replies: a reply that acknowledges state (PUBACK, PUBREC,
+        PUBCOMP, SUBACK, UNSUBACK, and PINGRESP to keep its place) goes at once if handling
+        its packet wrote nothing to the store, else after the commit of everything submitted
+        so far, which holds what the packet wrote. Replies on one connection keep their
+        order: once one waits, those after it wait too. ``puback``: the PUBACK of a QoS 1
+        PUBLISH, which counts against the 5.0 Receive Maximum until it is sent."""
+        writer = self.writer
+        if writer is None or (writer.ticket == self.packet_ticket and not conn.deferred):
+            conn.send(data)
+        else:
+            conn.defer(writer.ticket, data, puback)
+            if puback:
+                conn.qos1_unacked += 1
+            self.awaiting_commit.add(conn)
+
+    def protocol_error(self, conn: Connection, exc: MQTTError) -> None:
+        """Answer a protocol error the way the protocol version allows, then close.
+        Replies already queued for the packets before the bad one are sent first."""
+        log.warning("client %s: %s (%s); closing", conn.name, exc, type(exc).__name__)
+        if isinstance(exc, PacketTooLarge):
+            self.limit_exceeded("packet_size")
+        if conn.session is None:
+            if conn.protocol_level == PROTOCOL_5:
+                code = exc.reason_code if exc.reason_code >= 0x80 else 0x80
+                props = {"reason_string": str(exc)[:200]} if str(exc) else None
+                conn.send(conn.fit(ConnAck(False, code, props), ConnAck(False, code)))
+            elif exc.connack_code is not None:
+                conn.send_packet(ConnAck(False, exc.connack_code))
+        conn.close(exc, flush=True)
+
+    # -- limits and refusals -----------------------------------------------------------
+
+    def limit_exceeded(self, name: str) -> None:
+        """Count a limit hit (read by stats()); the I/O layer reports its own."""
+        self.limits_exceeded[name] = self.limits_exceeded.get(name, 0) + 1
+
+    def topic_limit_problem(self, topic: str) -> str | None:
+        """Why ``topic`` (a name or a filter) exceeds the configured size limits, if it does."""
+        limits = self.config.limits
+        max_bytes = limits.max_topic_length_bytes
+        if len(topic) * 4 > max_bytes and len(topic.encode()) > max_bytes:
+            return f"topic longer than max_topic_length_bytes ({max_bytes})"
+        max_levels = limits.max_topic_levels
+        if 0 < max_levels <= topic.count("/"):
+            return f"topic with more than max_topic_levels ({max_levels}) levels"
+        return None
+
+    def log_denied(self, conn: Connection, what: str) -> None:
+        """Log an ACL refusal, at most once per DENIED_LOG_INTERVAL_S (with the totals)."""
+        now = time.monotonic()
+        if now >= self.next_denied_log:
+            self.next_denied_log = now + DENIED_LOG_INTERVAL_S
+            log.warning(
+                "client %s: %s denied by the ACL (denied so far: %d publishes, "
+                "%d subscriptions; further denials are not logged for %.0fs)",
+                conn.name, what, self.acl_denied_publish, self.acl_denied_subscribe,
+                DENIED_LOG_INTERVAL_S,
+            )
+
+    def session_limits(self, client_id: str) -> dict[str, Any]:
+        """The queue and window limits of a new or restored session of ``client_id``."""
+        limits = self.config.limits_for(client_id)
+        return {
+            "max_inflight": limits.max_inflight_messages,
+            "max_queued": limits.max_queued_messages,
+            "max_queued_bytes": limits.max_queued_bytes,
+            "overflow_policy": limits.overflow_policy,
+            "qos0_buffer_bytes": self.config.limits.qos0_buffer_bytes,
+            "counters": self.drops,
+        }
+
+    # -- timers ------------------------------------------------------------------------
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> None:
+        """Run ``callback`` at ``when`` (epoch seconds), by the service's timer loop."""
+        if self.timers.call_at(when, callback):
+            self.timers_changed()
+
+    # -- what the layers above provide (no-ops for a state driven without I/O) ---------
+
+    def dispatch(self, conn: Connection, packets: list[Packet]) -> None:
+        """Handle decoded packets of ``conn`` (the Engine's dispatch table)."""
+        raise NotImplementedError
+
+    def notify_progress(self) -> None:
+        """Output was sent or a commit finished: paused readers look again."""
+
+    def timers_changed(self) -> None:
+        """A timer was scheduled before every other one: the timer loop must wake up."""

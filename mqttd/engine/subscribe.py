@@ -1,0 +1,114 @@
+"""SUBSCRIBE and UNSUBSCRIBE: filters checked (syntax, topic limits, the ACL), subscriptions
+added with their 5.0 options and stored, SUBACK / UNSUBACK after the commit, then the retained
+messages that match (5.0 Retain Handling; none for a shared subscription)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import cast
+
+from mqttd import v5
+from mqttd.codec.packets import PROTOCOL_5, Publish, SubAck, Subscribe, UnsubAck, Unsubscribe
+from mqttd.codec.reason import (
+    NO_SUBSCRIPTION_EXISTED,
+    NOT_AUTHORIZED,
+    SUBACK_FAILURE,
+    TOPIC_FILTER_INVALID,
+)
+from mqttd.engine import sessions
+from mqttd.engine.state import BrokerState
+from mqttd.protocol import Connection
+from mqttd.session import Session
+from mqttd.shared import is_shared, parse_shared
+from mqttd.topics import InvalidTopic, validate_topic_filter
+from persistence import ops
+
+log = logging.getLogger("mqttd.broker")
+
+MAX_QOS = 2
+SUBACK_NOT_AUTHORIZED = NOT_AUTHORIZED
+
+
+def on_subscribe(state: BrokerState, conn: Connection, packet: Subscribe) -> None:
+    session: Session = conn.session  # type: ignore[assignment]
+    codes = []
+    retained: list[tuple[Publish, int, tuple[int, ...] | None]] = []
+    acl = state.acl
+    client_id = session.client_id
+    username = session.username
+    level = conn.protocol_level
+    v5_client = level == PROTOCOL_5
+    sub_id = (packet.properties or {}).get("subscription_identifier", 0) if v5_client else 0
+    now = time.time()
+    for sub in packet.subscriptions:
+        shared = is_shared(sub.filter)
+        try:
+            validate_topic_filter(sub.filter)
+            acl_filter = parse_shared(sub.filter)[1] if shared else sub.filter
+            problem = None
+            if state.check_topic_limits:
+                problem = state.topic_limit_problem(sub.filter)
+            if problem is not None:
+                state.limit_exceeded("topic")
+                raise InvalidTopic(problem)
+        except InvalidTopic as exc:
+            log.info("client %s: refused subscription %r: %s", conn.name, sub.filter, exc)
+            codes.append(TOPIC_FILTER_INVALID if v5_client else SUBACK_FAILURE)
+            continue
+        if acl is not None and not acl.can_subscribe(client_id, username, acl_filter):
+            state.acl_denied_subscribe += 1
+            state.log_denied(conn, f"SUBSCRIBE to {sub.filter!r}")
+            codes.append(SUBACK_NOT_AUTHORIZED if v5_client else SUBACK_FAILURE)
+            continue
+        qos = min(sub.qos, MAX_QOS)
+        existed = sub.filter in session.subscriptions
+        options = 0
+        if v5_client:
+            options = v5.options_byte(
+                sub.no_local, sub.retain_as_published, sub.retain_handling
+            )
+        sessions.add_subscription(state,
+            session, sub.filter, qos,
+            v5.SubOptions.of(sub.no_local, sub.retain_as_published, sub_id)
+            if v5_client else None,
+        )
+        if options or sub_id:
+            session.sub_options[sub.filter] = (options, sub_id)
+        else:
+            session.sub_options.pop(sub.filter, None)
+        if session.writer is not None:
+            session.writer.submit(ops.AddSubscription(
+                session.client_id, sub.filter, qos, options, sub_id
+            ))
+        codes.append(qos)
+        if shared:
+            continue  # no retained messages on a shared subscription (MQTT 5.0, 4.8.2)
+        if sub.retain_handling == 2 or (sub.retain_handling == 1 and existed):
+            continue  # 5.0 Retain Handling: never, or only for a new subscription
+        for topic, stored in state.retained.match(sub.filter):
+            if acl is not None and not acl.can_receive(client_id, username, topic):
+                state.acl_denied_retained += 1
+                continue
+            message = cast(Publish, stored)
+            if message.expires_at is not None and message.expires_at <= now:
+                continue
+            retained.append((message, min(message.qos, qos), (sub_id,) if sub_id else None))
+    state.reply(conn, SubAck(packet.packet_id, tuple(codes)).encode(level))
+    for message, qos, ids in retained:
+        session.deliver(message, qos, True, None, None, ids)
+
+
+def on_unsubscribe(state: BrokerState, conn: Connection, packet: Unsubscribe) -> None:
+    session: Session = conn.session  # type: ignore[assignment]
+    codes = []
+    for topic_filter in packet.filters:
+        if sessions.remove_subscription(state, session, topic_filter):
+            session.sub_options.pop(topic_filter, None)
+            codes.append(0)
+            if session.writer is not None:
+                session.writer.submit(ops.RemoveSubscription(session.client_id, topic_filter))
+        else:
+            codes.append(NO_SUBSCRIPTION_EXISTED)
+    level = conn.protocol_level
+    state.reply(conn, UnsubAck(packet.packet_id, tuple(codes)).encode(level))

@@ -1,0 +1,42 @@
+"""Wills: published when a connection ends without DISCONNECT, at once or after the 5.0 Will
+Delay Interval (sessions.will_due decides which), cancelled when the client comes back within
+the delay, published at once when the session ends first (mosquitto's will_delay.c)."""
+
+from __future__ import annotations
+
+import time
+
+from mqttd import v5
+from mqttd.codec.packets import Will
+from mqttd.engine.state import BrokerState
+
+
+def publish_will(state: BrokerState, will: Will) -> None:
+    state.publish(v5.will_message(will, time.time()))
+
+
+def publish_later(state: BrokerState, client_id: str, delay_s: float, will: Will) -> None:
+    """Publish ``will`` after ``delay_s`` unless taken back (:func:`take_back`) before."""
+    entry = (time.time() + delay_s, will)
+    state.delayed_wills[client_id] = entry
+    state.call_at(entry[0], lambda: _delay_over(state, client_id, entry))
+
+
+def take_back(state: BrokerState, client_id: str) -> Will | None:
+    """The will of ``client_id`` waiting for its delay, no longer waiting (None if none)."""
+    entry = state.delayed_wills.pop(client_id, None)
+    return entry[1] if entry is not None else None
+
+
+def _delay_over(state: BrokerState, client_id: str, entry: tuple[float, Will]) -> None:
+    if state.delayed_wills.get(client_id) is entry:
+        del state.delayed_wills[client_id]
+        publish_will(state, entry[1])
+
+
+def publish_waiting_wills(state: BrokerState) -> None:
+    """Server shutdown: the wills still waiting for their delay go out now."""
+    wills = [will for _when, will in state.delayed_wills.values()]
+    state.delayed_wills.clear()
+    for will in wills:
+        publish_will(state, will)
