@@ -33,11 +33,12 @@ async def test_buffer_account_stays_exact_when_clients_close_while_their_replies
     much more than configured from then on.
     """
     async with running(make_config()) as broker:
-        for i in range(CLIENTS):
-            stream = await trio.open_tcp_stream("127.0.0.1", broker.port)
-            await stream.send_all(Connect(f"fuzz-{i}").encode() + PingReq().encode())
-            await stream.aclose()
-        with trio.move_on_after(WAIT_S):
+        with trio.fail_after(4 * WAIT_S):
+            for i in range(CLIENTS):
+                stream = await trio.open_tcp_stream("127.0.0.1", broker.port)
+                await stream.send_all(Connect(f"fuzz-{i}").encode() + PingReq().encode())
+                await stream.aclose()
+        with trio.move_on_after(WAIT_S):  # polling broker state, bounded
             while broker.connections:
                 await trio.sleep(0.01)
         assert not broker.connections
@@ -229,4 +230,8 @@ def test_fuzz_harness_smoke() -> None:
     """``python -m devices.fuzz`` (decoder + sans-IO broker, 3.1.1 and 5.0) runs and finds
     nothing, with every check on."""
     assert not fuzz5.TOLERATED
-    assert fuzz_main(["--inputs", "3000", "--seed", "7", "--steps", "100"]) == 0
+    # --hang-s: the harness's own limits (per input, per step, and its watchdog at twice
+    # that) far above anything a loaded machine takes: a failure here is a finding, never
+    # slowness; an endless loop still ends in the watchdog's Hang
+    assert fuzz_main(["--inputs", "3000", "--seed", "7", "--steps", "100",
+                      "--hang-s", "600"]) == 0

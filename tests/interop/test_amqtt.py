@@ -142,14 +142,18 @@ async def test_persistent_session_resumes(broker):
 
     async def publish_while_away(port: int) -> None:
         async with amqtt_client(port) as pub:
-            for i, payload in enumerate(payloads):
-                await pub.publish(f"amqtt/persist/{i}", payload, qos=1)
+            for payload in payloads:  # one publisher, one topic: MQTT promises the order
+                await pub.publish("amqtt/persist/q", payload, qos=1)
 
     async def come_back(port: int) -> list[tuple[str, bytes, int]]:
         async with amqtt_client(port, client_id, cleansession=False) as sub:
             messages = await receive(sub, len(payloads))
+            # amqtt hands a QoS 1 message over before it sends the PUBACK: wait for the
+            # broker to have every PUBACK, or the DISCONNECT could overtake the last ones
+            await on_trio(wait_until, lambda: not session.inflight, "the PUBACKs")
             return [(m.topic, bytes(m.data), m.qos) for m in messages]
 
+    on_trio = trio_caller()
     with trio.fail_after(TEST_TIMEOUT_S):
         await in_asyncio(subscribe_and_leave, broker.port)
         session = broker.sessions[client_id]
@@ -160,7 +164,7 @@ async def test_persistent_session_resumes(broker):
         got = await in_asyncio(come_back, broker.port)
         await wait_until(lambda: session.connection is None, "the second disconnect")
 
-    assert got == [(f"amqtt/persist/{i}", p, 1) for i, p in enumerate(payloads)]
+    assert got == [("amqtt/persist/q", p, 1) for p in payloads]
     # the stored session was resumed, not replaced, and kept after the clean disconnect
     assert broker.sessions[client_id] is session
     assert session.subscriptions == {"amqtt/persist/#": 1}

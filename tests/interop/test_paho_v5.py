@@ -17,6 +17,7 @@ a client exceeding the broker's Receive Maximum or Maximum Packet Size (0x93 / 0
 from __future__ import annotations
 
 import contextlib
+import math
 import queue
 import socket
 import time
@@ -234,11 +235,13 @@ async def test_paho_5_beside_3_1_1_and_3_1_on_one_listener(broker):
             await old.publish("levels/4", b"from 4", 1)
             await oldest.publish("levels/3", b"from 3", 2)
             for client in (new, old, oldest):
-                got = [await client.message() for _ in range(3)]
-                assert [(m.topic, m.payload) for m in got] == [
+                got = {m.topic: m for m in [await client.message() for _ in range(3)]}
+                # three publishers: MQTT orders nothing between them
+                assert {(t, m.payload) for t, m in got.items()} == {
                     ("levels/5", b"from 5"), ("levels/4", b"from 4"), ("levels/3", b"from 3")
-                ]
-            assert prop(got[0].properties, "content_type") is None  # 3.1 has no properties
+                }
+                expected = "text/plain" if client is new else None  # 3.x has no properties
+                assert prop(got["levels/5"].properties, "content_type") == expected
 
 
 async def test_paho_sees_reason_codes_on_every_ack(broker):
@@ -250,7 +253,10 @@ async def test_paho_sees_reason_codes_on_every_ack(broker):
             assert await client.publish("acks/q2", b"x", 2) == 0
             assert await client.publish("acks/nobody", b"x", 1) == 0x10  # No matching subs
             assert await client.unsubscribe("acks/q1", "acks/never") == [0, 0x11]
-            assert [(await client.message()).topic for _ in range(2)] == ["acks/q1", "acks/q2"]
+            # two topics: MQTT does not order them against each other
+            assert sorted([(await client.message()).topic for _ in range(2)]) == [
+                "acks/q1", "acks/q2"
+            ]
             await client.disconnect()
         await wait_until(lambda: client.client_id not in broker.sessions, "the disconnect")
 
@@ -316,14 +322,14 @@ async def test_paho_persistent_session_by_session_expiry_interval(broker):
         session = broker.sessions[client_id]
         await wait_until(lambda: session.connection is None, "the session to be detached")
         async with paho5(broker.port, "pub") as (pub, _, _):
-            for i in range(3):
-                await pub.publish(f"persist/{i}", b"away %d" % i, 1, user_property=[("i", str(i))])
+            for i in range(3):  # one publisher, one topic: MQTT promises the order
+                await pub.publish("persist/q", b"away %d" % i, 1, user_property=[("i", str(i))])
         async with paho5(broker.port, "persist", client_id=client_id, clean_start=False,
                          session_expiry_interval=60) as (sub, flags, _):
             assert flags.session_present is True
             got = [await sub.message() for _ in range(3)]
             assert [(m.topic, m.payload) for m in got] == [
-                (f"persist/{i}", b"away %d" % i) for i in range(3)
+                ("persist/q", b"away %d" % i) for i in range(3)
             ]
             assert [prop(m.properties, "user_property") for m in got] == [
                 [("i", str(i))] for i in range(3)
@@ -340,9 +346,13 @@ async def test_paho_session_expiry_0_and_expiry_on_a_timer(broker):
         await wait_until(lambda: ends.client_id not in broker.sessions, "the session to end")
         async with paho5(broker.port, "expires", session_expiry_interval=1) as (expires, _, _):
             await expires.subscribe("expires/#", 1)
+            session = broker.sessions[expires.client_id]
             await expires.kill_socket()
-        await wait_until(lambda: broker.sessions[expires.client_id].connection is None, "drop")
-        await wait_until(lambda: expires.client_id not in broker.sessions, "expiry", 5.0)
+        # (the session may already be gone here on a slow machine: watch the object)
+        await wait_until(lambda: session.disconnected_at is not None, "drop")
+        await wait_until(lambda: expires.client_id not in broker.sessions, "expiry", 15.0)
+        # kept for its interval after the connection ended, not ended with it
+        assert time.time() >= session.disconnected_at + 1
 
 
 async def test_paho_session_expiry_capped_by_configuration():
@@ -404,6 +414,7 @@ async def test_paho_message_properties_forwarded(broker):
             await sub.subscribe("props/#", 2, sub_id=77)
             pairs = [("z", "1"), ("a", "2"), ("z", "3")]
             for qos in (0, 1, 2):
+                before = time.time()
                 await pub.publish(
                     f"props/{qos}", b'{"q": %d}' % qos, qos, payload_format_indicator=1,
                     content_type="application/json", response_topic="props/reply",
@@ -419,7 +430,9 @@ async def test_paho_message_properties_forwarded(broker):
                 assert prop(got, "correlation_data") == b"\x00corr"
                 assert prop(got, "user_property") == pairs
                 assert prop(got, "subscription_identifier") == [77]
-                assert 119 <= prop(got, "message_expiry_interval") <= 120
+                # what is left of the 120 s: at most what passed since, rounded up
+                elapsed = math.ceil(time.time() - before)
+                assert 120 - elapsed <= prop(got, "message_expiry_interval") <= 120
 
 
 async def test_paho_subscription_identifiers_of_every_matching_subscription(broker):
@@ -435,9 +448,12 @@ async def test_paho_subscription_identifiers_of_every_matching_subscription(brok
             await pub.publish("sid/hall/temp", b"19", 1)
             await pub.publish("sid/kitchen/door", b"open", 1)
             got = [await sub.message() for _ in range(3)]
-            assert [(m.payload, prop(m.properties, "subscription_identifier")) for m in got] == [
-                (b"21", [1, 2]), (b"19", [1, 2]), (b"open", [1])
-            ]
+            # three topics: MQTT does not order them against each other, nor the identifiers
+            # of one message
+            assert {
+                (m.payload, tuple(sorted(prop(m.properties, "subscription_identifier"))))
+                for m in got
+            } == {(b"21", (1, 2)), (b"19", (1, 2)), (b"open", (1,))}
 
 
 async def test_paho_message_expiry_in_the_queue_of_an_offline_session(broker):
@@ -449,10 +465,12 @@ async def test_paho_message_expiry_in_the_queue_of_an_offline_session(broker):
             await sub.disconnect()
         await wait_until(lambda: broker.sessions[client_id].connection is None, "detached")
         async with paho5(broker.port, "pub") as (pub, _, _):
-            published_at = time.time()
             await pub.publish("away/short", b"short", 1, message_expiry_interval=1)
             await pub.publish("away/long", b"long", 1, message_expiry_interval=60)
-        await wait_until(lambda: time.time() >= published_at + 1.2, "the short one to expire")
+            published_by = time.time()  # the broker received both before this
+        # the behaviour under test is the passing of time: the short one's second (and over
+        # a second of the long one's interval) has passed, however long publishing took
+        await wait_until(lambda: time.time() >= published_by + 1.2, "the short one to expire")
         async with paho5(broker.port, "away", client_id=client_id, clean_start=False,
                          session_expiry_interval=60) as (sub, flags, _):
             assert flags.session_present
@@ -536,15 +554,20 @@ async def test_paho_will_delay(broker):
                     {"will_delay_interval": 1, "content_type": "text/plain"})
             async with paho5(broker.port, "device", will=will,
                              session_expiry_interval=60) as (device, _, _):
+                lost_at = time.time()  # the broker sees the connection end after this
                 await device.kill_socket()
-                lost_at = time.time()
             message = await watcher.message()
-            assert time.time() - lost_at >= 0.9
+            assert time.time() - lost_at >= 0.9  # not before the delay (less clock rounding)
             assert (message.topic, message.payload) == ("wills/device", b"gone")
             assert prop(message.properties, "content_type") == "text/plain"
 
 
 async def test_paho_will_cancelled_by_a_reconnect_within_the_delay(broker):
+    """A delayed will is not published when the client is back within the delay. The delay
+    is long (30 s), so the reconnection is within it however slow the machine; then the
+    broker's timers run as if it had passed (as ``devices.fuzz`` does), and no will comes.
+    No public API shows pending wills and timers: this reads ``Broker._delayed_wills`` and
+    ``Broker._timers``."""
     with trio.fail_after(TEST_TIMEOUT_S):
         async with (
             paho5(broker.port, "watcher") as (watcher, _, _),
@@ -552,17 +575,17 @@ async def test_paho_will_cancelled_by_a_reconnect_within_the_delay(broker):
         ):
             await watcher.subscribe("wills/#", 2)
             client_id = unique_id("device")
-            will = ("wills/device", b"gone", 1, False, {"will_delay_interval": 1})
+            will = ("wills/device", b"gone", 1, False, {"will_delay_interval": 30})
             async with paho5(broker.port, "device", client_id=client_id, will=will,
                              session_expiry_interval=60) as (device, _, _):
                 await device.kill_socket()
-                lost_at = time.time()
-            await wait_until(lambda: broker.sessions[client_id].connection is None, "drop")
+            await wait_until(lambda: client_id in broker._delayed_wills, "the will to wait")
             async with paho5(broker.port, "device", client_id=client_id, clean_start=False,
                              session_expiry_interval=60) as (device, flags, _):
                 assert flags.session_present
-                assert time.time() - lost_at < 1, "reconnected too late for this test"
-                await wait_until(lambda: time.time() >= lost_at + 1.5, "the delay to pass")
+                assert client_id not in broker._delayed_wills  # cancelled by the reconnect
+                for _, _, callback in list(broker._timers):  # as if the 30 s had passed
+                    callback()
                 await marker(watcher, pub, "wills/marker")  # no will before it
                 await device.disconnect()
 

@@ -1,7 +1,7 @@
 import re
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mqttd.topics import (
@@ -194,6 +194,7 @@ def test_matches(f: str, topic: str, expected: bool) -> None:
 _levels = st.sampled_from(["", "a", "b", "$SYS", "$a"])
 
 
+@settings(deadline=None)  # no time limit per example: a slow machine is not a failure
 @given(st.lists(_levels, min_size=1, max_size=5).map("/".join))
 def test_topic_matches_itself_and_hash(topic: str) -> None:
     assert matches(topic, topic)

@@ -66,7 +66,9 @@ async def test_publish_rate_limit_slows_the_publisher_without_losing_messages():
         with trio.fail_after(20):
             sub, _ = await RawClient.connected(broker.port, "sub")
             await sub.subscribe("rate/#", qos=0)
-            pub, _ = await RawClient.connected(broker.port, "pub", keepalive_s=1)
+            # keepalive 2: the broker allows 3 s of silence, a margin for a slow machine
+            # between the last PUBLISH read and the PINGREQ below
+            pub, _ = await RawClient.connected(broker.port, "pub", keepalive_s=2)
             await pub.send(b"".join(Publish("rate/x", b"%d" % i).encode() for i in range(count)))
             received = [int((await sub.expect(Publish)).payload) for _ in range(count)]
             assert received == list(range(count))

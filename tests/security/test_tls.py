@@ -333,16 +333,22 @@ async def test_plaintext_client_on_a_tls_port(certs, caplog):
 
 
 async def test_silent_client_is_closed_at_the_connect_timeout(certs):
-    config = config_with(tls_listener(certs), connect_timeout_s=0.3)
+    config = config_with(tls_listener(certs), connect_timeout_s=1.0)
     async with running(config) as broker:
         with trio.fail_after(TEST_TIMEOUT_S):
             silent = await RawClient.open(broker.port)  # no ClientHello
             assert await silent.expect_closed() == []
-            # handshake done but no CONNECT: the same deadline, counted from the accept
+            # handshake done but no CONNECT: the same deadline, counted from the accept (on
+            # a machine so slow that the handshake itself outlasts it, the broker closes the
+            # connection during the handshake: closed at the deadline all the same)
             context = client_context(certs.ca_file)
-            stream = await open_tls(broker.port, context)
-            client = RawClient(stream)  # type: ignore[arg-type]
-            assert await client.expect_closed() == []
+            try:
+                stream = await open_tls(broker.port, context)
+            except trio.BrokenResourceError:
+                pass
+            else:
+                client = RawClient(stream)  # type: ignore[arg-type]
+                assert await client.expect_closed() == []
             await wait_until(lambda: server_of(broker).connections == 0)
 
 
