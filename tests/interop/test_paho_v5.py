@@ -566,8 +566,8 @@ async def test_paho_will_cancelled_by_a_reconnect_within_the_delay(broker):
     """A delayed will is not published when the client is back within the delay. The delay
     is long (30 s), so the reconnection is within it however slow the machine; then the
     broker's timers run as if it had passed (as ``devices.fuzz`` does), and no will comes.
-    No public API shows pending wills and timers: this reads ``Broker._delayed_wills`` and
-    ``Broker._timers``."""
+    The engine's state shows the wills waiting for their delay (``delayed_wills``) and its
+    timers (``timers``)."""
     with trio.fail_after(TEST_TIMEOUT_S):
         async with (
             paho5(broker.port, "watcher") as (watcher, _, _),
@@ -579,13 +579,12 @@ async def test_paho_will_cancelled_by_a_reconnect_within_the_delay(broker):
             async with paho5(broker.port, "device", client_id=client_id, will=will,
                              session_expiry_interval=60) as (device, _, _):
                 await device.kill_socket()
-            await wait_until(lambda: client_id in broker._delayed_wills, "the will to wait")
+            await wait_until(lambda: client_id in broker.delayed_wills, "the will to wait")
             async with paho5(broker.port, "device", client_id=client_id, clean_start=False,
                              session_expiry_interval=60) as (device, flags, _):
                 assert flags.session_present
-                assert client_id not in broker._delayed_wills  # cancelled by the reconnect
-                for _, _, callback in list(broker._timers):  # as if the 30 s had passed
-                    callback()
+                assert client_id not in broker.delayed_wills  # cancelled by the reconnect
+                broker.timers.run_due(math.inf)  # as if the 30 s had passed
                 await marker(watcher, pub, "wills/marker")  # no will before it
                 await device.disconnect()
 
