@@ -23,17 +23,17 @@ run: $(STAMP)
 
 # Side-by-side benchmark (mqttd, mosquitto, amqtt): Markdown to stdout, bench/results.json.
 bench: $(TEST_STAMP)
-	$(PY) -m devices.bench --size full $(ARGS)
+	$(PY) -m tools.bench --size full $(ARGS)
 
 bench-quick: $(TEST_STAMP)
-	$(PY) -m devices.bench --size quick $(ARGS)
+	$(PY) -m tools.bench --size quick $(ARGS)
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(TEST_STAMP)
-	$(VENV)/bin/ruff check mqttd persistence devices tests
-	$(VENV)/bin/mypy mqttd persistence devices
+	$(VENV)/bin/ruff check mqttd persistence devices tools tests
+	$(VENV)/bin/mypy mqttd persistence devices tools
 	$(VENV)/bin/lint-imports
 
 clean:

@@ -13,7 +13,7 @@ def _quiet_broker_logs() -> Iterator[None]:
     loggers = [logging.getLogger(name) for name in ("mqttd", "persistence")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.ERROR)  # errors still reach devices.fuzz.ErrorLog: findings
+        logger.setLevel(logging.ERROR)  # errors still reach tools.fuzz.ErrorLog: findings
     yield
     for logger, level in zip(loggers, levels, strict=True):
         logger.setLevel(level)

@@ -7,7 +7,7 @@ packet ids, PUBACK/PUBREC/PUBREL/PUBCOMP for held or random ids, PINGREQ, DISCON
 mutated like the decoder fuzz, connections lost at random points, slow readers, session expiry,
 and (with a store) commits at random points and restarts.
 
-``devices.fuzz.BrokerFuzzer`` runs each action and then checks: only ``MQTTError`` escapes
+``tools.fuzz.BrokerFuzzer`` runs each action and then checks: only ``MQTTError`` escapes
 ``handle_data``; ``broker.connections`` is exactly the connections not lost; a lost or
 taken-over connection has no session; every session has at most ``max_inflight`` in flight,
 ``queued >= 0``, ``queued_bytes >= 0`` and both within their budgets (and equal to what the queue
@@ -28,16 +28,6 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devices.fuzz import (
-    BAD_TOPICS,
-    CLIENT_IDS,
-    FILTER_LEVELS,
-    LEVELS,
-    MUTATION_OPS,
-    BrokerFuzzer,
-    apply_mutations,
-    make_fuzz_config,
-)
 from mqttd.codec.packets import (
     PUBACK,
     PUBCOMP,
@@ -58,6 +48,16 @@ from mqttd.codec.packets import (
     Will,
 )
 from mqttd.config import OVERFLOW_POLICIES, ClientOverride, Config, Limits
+from tools.fuzz import (
+    BAD_TOPICS,
+    CLIENT_IDS,
+    FILTER_LEVELS,
+    LEVELS,
+    MUTATION_OPS,
+    BrokerFuzzer,
+    apply_mutations,
+    make_fuzz_config,
+)
 
 EXAMPLES = int(os.environ.get("MQTTD_FUZZ_EXAMPLES", "300"))
 

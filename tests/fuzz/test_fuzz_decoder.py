@@ -2,8 +2,8 @@
 
 Whatever the input, only packets or an ``MQTTError`` come out, the result does not depend on
 how the bytes are split into reads, and a decoded packet survives encode -> decode unchanged
-(``devices.fuzz.check_decoder`` checks all of this). How long an input takes is not checked
-here: on a loaded machine that says nothing about the decoder; ``python -m devices.fuzz``
+(``tools.fuzz.check_decoder`` checks all of this). How long an input takes is not checked
+here: on a loaded machine that says nothing about the decoder; ``python -m tools.fuzz``
 (which runs the same checks on millions of inputs) keeps its hang limit.
 """
 
@@ -16,16 +16,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devices.fuzz import (
-    CORRUPT_LENGTHS,
-    FILTER_LEVELS,
-    LEVELS,
-    MAX_PACKET_SIZES,
-    MUTATION_OPS,
-    apply_mutations,
-    check_decoder,
-    decode_stream,
-)
 from mqttd.codec import Decoder, MQTTError, PacketTooLarge
 from mqttd.codec.packets import (
     ConnAck,
@@ -45,6 +35,16 @@ from mqttd.codec.packets import (
     Unsubscribe,
     Will,
     encode_varint,
+)
+from tools.fuzz import (
+    CORRUPT_LENGTHS,
+    FILTER_LEVELS,
+    LEVELS,
+    MAX_PACKET_SIZES,
+    MUTATION_OPS,
+    apply_mutations,
+    check_decoder,
+    decode_stream,
 )
 
 EXAMPLES = int(os.environ.get("MQTTD_FUZZ_EXAMPLES", "300"))

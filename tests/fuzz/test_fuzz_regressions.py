@@ -6,8 +6,6 @@ from typing import Any
 
 import trio
 
-from devices import fuzz5
-from devices.fuzz import main as fuzz_main
 from mqttd.broker import Broker, running
 from mqttd.codec import Decoder
 from mqttd.codec.packets import Connect, PingReq, PubAck, Publish, Subscribe, Subscription
@@ -15,13 +13,15 @@ from mqttd.config import ClientOverride, Config, Limits, Listener, Persistence
 from mqttd.protocol import Connection
 from persistence.writer import GroupCommitWriter
 from tests.conftest import make_config
+from tools import fuzz5
+from tools.fuzz import main as fuzz_main
 
 CLIENTS = 40
 WAIT_S = 5.0
 
 
 async def test_buffer_account_stays_exact_when_clients_close_while_their_replies_go_out() -> None:
-    """Found by ``python -m devices.fuzz --socket``: ``broker.buffers.bytes`` went negative.
+    """Found by ``python -m tools.fuzz --socket``: ``broker.buffers.bytes`` went negative.
 
     Each client sends CONNECT and PINGREQ and closes at once. The writer task takes the
     CONNACK + PINGRESP off the outbox (``data_to_send``) and ``send_all`` yields after writing
@@ -46,7 +46,7 @@ async def test_buffer_account_stays_exact_when_clients_close_while_their_replies
 
 
 async def test_drop_oldest_while_a_queue_page_is_read_back_drops_the_right_message() -> None:
-    """Found by ``python -m devices.fuzz`` (durable episodes with small pages) and by the socket
+    """Found by ``python -m tools.fuzz`` (durable episodes with small pages) and by the socket
     mode: a persistent session's ``queued_bytes`` no longer matched what its queue held.
 
     A persistent subscriber is offline with ``ccc`` and ``bb`` queued on disk (``a`` was dropped:
@@ -132,7 +132,7 @@ def _connect(broker: Broker, client_id: str, clean: bool) -> Connection:
 
 
 async def test_acknowledged_message_for_a_recreated_persistent_session_is_stored() -> None:
-    """Found by ``python -m devices.fuzz --socket`` (mqttd logged "session c1: 1 queued rows
+    """Found by ``python -m tools.fuzz --socket`` (mqttd logged "session c1: 1 queued rows
     missing"): a QoS 1 message acknowledged to its publisher is lost for a persistent session.
 
     Within one commit batch: persistent session S1 of ``c1`` gets ``first`` (seq 1) and
@@ -182,7 +182,7 @@ async def test_acknowledged_message_for_a_recreated_persistent_session_is_stored
 
 
 async def test_message_dropped_by_one_offline_session_stays_stored_for_the_others() -> None:
-    """Found by ``python -m devices.fuzz`` (durable episodes): a session's stored inflight and
+    """Found by ``python -m tools.fuzz`` (durable episodes): a session's stored inflight and
     queued deliveries were fewer than in memory after a restart.
 
     Two persistent subscribers of ``t`` are offline: ``tiny`` (a constrained device whose
@@ -227,7 +227,7 @@ async def test_message_dropped_by_one_offline_session_stays_stored_for_the_other
 
 
 def test_fuzz_harness_smoke() -> None:
-    """``python -m devices.fuzz`` (decoder + sans-IO broker, 3.1.1 and 5.0) runs and finds
+    """``python -m tools.fuzz`` (decoder + sans-IO broker, 3.1.1 and 5.0) runs and finds
     nothing, with every check on."""
     assert not fuzz5.TOLERATED
     # --hang-s: the harness's own limits (per input, per step, and its watchdog at twice

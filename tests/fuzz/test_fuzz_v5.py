@@ -1,4 +1,4 @@
-"""The MQTT 5.0 half of the broker fuzzer (devices/fuzz5.py): level-5 clients are generated and
+"""The MQTT 5.0 half of the broker fuzzer (tools/fuzz5.py): level-5 clients are generated and
 checked, and its checks catch what they are meant to catch."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ import random
 
 import pytest
 
-from devices.fuzz import (
+from mqttd.codec.packets import PROTOCOL_5, Connect, Publish, Subscribe, Subscription
+from tools.fuzz import (
     BrokerFuzzer,
     FuzzFailure,
     random_action,
     random_config,
     random_durable_action,
 )
-from mqttd.codec.packets import PROTOCOL_5, Connect, Publish, Subscribe, Subscription
 
 NO_LIMIT = math.inf  # no time limit per step: a loaded machine is no finding
 

@@ -1,7 +1,7 @@
-"""Findings of the MQTT 5.0 broker fuzzer (``python -m devices.fuzz``, devices/fuzz5.py), each
+"""Findings of the MQTT 5.0 broker fuzzer (``python -m tools.fuzz``, tools/fuzz5.py), each
 reduced to a test (each failed before its fix).
 
-Replay the episodes they came from with ``python -m devices.fuzz --seed S --episode E``.
+Replay the episodes they came from with ``python -m tools.fuzz --seed S --episode E``.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from devices.fuzz import check_decoder
 from mqttd.broker import Broker
 from mqttd.codec import Decoder
 from mqttd.codec.packets import (
@@ -24,6 +23,7 @@ from mqttd.codec.packets import (
 )
 from mqttd.config import Config, Listener, Persistence
 from mqttd.protocol import Connection
+from tools.fuzz import check_decoder
 
 
 def _broker() -> Broker:
@@ -65,7 +65,7 @@ def _send(broker: Broker, conn: Connection, data: bytes) -> None:
 
 
 def test_reason_strings_stay_within_the_clients_maximum_packet_size() -> None:
-    """``python -m devices.fuzz --seed 1 --episode 0`` (DISCONNECT; episode 3: CONNACK 0x8C,
+    """``python -m tools.fuzz --seed 1 --episode 0`` (DISCONNECT; episode 3: CONNACK 0x8C,
     4: PUBACK 0x10, 44: PUBREC 0x10): "a 58-byte Disconnect(reason_code=129, properties=
     {'reason_string': 'property length 31 runs past the end of the PUBLISH'}) to a client whose
     Maximum Packet Size is 20". The most frequent 5.0 finding (316 of 407 failures in
@@ -94,7 +94,7 @@ def test_reason_strings_stay_within_the_clients_maximum_packet_size() -> None:
 
 
 def test_no_pubrel_after_a_pubrec_with_an_error_code() -> None:
-    """``python -m devices.fuzz --seed 1 --episode 48`` (also 22, 24, 34, 49): "PubRel(packet_id=2,
+    """``python -m tools.fuzz --seed 1 --episode 48`` (also 22, 24, 34, 49): "PubRel(packet_id=2,
     ...) after the client's PubRec(packet_id=2, reason_code=131, ...) ended the exchange".
 
     MQTT 5.0 4.3.3: the sender of a QoS 2 message sends PUBREL only for a PUBREC with a Reason
@@ -116,7 +116,7 @@ def test_no_pubrel_after_a_pubrec_with_an_error_code() -> None:
 
 
 def test_nothing_is_sent_after_the_servers_disconnect() -> None:
-    """``python -m devices.fuzz --seed 1 --episode 40``: "Publish(topic='c', ...) after the
+    """``python -m tools.fuzz --seed 1 --episode 40``: "Publish(topic='c', ...) after the
     server's Disconnect(reason_code=148, properties={'reason_string': 'topic alias 3 outside
     1..2'})"; with a store, a PUBREC held for a commit is released after the DISCONNECT too
     (``--seed 12``: "PubRec(...) after the server's Disconnect(...)").
@@ -142,7 +142,7 @@ def test_nothing_is_sent_after_the_servers_disconnect() -> None:
 
 
 def test_a_bridge_connect_at_level_3_1_survives_encode_decode() -> None:
-    """``python -m devices.fuzz --seed 1`` (decoder target): "re-encoding the decoded
+    """``python -m tools.fuzz --seed 1`` (decoder target): "re-encoding the decoded
     Connect(client_id='c0', ..., protocol_level=131) and decoding it again raised
     UnsupportedProtocolVersion: protocol level 131 is not supported".
 
@@ -160,7 +160,7 @@ def test_a_bridge_connect_at_level_3_1_survives_encode_decode() -> None:
 
 
 def test_resumed_session_respects_the_new_receive_maximum() -> None:
-    """``python -m devices.fuzz --seed 11 --episode 8 --tolerate reason-string-size --tolerate
+    """``python -m tools.fuzz --seed 11 --episode 8 --tolerate reason-string-size --tolerate
     pubrel-after-error --tolerate after-disconnect`` (also ``--seed 21``, episode 659):
     "Publish(..., qos=1, dup=True, packet_id=2) makes 2 unacknowledged QoS 1/2 PUBLISHes; the
     client's Receive Maximum is 1, the broker's window 2 (MQTT-3.3.4-9)".
@@ -189,7 +189,7 @@ def test_resumed_session_respects_the_new_receive_maximum() -> None:
 
 
 def test_a_second_connect_gets_a_disconnect_reason_code_valid_for_disconnect() -> None:
-    """``python -m devices.fuzz --seed 21 --episode 612 --tolerate reason-string-size
+    """``python -m tools.fuzz --seed 21 --episode 612 --tolerate reason-string-size
     --tolerate pubrel-after-error --tolerate after-disconnect``: "the broker sent bytes that do
     not decode (DISCONNECT with reason code 0x84): e02784251f0022 'protocol level 14 is not
     supported'".

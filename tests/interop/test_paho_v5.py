@@ -565,7 +565,7 @@ async def test_paho_will_delay(broker):
 async def test_paho_will_cancelled_by_a_reconnect_within_the_delay(broker):
     """A delayed will is not published when the client is back within the delay. The delay
     is long (30 s), so the reconnection is within it however slow the machine; then the
-    broker's timers run as if it had passed (as ``devices.fuzz`` does), and no will comes.
+    broker's timers run as if it had passed (as ``tools.fuzz`` does), and no will comes.
     The engine's state shows the wills waiting for their delay (``delayed_wills``) and its
     timers (``timers``)."""
     with trio.fail_after(TEST_TIMEOUT_S):

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from devices import bench, loadgen
 from mqttd.codec import Publish
 from mqttd.config import load_config
+from tools import bench, loadgen
 
 BROKERS = ("mqttd",) + (("mosquitto",) if bench.mosquitto_path() else ())
 SCENARIOS = ("fanin_qos0", "durable_qos1", "fanout", "latency", "connections", "constrained")

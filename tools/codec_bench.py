@@ -1,6 +1,6 @@
 """Codec micro-benchmark: the hot path (PUBLISH decode, ``encode_publish_parts``).
 
-    python -m devices.codec_bench [--repeat 7] [--number 200]
+    python -m tools.codec_bench [--repeat 7] [--number 200]
 
 Prints the best per-packet time of several timeit runs for:
 

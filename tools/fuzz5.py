@@ -1,4 +1,4 @@
-"""MQTT 5.0 in the broker fuzzer (:mod:`devices.fuzz`): level-5 connections and packets, and
+"""MQTT 5.0 in the broker fuzzer (:mod:`tools.fuzz`): level-5 connections and packets, and
 the checks of the broker's 5.0 answers from each level-5 client's point of view.
 
 Generation (a third or so of the connections of an episode, and a third of the decoder
@@ -34,17 +34,6 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Any
 
-from devices.fuzz_base import (
-    CLIENT_IDS,
-    apply_mutations,
-    fail,
-    random_cuts,
-    random_filter,
-    random_mutations,
-    random_packet_id,
-    random_payload,
-    random_topic,
-)
 from mqttd.codec import Decoder, MQTTError
 from mqttd.codec.packets import (
     AUTH,
@@ -80,9 +69,20 @@ from mqttd.codec.packets import (
 from mqttd.codec.reason import VALID
 from mqttd.shared import is_shared, parse_shared
 from mqttd.topics import InvalidTopic, validate_topic_filter
+from tools.fuzz_base import (
+    CLIENT_IDS,
+    apply_mutations,
+    fail,
+    random_cuts,
+    random_filter,
+    random_mutations,
+    random_packet_id,
+    random_payload,
+    random_topic,
+)
 
 if TYPE_CHECKING:
-    from devices.fuzz import BrokerFuzzer, Peer
+    from tools.fuzz import BrokerFuzzer, Peer
 
 Action = tuple[Any, ...]
 

@@ -1,4 +1,4 @@
-"""Load generator for the broker benchmark (``devices/bench.py``): MQTT 3.1.1 clients on
+"""Load generator for the broker benchmark (``tools/bench.py``): MQTT 3.1.1 clients on
 plain sync sockets, spread over several worker processes, that pipeline pre-encoded
 packets and count every delivery.
 

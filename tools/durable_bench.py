@@ -2,7 +2,7 @@
 fresh ``mqttd`` subprocess per scenario; reports messages/s, broker CPU and the group
 commits the broker made (from its shutdown log line).
 
-    python -m devices.durable_bench [--messages N] [--window W]
+    python -m tools.durable_bench [--messages N] [--window W]
 
 Scenarios: ``clean`` (subscriber with clean session 1: no disk write needed before
 PUBACK), ``durable-online`` (persistent subscriber connected and acking: every message

@@ -1,10 +1,10 @@
 """Fuzz mqttd's decoder and its broker state machine, for as long as you like.
 
-    python -m devices.fuzz --inputs 1000000 [--seed N] [--keep-going]   # decoder + sans-IO broker
-    python -m devices.fuzz --seed N --episode K                # replay one broker episode
-    python -m devices.fuzz ... --tolerate CHECK                # skip a check of a known finding
-    python -m devices.fuzz --socket [--connections 20000] [--duration 60] [--keep-going]
-    python -m devices.fuzz --atheris [-- LIBFUZZER_ARGS...]    # coverage-guided (optional)
+    python -m tools.fuzz --inputs 1000000 [--seed N] [--keep-going]   # decoder + sans-IO broker
+    python -m tools.fuzz --seed N --episode K                # replay one broker episode
+    python -m tools.fuzz ... --tolerate CHECK                # skip a check of a known finding
+    python -m tools.fuzz --socket [--connections 20000] [--duration 60] [--keep-going]
+    python -m tools.fuzz --atheris [-- LIBFUZZER_ARGS...]    # coverage-guided (optional)
 
 The default mode generates inputs from a seeded ``random.Random`` and feeds them, in-process and
 without I/O, to two targets, half the inputs each:
@@ -25,8 +25,8 @@ without I/O, to two targets, half the inputs each:
   DISCONNECT, bytes mutated as above, connections lost at random, slow readers, session expiry,
   due timers (5.0 will delays). About a third of the connections are MQTT 5.0, with properties
   on every packet, topic aliases, subscription options and identifiers, shared subscriptions,
-  reason codes, AUTH; :mod:`devices.fuzz5` generates them and checks the broker's 5.0 answers
-  (``--tolerate`` skips the check of a known finding, see ``devices.fuzz5.CHECKS``).
+  reason codes, AUTH; :mod:`tools.fuzz5` generates them and checks the broker's 5.0 answers
+  (``--tolerate`` skips the check of a known finding, see ``tools.fuzz5.CHECKS``).
   Half the episodes are durable: the broker has its SQLite store (in memory) and the fuzzer
   commits the group-commit writer's batch at random points (long batches and short ones) and
   sometimes restarts the broker from the store. One step counts as one input. After every step
@@ -54,7 +54,7 @@ first failure, or with ``--keep-going`` reports each kind of failure once and co
 Optional coverage-guided fuzzing with atheris (libFuzzer); mqttd does not depend on it::
 
     .venv/bin/pip install atheris        # binary wheels for CPython 3.11 on Linux x86-64
-    .venv/bin/python -m devices.fuzz --atheris -- -max_total_time=3600 -rss_limit_mb=4096 corpus/
+    .venv/bin/python -m tools.fuzz --atheris -- -max_total_time=3600 -rss_limit_mb=4096 corpus/
 
 The first input byte picks the target; for the broker the rest is a little program of steps (see
 :func:`atheris_one_input`). A crash is reported by libFuzzer with the input saved as ``crash-*``.
@@ -78,29 +78,6 @@ from typing import Any, cast
 
 import attrs
 
-from devices import fuzz5
-from devices.fuzz_base import (  # noqa: F401 (re-exported: the tests import them from here)
-    BAD_TOPICS,
-    CLIENT_IDS,
-    CORRUPT_LENGTHS,
-    FILTER_LEVELS,
-    INTERESTING,
-    LEVELS,
-    MAX_PACKET_SIZES,
-    MUTATION_OPS,
-    FuzzFailure,
-    Hang,
-    apply_mutations,
-    check_broker,
-    error_log,
-    fail,
-    random_any_packet,
-    random_client_packet,
-    random_connect,
-    random_cuts,
-    random_mutations,
-    trie_entries,
-)
 from mqttd.broker import Broker
 from mqttd.codec import Decoder, MQTTError
 from mqttd.codec.errors import ServerShuttingDown
@@ -134,6 +111,29 @@ from mqttd.codec.packets import (
 from mqttd.config import OVERFLOW_POLICIES, ClientOverride, Config, Limits, Listener, Persistence
 from persistence.store import SqliteStore
 from persistence.writer import GroupCommitWriter
+from tools import fuzz5
+from tools.fuzz_base import (  # noqa: F401 (re-exported: the tests import them from here)
+    BAD_TOPICS,
+    CLIENT_IDS,
+    CORRUPT_LENGTHS,
+    FILTER_LEVELS,
+    INTERESTING,
+    LEVELS,
+    MAX_PACKET_SIZES,
+    MUTATION_OPS,
+    FuzzFailure,
+    Hang,
+    apply_mutations,
+    check_broker,
+    error_log,
+    fail,
+    random_any_packet,
+    random_client_packet,
+    random_connect,
+    random_cuts,
+    random_mutations,
+    trie_entries,
+)
 
 HANG_S = 5.0  # no single input (one decode, one broker step) may take longer
 
@@ -269,7 +269,7 @@ def check_decoder(data: bytes, cuts: Sequence[int] = (), max_packet_size: int = 
 #   ("slow", peer)             a peer stops (or starts again) taking its output off the socket
 #   ("expire",)                every offline session has expired
 #   ("timers",)                the broker's timers (5.0 will delays, session expiry) are due
-#   ("send5", peer, data, cuts)                a level-5 peer sends data (see devices.fuzz5)
+#   ("send5", peer, data, cuts)                a level-5 peer sends data (see tools.fuzz5)
 #   ("ack5", peer, kind, pick, code, text)     a level-5 ack with a reason code (and string)
 Action = tuple[Any, ...]
 
@@ -1136,7 +1136,7 @@ def run_inputs(total: int, seed: int, *, steps: int = 300, hang_s: float = HANG_
 
                     def show(log: list[Action] = log, episode: int = episodes) -> None:
                         print(f"the episode's steps (the last one failed); replay with\n"
-                              f"  python -m devices.fuzz --seed {seed} --episode {episode}")
+                              f"  python -m tools.fuzz --seed {seed} --episode {episode}")
                         for i, action in enumerate(log, 1):
                             print(f"  {i}: {describe_action(action)}")
 
@@ -1451,7 +1451,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
-    parser = argparse.ArgumentParser(prog="devices.fuzz", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="tools.fuzz", description=__doc__.split("\n")[0])
     parser.add_argument("--inputs", type=int, default=100_000,
                         help="inputs to generate: decoder inputs + broker steps (default 100000)")
     parser.add_argument("--seed", type=int, default=None, help="default: random, printed")
@@ -1470,7 +1470,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--atheris", action="store_true",
                         help="coverage-guided with atheris; arguments after -- go to libFuzzer")
     parser.add_argument("--tolerate", action="append", default=[], choices=fuzz5.CHECKS,
-                        help="skip this check of a known finding (repeatable; see devices.fuzz5)")
+                        help="skip this check of a known finding (repeatable; see tools.fuzz5)")
     args = parser.parse_args(argv)
     fuzz5.TOLERATED.update(args.tolerate)
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from devices.durable_bench import run
+from tools.durable_bench import run
 
 
 @pytest.mark.parametrize("scenario", ["clean", "durable-online", "durable-offline"])

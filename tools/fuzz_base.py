@@ -1,4 +1,4 @@
-"""The parts of the broker fuzzer (:mod:`devices.fuzz`) that its 3.1.1 and 5.0 halves share:
+"""The parts of the broker fuzzer (:mod:`tools.fuzz`) that its 3.1.1 and 5.0 halves share:
 failures and the error log, generation of topics, filters, packet ids, payloads and 3.1.1
 packets, byte mutations, and the broker's own bookkeeping invariants (:func:`check_broker`,
 which needs no knowledge of the clients, so the socket mode runs it too)."""

@@ -1,10 +1,10 @@
 """Side-by-side benchmark: mqttd, mosquitto and amqtt on 127.0.0.1, same scenarios, one run.
 
-    python -m devices.bench [--size full|quick|tiny] [--brokers mqttd,mosquitto,amqtt]
+    python -m tools.bench [--size full|quick|tiny] [--brokers mqttd,mosquitto,amqtt]
                             [--scenarios fanin_qos0,...] [--output bench/results.json]
 
 Each (scenario, broker) pair gets a fresh broker process (its own temporary directory,
-config file and free port), the load generator of ``devices/loadgen.py`` in several worker
+config file and free port), the load generator of ``tools/loadgen.py`` in several worker
 processes, and a SIGTERM (then SIGKILL) at the end; brokers run one at a time so they
 never compete for the cores. Prints Markdown tables and writes the results as JSON.
 See ``bench/README.md`` for the columns and what each broker promises.
@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from devices import loadgen
+from tools import loadgen
 
 SCENARIOS = (
     "fanin_qos0", "fanin_qos1", "durable_qos1", "fanout", "latency", "connections", "constrained",
