@@ -35,6 +35,7 @@ lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check mqttd persistence devices tools tests
 	$(VENV)/bin/mypy mqttd persistence devices tools
 	$(VENV)/bin/lint-imports
+	$(PY) -m tools.import_cycles mqttd persistence
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,6 +1,6 @@
-"""Authentication: mosquitto-compatible password files and the per-address limit on failed
-logins. The hook interfaces an embedding program can implement (:class:`Authenticator`,
-:class:`Authorizer`) are in :mod:`mqttd.security.hooks`; the decision for each CONNECT in
+"""Authentication: mosquitto-compatible password files. The hook interfaces a program can
+implement (:class:`Authenticator`, :class:`Authorizer`) are in :mod:`mqttd.security.hooks`;
+the decision for each CONNECT, with the per-address limit on failed logins, in
 :mod:`mqttd.security.gatekeeper`.
 
 Password file format (mosquitto's): one ``user:hash`` per line; blank lines and lines whose
@@ -33,9 +33,7 @@ import pathlib
 import secrets
 import sys
 import tempfile
-import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import attrs
@@ -232,62 +230,6 @@ class PasswordFile:
         if entry.slow:
             self._verified[username] = self._mac(username, password)  # one dict store: atomic
         return True
-
-
-# -- failed login limit -----------------------------------------------------------------
-
-PRUNE_EVERY_FAILURES = 1024
-
-
-def peer_host(peer: str) -> str:
-    """The address part of ``"host:port"`` (IPv6 hosts keep their colons)."""
-    host, colon, port = peer.rpartition(":")
-    return host if colon and port.isdigit() else peer
-
-
-@attrs.define(eq=False)
-class LoginRateLimiter:
-    """At most ``max_failures`` failed logins per source address in any ``window_s``; then
-    that address is refused without checking until its oldest failure leaves the window.
-    ``clock`` is injectable for tests."""
-
-    max_failures: int
-    window_s: float = 60.0
-    clock: Callable[[], float] = time.monotonic
-    _recent: dict[str, deque[float]] = attrs.field(init=False, factory=dict)
-    failures: int = 0  # failed logins (counter)
-    refused: int = 0  # logins refused because their address was over the limit (counter)
-
-    def blocked(self, host: str) -> bool:
-        recent = self._recent.get(host)
-        if recent is None or len(recent) < self.max_failures:
-            return False
-        if self.clock() - recent[0] >= self.window_s:
-            return False
-        return True
-
-    def refuse(self) -> None:
-        self.refused += 1
-
-    def failed(self, host: str) -> None:
-        self.failures += 1
-        now = self.clock()
-        recent = self._recent.get(host)
-        if recent is None:
-            recent = self._recent[host] = deque(maxlen=self.max_failures)
-        recent.append(now)
-        if self.failures % PRUNE_EVERY_FAILURES == 0:
-            self.prune(now)
-
-    def prune(self, now: float | None = None) -> None:
-        """Forget addresses whose failures have all left the window (bounds the memory)."""
-        limit = (self.clock() if now is None else now) - self.window_s
-        stale = [host for host, recent in self._recent.items() if recent[-1] <= limit]
-        for host in stale:
-            del self._recent[host]
-
-    def __len__(self) -> int:
-        return len(self._recent)
 
 
 # -- mqttd passwd -----------------------------------------------------------------------

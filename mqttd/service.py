@@ -28,7 +28,6 @@ from typing import Any
 import attrs
 import trio
 
-from mqttd.auth import peer_host
 from mqttd.bridge import Bridges
 from mqttd.codec import MQTTError
 from mqttd.codec.errors import ServerUnavailable
@@ -37,7 +36,7 @@ from mqttd.config import Config
 from mqttd.engine import connect
 from mqttd.engine.dispatch import Engine
 from mqttd.protocol import Connection
-from mqttd.security.gatekeeper import Gatekeeper
+from mqttd.security.gatekeeper import Gatekeeper, peer_host
 from mqttd.server.pauses import ReadPauses
 from mqttd.server.tcp import TCPServer
 from persistence.store import MEMORY, SqliteStore

@@ -21,19 +21,18 @@ import logging
 import time
 from array import array
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
 from mqttd import v5
 from mqttd.codec.errors import ProtocolError, QuotaExceeded
 from mqttd.codec.packets import PROTOCOL_5, Publish, PubRel, encode_publish_parts
-from mqttd.shared import is_shared, parse_shared
-from mqttd.topics import matches
+from mqttd.topics import is_shared, matches, parse_shared
 from persistence import ops
 
 if TYPE_CHECKING:
-    from mqttd.protocol import Connection
+    from mqttd.codec import MQTTError
     from persistence.journal import Journal
     from persistence.store import RestoredSession
 
@@ -48,6 +47,22 @@ Delivery = tuple["Publish | None", int, bool, int, "str | None", "tuple[int, ...
 # Per routed message: encoded (head, tail) per QoS, shared by subscribers, and the stored
 # message id once a persistent session has stored it (slot 3).
 PartsCache = list
+
+
+
+class Peer(v5.Terms, Protocol):
+    """What a session needs of its client's connection (:class:`mqttd.protocol.Connection`
+    has it): the session sends through it and never imports it."""
+
+    protocol_level: int
+    outbox_bytes: int
+
+    def send_parts(self, head: bytes, middle: bytes, tail: bytes) -> None: ...
+
+    def send_packet(self, packet: Any) -> None: ...
+
+    def close(self, reason: MQTTError | None = None, *, flush: bool = False) -> None: ...
+
 
 DROP_OLDEST = "drop_oldest"
 DROP_NEW = "drop_new"
@@ -86,7 +101,7 @@ class Session:
     inflight: dict[int, Delivery] = attrs.Factory(dict)  # insertion order = send order
     _queue: deque[Delivery] | None = None  # created when first needed (idle sessions are many)
     inbound_qos2: set[int] = attrs.Factory(set)
-    connection: Connection | None = None
+    connection: Peer | None = None
     next_packet_id: int = 1
     next_seq: int = 1
     queued_bytes: int = 0  # payload bytes of everything queued (RAM, being read, disk)
@@ -303,7 +318,7 @@ class Session:
 
     def _send_new(
         self,
-        conn: Connection,
+        conn: Peer,
         message: Publish,
         qos: int,
         retain: bool,
@@ -523,7 +538,7 @@ class Session:
 
     # -- connection lifecycle ----------------------------------------------------------
 
-    def attach(self, conn: Connection) -> None:
+    def attach(self, conn: Peer) -> None:
         """Bind to a new connection: resend what is in flight (PUBLISH with DUP=1, or
         PUBREL) with the original packet ids and order, then fill the window."""
         self.connection = conn
@@ -541,7 +556,7 @@ class Session:
                 resent += 1
         self.pump()
 
-    def _resend(self, conn: Connection, packet_id: int) -> bool:
+    def _resend(self, conn: Peer, packet_id: int) -> bool:
         """Send an inflight delivery again on a new connection (PUBLISH with DUP=1, or
         PUBREL); False if it was dropped (larger than the client accepts)."""
         message, qos, retain, seq, _share, ids = self.inflight[packet_id]

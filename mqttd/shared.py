@@ -26,40 +26,20 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from mqttd.topics import InvalidTopic, validate_topic_filter
+from mqttd.topics import parse_shared
 
 if TYPE_CHECKING:
     from mqttd.codec.packets import Publish
     from mqttd.session import PartsCache, Session
+    from mqttd.subscriptions import SubOptions
     from mqttd.trie import SubscriptionTrie
-    from mqttd.v5 import SubOptions
 
     Member = tuple[Session, int, SubOptions | None]
 
 log = logging.getLogger(__name__)
 
-SHARE_PREFIX = "$share/"
 # Trie key of a group: U+0000 cannot occur in an MQTT string, so no client id equals it.
 _KEY_PREFIX = "\x00"
-
-
-def is_shared(topic_filter: str) -> bool:
-    return topic_filter.startswith(SHARE_PREFIX)
-
-
-def parse_shared(topic_filter: str) -> tuple[str, str]:
-    """Split ``$share/<group>/<filter>`` into (group, filter); InvalidTopic when malformed
-    (empty group, a wildcard in the group name, no filter, an invalid filter)."""
-    rest = topic_filter[len(SHARE_PREFIX):]
-    group, sep, inner = rest.partition("/")
-    if not group:
-        raise InvalidTopic("shared subscription with an empty share name")
-    if "+" in group or "#" in group:
-        raise InvalidTopic("a share name must not contain wildcards")
-    if not sep or not inner:
-        raise InvalidTopic("shared subscription without a topic filter")
-    validate_topic_filter(inner)
-    return group, inner
 
 
 class ShareGroup:

@@ -18,12 +18,15 @@ __all__ = [
     "LEVEL_SEPARATOR",
     "MAX_TOPIC_BYTES",
     "MULTI_LEVEL_WILDCARD",
+    "SHARE_PREFIX",
     "SINGLE_LEVEL_WILDCARD",
     "InvalidTopic",
     "is_dollar_topic",
+    "is_shared",
     "is_valid_topic_filter",
     "is_valid_topic_name",
     "matches",
+    "parse_shared",
     "split_levels",
     "validate_topic_filter",
     "validate_topic_name",
@@ -130,3 +133,28 @@ def matches(filter: str, topic: str) -> bool:
         if level != "+" and level != topic_levels[i]:
             return False
     return len(filter_levels) == len(topic_levels)
+
+
+# -- shared subscriptions: $share/<group>/<filter> (MQTT 5.0 4.8.2; also taken from 3.1.1
+# clients, as mosquitto does) ---------------------------------------------------------------
+
+SHARE_PREFIX = "$share/"
+
+
+def is_shared(topic_filter: str) -> bool:
+    return topic_filter.startswith(SHARE_PREFIX)
+
+
+def parse_shared(topic_filter: str) -> tuple[str, str]:
+    """Split ``$share/<group>/<filter>`` into (group, filter); InvalidTopic when malformed
+    (empty group, a wildcard in the group name, no filter, an invalid filter)."""
+    rest = topic_filter[len(SHARE_PREFIX):]
+    group, sep, inner = rest.partition("/")
+    if not group:
+        raise InvalidTopic("shared subscription with an empty share name")
+    if "+" in group or "#" in group:
+        raise InvalidTopic("a share name must not contain wildcards")
+    if not sep or not inner:
+        raise InvalidTopic("shared subscription without a topic filter")
+    validate_topic_filter(inner)
+    return group, inner

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+from mqttd.subscriptions import SubOptions
 from mqttd.topics import is_dollar_topic, split_levels, validate_topic_filter
-from mqttd.v5 import SubOptions
 
 __all__ = ["Match", "SubscriptionTrie"]
 

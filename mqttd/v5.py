@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attrs
 
@@ -22,9 +22,20 @@ from mqttd.codec.errors import TopicAliasInvalid
 from mqttd.codec.kinds import PUBLISH
 from mqttd.codec.packets import ExpiringPublish, Publish, encode_publish_parts_v5
 from mqttd.codec.properties import decode_properties, encode_properties
+from mqttd.subscriptions import SubOptions
 
-if TYPE_CHECKING:
-    from mqttd.protocol import Connection
+
+class Terms(Protocol):
+    """What the 5.0 functions here read and set on a client's connection
+    (:class:`mqttd.protocol.Connection` has them): the terms agreed at CONNECT and the topic
+    aliases of each direction."""
+
+    max_send_size: int
+    problem_information: bool
+    topic_alias_in_max: int
+    topic_alias_out_max: int
+    topic_aliases_in: dict[int, str] | None
+    topic_aliases_out: dict[str, int] | None
 
 # 0xFFFFFFFF as a Session Expiry Interval: the session does not expire
 NEVER = 0xFFFFFFFF
@@ -35,35 +46,6 @@ FORWARDED = frozenset({
 })
 # a topic alias costs 3 bytes (identifier + two-byte value): worth it for longer topics
 ALIAS_MIN_TOPIC_BYTES = 4
-
-
-@attrs.frozen(slots=True)
-class SubOptions:
-    """The per-subscription options that change a delivery (5.0 subscriptions only; a
-    subscription with none of them set has no SubOptions at all)."""
-
-    no_local: bool = False
-    retain_as_published: bool = False
-    subscription_ids: tuple[int, ...] = ()
-
-    def merged(self, other: SubOptions | None) -> SubOptions:
-        """One delivery for two matching subscriptions of one client: No Local only if both
-        say so, RETAIN as published if either does, every subscription identifier."""
-        if other is None:
-            return SubOptions(False, self.retain_as_published, self.subscription_ids)
-        ids = tuple(sorted(set(self.subscription_ids) | set(other.subscription_ids)))
-        return SubOptions(
-            self.no_local and other.no_local,
-            self.retain_as_published or other.retain_as_published,
-            ids,
-        )
-
-    @classmethod
-    def of(cls, no_local: bool, retain_as_published: bool, subscription_id: int
-           ) -> SubOptions | None:
-        if not (no_local or retain_as_published or subscription_id):
-            return None
-        return cls(no_local, retain_as_published, (subscription_id,) if subscription_id else ())
 
 
 def options_byte(no_local: bool, retain_as_published: bool, retain_handling: int) -> int:
@@ -78,7 +60,7 @@ def options_from_byte(options: int, subscription_id: int) -> SubOptions | None:
 # -- messages ------------------------------------------------------------------------------
 
 
-def inbound(conn: Connection, packet: Publish, now: float) -> Publish:
+def inbound(conn: Terms, packet: Publish, now: float) -> Publish:
     """A 5.0 PUBLISH from a client as the broker's message: the topic alias resolved (and
     learnt), the expiry made absolute, only the forwarded properties kept. Raises
     TopicAliasInvalid (0x94) or ProtocolError (0x82) as the specification says."""
@@ -152,7 +134,7 @@ def onward_properties(
 
 
 def publish_parts(
-    conn: Connection,
+    conn: Terms,
     message: Publish,
     qos: int,
     retain: bool,
@@ -186,7 +168,7 @@ def publish_parts(
 
 
 def _alias_out(
-    conn: Connection, topic: str, props: dict[str, Any] | None
+    conn: Terms, topic: str, props: dict[str, Any] | None
 ) -> tuple[str, dict[str, Any] | None]:
     """Use (or set up) a topic alias towards the client when it saves bytes."""
     aliases = conn.topic_aliases_out
@@ -248,7 +230,7 @@ def session_expiry(requested: int, cap_s: int) -> int:
 
 
 def connect_terms(
-    conn: Connection,
+    conn: Terms,
     props: dict[str, Any],
     *,
     keepalive_s: int,

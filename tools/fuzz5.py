@@ -67,8 +67,7 @@ from mqttd.codec.packets import (
     Will,
 )
 from mqttd.codec.reason import VALID
-from mqttd.shared import is_shared, parse_shared
-from mqttd.topics import InvalidTopic, validate_topic_filter
+from mqttd.topics import InvalidTopic, is_shared, parse_shared, validate_topic_filter
 from tools.fuzz_base import (
     CLIENT_IDS,
     apply_mutations,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from mqttd.broker import Broker
 from mqttd.codec.packets import (
@@ -33,8 +33,10 @@ from mqttd.codec.packets import (
     Will,
     encode_varint,
 )
-from mqttd.shared import SHARE_PREFIX
-from mqttd.topics import matches
+from mqttd.topics import SHARE_PREFIX, matches
+
+if TYPE_CHECKING:
+    from mqttd.protocol import Connection
 
 GROUP_KEY = "\x00"  # a share group's key in the trie (mqttd.shared._KEY_PREFIX)
 
@@ -360,7 +362,7 @@ def check_broker(broker: Broker, deep: bool = True) -> None:
         if len(session.inbound_qos2) > limits.max_inbound_qos2:
             fail(f"session {client_id!r}: {len(session.inbound_qos2)} inbound QoS 2 ids > "
                  f"max_inbound_qos2")
-        attached = session.connection
+        attached = cast("Connection | None", session.connection)
         if attached is not None:
             if attached not in connections:
                 fail(f"session {client_id!r} attached to a connection that is gone")

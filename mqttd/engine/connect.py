@@ -111,7 +111,8 @@ def accept(
         wills.publish_will(state, pending)  # 5.0: the session ended before the will delay
     # (otherwise the client is back within the delay: the will is not sent)
     if session is not None and session.connection is not None:
-        sessions.take_over(state, session.connection, ends)
+        # the engine attaches sessions to its Connections only
+        sessions.take_over(state, cast(Connection, session.connection), ends)
     if ends and session is not None:
         sessions.discard(state, session)
         session = None

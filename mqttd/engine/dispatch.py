@@ -48,8 +48,7 @@ from mqttd.engine import connect, publish, sessions, subscribe, wills
 from mqttd.engine.state import BrokerState
 from mqttd.protocol import Connection
 from mqttd.session import Session
-from mqttd.shared import is_shared
-from mqttd.topics import InvalidTopic
+from mqttd.topics import InvalidTopic, is_shared
 from persistence.journal import Journal
 from persistence.store import Snapshot
 

@@ -13,8 +13,8 @@ from mqttd.engine import wills
 from mqttd.engine.state import BrokerState
 from mqttd.protocol import Connection
 from mqttd.session import Session
-from mqttd.shared import is_shared
-from mqttd.v5 import SubOptions
+from mqttd.subscriptions import SubOptions
+from mqttd.topics import is_shared
 from persistence import ops
 
 log = logging.getLogger("mqttd.broker")

@@ -19,7 +19,6 @@ import attrs
 
 from mqttd import enhanced_auth, v5
 from mqttd.acl import CachedAuthorizer
-from mqttd.auth import LoginRateLimiter
 from mqttd.codec import MQTTError, PacketTooLarge
 from mqttd.codec.packets import PROTOCOL_5, ConnAck, Packet, Publish, Will
 from mqttd.config import Config
@@ -27,7 +26,7 @@ from mqttd.engine.timers import TimerQueue
 from mqttd.protocol import BufferAccount, Connection
 from mqttd.retained import RetainedStore
 from mqttd.router import Router
-from mqttd.security.gatekeeper import Gatekeeper
+from mqttd.security.gatekeeper import Gatekeeper, LoginRateLimiter
 from mqttd.security.hooks import Authenticator, Authorizer
 from mqttd.session import DropCounters, Session
 from mqttd.shared import ShareGroups

@@ -20,8 +20,8 @@ from mqttd.engine import sessions
 from mqttd.engine.state import BrokerState
 from mqttd.protocol import Connection
 from mqttd.session import Session
-from mqttd.shared import is_shared, parse_shared
-from mqttd.topics import InvalidTopic, validate_topic_filter
+from mqttd.subscriptions import SubOptions
+from mqttd.topics import InvalidTopic, is_shared, parse_shared, validate_topic_filter
 from persistence import ops
 
 log = logging.getLogger("mqttd.broker")
@@ -70,7 +70,7 @@ def on_subscribe(state: BrokerState, conn: Connection, packet: Subscribe) -> Non
             )
         sessions.add_subscription(state,
             session, sub.filter, qos,
-            v5.SubOptions.of(sub.no_local, sub.retain_as_published, sub_id)
+            SubOptions.of(sub.no_local, sub.retain_as_published, sub_id)
             if v5_client else None,
         )
         if options or sub_id:

@@ -1,4 +1,5 @@
-"""The CONNECT gate: whether a client may proceed, and as whom (the user name the ACL sees).
+"""The CONNECT gate: whether a client may proceed, and as whom (the user name the ACL sees),
+with the per-address limit on failed logins.
 Values in, a decision out; no trio. A password check the authenticator calls slow is only
 flagged here: the service runs it in a worker thread (mqttd/service.py, LoginChecks) and
 comes back with :meth:`Gatekeeper.over_limit`, :meth:`Gatekeeper.authenticate` and
@@ -7,11 +8,13 @@ comes back with :meth:`Gatekeeper.over_limit`, :meth:`Gatekeeper.authenticate` a
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
 
-from mqttd.auth import LoginRateLimiter, peer_host
 from mqttd.codec.errors import BadUserNameOrPassword, NotAuthorized, ServerUnavailable
 from mqttd.security.hooks import Authenticator
 
@@ -20,6 +23,63 @@ if TYPE_CHECKING:
     from mqttd.protocol import Connection
 
 log = logging.getLogger("mqttd.auth")
+
+
+# -- failed login limit -----------------------------------------------------------------
+
+PRUNE_EVERY_FAILURES = 1024
+
+
+def peer_host(peer: str) -> str:
+    """The address part of ``"host:port"`` (IPv6 hosts keep their colons)."""
+    host, colon, port = peer.rpartition(":")
+    return host if colon and port.isdigit() else peer
+
+
+@attrs.define(eq=False)
+class LoginRateLimiter:
+    """At most ``max_failures`` failed logins per source address in any ``window_s``; then
+    that address is refused without checking until its oldest failure leaves the window.
+    ``clock`` is injectable for tests."""
+
+    max_failures: int
+    window_s: float = 60.0
+    clock: Callable[[], float] = time.monotonic
+    _recent: dict[str, deque[float]] = attrs.field(init=False, factory=dict)
+    failures: int = 0  # failed logins (counter)
+    refused: int = 0  # logins refused because their address was over the limit (counter)
+
+    def blocked(self, host: str) -> bool:
+        recent = self._recent.get(host)
+        if recent is None or len(recent) < self.max_failures:
+            return False
+        if self.clock() - recent[0] >= self.window_s:
+            return False
+        return True
+
+    def refuse(self) -> None:
+        self.refused += 1
+
+    def failed(self, host: str) -> None:
+        self.failures += 1
+        now = self.clock()
+        recent = self._recent.get(host)
+        if recent is None:
+            recent = self._recent[host] = deque(maxlen=self.max_failures)
+        recent.append(now)
+        if self.failures % PRUNE_EVERY_FAILURES == 0:
+            self.prune(now)
+
+    def prune(self, now: float | None = None) -> None:
+        """Forget addresses whose failures have all left the window (bounds the memory)."""
+        limit = (self.clock() if now is None else now) - self.window_s
+        stale = [host for host, recent in self._recent.items() if recent[-1] <= limit]
+        for host in stale:
+            del self._recent[host]
+
+    def __len__(self) -> int:
+        return len(self._recent)
+
 
 
 def bad_login(username: str) -> BadUserNameOrPassword:

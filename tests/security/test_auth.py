@@ -21,13 +21,11 @@ import trio
 
 from mqttd.auth import (
     HASH_ITERATIONS,
-    LoginRateLimiter,
     PasswordFile,
     PasswordHash,
     SecurityFileError,
     hash_password,
     passwd_main,
-    peer_host,
 )
 from mqttd.broker import Broker, running
 from mqttd.codec import Decoder, MQTTError
@@ -44,6 +42,7 @@ from mqttd.codec.packets import (
     Will,
 )
 from mqttd.config import TLS, Config, Listener, Persistence, Security
+from mqttd.security.gatekeeper import LoginRateLimiter, peer_host
 from tests.rawclient import RawClient
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
