@@ -902,9 +902,13 @@ async def test_takeover_publishes_an_undelayed_will_and_cancels_a_delayed_one(br
                                   will=delayed_will(600, b"later"), session_expiry_interval=60)
         assert (await receive(watcher)).payload == b"now"
         assert await disconnected_with(first) == 0x8E
-        _third, _ = await connect(broker.port, "taken", clean_start=False,
-                                 session_expiry_interval=60)
+        third, _ = await connect(broker.port, "taken", clean_start=False,
+                                 session_expiry_interval=1)
         assert await disconnected_with(second) == 0x8E
+        # the delayed will was cancelled, not merely still waiting (600 s): the end of the
+        # session, which would publish a waiting will, sends nothing
+        await third.aclose()
+        await until_sessions(broker, lambda s: "taken" not in s)
         await nothing_pending(watcher)
 
 
