@@ -17,9 +17,11 @@ GROUP = "$share/workers/site/+/telemetry"
 
 
 async def receive(client: RawClient, count: int, *, ack: bool = True) -> list[Publish]:
-    got = []
+    """The next ``count`` PUBLISHes, PUBACKed unless ``ack`` is False. Other packets are
+    skipped explicitly (they stay queued: MQTT does not order acks against messages)."""
+    got: list[Publish] = []
     for _ in range(count):
-        packet = await client.expect(Publish)
+        packet: Publish = await client.take(Publish)  # type: ignore[assignment]
         got.append(packet)
         if ack and packet.qos == 1:
             await client.send(PubAck(packet.packet_id))
