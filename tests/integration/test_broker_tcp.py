@@ -19,12 +19,14 @@ from mqttd.codec.packets import (
     PubRel,
     Will,
 )
+from mqttd.server.tcp import TCPServer
 from tests.conftest import make_config
 from tests.rawclient import RawClient
 
 
-async def wait_until(predicate, timeout_s: float = 5.0) -> None:
-    """Poll an observable condition with a bound (no fixed sleeps)."""
+async def wait_until(predicate, timeout_s: float = 10.0) -> None:
+    """Poll an observable condition with a bound (no fixed sleeps). The bound is generous:
+    it only decides how long a failing test takes, on a loaded machine too."""
     with trio.fail_after(timeout_s):
         while not predicate():
             await trio.sleep(0.005)
@@ -150,11 +152,14 @@ async def test_keepalive_expiry_closes_and_publishes_will(broker):
 
 
 async def test_traffic_keeps_a_connection_alive(broker):
-    with trio.fail_after(10):
-        client, _ = await RawClient.connected(broker.port, "pinger", keepalive_s=1)
+    with trio.fail_after(15):
+        # keepalive 2 s: the broker closes after 3 s of silence; pings every 0.25 s leave a
+        # wide margin for a loaded machine (the broker runs in this process: a stall of the
+        # process longer than the margin would look like silence)
+        client, _ = await RawClient.connected(broker.port, "pinger", keepalive_s=2)
         start = trio.current_time()
-        while trio.current_time() - start < 2.5:  # well past 1.5 x keepalive
-            await trio.sleep(0.4)  # pacing the client's traffic, not synchronising
+        while trio.current_time() - start < 4.5:  # well past 1.5 x keepalive
+            await trio.sleep(0.25)  # pacing the client's traffic, not synchronising
             await client.send(PingReq())
             assert await client.expect(PingResp) == PingResp()
         assert "pinger" in broker.sessions
@@ -206,7 +211,10 @@ async def test_max_connections_refuses_extra_clients():
             assert await third.expect_closed() == []
             assert set(broker.sessions) == {"one", "two"}
             await one.aclose()
-            await wait_until(lambda: "one" not in broker.sessions)
+            # the session goes before the socket is counted out: wait for the count
+            server = TCPServer.running_for(broker)
+            assert server is not None
+            await wait_until(lambda: server.connections == 1 and "one" not in broker.sessions)
             four, _ = await RawClient.connected(broker.port, "four")
             await two.aclose()
             await four.aclose()

@@ -33,9 +33,11 @@ async def fill_offline_queue(port: int, client_id: str, count: int, topic: str =
 
 
 async def drain(client: RawClient, count: int) -> list[Publish]:
-    got = []
+    """The next ``count`` PUBLISHes, each PUBACKed. Other packets are skipped explicitly
+    (they stay queued: MQTT does not order acks against messages)."""
+    got: list[Publish] = []
     while len(got) < count:
-        packet = await client.expect(Publish)
+        packet: Publish = await client.take(Publish)  # type: ignore[assignment]
         got.append(packet)
         await client.send(PubAck(packet.packet_id))
     return got

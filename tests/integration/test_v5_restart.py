@@ -35,14 +35,14 @@ async def test_queued_messages_keep_their_properties_and_expiry_across_a_restart
             await sub.expect_closed()
             await wait_until(lambda: broker.sessions["durable"].connection is None)
             pub, _ = await connect(broker.port, "publisher")
-            published_at = time.time()
             await publish(pub, "dev/a/cmd", b"short", 2, message_expiry_interval=1)
+            acked_at = time.time()  # the broker received it before this
             await publish(pub, "dev/a/cmd", b"reboot", 2, message_expiry_interval=600,
                           content_type="text/plain", response_topic="dev/a/reply",
                           correlation_data=b"\x01\x02", payload_format_indicator=1,
                           user_property=[("k", "2"), ("k", "1")])
             await publish(pub, "dev/b/cmd", b"plain", 1)
-        await wall_clock_past(published_at + 1.2)  # the short one's lifetime is over
+        await wall_clock_past(acked_at + 1.2)  # the short one's lifetime is over
         async with running(config) as broker:
             assert broker.sessions["durable"].queued == 2  # the expired one is gone
             sub, connack = await connect(broker.port, "durable", clean_start=False,
@@ -108,11 +108,11 @@ async def test_retained_message_expiry_survives_a_restart(tmp_path):
     with trio.fail_after(TEST_TIMEOUT_S):
         async with running(config) as broker:
             pub, _ = await connect(broker.port, "publisher")
-            published_at = time.time()
             await publish(pub, "ret/short", b"short", 1, retain=True, message_expiry_interval=1)
+            acked_at = time.time()  # the broker received it before this
             await publish(pub, "ret/long", b"long", 1, retain=True, message_expiry_interval=600,
                           user_property=[("v", "1")])
-        await wall_clock_past(published_at + 1.2)
+        await wall_clock_past(acked_at + 1.2)
         async with running(config) as broker:
             sub, _ = await connect(broker.port, "late")
             await subscribe(sub, Subscription("ret/#", 1))
