@@ -19,7 +19,6 @@ from mqttd.codec.packets import (
     PubRel,
     Will,
 )
-from mqttd.server.tcp import TCPServer
 from tests.conftest import make_config
 from tests.rawclient import RawClient
 
@@ -212,7 +211,7 @@ async def test_max_connections_refuses_extra_clients():
             assert set(broker.sessions) == {"one", "two"}
             await one.aclose()
             # the session goes before the socket is counted out: wait for the count
-            server = TCPServer.running_for(broker)
+            server = broker.server
             assert server is not None
             await wait_until(lambda: server.connections == 1 and "one" not in broker.sessions)
             four, _ = await RawClient.connected(broker.port, "four")
