@@ -12,7 +12,7 @@ in one nursery the store writer, the timer loop, the session expiry loop, the li
 
 or ``async with mqttd.service.running(config) as broker: broker.port``.
 
-Everything that waits lives here: paused readers wait for progress (``wait_readable``), the
+Everything that waits lives here or below: paused readers wait for progress (``pauses``), the
 timer loop sleeps until the engine's next timer, slow password checks run in worker threads
 (:class:`LoginChecks`). The engine asks for them through its hooks and never imports trio.
 """
@@ -150,10 +150,6 @@ class Broker(Engine):
 
     def timers_changed(self) -> None:
         self._timer_wakeup.set()
-
-    async def wait_readable(self, conn: Connection) -> None:
-        """Wait until reading from ``conn`` may go on (server/pauses.py)."""
-        await self.pauses.wait_readable(conn)
 
     async def _check_login(
         self, logins: LoginChecks, conn: Connection, packet: Connect, username: str,
