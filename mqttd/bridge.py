@@ -59,15 +59,16 @@ from mqttd.codec.packets import (
 from mqttd.codec.reason import CONNACK_UNACCEPTABLE_PROTOCOL_VERSION
 from mqttd.config import BRIDGE_PREFIX, BridgeTLS, BridgeTopic
 from mqttd.config import Bridge as BridgeConfig
+from mqttd.outqueue import QueueLimits
 from mqttd.protocol import Connection
 from mqttd.session import Session
 from mqttd.topics import matches
 from persistence import ops
 
 if TYPE_CHECKING:
+    from mqttd.delivery import Fanout
     from mqttd.engine.dispatch import Engine as Broker
     from mqttd.server.pauses import ReadPauses
-    from mqttd.session import PartsCache
 
 log = logging.getLogger(__name__)
 
@@ -130,17 +131,17 @@ class BridgeLink:
         if session is None:
             session = Session(
                 self.client_id, persistent=True, writer=writer,
-                page_size=broker.config.persistence.queue_page_messages,
                 qos0_buffer_bytes=broker.config.limits.qos0_buffer_bytes,
                 counters=broker.drops,
             )
             broker.sessions[self.client_id] = session
         session.max_inflight = cfg.max_inflight_messages or limits.max_inflight_messages
-        session.max_queued = cfg.max_queued_messages or limits.max_queued_messages
-        session.max_queued_bytes = (
-            cfg.max_queued_bytes if cfg.max_queued_bytes is not None else limits.max_queued_bytes
+        session.out.limits = QueueLimits(
+            cfg.max_queued_messages or limits.max_queued_messages,
+            cfg.max_queued_bytes if cfg.max_queued_bytes is not None else limits.max_queued_bytes,
+            limits.overflow_policy,
+            broker.config.persistence.queue_page_messages,
         )
-        session.overflow_policy = limits.overflow_policy
         session.disconnected_at = None  # a configured bridge's session never expires
         writer.submit(ops.SaveSession(self.client_id, None))
         trie = broker.router.trie
@@ -165,7 +166,7 @@ class BridgeLink:
             )
 
     def deliver(
-        self, message: Publish, qos: int, retain: bool, parts: PartsCache | None
+        self, message: Publish, qos: int, retain: bool, parts: Fanout[Any] | None
     ) -> None:
         """The router hands a local message to the bridge: map it to its remote topic and
         queue it on the bridge's session (stored, sent when the link has room)."""
@@ -481,8 +482,8 @@ class BridgeLink:
             "protocol": self.config.protocol,
             "inflight": len(session.inflight) if session else 0,
             "queued": session.queued if session else 0,
-            "queued_bytes": session.queued_bytes if session else 0,
-            "dropped": session.dropped if session else 0,
+            "queued_bytes": session.out.bytes if session else 0,
+            "dropped": session.out.dropped if session else 0,
             "last_error": self.last_error,
         }
 

@@ -13,10 +13,10 @@ loop has no per-delivery check at all.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mqttd.codec.packets import Publish
-from mqttd.session import PartsCache, new_parts_cache
+from mqttd.delivery import Fanout, new_fanout
 from mqttd.trie import DEFAULT_CACHE_SIZE, Match, SubscriptionTrie
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ MAX_ALLOWED_TOPICS = DEFAULT_CACHE_SIZE
 
 class Subscriber(Protocol):
     def deliver(
-        self, message: Publish, qos: int, retain: bool, parts: PartsCache | None
+        self, message: Publish, qos: int, retain: bool, parts: Fanout[Any] | None
     ) -> None: ...
 
 
@@ -58,7 +58,7 @@ class Router:
             targets = self._allowed_targets(message, targets, self.authorizer)
             if not targets:
                 return 0
-        parts: PartsCache = new_parts_cache()
+        parts: Fanout[Any] = new_fanout()
         publish_qos = message.qos
         delivered = len(targets)
         for subscriber, granted, options in targets:

@@ -24,13 +24,14 @@ sent on a shared subscription (MQTT 5.0, 4.8.2 / 3.8.4).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mqttd.topics import parse_shared
 
 if TYPE_CHECKING:
     from mqttd.codec.packets import Publish
-    from mqttd.session import PartsCache, Session
+    from mqttd.delivery import Fanout
+    from mqttd.session import Session
     from mqttd.subscriptions import SubOptions
     from mqttd.trie import SubscriptionTrie
 
@@ -97,7 +98,7 @@ class ShareGroup:
         return chosen
 
     def deliver(
-        self, message: Publish, qos: int, retain: bool, parts: PartsCache | None
+        self, message: Publish, qos: int, retain: bool, parts: Fanout[Any] | None
     ) -> None:
         """The router's entry point (the group is in the trie with QoS 2, so ``qos`` is the
         message's own)."""
@@ -120,7 +121,7 @@ class ShareGroup:
 
 
 def _deliver(
-    member: Member, message: Publish, qos: int, parts: PartsCache | None, name: str
+    member: Member, message: Publish, qos: int, parts: Fanout[Any] | None, name: str
 ) -> None:
     session, granted, options = member
     qos = qos if qos < granted else granted

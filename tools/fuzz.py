@@ -780,7 +780,7 @@ class BrokerFuzzer:
             )
         }
         for client_id, session in broker.sessions.items():
-            if not session.persistent or session.loading_sizes:
+            if not session.persistent or session.out.loading:
                 continue  # (a page being read back is still counted on disk)
             mine = (session.queued, len(session.inflight))
             if stored.get(client_id, (0, 0)) != mine:
@@ -818,10 +818,10 @@ class BrokerFuzzer:
             mine = {i: (1 if e[0] is not None else 2, e[1]) for i, e in session.inflight.items()}
             if stored != mine:
                 fail(f"session {client_id!r}: stored in flight {stored}, in memory {mine}")
-            if row.queued != session.queued or sum(row.queued_sizes) != session.queued_bytes:
+            if row.queued != session.queued or sum(row.queued_sizes) != session.out.bytes:
                 fail(f"session {client_id!r}: stored queue {row.queued} messages / "
                      f"{sum(row.queued_sizes)} bytes, in memory {session.queued} / "
-                     f"{session.queued_bytes}")
+                     f"{session.out.bytes}")
             if row.inbound_qos2 != session.inbound_qos2:
                 fail(f"session {client_id!r}: stored inbound QoS 2 ids {row.inbound_qos2}, in "
                      f"memory {session.inbound_qos2}")

@@ -335,27 +335,28 @@ def check_broker(broker: Broker, deep: bool = True) -> None:
         for packet_id in inflight:
             if not 1 <= packet_id <= 65535:
                 fail(f"session {client_id!r}: packet id {packet_id} in flight")
-        queued, queued_bytes = session.queued, session.queued_bytes
+        out = session.out
+        queued, queued_bytes = len(out), out.bytes
         if queued < 0 or queued_bytes < 0:
             fail(f"session {client_id!r}: queued {queued}, queued_bytes {queued_bytes}")
-        if queued > session.max_queued:
-            fail(f"session {client_id!r}: {queued} queued > max_queued {session.max_queued}")
-        if 0 <= session.max_queued_bytes < queued_bytes:
+        if queued > out.limits.max_messages:
+            fail(f"session {client_id!r}: {queued} queued > max_queued {out.limits.max_messages}")
+        if 0 <= out.limits.max_bytes < queued_bytes:
             fail(f"session {client_id!r}: {queued_bytes} bytes queued > max_queued_bytes "
-                 f"{session.max_queued_bytes}")
-        held = list(session.queue)
+                 f"{out.limits.max_bytes}")
+        held = list(out.ram or ())
         held_bytes = sum(len(entry[0].payload) for entry in held if entry[0] is not None)
         if session.writer is None:  # everything queued is in RAM: count it
             if queued != len(held) or queued_bytes != held_bytes:
                 fail(f"session {client_id!r}: queued {queued} / {queued_bytes} bytes, but the "
                      f"queue holds {len(held)} / {held_bytes}")
-        elif hasattr(session, "disk_sizes"):  # RAM + the page being read + disk only
-            loading = session.loading_sizes
-            disk = session.disk_sizes[session.disk_head :]
-            if len(disk) != session.disk_count or not 0 <= session.pending_drops <= len(loading):
-                fail(f"session {client_id!r}: disk_count {session.disk_count} with "
-                     f"{len(disk)} sizes, {session.pending_drops} drops of {len(loading)}")
-            holds = held_bytes + sum(loading[session.pending_drops :]) + sum(disk)
+        else:  # RAM + the page being read + disk only
+            loading = out.loading
+            disk = out.disk_sizes[out.disk_head :]
+            if len(disk) != out.disk_count or not 0 <= out.pending_drops <= len(loading):
+                fail(f"session {client_id!r}: disk_count {out.disk_count} with "
+                     f"{len(disk)} sizes, {out.pending_drops} drops of {len(loading)}")
+            holds = held_bytes + sum(loading[out.pending_drops :]) + sum(disk)
             if queued_bytes != holds:
                 fail(f"session {client_id!r}: queued_bytes {queued_bytes}, but its queue "
                      f"holds {holds}")
@@ -368,8 +369,8 @@ def check_broker(broker: Broker, deep: bool = True) -> None:
                 fail(f"session {client_id!r} attached to a connection that is gone")
             if attached.session is not session:
                 fail(f"session {client_id!r} attached to a connection that does not know it")
-            if session.queue and len(inflight) < session.max_inflight:
-                fail(f"session {client_id!r}: {len(session.queue)} queued while the window "
+            if out.ram and len(inflight) < session.max_inflight:
+                fail(f"session {client_id!r}: {len(out.ram)} queued while the window "
                      f"has room ({len(inflight)} < {session.max_inflight}) and it is online")
         elif not session.persistent:
             fail(f"clean session {client_id!r} kept while offline")

@@ -122,7 +122,6 @@ def accept(
             client_id,
             persistent=persistent,
             writer=state.writer if persistent else None,
-            page_size=state.config.persistence.queue_page_messages,
             **state.session_limits(client_id),
         )
         state.sessions[client_id] = session

@@ -306,9 +306,7 @@ class Engine(BrokerState):
         trie = self.router.trie
         for row in snapshot.sessions.values():
             session = Session.restore(
-                row, writer,
-                page_size=self.config.persistence.queue_page_messages,
-                **self.session_limits(row.client_id),
+                row, writer, **self.session_limits(row.client_id),
             )
             self.sessions[session.client_id] = session
             for topic_filter, qos in session.subscriptions.items():

@@ -23,12 +23,13 @@ from mqttd.codec import MQTTError, PacketTooLarge
 from mqttd.codec.packets import PROTOCOL_5, ConnAck, Packet, Publish, Will
 from mqttd.config import Config
 from mqttd.engine.timers import TimerQueue
+from mqttd.outqueue import DropCounters, QueueLimits
 from mqttd.protocol import BufferAccount, Connection
 from mqttd.retained import RetainedStore
 from mqttd.router import Router
 from mqttd.security.gatekeeper import Gatekeeper, LoginRateLimiter
 from mqttd.security.hooks import Authenticator, Authorizer
-from mqttd.session import DropCounters, Session
+from mqttd.session import Session
 from mqttd.shared import ShareGroups
 from persistence import ops
 from persistence.journal import Journal
@@ -200,9 +201,10 @@ class BrokerState:
         limits = self.config.limits_for(client_id)
         return {
             "max_inflight": limits.max_inflight_messages,
-            "max_queued": limits.max_queued_messages,
-            "max_queued_bytes": limits.max_queued_bytes,
-            "overflow_policy": limits.overflow_policy,
+            "queue_limits": QueueLimits(
+                limits.max_queued_messages, limits.max_queued_bytes, limits.overflow_policy,
+                self.config.persistence.queue_page_messages,
+            ),
             "qos0_buffer_bytes": self.config.limits.qos0_buffer_bytes,
             "counters": self.drops,
         }

@@ -86,12 +86,12 @@ async def test_drop_oldest_while_a_queue_page_is_read_back_drops_the_right_messa
                 broker.handle_data(pub, Publish("t", payload, 1, packet_id=packet_id).encode())
             await writer.flush()
             session = broker.sessions["sub"]
-            assert (session.queued, session.queued_bytes) == (2, 5)  # bb, ccc
+            assert (session.queued, session.out.bytes) == (2, 5)  # bb, ccc
 
             sub = connect("sub", clean=False)  # reads a page (bb) back from the store
             for packet_id, payload in enumerate((b"dddd", b"eeeee"), 4):
                 broker.handle_data(pub, Publish("t", payload, 1, packet_id=packet_id).encode())
-            assert (session.queued, session.queued_bytes) == (2, 9)  # dddd, eeeee
+            assert (session.queued, session.out.bytes) == (2, 9)  # dddd, eeeee
 
             decoder = Decoder(protocol_level=4)
             received = []
@@ -105,8 +105,8 @@ async def test_drop_oldest_while_a_queue_page_is_read_back_drops_the_right_messa
         nursery.cancel_scope.cancel()
 
     assert received == [b"dddd", b"eeeee"]
-    assert session.dropped == 3  # a, bb, ccc
-    assert (session.queued, session.queued_bytes) == (0, 0)
+    assert session.out.dropped == 3  # a, bb, ccc
+    assert (session.queued, session.out.bytes) == (0, 0)
     assert writer.store.table_counts()["deliveries"] == 0
 
 

@@ -83,18 +83,18 @@ async def test_offline_backlog_stays_on_disk_and_streams_back_in_pages(tmp_path)
         async with running(cfg) as broker:
             await fill_offline_queue(broker.port, "backlog", count)
             session = broker.sessions["backlog"]
-            assert len(session.queue) <= page  # the rest is on disk only
+            assert len(session.out.ram or ()) <= page  # the rest is on disk only
             assert session.queued == count
         async with running(cfg) as broker:
             session = broker.sessions["backlog"]
-            assert len(session.queue) == 0 and session.disk_count == count
+            assert len(session.out.ram or ()) == 0 and session.out.disk_count == count
             sub, _ = await RawClient.connected(broker.port, "backlog", clean_session=False)
             received = []
             most_in_ram = 0
             while len(received) < count:
                 packet = await sub.expect(Publish)
                 received.append(int(packet.payload))
-                most_in_ram = max(most_in_ram, len(session.queue))
+                most_in_ram = max(most_in_ram, len(session.out.ram or ()))
                 await sub.send(PubAck(packet.packet_id))
             assert received == list(range(count))
             assert most_in_ram <= page
@@ -260,7 +260,7 @@ async def test_queue_budget_drops_the_oldest_across_ram_and_disk(tmp_path, resta
         async with running(cfg) as broker:
             await fill_offline_queue(broker.port, "bounded", 100)
             session = broker.sessions["bounded"]
-            assert session.queued == 30 and session.dropped == 70
+            assert session.queued == 30 and session.out.dropped == 70
             if not restart:
                 sub, _ = await RawClient.connected(broker.port, "bounded", clean_session=False)
                 got = await drain(sub, 30)
@@ -293,14 +293,15 @@ async def test_going_offline_moves_the_ram_queue_to_disk_and_resume_keeps_order(
                 await pub.publish("q/x", str(i).encode(), qos=1)
             session = broker.sessions["evict"]
             first = [await sub.expect(Publish) for _ in range(2)]  # the window; never acked
-            assert (len(session.queue), session.disk_count) == (8, 0)
-            bytes_before = session.queued_bytes
+            assert (len(session.out.ram or ()), session.out.disk_count) == (8, 0)
+            bytes_before = session.out.bytes
             await sub.aclose()
             await wait_until(lambda: session.connection is None)
-            assert (len(session.queue), session.disk_count) == (0, 8)  # no RAM while away
-            assert session.queued_bytes == bytes_before
+            # no RAM while away
+            assert (len(session.out.ram or ()), session.out.disk_count) == (0, 8)
+            assert session.out.bytes == bytes_before
             await pub.publish("q/x", b"10", qos=1)  # offline: straight to disk
-            assert (len(session.queue), session.disk_count) == (0, 9)
+            assert (len(session.out.ram or ()), session.out.disk_count) == (0, 9)
             sub, _ = await RawClient.connected(broker.port, "evict", clean_session=False)
             got = []
             while len(got) < 11:

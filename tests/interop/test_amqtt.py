@@ -168,7 +168,7 @@ async def test_persistent_session_resumes(broker):
     # the stored session was resumed, not replaced, and kept after the clean disconnect
     assert broker.sessions[client_id] is session
     assert session.subscriptions == {"amqtt/persist/#": 1}
-    assert not session.inflight and not session.queue
+    assert not session.inflight and not session.out.ram
 
 
 @pytest.mark.parametrize("ending", ["abort", "disconnect"])

@@ -237,7 +237,7 @@ async def test_persistent_session_resumes(broker, version):
         assert sorted(lines) == [f"mosq/persist/q {p}" for p in payloads]
         assert broker.sessions[client_id] is session  # resumed, not replaced
         await wait_until(lambda: session.connection is None, "the second disconnect")
-        assert not session.inflight and not session.queue  # every PUBACK was handled
+        assert not session.inflight and not session.out.ram  # every PUBACK was handled
 
 
 @pytest.mark.parametrize("version", VERSIONS)

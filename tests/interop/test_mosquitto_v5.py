@@ -357,7 +357,7 @@ async def test_message_expiry(broker):
         await wait_until(lambda: time.time() > expires_by + 0.05, "the interval to pass")
         lines = await run_client([*sub, "--nodelay", "-C", "1", "-F", "%t|%p"])
         assert lines == ["mexp/q/forever|stays"]
-        assert session.expired == 1
+        assert session.out.expired == 1
 
 
 # -- subscriptions ----------------------------------------------------------------------------

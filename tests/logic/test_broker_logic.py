@@ -620,7 +620,7 @@ def test_order_preserved_across_qos1_with_window_of_2() -> None:
     assert [p.payload for p in got] == [str(n).encode() for n in range(10)]
     assert all(p.qos == 1 and not p.dup for p in got)
     session = broker.sessions["sub"]
-    assert session.inflight == {} and not session.queue
+    assert session.inflight == {} and not session.out.ram
 
 
 def test_order_preserved_when_acks_arrive_out_of_order() -> None:
@@ -692,7 +692,7 @@ def test_offline_queue_bound_drops_oldest() -> None:
     pub = connected(broker, "pub")
     for n in range(5):
         pub.publish("t", str(n).encode(), qos=1)
-    assert broker.sessions["sub"].dropped == 2
+    assert broker.sessions["sub"].out.dropped == 2
     again = Client(broker, "sub-2")
     again.send(Connect("sub", clean_session=False))
     packets = again.received()

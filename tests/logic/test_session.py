@@ -7,8 +7,10 @@ import pytest
 
 from mqttd.codec import Decoder, ProtocolError
 from mqttd.codec.packets import Publish, PubRel
+from mqttd.delivery import new_fanout
+from mqttd.outqueue import QueueLimits
 from mqttd.protocol import Connection
-from mqttd.session import Session, new_parts_cache
+from mqttd.session import Session
 
 
 def msg(n: int | str, qos: int = 1, topic: str = "t") -> Publish:
@@ -95,7 +97,7 @@ def test_window_holds_exactly_n_then_queues() -> None:
         session.deliver(msg(n), 1, False, None)
     assert payloads(sent(conn)) == [b"0", b"1", b"2"]
     assert len(session.inflight) == 3
-    assert [d[0].payload for d in session.queue] == [b"3", b"4", b"5", b"6"]
+    assert [d[0].payload for d in session.out.ram or ()] == [b"3", b"4", b"5", b"6"]
 
 
 def test_puback_releases_exactly_one_queued_message_in_order() -> None:
@@ -108,7 +110,7 @@ def test_puback_releases_exactly_one_queued_message_in_order() -> None:
     assert len(session.inflight) == 3
     assert session.on_puback(first[2].packet_id)
     assert payloads(sent(conn)) == [b"4"]
-    assert [d[0].payload for d in session.queue] == [b"5", b"6"]
+    assert [d[0].payload for d in session.out.ram or ()] == [b"5", b"6"]
 
 
 def test_new_delivery_queues_behind_queue_even_if_window_opens() -> None:
@@ -123,7 +125,7 @@ def test_new_delivery_queues_behind_queue_even_if_window_opens() -> None:
     session.on_puback(p1.packet_id)
     session.deliver(msg(3), 1, False, None)
     assert payloads(sent(conn)) == [b"2"]
-    assert [d[0].payload for d in session.queue] == [b"3"]
+    assert [d[0].payload for d in session.out.ram or ()] == [b"3"]
 
 
 def test_qos0_is_not_counted_against_the_window() -> None:
@@ -136,29 +138,31 @@ def test_qos0_is_not_counted_against_the_window() -> None:
 
 
 def test_queue_bound_drops_oldest_and_counts() -> None:
-    session = Session("c", persistent=True, max_inflight=2, max_queued=3)
+    session = Session(
+        "c", persistent=True, max_inflight=2, queue_limits=QueueLimits(max_messages=3)
+    )
     for n in range(5):
         session.deliver(msg(n), 1, False, None)
-    assert [d[0].payload for d in session.queue] == [b"2", b"3", b"4"]
-    assert session.dropped == 2
+    assert [d[0].payload for d in session.out.ram or ()] == [b"2", b"3", b"4"]
+    assert session.out.dropped == 2
     session.deliver(msg(5), 2, False, None)
-    assert [d[0].payload for d in session.queue] == [b"3", b"4", b"5"]
-    assert session.dropped == 3
+    assert [d[0].payload for d in session.out.ram or ()] == [b"3", b"4", b"5"]
+    assert session.out.dropped == 3
 
 
 def test_queue_bound_applies_while_online_with_full_window() -> None:
-    session, conn = online(max_inflight=1, max_queued=2)
+    session, conn = online(max_inflight=1, queue_limits=QueueLimits(max_messages=2))
     for n in range(5):
         session.deliver(msg(n), 1, False, None)
     assert payloads(sent(conn)) == [b"0"]
-    assert [d[0].payload for d in session.queue] == [b"3", b"4"]
-    assert session.dropped == 2
+    assert [d[0].payload for d in session.out.ram or ()] == [b"3", b"4"]
+    assert session.out.dropped == 2
 
 
 def test_qos0_to_offline_session_is_not_queued() -> None:
     session = Session("c", persistent=True)
     session.deliver(msg("x", qos=0), 0, False, None)
-    assert not session.queue
+    assert not session.out.ram
     assert not session.inflight
     assert session.sent == 0
 
@@ -166,7 +170,7 @@ def test_qos0_to_offline_session_is_not_queued() -> None:
 def test_qos1_to_offline_session_is_queued_not_inflight() -> None:
     session = Session("c", persistent=True)
     session.deliver(msg("x"), 1, False, None)
-    assert [d[0].payload for d in session.queue] == [b"x"]
+    assert [d[0].payload for d in session.out.ram or ()] == [b"x"]
     assert not session.inflight
 
 
@@ -236,7 +240,7 @@ def test_qos2_outbound_flow() -> None:
     assert session.on_pubrec(p.packet_id)  # a PUBREC again: the caller sends PUBREL again
     # still holds the window and the id: nothing else sent yet
     assert conn.data_to_send() == b""
-    assert list(session.queue)
+    assert session.out.ram
     assert session.on_pubcomp(p.packet_id)
     assert p.packet_id not in session.inflight
     (p2,) = sent(conn)
@@ -330,7 +334,7 @@ def test_attach_resends_inflight_with_dup_same_ids_in_order_then_fills_window() 
     assert resent[1].retain  # the RETAIN flag sent first is kept
     # the window (4) is full again with b (released), c, d, q0: nothing from the queue yet
     assert len(out) == 4
-    assert [d[0].payload for d in session.queue] == [b"q1", b"q2", b"q3"]
+    assert [d[0].payload for d in session.out.ram or ()] == [b"q1", b"q2", b"q3"]
     session.on_pubcomp(ids[b"b"])
     session.on_puback(ids[b"c"])
     fresh = sent(conn2)
@@ -347,7 +351,7 @@ def test_attach_fills_window_from_queue() -> None:
     packets = sent(conn)
     assert [(p.payload, p.dup) for p in packets] == [(b"0", False), (b"1", False)]
     assert len(session.inflight) == 2
-    assert len(session.queue) == 3
+    assert len(session.out.ram or ()) == 3
 
 
 def test_attach_with_nothing_pending_sends_nothing() -> None:
@@ -359,7 +363,7 @@ def test_attach_with_nothing_pending_sends_nothing() -> None:
 
 def test_shared_parts_cache_is_filled_once_per_qos() -> None:
     session, conn = online()
-    cache = new_parts_cache()
+    cache = new_fanout()
     m = msg("x", qos=2)
     session.deliver(m, 1, False, cache)
     assert cache[1] is not None and cache[0] is None and cache[2] is None
