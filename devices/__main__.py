@@ -145,6 +145,35 @@ def build_parser() -> argparse.ArgumentParser:
                            description="N sensors, each its own MQTT client, publishing JSON "
                            "telemetry, answering commands, reconnecting with backoff.")
     _connection_options(fleet)
+    _fleet_options(fleet)
+    _topic_options(fleet)
+    fleet.set_defaults(handler=run_fleet_command)
+
+    consume = sub.add_parser("consume", help="a backend worker consuming telemetry",
+                             description="Subscribe to the fleet's telemetry (QoS 1), print "
+                             "rates, per-device counts and last values.")
+    _connection_options(consume)
+    _consume_options(consume)
+    consume.set_defaults(handler=run_consume_command)
+
+    command = sub.add_parser("command", help="send a command to a device, print its reply",
+                             description="Publish a JSON command on the device's command "
+                             "topic and wait for its reply: ping, set_interval, reboot.",
+                             epilog='example: python -m devices command sensor-0001 '
+                             '\'{"cmd": "set_interval", "seconds": 2}\'')
+    _connection_options(command)
+    _command_options(command)
+    _topic_options(command)
+    command.set_defaults(handler=run_command_command)
+
+    sub.add_parser("constrained", add_help=False,
+                   help="a constrained device: window of one, slow acks "
+                   "(python -m devices constrained --help)")
+    return parser
+
+
+def _fleet_options(fleet: argparse.ArgumentParser) -> None:
+    """The fleet's size, pace, QoS and session, and when it stops."""
     fleet.add_argument("-n", "--devices", type=_positive(int), default=10,
                        help="number of devices (default: %(default)s)")
     fleet.add_argument("--prefix", default="sensor-", help="client id prefix (default: "
@@ -168,13 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--report-interval", type=_positive(float), default=2.0,
                        help="seconds between progress lines (default: 2)")
     fleet.add_argument("--seed", type=int, help="random seed for the simulated values")
-    _topic_options(fleet)
-    fleet.set_defaults(handler=run_fleet_command)
 
-    consume = sub.add_parser("consume", help="a backend worker consuming telemetry",
-                             description="Subscribe to the fleet's telemetry (QoS 1), print "
-                             "rates, per-device counts and last values.")
-    _connection_options(consume)
+
+def _consume_options(consume: argparse.ArgumentParser) -> None:
+    """What the worker subscribes to (alone or in a consumer group), and when it stops."""
     consume.add_argument("--client-id", default="backend-1", help="default: %(default)s")
     consume.add_argument("-t", "--filter", default="site/+/telemetry",
                          help="topic filter (default: %(default)s)")
@@ -191,26 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--show", type=int, default=3,
                          help="devices listed in each report (default: 3)")
     consume.add_argument("--report-interval", type=_positive(float), default=2.0)
-    consume.set_defaults(handler=run_consume_command)
 
-    command = sub.add_parser("command", help="send a command to a device, print its reply",
-                             description="Publish a JSON command on the device's command "
-                             "topic and wait for its reply: ping, set_interval, reboot.",
-                             epilog='example: python -m devices command sensor-0001 '
-                             '\'{"cmd": "set_interval", "seconds": 2}\'')
-    _connection_options(command)
+
+def _command_options(command: argparse.ArgumentParser) -> None:
+    """The device, the command and how long to wait for its reply."""
     command.add_argument("device", help="device id, e.g. sensor-0001")
     command.add_argument("json", nargs="?", default='{"cmd": "ping"}',
                          help='the command (default: {"cmd": "ping"})')
     command.add_argument("--timeout", type=_positive(float), default=10.0,
                          help="seconds to wait for the reply (default: 10)")
-    _topic_options(command)
-    command.set_defaults(handler=run_command_command)
-
-    sub.add_parser("constrained", add_help=False,
-                   help="a constrained device: window of one, slow acks "
-                   "(python -m devices constrained --help)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -293,6 +293,42 @@ def _write_atomically(path: pathlib.Path, text: str) -> None:
 def passwd_main(argv: Sequence[str] | None = None) -> int:
     """``mqttd passwd [-c] [-b] [--iterations N] FILE USER [PASSWORD]`` and
     ``mqttd passwd -D FILE USER``. Returns the exit status."""
+    args = _passwd_args(argv)
+    path = pathlib.Path(args.file)
+    try:
+        problem = _valid_username(args.user)
+        if problem is not None:
+            raise _PasswdFailed(problem)
+        lines = [] if args.create else _read_lines(path)
+        index = _find_user(lines, args.user)
+        if args.delete:
+            if index is None:
+                raise _PasswdFailed(f"user {args.user!r} not found in {path}")
+            del lines[index]
+        else:
+            password = _new_password(args.password)
+            entry = f"{args.user}:{hash_password(password, args.iterations)}"
+            if index is None:
+                lines.append(entry)
+            else:
+                lines[index] = entry
+        try:
+            _write_atomically(path, "".join(line + "\n" for line in lines))
+        except OSError as exc:
+            raise _PasswdFailed(f"cannot write {path}: {exc.strerror}") from None
+    except _PasswdFailed as exc:
+        if exc.args:
+            print(f"mqttd passwd: {exc.args[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class _PasswdFailed(Exception):
+    """Ends ``mqttd passwd`` with exit status 1, printing the message (if there is one)."""
+
+
+def _passwd_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, its option combinations checked (argparse exits on an error)."""
     parser = _passwd_parser()
     args = parser.parse_args(argv)
     if args.delete and (args.create or args.batch or args.password is not None):
@@ -303,57 +339,41 @@ def passwd_main(argv: Sequence[str] | None = None) -> int:
         parser.error("PASSWORD on the command line needs -b")
     if not 1 <= args.iterations <= MAX_ITERATIONS:
         parser.error(f"--iterations must be between 1 and {MAX_ITERATIONS}")
-    problem = _valid_username(args.user)
-    if problem is not None:
-        print(f"mqttd passwd: {problem}", file=sys.stderr)
-        return 1
-    path = pathlib.Path(args.file)
+    return args
 
-    lines: list[str] = []
-    if not args.create:
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-            hint = " (use -c to create it)" if isinstance(exc, FileNotFoundError) else ""
-            print(f"mqttd passwd: cannot read {path}: {reason}{hint}", file=sys.stderr)
-            return 1
-    index = next(
+
+def _read_lines(path: pathlib.Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        hint = " (use -c to create it)" if isinstance(exc, FileNotFoundError) else ""
+        raise _PasswdFailed(f"cannot read {path}: {reason}{hint}") from None
+
+
+def _find_user(lines: list[str], username: str) -> int | None:
+    """The index of ``username``'s line (comments skipped), or None."""
+    return next(
         (
             i for i, line in enumerate(lines)
-            if not line.lstrip().startswith("#") and line.strip().partition(":")[0] == args.user
+            if not line.lstrip().startswith("#") and line.strip().partition(":")[0] == username
         ),
         None,
     )
 
-    if args.delete:
-        if index is None:
-            print(f"mqttd passwd: user {args.user!r} not found in {path}", file=sys.stderr)
-            return 1
-        del lines[index]
-    else:
-        password = args.password
-        if password is None:
-            try:
-                password = getpass.getpass("Password: ")
-                again = getpass.getpass("Reenter password: ")
-            except (EOFError, KeyboardInterrupt):
-                print(file=sys.stderr)
-                return 1
-            if password != again:
-                print("mqttd passwd: the passwords do not match", file=sys.stderr)
-                return 1
-        if not password:
-            print("mqttd passwd: the password is empty", file=sys.stderr)
-            return 1
-        entry = f"{args.user}:{hash_password(password, args.iterations)}"
-        if index is None:
-            lines.append(entry)
-        else:
-            lines[index] = entry
-    try:
-        _write_atomically(path, "".join(line + "\n" for line in lines))
-    except OSError as exc:
-        print(f"mqttd passwd: cannot write {path}: {exc.strerror}", file=sys.stderr)
-        return 1
-    return 0
+
+def _new_password(given: str | None) -> str:
+    """The password from the command line (-b), or else asked for twice at the terminal."""
+    password = given
+    if password is None:
+        try:
+            password = getpass.getpass("Password: ")
+            again = getpass.getpass("Reenter password: ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)  # end the prompt's line
+            raise _PasswdFailed from None
+        if password != again:
+            raise _PasswdFailed("the passwords do not match")
+    if not password:
+        raise _PasswdFailed("the password is empty")
+    return password

@@ -264,97 +264,23 @@ class SqliteStore:
     # -- reading back ----------------------------------------------------------------------
 
     def load(self, now: float | None = None, session_expiry_s: int = -1) -> Snapshot:
-        """Read everything back at start-up, after deleting what expired:
-
-        - Sessions that were connected when the broker stopped count as disconnected now.
-          A session expires ``expiry_s`` seconds after it disconnected (its own value,
-          from SaveSession; 0 ends it with its connection, so it goes now) or, when it has
-          none (3.1.1), ``session_expiry_s`` seconds after; -1 never. Expired sessions are
-          deleted with everything they hold.
-        - Deliveries of messages whose ``expires_at`` is before ``now`` are deleted if
-          still queued (state 0); once sent (state 1 or 2) onward delivery has started and
-          the message is resent as it was (MQTT-3.3.2-5); expired retained messages are
-          deleted too.
-        """
+        """Read everything back at start-up, after deleting what expired (see
+        `_expire_on_start`), in one transaction."""
         now = time.time() if now is None else now
         conn = self.conn
         conn.execute("BEGIN")
         try:
-            conn.execute(
-                "UPDATE sessions SET disconnected_at = ? WHERE disconnected_at IS NULL", (now,)
+            expired, expired_messages, expired_retained = _expire_on_start(
+                conn, now, session_expiry_s
             )
-            expired = [row[0] for row in conn.execute(_EXPIRED_SESSIONS, (now, session_expiry_s))]
-            for statement in _STATEMENTS[ops.DeleteSession]:
-                conn.executemany(statement, [(c,) for c in expired])
-            # rows of sessions that no longer exist, and bodies nothing refers to
-            for table in ("deliveries", "subscriptions", "inbound_qos2"):
-                conn.execute(
-                    f"DELETE FROM {table} WHERE client_id NOT IN (SELECT client_id FROM sessions)"
-                )
-            expired_messages = conn.execute(
-                "DELETE FROM deliveries WHERE state = 0 AND message_id IN "
-                "(SELECT id FROM messages WHERE expires_at < ?)",
-                (now,),
-            ).rowcount
-            conn.execute(_DELETE_UNREFERENCED)
-            expired_retained = conn.execute(
-                "DELETE FROM retained WHERE expires_at < ?", (now,)
-            ).rowcount
-            sessions = {
-                client_id: RestoredSession(client_id, disconnected_at, expiry_s=expiry_s)
-                for client_id, disconnected_at, expiry_s in conn.execute(
-                    "SELECT client_id, disconnected_at, expiry_s FROM sessions"
-                )
-            }
-            for client_id, topic_filter, qos, options, subscription_id in conn.execute(
-                "SELECT client_id, filter, qos, options, subscription_id FROM subscriptions"
-            ):
-                session = sessions[client_id]
-                session.subscriptions[topic_filter] = qos
-                if options or subscription_id:
-                    session.subscription_options[topic_filter] = (options, subscription_id)
-            for (
-                client_id, seq, packet_id, state, qos, retain, topic, payload, properties,
-                expires_at,
-            ) in conn.execute(
-                "SELECT d.client_id, d.seq, d.packet_id, d.state, d.qos, d.retain, m.topic, "
-                "m.payload, m.properties, m.expires_at FROM deliveries d "
-                "JOIN messages m ON m.id = d.message_id "
-                "WHERE d.state > 0 ORDER BY d.client_id, d.seq"
-            ):
-                sessions[client_id].inflight.append(
-                    (seq, packet_id, state, qos, bool(retain), topic, payload, properties,
-                     expires_at)
-                )
-            for client_id, count, first_seq, last_seq in conn.execute(
-                "SELECT client_id, sum(state = 0), min(CASE WHEN state = 0 THEN seq END), "
-                "max(seq) FROM deliveries GROUP BY client_id"
-            ):
-                session = sessions[client_id]
-                session.queued = count
-                session.queued_after = (first_seq - 1) if first_seq is not None else last_seq
-                session.next_seq = last_seq + 1
-            for client_id, size in conn.execute(
-                "SELECT d.client_id, length(m.payload) FROM deliveries d "
-                "JOIN messages m ON m.id = d.message_id WHERE d.state = 0 "
-                "ORDER BY d.client_id, d.seq"
-            ):
-                sessions[client_id].queued_sizes.append(size)
-            for client_id, packet_id in conn.execute(
-                "SELECT client_id, packet_id FROM inbound_qos2"
-            ):
-                sessions[client_id].inbound_qos2.add(packet_id)
-            retained: list[RetainedRow] = conn.execute(
-                "SELECT topic, payload, qos, properties, expires_at FROM retained ORDER BY topic"
-            ).fetchall()
-            (max_id,) = conn.execute("SELECT max(id) FROM messages").fetchone()
+            sessions, retained, next_message_id = _load_snapshot(conn)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
         return Snapshot(
-            sessions, retained, (max_id or 0) + 1, expired, expired_messages, expired_retained
+            sessions, retained, next_message_id, expired, expired_messages, expired_retained
         )
 
     def table_counts(self) -> dict[str, int]:
@@ -363,6 +289,102 @@ class SqliteStore:
             name: self.conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
             for name in names
         }
+
+
+def _expire_on_start(
+    conn: sqlite3.Connection, now: float, session_expiry_s: int
+) -> tuple[list[str], int, int]:
+    """Delete what expired while the broker was down; return the client ids of the expired
+    sessions, and the numbers of expired queued deliveries and retained messages.
+
+    - Sessions that were connected when the broker stopped count as disconnected now.
+      A session expires ``expiry_s`` seconds after it disconnected (its own value, from
+      SaveSession; 0 ends it with its connection, so it goes now) or, when it has none
+      (3.1.1), ``session_expiry_s`` seconds after; -1 never. Expired sessions are deleted
+      with everything they hold.
+    - Deliveries of messages whose ``expires_at`` is before ``now`` are deleted if still
+      queued (state 0); once sent (state 1 or 2) onward delivery has started and the
+      message is resent as it was (MQTT-3.3.2-5); expired retained messages are deleted
+      too.
+    """
+    conn.execute("UPDATE sessions SET disconnected_at = ? WHERE disconnected_at IS NULL", (now,))
+    expired = [row[0] for row in conn.execute(_EXPIRED_SESSIONS, (now, session_expiry_s))]
+    for statement in _STATEMENTS[ops.DeleteSession]:
+        conn.executemany(statement, [(c,) for c in expired])
+    # rows of sessions that no longer exist, and bodies nothing refers to
+    for table in ("deliveries", "subscriptions", "inbound_qos2"):
+        conn.execute(
+            f"DELETE FROM {table} WHERE client_id NOT IN (SELECT client_id FROM sessions)"
+        )
+    expired_messages = conn.execute(
+        "DELETE FROM deliveries WHERE state = 0 AND message_id IN "
+        "(SELECT id FROM messages WHERE expires_at < ?)",
+        (now,),
+    ).rowcount
+    conn.execute(_DELETE_UNREFERENCED)
+    expired_retained = conn.execute("DELETE FROM retained WHERE expires_at < ?", (now,)).rowcount
+    return expired, expired_messages, expired_retained
+
+
+def _load_snapshot(
+    conn: sqlite3.Connection,
+) -> tuple[dict[str, RestoredSession], list[RetainedRow], int]:
+    """Read back the sessions, the retained messages (by topic) and the next message id."""
+    sessions = {
+        client_id: RestoredSession(client_id, disconnected_at, expiry_s=expiry_s)
+        for client_id, disconnected_at, expiry_s in conn.execute(
+            "SELECT client_id, disconnected_at, expiry_s FROM sessions"
+        )
+    }
+    _load_subscriptions(conn, sessions)
+    _load_deliveries(conn, sessions)
+    for client_id, packet_id in conn.execute("SELECT client_id, packet_id FROM inbound_qos2"):
+        sessions[client_id].inbound_qos2.add(packet_id)
+    retained: list[RetainedRow] = conn.execute(
+        "SELECT topic, payload, qos, properties, expires_at FROM retained ORDER BY topic"
+    ).fetchall()
+    (max_id,) = conn.execute("SELECT max(id) FROM messages").fetchone()
+    return sessions, retained, (max_id or 0) + 1
+
+
+def _load_subscriptions(conn: sqlite3.Connection, sessions: dict[str, RestoredSession]) -> None:
+    for client_id, topic_filter, qos, options, subscription_id in conn.execute(
+        "SELECT client_id, filter, qos, options, subscription_id FROM subscriptions"
+    ):
+        session = sessions[client_id]
+        session.subscriptions[topic_filter] = qos
+        if options or subscription_id:
+            session.subscription_options[topic_filter] = (options, subscription_id)
+
+
+def _load_deliveries(conn: sqlite3.Connection, sessions: dict[str, RestoredSession]) -> None:
+    """Each session's in-flight deliveries in full (state 1 or 2); of its queued ones
+    (state 0, read page by page later) only the count, the sizes and where they start."""
+    for (
+        client_id, seq, packet_id, state, qos, retain, topic, payload, properties, expires_at,
+    ) in conn.execute(
+        "SELECT d.client_id, d.seq, d.packet_id, d.state, d.qos, d.retain, m.topic, "
+        "m.payload, m.properties, m.expires_at FROM deliveries d "
+        "JOIN messages m ON m.id = d.message_id "
+        "WHERE d.state > 0 ORDER BY d.client_id, d.seq"
+    ):
+        sessions[client_id].inflight.append(
+            (seq, packet_id, state, qos, bool(retain), topic, payload, properties, expires_at)
+        )
+    for client_id, count, first_seq, last_seq in conn.execute(
+        "SELECT client_id, sum(state = 0), min(CASE WHEN state = 0 THEN seq END), "
+        "max(seq) FROM deliveries GROUP BY client_id"
+    ):
+        session = sessions[client_id]
+        session.queued = count
+        session.queued_after = (first_seq - 1) if first_seq is not None else last_seq
+        session.next_seq = last_seq + 1
+    for client_id, size in conn.execute(
+        "SELECT d.client_id, length(m.payload) FROM deliveries d "
+        "JOIN messages m ON m.id = d.message_id WHERE d.state = 0 "
+        "ORDER BY d.client_id, d.seq"
+    ):
+        sessions[client_id].queued_sizes.append(size)
 
 
 def _without_settled(batch: Sequence[ops.Op]) -> Sequence[ops.Op]:

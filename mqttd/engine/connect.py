@@ -90,32 +90,8 @@ def accept(
         client_id, username, will.topic
     ):
         raise NotAuthorized(f"the ACL does not allow publishing the will to {will.topic!r}")
-    v5_client = conn.protocol_level == PROTOCOL_5
-    props = packet.properties or {}
-    expiry_s: int | None = None
-    if v5_client:  # Session Expiry Interval instead of clean session (0: ends with this)
-        requested = props.get("session_expiry_interval", 0)
-        expiry_s = v5.session_expiry(requested, state.config.persistence.session_expiry_s)
-        persistent = expiry_s != 0
-        if expiry_s != (-1 if requested == v5.NEVER else requested):
-            conn.connack_properties["session_expiry_interval"] = (  # type: ignore[index]
-                v5.NEVER if expiry_s < 0 else expiry_s
-            )
-    else:
-        persistent = not packet.clean_session
-    session = state.sessions.get(client_id)
-    # the old session ends here if the client starts clean (or it was not kept)
-    ends = session is not None and (packet.clean_session or not session.persistent)
-    pending = wills.take_back(state, client_id)
-    if pending is not None and ends:
-        wills.publish_will(state, pending)  # 5.0: the session ended before the will delay
-    # (otherwise the client is back within the delay: the will is not sent)
-    if session is not None and session.connection is not None:
-        # the engine attaches sessions to its Connections only
-        sessions.take_over(state, cast(Connection, session.connection), ends)
-    if ends and session is not None:
-        sessions.discard(state, session)
-        session = None
+    persistent, expiry_s = _session_expiry(state, conn, packet)
+    session = _resume_or_end(state, client_id, packet.clean_session)
     session_present = session is not None
     if session is None:
         session = Session(
@@ -125,22 +101,75 @@ def accept(
             **state.session_limits(client_id),
         )
         state.sessions[client_id] = session
+    _bind_session(state, conn, session, packet, username, expiry_s)
+    conn.will = packet.will
+    conn.send_packet(ConnAck(session_present, 0, conn.connack_properties))
+    conn.accepted = True
+    session.attach(conn)
+    _log_connected(conn, packet, session_present, username)
+
+
+def _session_expiry(
+    state: BrokerState, conn: Connection, packet: Connect
+) -> tuple[bool, int | None]:
+    """Whether the session outlives this connection, and its expiry in seconds (5.0
+    only; None for 3.x, which has clean session instead). A 5.0 Session Expiry Interval
+    the broker caps is told back in CONNACK."""
+    if conn.protocol_level != PROTOCOL_5:
+        return not packet.clean_session, None
+    # 0 (the default): the session ends with this connection
+    requested = (packet.properties or {}).get("session_expiry_interval", 0)
+    expiry_s = v5.session_expiry(requested, state.config.persistence.session_expiry_s)
+    if expiry_s != (-1 if requested == v5.NEVER else requested):
+        conn.connack_properties["session_expiry_interval"] = (  # type: ignore[index]
+            v5.NEVER if expiry_s < 0 else expiry_s
+        )
+    return expiry_s != 0, expiry_s
+
+
+def _resume_or_end(state: BrokerState, client_id: str, clean_session: bool) -> Session | None:
+    """The session the client resumes, or None when it needs a new one: the old session
+    ends here if the client starts clean (or it was not kept). Either way the session's
+    old connection is taken over, and a will pending under its delay is settled."""
+    session = state.sessions.get(client_id)
+    ends = session is not None and (clean_session or not session.persistent)
+    pending = wills.take_back(state, client_id)
+    if pending is not None and ends:
+        wills.publish_will(state, pending)  # 5.0: the session ended before the will delay
+    # (otherwise the client is back within the delay: the will is not sent)
+    if session is not None and session.connection is not None:
+        # the engine attaches sessions to its Connections only
+        sessions.take_over(state, cast(Connection, session.connection), ends)
+    if ends and session is not None:
+        sessions.discard(state, session)
+        return None
+    return session
+
+
+def _bind_session(
+    state: BrokerState, conn: Connection, session: Session, packet: Connect,
+    username: str | None, expiry_s: int | None,
+) -> None:
+    """Give the session this connection's terms (expiry, in-flight window) and login,
+    saving the terms if it is persistent."""
+    client_id = conn.client_id
     session.expiry_s = expiry_s
     window = state.config.limits_for(client_id).max_inflight_messages
-    session.max_inflight = min(window, props.get("receive_maximum", window))
+    session.max_inflight = min(window, (packet.properties or {}).get("receive_maximum", window))
     if session.writer is not None:
         session.writer.submit(ops.SaveSession(client_id, None, expiry_s))
     conn.session = session
-    if acl is not None and session.subscriptions and (
+    if state.acl is not None and session.subscriptions and (
         not session.login_known or session.username != username
     ):
         state.router.acl_changed()  # its subscriptions now answer to another identity
     session.username = username
     session.login_known = True
-    conn.will = packet.will
-    conn.send_packet(ConnAck(session_present, 0, conn.connack_properties))
-    conn.accepted = True
-    session.attach(conn)
+
+
+def _log_connected(
+    conn: Connection, packet: Connect, session_present: bool, username: str | None
+) -> None:
     log.info(
         "client %s connected (MQTT %s, clean session %d, keepalive %ds, session present %d"
         "%s)",
