@@ -196,6 +196,11 @@ class Limits:
     stalled_output_timeout_s: float = attrs.field(
         default=5.0, converter=_to_float, validator=_checked(float, _positive)
     )
+    # flow control: a subscriber with this much unsent output, or this many messages
+    # queued for its inflight window, holds the publishers feeding it until it drains to
+    # half (mqttd.engine.flow)
+    output_high_watermark_bytes: int = attrs.field(default=262_144, validator=_at_least(1))
+    queue_high_watermark_messages: int = attrs.field(default=256, validator=_at_least(1))
     # MQTT 5.0: topic aliases a client may use towards the broker (0: none)
     max_topic_aliases: int = attrs.field(default=10, validator=_between(0, 65535))
 

@@ -50,6 +50,10 @@ def _noop() -> None:
     pass
 
 
+def _noop_fed(conn: Connection) -> None:
+    pass
+
+
 @attrs.define(eq=False)
 class BufferAccount:
     """Unsent outbound bytes across every connection of a broker."""
@@ -105,6 +109,23 @@ class Connection:
     close_reason: MQTTError | None = None
     flush_before_close: bool = False
     on_close: Callable[[], None] = _noop
+    # flow control (mqttd.engine.flow). As a subscriber: ``pace_bytes`` of unsent output
+    # or ``pace_messages`` queued make it pace its publishers; whether its backlog is over
+    # a high watermark (since when, monotonic), whether it stalled, when its output last
+    # moved, the publishers it holds. As a publisher: the subscribers it waits for, and
+    # the packets read but not handled yet (handled first when it is released).
+    pace_bytes: int = 262_144
+    pace_messages: int = 256
+    backlogged: bool = False
+    backlogged_at: float = 0.0
+    stalled: bool = False
+    progress_at: float = 0.0
+    waiters: set[Connection] | None = None
+    held_by: set[Connection] | None = None
+    held_packets: list[Packet] | None = None
+    on_fed: Callable[[Connection], None] = _noop_fed
+    times_held: int = 0  # as a publisher: held by a backlogged subscriber
+    stalls: int = 0  # as a subscriber: found stalled while it held a publisher
     # publish rate limit (token bucket; the broker spends, the I/O layer refills and waits)
     publish_tokens: float = 0.0
     tokens_at: float = 0.0  # when publish_tokens was last refilled (I/O layer's clock)

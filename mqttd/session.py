@@ -47,6 +47,14 @@ class Peer(Recipient, Protocol):
     has it): the session sends through it and never imports it."""
 
     outbox_bytes: int
+    # flow control (mqttd.engine.flow): over ``pace_bytes`` of unsent output or
+    # ``pace_messages`` queued, a delivery calls ``on_fed`` (which holds the publisher),
+    # unless the client has ``stalled``
+    pace_bytes: int
+    pace_messages: int
+    stalled: bool
+
+    def on_fed(self, conn: Any) -> None: ...
 
     def send_parts(self, head: bytes, middle: bytes, tail: bytes) -> None: ...
 
@@ -163,9 +171,12 @@ class Session:
         if not qos:
             if conn is None:
                 return  # QoS 0 is not queued for offline sessions (as mosquitto's default)
-            if conn.outbox_bytes > self.qos0_buffer_bytes:
-                self.out.count_qos0_drop()
-                return
+            if conn.outbox_bytes >= conn.pace_bytes:  # backlogged: pace, or drop if stalled
+                if not conn.stalled:
+                    conn.on_fed(conn)
+                elif conn.outbox_bytes > self.qos0_buffer_bytes:
+                    self.out.count_qos0_drop()
+                    return
             encoded = encode_delivery(conn, message, 0, retain, fanout, sub_ids)
             if encoded is None:
                 self.too_large += 1
@@ -174,6 +185,8 @@ class Session:
             self.sent += 1
             return
         out = self.out
+        if conn is not None and conn.outbox_bytes >= conn.pace_bytes and not conn.stalled:
+            conn.on_fed(conn)
         window_open = (
             conn is not None
             and not out.ram
@@ -197,8 +210,12 @@ class Session:
                 )
             else:
                 out.hold(Delivery(message, qos, retain, 0, share, sub_ids), len(message.payload))
-            return
-        self._deliver_stored(conn, message, qos, retain, fanout, share, sub_ids, window_open)
+        else:
+            self._deliver_stored(conn, message, qos, retain, fanout, share, sub_ids, window_open)
+        if not window_open and conn is not None and not conn.stalled and (
+            len(out) >= conn.pace_messages
+        ):
+            conn.on_fed(conn)
 
     def _deliver_stored(
         self,

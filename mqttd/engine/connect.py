@@ -156,6 +156,11 @@ def _bind_session(
     session.expiry_s = expiry_s
     window = state.config.limits_for(client_id).max_inflight_messages
     session.max_inflight = min(window, (packet.properties or {}).get("receive_maximum", window))
+    # pace before the queue budget drops anything (mqttd.engine.flow)
+    conn.pace_messages = max(1, min(
+        state.config.limits.queue_high_watermark_messages,
+        session.out.limits.max_messages // 2,
+    ))
     if session.writer is not None:
         session.writer.submit(ops.SaveSession(client_id, None, expiry_s))
     conn.session = session

@@ -96,6 +96,9 @@ class Engine(BrokerState):
             tls_identity=tls_identity,
             max_packet_size=self.config.limits.max_packet_size_bytes,
             account=self.buffers,
+            pace_bytes=self.config.limits.output_high_watermark_bytes,
+            pace_messages=self.config.limits.queue_high_watermark_messages,
+            on_fed=self.flow.fed,
         )
         self.connections.add(conn)
         self.connections_total += 1
@@ -134,12 +137,36 @@ class Engine(BrokerState):
                 return
             packets = packets[1:]
         writer = self.writer
-        for packet in packets:
-            if conn.closing:
-                return
-            if writer is not None:
-                self.packet_ticket = writer.ticket  # see BrokerState.reply
-            handlers[packet.TYPE](conn, packet)
+        flow = self.flow
+        flow.current = conn  # the publisher its subscribers may hold
+        try:
+            for index, packet in enumerate(packets):
+                if conn.closing:
+                    return
+                if writer is not None:
+                    self.packet_ticket = writer.ticket  # see BrokerState.reply
+                handlers[packet.TYPE](conn, packet)
+                if conn.held_by:  # held by a backlogged subscriber: the rest waits
+                    if index + 1 < len(packets):
+                        conn.held_packets = packets[index + 1 :]
+                    return
+        finally:
+            flow.current = None
+
+    def resume(self, conn: Connection) -> None:
+        """``conn`` was held (see mqttd.engine.flow) and is released: handle the packets it
+        sent after the one that held it, before reading more."""
+        packets, conn.held_packets = conn.held_packets, None
+        if packets:
+            self.dispatch(conn, packets)
+
+    def output_sent(self, conn: Connection, size: int) -> None:
+        """The I/O layer wrote ``size`` bytes of ``conn``'s output."""
+        conn.sent(size)
+        if conn.backlogged or conn.stalled:
+            self.flow.sent(conn, time.monotonic())
+        if self.paused_readers:
+            self.notify_progress()
 
     def connection_lost(self, conn: Connection) -> None:
         """The connection is over, for whatever reason: publish the will unless the
@@ -147,6 +174,7 @@ class Engine(BrokerState):
         self.connections.discard(conn)
         self.awaiting_commit.discard(conn)
         self.parked.pop(conn, None)
+        self.flow.forget(conn)
         conn.discard_output()
         self.notify_progress()
         session = conn.session
@@ -187,6 +215,8 @@ class Engine(BrokerState):
         """Whether to stop reading from ``conn`` for now: the broker's unsent output is over
         ``max_buffered_bytes``, the store's writer is behind, or ``conn`` has
         ``max_receive_messages`` acknowledgements waiting for a commit."""
+        if conn.held_by:
+            return True  # held by a subscriber it feeds (mqttd.engine.flow)
         limits = self.config.limits
         if 0 <= limits.max_buffered_bytes < self.buffers.bytes:
             return True

@@ -22,6 +22,7 @@ from mqttd.acl import CachedAuthorizer
 from mqttd.codec import MQTTError, PacketTooLarge
 from mqttd.codec.packets import PROTOCOL_5, ConnAck, Packet, Publish, Will
 from mqttd.config import Config
+from mqttd.engine.flow import Pacing
 from mqttd.engine.timers import TimerQueue
 from mqttd.outqueue import DropCounters, QueueLimits
 from mqttd.protocol import BufferAccount, Connection
@@ -53,6 +54,7 @@ class BrokerState:
     buffers: BufferAccount = attrs.Factory(BufferAccount)
     drops: DropCounters = attrs.Factory(DropCounters)
     paused_readers: int = 0
+    flow: Pacing = attrs.field(init=False)  # publishers paced by their subscribers
     limits_exceeded: dict[str, int] = attrs.Factory(dict)
     check_topic_limits: bool = attrs.field(init=False)
     publish_rate: float = attrs.field(init=False)  # per client per second; 0: no limit
@@ -102,6 +104,7 @@ class BrokerState:
         self.publish_rate = max(0.0, limits.max_publish_rate_per_s)
         self.receive_maximum = min(limits.max_receive_messages, 65535)
         self.shares = ShareGroups(self.router.trie)
+        self.flow = Pacing(limits.stalled_output_timeout_s, self.notify_progress)
 
     # -- messages --------------------------------------------------------------------
 

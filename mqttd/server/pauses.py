@@ -5,6 +5,7 @@ commit finished. Used by the client connections and the bridges' links alike."""
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import trio
@@ -32,11 +33,18 @@ class ReadPauses:
         engine.read_pauses += 1
         engine.paused_readers += 1
         timeout_s = engine.config.limits.stalled_output_timeout_s
+        flow = engine.flow
         try:
             while engine.reading_paused(conn) and not conn.closing:
-                with trio.move_on_after(timeout_s):
+                # held by subscribers it feeds: look again when the first of them would
+                # count as stalled (mqttd.engine.flow)
+                deadline = flow.stall_deadline(conn)
+                wait_s = timeout_s if deadline is None else deadline - time.monotonic()
+                with trio.move_on_after(max(wait_s, 0.0)):
                     await self._progress.wait()
                     continue
+                if deadline is not None:
+                    flow.release_stalled(conn, time.monotonic())
                 engine.disconnect_stalled_clients(trio.current_time())
         finally:
             engine.paused_readers -= 1

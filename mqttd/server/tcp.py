@@ -143,15 +143,21 @@ class ClientHandler:
                 if conn.closing:
                     return
                 scope.deadline = self._keepalive_deadline()
+            if conn.held_packets is not None:  # released: first what it sent before
+                data = b""
+            else:
+                try:
+                    data = await receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    log.info("client %s: connection lost: %s", conn.name, exc.__cause__ or exc)
+                    return
+                if not data:
+                    return
             try:
-                data = await receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                log.info("client %s: connection lost: %s", conn.name, exc.__cause__ or exc)
-                return
-            if not data:
-                return
-            try:
-                broker.handle_data(conn, data)
+                if data:
+                    broker.handle_data(conn, data)
+                else:
+                    broker.resume(conn)
             except MQTTError as exc:
                 broker.protocol_error(conn, exc)
                 return
@@ -177,9 +183,7 @@ class ClientHandler:
                 conn.send_blocked_since = trio.current_time()
                 await send_all(data)
                 conn.send_blocked_since = None
-                conn.sent(len(data))
-                if broker.paused_readers:
-                    broker.notify_progress()
+                broker.output_sent(conn, len(data))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             if not conn.closing:
                 log.info("client %s: send failed: %s", conn.name, exc.__cause__ or exc)

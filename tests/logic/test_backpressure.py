@@ -138,8 +138,11 @@ def test_queue_byte_budget_counts_payload_bytes_exactly():
 
 
 def test_qos0_is_dropped_when_the_client_output_is_backed_up_and_counted_exactly():
-    broker = Broker(make_config(qos0_buffer_bytes=1000))
+    """Once a subscriber counts as stalled (it stopped pacing), QoS 0 beyond its buffer is
+    dropped and counted."""
+    broker = Broker(make_config(qos0_buffer_bytes=1000, output_high_watermark_bytes=1000))
     sub = connect(broker, "sub", "t/#", qos=0)
+    sub.stalled = True  # as mqttd.engine.flow finds a subscriber whose output stopped
     publish_n(broker, 100, qos=0, size=100)  # nothing is written out: the socket is stuck
     stats = broker.client_stats("sub")
     # each message is ~107 bytes on the wire; sending stops once 1000 are buffered
