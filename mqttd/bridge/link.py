@@ -316,15 +316,7 @@ class BridgeLink:
     ) -> None:
         silence_s = self.config.keepalive_s * 1.5 + 1
         try:
-            async with trio.open_nursery() as nursery:
-                task = StreamTask(
-                    self.broker, self.pauses, stream, conn, nursery,
-                    handle_data=self._receive, idle_timeout_s=silence_s,
-                )
-                self._start(conn, leftovers)
-                nursery.start_soon(self._keepalive, conn)
-                timed_out = await task.serve(trio.current_time() + silence_s)
-                nursery.cancel_scope.cancel()  # the keepalive (and a writer still sending)
+            task, timed_out = await self._run_tasks(stream, conn, leftovers, silence_s)
         except BaseExceptionGroup as group:
             failure = _first_failure(group)
             if failure is not None:
@@ -341,6 +333,28 @@ class BridgeLink:
         if timed_out:
             raise LinkDown(f"no answer from the remote for {silence_s:.0f}s")
         raise LinkDown(f"closed: {conn.close_reason or 'by the broker'}")
+
+    async def _run_tasks(
+        self, stream: trio.abc.Stream, conn: Connection, leftovers: list[Packet],
+        silence_s: float,
+    ) -> tuple[StreamTask, bool]:
+        """The stream task (reader, writer) and the pings, until the link ends; whether it
+        ended by silence."""
+        async with trio.open_nursery() as nursery:
+            task = StreamTask(
+                self.broker, self.pauses, stream, conn, nursery,
+                handle_data=self._receive, idle_timeout_s=silence_s,
+            )
+            try:
+                self._start(conn, leftovers)
+                nursery.start_soon(self._keepalive, conn)
+                timed_out = await task.serve(trio.current_time() + silence_s)
+            finally:
+                # no writer starts any more (this nursery closes before the link is marked
+                # down): what the session still sends meanwhile waits, to be discarded
+                conn.on_output = _no_writer
+            nursery.cancel_scope.cancel()  # the keepalive (and a writer still sending)
+        return task, timed_out
 
     def _start(self, conn: Connection, leftovers: list[Packet]) -> None:
         """Subscribe at the remote (``in`` mappings), resend what is in flight (DUP), then
@@ -465,6 +479,10 @@ class BridgeLink:
             "dropped": session.dropped if session else 0,
             "last_error": self.last_error,
         }
+
+
+def _no_writer() -> None:
+    """The link's tasks have ended: nobody sends any more."""
 
 
 def _tls_context(tls: BridgeTLS) -> ssl.SSLContext:
