@@ -21,6 +21,10 @@ reconnects with exponential backoff.
 Incoming PUBLISH packets go to ``on_message`` (a plain function, called in the reader task)
 and are then acknowledged: PUBACK for QoS 1, PUBREC/PUBREL/PUBCOMP for QoS 2 (delivered once:
 the packet id is remembered until PUBREL).
+
+The CONNECT / CONNACK exchange, PINGREQ and the choice of packet ids are the client role
+this broker's bridges use too (:mod:`mqttd.client_role`); the rest (in-memory inflight
+window, inbound QoS 2 ids, ping when quiet) is this simulator's.
 """
 
 from __future__ import annotations
@@ -32,16 +36,9 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
-from mqttd import codec
+from mqttd import client_role, codec
+from mqttd.client_role import CONNACK_ERRORS  # noqa: F401 (where it was defined before)
 from mqttd.codec import MQTTError
-
-CONNACK_ERRORS = {
-    1: "unacceptable protocol version",
-    2: "client identifier rejected",
-    3: "server unavailable",
-    4: "bad user name or password",
-    5: "not authorized",
-}
 
 
 class ConnectionLost(ConnectionError):
@@ -53,8 +50,7 @@ class ConnectRefused(ConnectionError):
 
     def __init__(self, return_code: int) -> None:
         self.return_code = return_code
-        reason = CONNACK_ERRORS.get(return_code, "unknown reason")
-        super().__init__(f"connection refused: {return_code} ({reason})")
+        super().__init__(f"connection refused: {client_role.refusal(return_code)}")
 
 
 # What a reconnect loop survives: refused/reset sockets, lost connections, CONNECT timeouts.
@@ -133,13 +129,12 @@ class Client:
     async def connected(self) -> AsyncIterator[codec.ConnAck]:
         """Connect (bounded by ``connect_timeout_s``), run the reader, yield the CONNACK.
         Resends the unacknowledged publishes of the previous connection first."""
-        decoder = codec.Decoder(protocol_level=codec.PROTOCOL_311)
         self._lost = None
         self._closing = False
         with trio.fail_after(self.connect_timeout_s):
             stream = await trio.open_tcp_stream(self.host, self.port)
         try:
-            connack, leftovers = await self._handshake(stream, decoder)
+            connack, decoder, leftovers = await self._handshake(stream)
             self._stream = stream
             self.connects += 1
             self.session_present = connack.session_present
@@ -172,29 +167,28 @@ class Client:
             raise self._lost
 
     async def _handshake(
-        self, stream: trio.SocketStream, decoder: codec.Decoder
-    ) -> tuple[codec.ConnAck, list[codec.Packet]]:
-        """CONNECT, then CONNACK; also returns the packets that came with the CONNACK (a
-        resumed session's queued messages may follow it in the same segment)."""
-        connect = codec.Connect(
+        self, stream: trio.SocketStream
+    ) -> tuple[codec.ConnAck, codec.Decoder, list[codec.Packet]]:
+        """CONNECT, then CONNACK; also returns the decoder for what follows and the packets
+        that came with the CONNACK (a resumed session's queued messages may follow it in the
+        same segment)."""
+        exchange = client_role.Handshake(codec.Connect(
             self.client_id, self.clean_session, self.keepalive_s, will=self.will,
             username=self.username, password=self.password,
-        )
+        ))
         with trio.fail_after(self.connect_timeout_s):
-            await stream.send_all(connect.encode())
             self._last_send = trio.current_time()
-            pending: list[codec.Packet] = []
-            while not pending:
-                data = await stream.receive_some(65536)
-                if not data:
-                    raise ConnectionLost(f"{self.client_id}: closed by the broker before CONNACK")
-                pending = decoder.feed(data)
-        connack = pending[0]
-        if not isinstance(connack, codec.ConnAck):
-            raise ConnectionLost(f"{self.client_id}: expected CONNACK, got {connack!r}")
+            try:
+                connack = await client_role.handshake(stream, exchange)
+            except client_role.UnexpectedPacket as exc:
+                raise ConnectionLost(
+                    f"{self.client_id}: expected CONNACK, got {exc.packet!r}"
+                ) from None
+        if connack is None:
+            raise ConnectionLost(f"{self.client_id}: closed by the broker before CONNACK")
         if connack.return_code:
             raise ConnectRefused(connack.return_code)
-        return connack, pending[1:]
+        return connack, exchange.decoder, exchange.leftovers
 
     def abort(self) -> None:
         """Drop the connection without DISCONNECT, as a device losing power or network
@@ -243,7 +237,7 @@ class Client:
                 return
             if now - self._last_send >= interval:
                 self._ping_sent = now
-                await self._send(codec.PingReq().encode())
+                await self._send(client_role.PINGREQ)
             await trio.sleep_until(min(self._last_send + interval, now + interval))
 
     async def _reader(
@@ -320,11 +314,10 @@ class Client:
             self._idle.set()
 
     def _packet_id(self) -> int:
-        for _ in range(65535):
-            self._next_id = self._next_id % 65535 + 1
-            if self._next_id not in self._inflight and self._next_id not in self._waiters:
-                return self._next_id
-        raise RuntimeError("no free packet id")  # pragma: no cover - window <= 65535
+        self._next_id = client_role.free_packet_id(
+            client_role.ids_after(self._next_id), self._inflight, self._waiters
+        )
+        return self._next_id
 
     # -- operations ---------------------------------------------------------------------
 

@@ -37,8 +37,8 @@ from mqttd.engine import connect
 from mqttd.engine.dispatch import Engine
 from mqttd.protocol import Connection
 from mqttd.security.gatekeeper import Gatekeeper, peer_host
+from mqttd.server.listeners import TCPServer
 from mqttd.server.pauses import ReadPauses
-from mqttd.server.tcp import TCPServer
 from persistence.store import MEMORY, SqliteStore
 from persistence.writer import GroupCommitWriter
 

@@ -1201,7 +1201,7 @@ async def _socket_fuzz(seed: int, connections: int, duration_s: float, concurren
     import trio
 
     from mqttd.broker import running
-    from mqttd.server.tcp import TCPServer  # noqa: F401 (the I/O layer under test)
+    from mqttd.server.listeners import TCPServer  # noqa: F401 (the I/O layer under test)
 
     recorder = _ErrorRecorder()
     for name in ("mqttd", "persistence"):

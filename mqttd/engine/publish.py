@@ -87,9 +87,7 @@ def on_publish(state: BrokerState, conn: Connection, packet: Publish) -> None:
                 f"more than max_inbound_qos2 ({state.config.limits.max_inbound_qos2}) "
                 "QoS 2 messages awaiting PUBREL"
             )
-        session.inbound_qos2.add(packet_id)
-        if session.writer is not None:
-            session.writer.submit(ops.AddInbound(session.client_id, packet_id))
+        remember_qos2(session, packet_id)
         if not state.publish(packet, session, bridge) and v5_client:
             code = NO_MATCHING_SUBSCRIBERS
     state.reply(conn, conn.encode_ack(PUBREC, packet_id, code))
@@ -108,20 +106,38 @@ def publish_denied(state: BrokerState, conn: Connection, packet: Publish) -> Non
                                          reason), puback=packet.qos == 1)
 
 
-def on_puback(state: BrokerState, conn: Connection, packet: PubAck) -> None:
-    if not conn.session.on_puback(packet.packet_id):  # type: ignore[union-attr]
-        log.debug("client %s: PUBACK for unknown packet id %d", conn.name, packet.packet_id)
+def remember_qos2(session: Session, packet_id: int) -> None:
+    """A QoS 2 PUBLISH received for the first time: its id is kept (and stored) until the
+    PUBREL, so that a resend is acknowledged again and not routed again. (A bridge's link
+    does this for what its remote broker sends too.)"""
+    session.inbound_qos2.add(packet_id)
+    if session.writer is not None:
+        session.writer.submit(ops.AddInbound(session.client_id, packet_id))
 
 
-def on_pubrec(state: BrokerState, conn: Connection, packet: PubRec) -> None:
+# The acks of what the broker sent, and PUBREL: handlers of a client's connection, also used
+# by a bridge's link for the packets of its remote broker (which acknowledges what the link
+# forwarded and sends PUBREL for what it published through the link). The acks return
+# whether the packet id was in flight (a link counts what it forwarded).
+
+
+def on_puback(state: BrokerState, conn: Connection, packet: PubAck) -> bool:
+    if conn.session.on_puback(packet.packet_id):  # type: ignore[union-attr]
+        return True
+    log.debug("client %s: PUBACK for unknown packet id %d", conn.name, packet.packet_id)
+    return False
+
+
+def on_pubrec(state: BrokerState, conn: Connection, packet: PubRec) -> bool:
     if packet.reason_code >= 0x80:  # 5.0: the client refused it; the exchange ends
-        conn.session.on_pubrec_refused(packet.packet_id)  # type: ignore[union-attr]
-        return
+        return conn.session.on_pubrec_refused(packet.packet_id)  # type: ignore[union-attr]
     code = 0
-    if not conn.session.on_pubrec(packet.packet_id):  # type: ignore[union-attr]
+    known = conn.session.on_pubrec(packet.packet_id)  # type: ignore[union-attr]
+    if not known:
         log.debug("client %s: PUBREC for unknown packet id %d", conn.name, packet.packet_id)
         code = PACKET_IDENTIFIER_NOT_FOUND  # 5.0 says so; 3.x answers PUBREL all the same
     conn.send(conn.encode_ack(PUBREL, packet.packet_id, code))
+    return known
 
 
 def on_pubrel(state: BrokerState, conn: Connection, packet: PubRel) -> None:
@@ -138,6 +154,8 @@ def on_pubrel(state: BrokerState, conn: Connection, packet: PubRel) -> None:
     state.reply(conn, conn.encode_ack(PUBCOMP, packet.packet_id, code))
 
 
-def on_pubcomp(state: BrokerState, conn: Connection, packet: PubComp) -> None:
-    if not conn.session.on_pubcomp(packet.packet_id):  # type: ignore[union-attr]
-        log.debug("client %s: PUBCOMP for unknown packet id %d", conn.name, packet.packet_id)
+def on_pubcomp(state: BrokerState, conn: Connection, packet: PubComp) -> bool:
+    if conn.session.on_pubcomp(packet.packet_id):  # type: ignore[union-attr]
+        return True
+    log.debug("client %s: PUBCOMP for unknown packet id %d", conn.name, packet.packet_id)
+    return False

@@ -4,7 +4,7 @@
 only the listener's ``path`` is served (other paths get 404) and the client must offer the
 ``mqtt`` subprotocol (MQTT 3.1.1 section 6; ``mqttv3.1`` is accepted too). The result,
 :class:`WebSocketStream`, is a trio ``Stream`` over binary messages, so the TCP listener's
-:class:`~mqttd.server.tcp.ClientHandler` serves it unchanged: ``receive_some`` returns the
+:class:`~mqttd.server.stream_task.ClientHandler` serves it unchanged: ``receive_some`` returns the
 bytes of the next message (MQTT packets may span messages, and one message may hold several
 packets), and one ``send_all`` sends one message, so the writer's coalesced batch still
 goes out as one frame.

@@ -125,7 +125,7 @@ def test_nothing_is_sent_after_the_servers_disconnect() -> None:
     more packets on that connection. When mqttd closes a 5.0 connection with a reason code it
     queues the DISCONNECT and asks the I/O layer to flush and close; until the I/O layer has
     done so (``connection_lost``) the session is still attached, and messages routed to it
-    are queued after the DISCONNECT, and flushed with it (mqttd/server/tcp.py's writer sends
+    are queued after the DISCONNECT, and flushed with it (mqttd/server/stream_task.py's writer sends
     everything in the outbox before closing).
     """
     broker = _broker()

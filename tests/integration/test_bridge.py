@@ -157,6 +157,45 @@ async def test_telemetry_goes_up_and_commands_come_down():
                 assert [p.payload for p in await receive(backend, 1)] == [b"marker"]
 
 
+async def test_packets_behind_the_connack_are_handled():
+    """A remote that resumes the link's session may send its queued messages in the same
+    segment as the CONNACK: the link handles them (publishes here, PUBACKs) like any other."""
+    from functools import partial
+
+    from mqttd.codec import Decoder
+    from mqttd.codec.packets import ConnAck, Connect, Subscribe
+
+    got: list[object] = []
+    done = trio.Event()
+
+    async def remote(stream: trio.SocketStream) -> None:
+        decoder = Decoder(accept_v5=True)
+        while not done.is_set():
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            for packet in decoder.feed(data):
+                got.append(packet)
+                if isinstance(packet, Connect):
+                    await stream.send_all(
+                        ConnAck(True, 0).encode()
+                        + Publish("edge-1/command/s1", b"on", 1, packet_id=7).encode()
+                    )
+                elif isinstance(packet, PubAck):
+                    done.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, remote, 0, host="127.0.0.1"))
+            remote_port = listeners[0].socket.getsockname()[1]
+            async with running(edge_config(remote_port)) as edge:
+                await done.wait()
+                assert link(edge)["received"] == 1
+            nursery.cancel_scope.cancel()
+    assert [type(p) for p in got] == [Connect, Subscribe, PubAck]
+    assert got[-1].packet_id == 7  # type: ignore[attr-defined]
+
+
 async def test_reserved_client_id_prefix_is_refused(broker):
     with trio.fail_after(5):
         client = await RawClient.open(broker.port)

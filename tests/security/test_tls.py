@@ -23,7 +23,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from mqttd.broker import Broker, running
 from mqttd.codec.packets import ConnAck, Connect, Publish
 from mqttd.config import TLS, Config, Listener
-from mqttd.server.tcp import TCPServer
+from mqttd.server.listeners import TCPServer
 from mqttd.server.tls import TLSSetupError, server_context
 from tests.conftest import make_config
 from tests.integration.test_broker_tcp import assert_healthy, wait_until

@@ -1,16 +1,11 @@
-"""Listeners (TCP, TLS, WebSocket, WebSocket over TLS) and the per-connection
-reader/writer tasks.
+"""Listeners (TCP, TLS, WebSocket, WebSocket over TLS): bind, accept, connection limits,
+TLS handshakes and WebSocket upgrades, certificate reloads, the ordered stop.
 
 Each accepted socket gets one handler task in the handlers nursery. A TLS listener does the
 handshake there, and a WebSocket listener the HTTP upgrade, before the MQTT connection starts
-(both within the CONNECT timeout, counted from the accept); then :class:`ClientHandler` serves
-the resulting trio ``Stream``, whatever its kind. The **reader**
-receives up to 64 KiB at a time under a deadline (the CONNECT timeout, then 1.5 x
-keepalive, pushed forward by every read)
-and hands the bytes to the broker, which decodes and handles every complete packet
-synchronously. The **writer** is the only task that sends: started when the outbox goes
-from empty to non-empty, it joins everything pending into one ``send_all`` per batch and
-ends when nothing is left (idle connections hold no writer task).
+(both within the CONNECT timeout, counted from the accept); then a
+:class:`~mqttd.server.stream_task.ClientHandler` serves the resulting trio ``Stream``,
+whatever its kind, with its reader and writer (:mod:`mqttd.server.stream_task`).
 """
 
 from __future__ import annotations
@@ -19,15 +14,14 @@ import errno
 import logging
 import math
 import ssl
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
-from mqttd.codec import MQTTError
-from mqttd.codec.errors import KeepAliveTimeout, ServerShuttingDown
+from mqttd.codec.errors import ServerShuttingDown
 from mqttd.config import Listener
+from mqttd.server.stream_task import RECEIVE_SIZE, ClientHandler
 from mqttd.server.tls import TLSSetupError, certificate_cn, handshake, server_context
 from mqttd.server.websocket import accept_websocket
 
@@ -37,166 +31,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RECEIVE_SIZE = 65536
-CLOSE_FLUSH_TIMEOUT_S = 5.0
 # accept() errors that mean "out of resources, try again shortly" (as trio's serve_listeners)
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 # refused connections are logged at most this often per limit (a flood must not flood the log)
 REFUSAL_LOG_INTERVAL_S = 10.0
-
-
-class ClientHandler:
-    """One connection. The reader runs in this task. The writer is a second task that
-    exists only while there is output: started when the outbox goes from empty to
-    non-empty, it sends everything pending (one ``send_all`` per batch) and ends when the
-    outbox is empty, so an idle connection costs one task. It is still the only task that
-    sends. Deadlines (the CONNECT timeout, then 1.5 x keepalive) live on the connection's
-    cancel scope, so an idle connection holds no per-read timer either."""
-
-    __slots__ = ("_nursery", "_scope", "_writing", "broker", "conn", "pauses", "stream")
-
-    def __init__(
-        self,
-        broker: Broker,
-        pauses: ReadPauses,
-        stream: trio.abc.Stream,
-        peer: str,
-        nursery: trio.Nursery,
-        listener: Listener | None = None,
-        tls_identity: str | None = None,
-    ) -> None:
-        self.broker = broker
-        self.pauses = pauses
-        self.stream = stream
-        self.conn = broker.new_connection(peer, listener, tls_identity)
-        self.conn.on_output = self._start_writer
-        self.conn.on_close = self._close_requested
-        self._nursery = nursery
-        self._scope = trio.CancelScope()
-        self._writing = False
-
-    def _start_writer(self) -> None:
-        if not self._writing:
-            self._writing = True
-            self._nursery.start_soon(self._writer)
-
-    def _close_requested(self) -> None:
-        if self.conn.flush_before_close and (self._writing or self.conn.outbox):
-            # the writer sends what is queued and then ends the connection; bound the wait
-            self._start_writer()
-            self._scope.deadline = trio.current_time() + CLOSE_FLUSH_TIMEOUT_S
-        else:
-            self._scope.cancel()
-
-    async def run(self, connect_deadline: float | None = None) -> None:
-        """Serve the connection until it ends. ``connect_deadline``: when the CONNECT must
-        have arrived by (default: the CONNECT timeout from now)."""
-        conn = self.conn
-        try:
-            if connect_deadline is None:
-                connect_deadline = (
-                    trio.current_time() + self.broker.config.limits.connect_timeout_s
-                )
-            self._scope.deadline = connect_deadline
-            with self._scope:
-                await self._reader()
-                if not conn.closing:
-                    conn.close()
-                elif conn.flush_before_close:
-                    await trio.sleep_forever()  # until the writer has flushed (or the deadline)
-            if self._scope.cancelled_caught and not conn.closing:
-                if conn.session is None:
-                    log.warning("client %s: no CONNECT within the timeout; closing", conn.name)
-                    self.broker.limit_exceeded("connect_timeout")
-                else:
-                    log.info("client %s: keepalive expired; closing", conn.name)
-                    if not self._writing:  # 5.0: say why (DISCONNECT 0x8D), briefly
-                        conn.on_output = _no_writer
-                        conn.close(KeepAliveTimeout("keep alive timeout"))
-                        data = conn.data_to_send()
-                        with trio.move_on_after(CLOSE_FLUSH_TIMEOUT_S if data else 0):
-                            try:
-                                await self.stream.send_all(data)
-                            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                                pass
-        finally:
-            self.broker.connection_lost(conn)
-            await trio.aclose_forcefully(self.stream)  # also ends a writer blocked in send
-
-    def _keepalive_deadline(self) -> float:
-        keepalive_s = self.conn.keepalive_s
-        return trio.current_time() + 1.5 * keepalive_s if keepalive_s else math.inf
-
-    async def _reader(self) -> None:
-        conn = self.conn
-        broker = self.broker
-        scope = self._scope
-        # every stream here gives bytes (trio's SSLStream is typed bytes | bytearray)
-        receive_some: Callable[[int], Awaitable[bytes]] = self.stream.receive_some  # type: ignore[assignment]
-        while not conn.closing:
-            if broker.reading_paused(conn):
-                # buffers full, store behind, or too many acks waiting for a commit: stop
-                # reading (TCP backpressure) until that drains; the pause is ours, so the
-                # keepalive clock starts again afterwards
-                scope.deadline = math.inf
-                await self.pauses.wait_readable(conn)
-                if conn.closing:
-                    return
-                scope.deadline = self._keepalive_deadline()
-            if conn.held_packets is not None:  # released: first what it sent before
-                data = b""
-            else:
-                try:
-                    data = await receive_some(RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    log.info("client %s: connection lost: %s", conn.name, exc.__cause__ or exc)
-                    return
-                if not data:
-                    return
-            try:
-                if data:
-                    broker.handle_data(conn, data)
-                else:
-                    broker.resume(conn)
-            except MQTTError as exc:
-                broker.protocol_error(conn, exc)
-                return
-            except Exception:
-                # a bug must cost one connection, never the broker
-                log.exception("client %s: internal error while handling its packets", conn.name)
-                conn.close()
-                return
-            delay = broker.publish_rate_delay(conn, trio.current_time())
-            if delay and not conn.closing:
-                # over max_publish_rate_per_s: stop reading until the rate is back under it
-                scope.deadline = math.inf
-                await trio.sleep(delay)
-            if conn.session is not None and not conn.closing:
-                scope.deadline = self._keepalive_deadline()
-
-    async def _writer(self) -> None:
-        conn = self.conn
-        broker = self.broker
-        send_all = self.stream.send_all
-        try:
-            while data := conn.data_to_send():
-                conn.send_blocked_since = trio.current_time()
-                await send_all(data)
-                conn.send_blocked_since = None
-                broker.output_sent(conn, len(data))
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            if not conn.closing:
-                log.info("client %s: send failed: %s", conn.name, exc.__cause__ or exc)
-            self._scope.cancel()
-        finally:
-            self._writing = False
-        if conn.closing:
-            self._scope.cancel()
-
-
-def _no_writer() -> None:
-    """The connection is over: output is sent by the caller, not by a writer task."""
-
 
 SCHEMES = {
     ("mqtt", False): "mqtt",

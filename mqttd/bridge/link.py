@@ -1,5 +1,5 @@
-"""Bridges: this broker connects to a remote MQTT broker as a client and carries messages
-across, per topic mapping (``out``: local -> remote, ``in``: remote -> local, ``both``).
+"""A bridge's link: this broker connects to a remote MQTT broker as a client and carries
+messages across, per topic mapping (:mod:`mqttd.bridge.mapping`).
 
 Store and forward. The local side of a bridge is a persistent session, ``$bridge/<name>``
 (a client id no client may use), subscribed to the local filters of the ``out`` and ``both``
@@ -14,6 +14,12 @@ semantics end to end.
 
 Messages from the remote side (``in`` / ``both``: the link subscribes there) are published
 locally like a client's, and acknowledged to the remote only after the local commit.
+
+The link runs on the listeners' stream task (:mod:`mqttd.server.stream_task`: reader,
+writer, read pauses) and answers its remote's acks and PUBREL with the engine's handlers
+(:mod:`mqttd.engine.publish`), as the broker does for a client; the CONNECT / CONNACK
+exchange is :mod:`mqttd.client_role`'s. What is the link's own: opening the socket (TLS),
+the handshake's bridge rules, PINGREQ every keepalive period, the backoff, the counters.
 
 Reconnects back off exponentially from ``reconnect_delay_min_s`` to
 ``reconnect_delay_max_s``, with jitter (each wait is drawn between half and all of the
@@ -37,15 +43,16 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from mqttd import v5
+from mqttd import client_role, v5
 from mqttd.codec import Decoder, MQTTError, ProtocolError
-from mqttd.codec.kinds import BRIDGE_LEVEL_FLAG
+from mqttd.codec.kinds import BRIDGE_LEVEL_FLAG, PUBACK, PUBREC
 from mqttd.codec.packets import (
     PROTOCOL_5,
     PROTOCOL_311,
     ConnAck,
     Connect,
     Disconnect,
+    Packet,
     PingResp,
     PubAck,
     PubComp,
@@ -54,23 +61,24 @@ from mqttd.codec.packets import (
     PubRel,
     SubAck,
     Subscribe,
-    Subscription,
 )
 from mqttd.codec.reason import CONNACK_UNACCEPTABLE_PROTOCOL_VERSION
-from mqttd.config import BRIDGE_PREFIX, BridgeTLS, BridgeTopic
 from mqttd.config import Bridge as BridgeConfig
+from mqttd.config import BridgeTLS
+from mqttd.engine import publish
 from mqttd.outqueue import QueueLimits
 from mqttd.protocol import Connection
+from mqttd.server.stream_task import StreamTask
 from mqttd.session import Session
-from mqttd.topics import matches
 from persistence import ops
 
 if TYPE_CHECKING:
+    from mqttd.bridge.mapping import TopicMapping
     from mqttd.delivery import Fanout
     from mqttd.engine.dispatch import Engine as Broker
     from mqttd.server.pauses import ReadPauses
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mqttd.bridge")
 
 STABLE_LINK_S = 30.0  # a link up this long resets the reconnect delay to its minimum
 
@@ -79,21 +87,24 @@ class LinkDown(Exception):
     """The link failed: the message says why (logged, counted, then reconnect)."""
 
 
+class _RetryWithoutPrivate(LinkDown):
+    """The remote refused the bridge protocol flag: connect again at once without it."""
+
+
+
+
 class BridgeLink:
     """One configured bridge: the local session, the remote connection, the counters."""
 
-    def __init__(self, broker: Broker, config: BridgeConfig, pauses: ReadPauses) -> None:
+    def __init__(
+        self, broker: Broker, config: BridgeConfig, pauses: ReadPauses, mapping: TopicMapping
+    ) -> None:
         self.broker = broker
         self.pauses = pauses
         self.config = config
+        self.mapping = mapping
         self.name = config.name
         self.client_id = config.local_client_id
-        self.out_topics: list[BridgeTopic] = [
-            t for t in config.topics if t.direction in ("out", "both")
-        ]
-        self.in_topics: list[BridgeTopic] = [
-            t for t in config.topics if t.direction in ("in", "both")
-        ]
         self.session: Session | None = None
         self.conn: Connection | None = None
         self.tls_context = _tls_context(config.tls) if config.tls is not None else None
@@ -103,8 +114,7 @@ class BridgeLink:
         # 5.0 has No Local for what try_private does for 3.1.1
         self.private = config.try_private and self.level == PROTOCOL_311
         self._inbound: Publish | None = None  # the message being routed in from the remote
-        self._wake = trio.Event()
-        self._subscribe_id = 0
+        self._decoder: Decoder | None = None  # the remote's packets (from the handshake on)
         # counters
         self.connects = 0
         self.connect_failures = 0
@@ -144,10 +154,20 @@ class BridgeLink:
         )
         session.disconnected_at = None  # a configured bridge's session never expires
         writer.submit(ops.SaveSession(self.client_id, None))
-        trie = broker.router.trie
-        wanted: dict[str, int] = {}
-        for topic in self.out_topics:
-            wanted[topic.local_filter] = max(topic.qos, wanted.get(topic.local_filter, 0))
+        self._subscribe_locally(session)
+        self.session = session
+        if session.queued or session.inflight:
+            log.info(
+                "bridge %s: %d messages stored for %s:%d (%d in flight)", self.name,
+                session.queued + len(session.inflight), cfg.host, cfg.port,
+                len(session.inflight),
+            )
+
+    def _subscribe_locally(self, session: Session) -> None:
+        writer = self.broker.writer
+        assert writer is not None
+        trie = self.broker.router.trie
+        wanted = self.mapping.local_filters()
         for topic_filter in list(session.subscriptions):
             if topic_filter not in wanted:
                 del session.subscriptions[topic_filter]
@@ -157,13 +177,6 @@ class BridgeLink:
             session.subscriptions[topic_filter] = qos
             trie.add(topic_filter, self.client_id, self, qos)
             writer.submit(ops.AddSubscription(self.client_id, topic_filter, qos))
-        self.session = session
-        if session.queued or session.inflight:
-            log.info(
-                "bridge %s: %d messages stored for %s:%d (%d in flight)", self.name,
-                session.queued + len(session.inflight), cfg.host, cfg.port,
-                len(session.inflight),
-            )
 
     def deliver(
         self, message: Publish, qos: int, retain: bool, parts: Fanout[Any] | None
@@ -172,24 +185,11 @@ class BridgeLink:
         queue it on the bridge's session (stored, sent when the link has room)."""
         if message is self._inbound:
             return  # it came from the remote through this link: never send it back
-        topic = message.topic
-        for mapping in self.out_topics:
-            if matches(mapping.local_filter, topic):
-                break
-        else:
+        remote = self.mapping.outbound(message)
+        if remote is None:
             self.unmapped += 1
             return
-        remote_topic = mapping.remote_prefix + topic[len(mapping.local_prefix):]
-        qos = min(message.qos, mapping.qos)
-        # (5.0 properties and expiry go along; a 3.1.1 link leaves them out when encoding)
-        remote = attrs.evolve(message, topic=remote_topic, qos=qos, dup=False, packet_id=0)
-        self.session.deliver(remote, qos, message.retain, None)  # type: ignore[union-attr]
-
-    def _local_topic(self, remote_topic: str) -> str | None:
-        for mapping in self.in_topics:
-            if matches(mapping.remote_filter, remote_topic):
-                return mapping.local_prefix + remote_topic[len(mapping.remote_prefix):]
-        return None
+        self.session.deliver(remote, remote.qos, message.retain, None)  # type: ignore[union-attr]
 
     # -- the link ----------------------------------------------------------------------
 
@@ -203,16 +203,9 @@ class BridgeLink:
                 await self._connect_and_serve()
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
                     MQTTError, LinkDown) as exc:
-                problem = str(exc) or type(exc).__name__
-                self.last_error = problem
-                if self.conn is None:
-                    self.connect_failures += 1
-                else:
-                    self.link_losses += 1
+                self._failed(exc)
                 if isinstance(exc, _RetryWithoutPrivate):
-                    self._link_down()
                     continue
-                self._link_down()
                 if time.monotonic() - started >= STABLE_LINK_S:
                     delay = cfg.reconnect_delay_min_s
                 wait_s = random.uniform(delay / 2, delay)
@@ -220,7 +213,7 @@ class BridgeLink:
                 session = self.session
                 log.warning(
                     "bridge %s: %s:%d: %s; %d messages queued for it; retrying in %.1fs",
-                    self.name, cfg.host, cfg.port, problem,
+                    self.name, cfg.host, cfg.port, self.last_error,
                     (session.queued + len(session.inflight)) if session else 0, wait_s,
                 )
                 await trio.sleep(wait_s)
@@ -229,9 +222,25 @@ class BridgeLink:
                 if self.conn is not None:  # cancelled (shutdown)
                     self._link_down()
 
+    def _failed(self, exc: BaseException) -> None:
+        self.last_error = str(exc) or type(exc).__name__
+        if self.conn is None:
+            self.connect_failures += 1
+        else:
+            self.link_losses += 1
+        self._link_down()
+
     async def _connect_and_serve(self) -> None:
-        cfg = self.config
         self.state = "connecting"
+        stream = await self._open_stream()
+        async with stream:
+            exchange, connack = await self._handshake(stream)
+            self._decoder = exchange.decoder
+            conn = self._new_connection(exchange.connect, connack)
+            await self._serve(stream, conn, exchange.leftovers)
+
+    async def _open_stream(self) -> trio.abc.Stream:
+        cfg = self.config
         stream: trio.abc.Stream
         try:
             with trio.fail_after(cfg.connect_timeout_s):
@@ -245,168 +254,155 @@ class BridgeLink:
                         raise LinkDown(f"TLS handshake failed: {exc.__cause__ or exc}") from None
         except trio.TooSlowError:
             raise LinkDown("connect timed out") from None
-        async with stream:
-            decoder = Decoder(protocol_level=self.level)
-            connack = await self._handshake(stream, decoder)
-            conn = Connection(peer=f"{cfg.host}:{cfg.port}", account=self.broker.buffers)
-            conn.client_id = self.client_id
-            conn.protocol_level = self.level
-            conn.on_output = self._output_ready
-            session: Session = self.session  # type: ignore[assignment]
-            if self.level == PROTOCOL_5:  # the remote's limits, from its CONNACK
-                props = connack.properties or {}
-                conn.max_send_size = props.get("maximum_packet_size", 0)
-                conn.topic_alias_out_max = props.get("topic_alias_maximum", 0)
-                limits = self.broker.config.limits_for(self.client_id)
-                window = cfg.max_inflight_messages or limits.max_inflight_messages
-                session.max_inflight = min(window, props.get("receive_maximum", window))
-            self.conn = conn
-            self.state = "connected"
-            self.connects += 1
-            self.connected_at = time.time()
-            log.info(
-                "bridge %s: connected to %s:%d as %r (session present %d, %d messages to "
-                "forward)", self.name, cfg.host, cfg.port, cfg.remote_client_id(),
-                connack.session_present, session.queued + len(session.inflight),
-            )
-            if self.in_topics:
-                self._subscribe_id = self._free_packet_id(session)
-                v5_link = self.level == PROTOCOL_5
-                conn.send_packet(Subscribe(self._subscribe_id, tuple(
-                    # 5.0: No Local (our own messages do not come back), Retain As Published
-                    Subscription(t.remote_filter, t.qos, v5_link, v5_link)
-                    for t in self.in_topics
-                ), {} if v5_link else None))
-            session.attach(conn)  # resend what is in flight (DUP), then the queue
-            try:
-                async with trio.open_nursery() as nursery:
-                    conn.on_close = nursery.cancel_scope.cancel
-                    nursery.start_soon(self._writer, stream, conn)
-                    nursery.start_soon(self._keepalive, conn)
-                    await self._reader(stream, decoder, conn)
-            except BaseExceptionGroup as group:
-                failure = _first_failure(group)
-                if failure is not None:
-                    raise failure from None
-                await _say_goodbye(stream)  # cancelled: shutdown
-                raise
-            except trio.Cancelled:
-                await _say_goodbye(stream)
-                raise
-            raise LinkDown(f"closed: {conn.close_reason or 'by the broker'}")
+        return stream
 
-    async def _handshake(self, stream: trio.abc.Stream, decoder: Decoder) -> ConnAck:
+    async def _handshake(
+        self, stream: trio.abc.Stream
+    ) -> tuple[client_role.Handshake, ConnAck]:
         cfg = self.config
         properties = None
         if self.level == PROTOCOL_5:  # a kept session is kept for good (0xFFFFFFFF)
             properties = {"session_expiry_interval": 0 if cfg.clean_session else 0xFFFFFFFF}
-        packet = Connect(
+        exchange = client_role.Handshake(Connect(
             cfg.remote_client_id(), cfg.clean_session, cfg.keepalive_s,
             self.level | BRIDGE_LEVEL_FLAG if self.private else self.level,
             None, cfg.username, cfg.password.encode() if cfg.password is not None else None,
             properties,
-        )
-        with trio.fail_after(cfg.connect_timeout_s):
-            try:
-                await stream.send_all(packet.encode())
-                while True:
-                    chunk = await stream.receive_some(65536)
-                    if not chunk:
-                        if self.private:  # some brokers close instead of answering 0x01
-                            self.private = False
-                            raise _RetryWithoutPrivate("closed at CONNECT: retrying as a client")
-                        raise LinkDown("closed by the remote during CONNECT")
-                    packets = decoder.feed(chunk)
-                    if packets:
-                        break
-            except trio.TooSlowError:
-                raise LinkDown("no CONNACK in time") from None
-        connack = packets[0]
-        if not isinstance(connack, ConnAck):
-            raise ProtocolError(f"expected CONNACK, got {type(connack).__name__}")
+        ))
+        try:
+            with trio.fail_after(cfg.connect_timeout_s):
+                connack = await client_role.handshake(stream, exchange)
+        except trio.TooSlowError:
+            raise LinkDown("no CONNACK in time") from None
+        if connack is None:
+            if self.private:  # some brokers close instead of answering 0x01
+                self.private = False
+                raise _RetryWithoutPrivate("closed at CONNECT: retrying as a client")
+            raise LinkDown("closed by the remote during CONNECT")
         if connack.return_code == CONNACK_UNACCEPTABLE_PROTOCOL_VERSION and self.private:
             self.private = False
             raise _RetryWithoutPrivate("bridge protocol flag refused: retrying as a client")
         if connack.return_code != 0:
             raise LinkDown(f"connection refused (CONNACK return code {connack.return_code})")
-        return connack
+        return exchange, connack
 
-    @staticmethod
-    def _free_packet_id(session: Session) -> int:
-        packet_id = 65535
-        while packet_id in session.inflight:
-            packet_id -= 1
-        return packet_id
+    def _new_connection(self, connect: Connect, connack: ConnAck) -> Connection:
+        """The link is up: its Connection (the remote's limits from its 5.0 CONNACK)."""
+        cfg = self.config
+        session: Session = self.session  # type: ignore[assignment]
+        conn = Connection(peer=f"{cfg.host}:{cfg.port}", account=self.broker.buffers)
+        conn.client_id = self.client_id
+        conn.protocol_level = self.level
+        conn.session = session  # for the engine's handlers of the remote's packets
+        if self.level == PROTOCOL_5:
+            props = connack.properties or {}
+            conn.max_send_size = props.get("maximum_packet_size", 0)
+            conn.topic_alias_out_max = props.get("topic_alias_maximum", 0)
+            limits = self.broker.config.limits_for(self.client_id)
+            window = cfg.max_inflight_messages or limits.max_inflight_messages
+            session.max_inflight = min(window, props.get("receive_maximum", window))
+        self.conn = conn
+        self.state = "connected"
+        self.connects += 1
+        self.connected_at = time.time()
+        log.info(
+            "bridge %s: connected to %s:%d as %r (session present %d, %d messages to "
+            "forward)", self.name, cfg.host, cfg.port, connect.client_id,
+            connack.session_present, session.queued + len(session.inflight),
+        )
+        return conn
 
-    def _output_ready(self) -> None:
-        self._wake.set()
+    async def _serve(
+        self, stream: trio.abc.Stream, conn: Connection, leftovers: list[Packet]
+    ) -> None:
+        silence_s = self.config.keepalive_s * 1.5 + 1
+        try:
+            task, timed_out = await self._run_tasks(stream, conn, leftovers, silence_s)
+        except BaseExceptionGroup as group:
+            failure = _first_failure(group)
+            if failure is not None:
+                raise failure from None
+            await _say_goodbye(stream)  # cancelled: shutdown
+            raise
+        except trio.Cancelled:
+            await _say_goodbye(stream)
+            raise
+        if task.failure is not None:
+            raise task.failure
+        if task.peer_closed:
+            raise LinkDown("closed by the remote")
+        if timed_out:
+            raise LinkDown(f"no answer from the remote for {silence_s:.0f}s")
+        raise LinkDown(f"closed: {conn.close_reason or 'by the broker'}")
 
-    async def _writer(self, stream: trio.abc.Stream, conn: Connection) -> None:
-        while True:
-            data = conn.data_to_send()
-            if data:
-                await stream.send_all(data)
-                conn.sent(len(data))
-                self.broker.notify_progress()
-                continue
-            self._wake = trio.Event()
-            await self._wake.wait()
+    async def _run_tasks(
+        self, stream: trio.abc.Stream, conn: Connection, leftovers: list[Packet],
+        silence_s: float,
+    ) -> tuple[StreamTask, bool]:
+        """The stream task (reader, writer) and the pings, until the link ends; whether it
+        ended by silence."""
+        async with trio.open_nursery() as nursery:
+            task = StreamTask(
+                self.broker, self.pauses, stream, conn, nursery,
+                handle_data=self._receive, idle_timeout_s=silence_s,
+            )
+            try:
+                self._start(conn, leftovers)
+                nursery.start_soon(self._keepalive, conn)
+                timed_out = await task.serve(trio.current_time() + silence_s)
+            finally:
+                # no writer starts any more (this nursery closes before the link is marked
+                # down): what the session still sends meanwhile waits, to be discarded
+                conn.on_output = _no_writer
+            nursery.cancel_scope.cancel()  # the keepalive (and a writer still sending)
+        return task, timed_out
+
+    def _start(self, conn: Connection, leftovers: list[Packet]) -> None:
+        """Subscribe at the remote (``in`` mappings), resend what is in flight (DUP), then
+        the queue; handle what came with the CONNACK."""
+        session: Session = self.session  # type: ignore[assignment]
+        if self.mapping.in_topics:
+            v5_link = self.level == PROTOCOL_5
+            conn.send_packet(Subscribe(
+                client_role.free_packet_id(range(65535, 0, -1), session.inflight),
+                self.mapping.remote_subscriptions(v5_link), {} if v5_link else None,
+            ))
+        session.attach(conn)
+        for packet in leftovers:
+            self._handle(conn, packet)
 
     async def _keepalive(self, conn: Connection) -> None:
         while True:
             await trio.sleep(self.config.keepalive_s)
-            conn.send(b"\xc0\x00")  # PINGREQ
+            conn.send(client_role.PINGREQ)
 
-    async def _reader(
-        self, stream: trio.abc.Stream, decoder: Decoder, conn: Connection
-    ) -> None:
+    # -- the remote's packets ----------------------------------------------------------
+
+    def _receive(self, conn: Connection, data: bytes) -> None:
+        for packet in self._decoder.feed(data):  # type: ignore[union-attr]
+            self._handle(conn, packet)
+
+    def _handle(self, conn: Connection, packet: Packet) -> None:
         broker = self.broker
-        silence_s = self.config.keepalive_s * 1.5 + 1
-        while True:
-            if broker.reading_paused(conn):
-                await self.pauses.wait_readable(conn)
-            with trio.move_on_after(silence_s):
-                data = await stream.receive_some(65536)
-                if not data:
-                    raise LinkDown("closed by the remote")
-                for packet in decoder.feed(data):
-                    self._handle(conn, packet)
-                continue
-            raise LinkDown(f"no answer from the remote for {silence_s:.0f}s")
-
-    def _handle(self, conn: Connection, packet: Any) -> None:
-        session: Session = self.session  # type: ignore[assignment]
+        broker.begin_packet()  # what the packet writes, its reply waits for
         if isinstance(packet, Publish):
-            self._inbound_publish(conn, session, packet)
+            self._inbound_publish(conn, packet)
         elif isinstance(packet, PubAck):
-            if session.on_puback(packet.packet_id):
+            if publish.on_puback(broker, conn, packet):
                 if packet.reason_code >= 0x80:
                     self._refused(packet)
                 else:
                     self.forwarded += 1
         elif isinstance(packet, PubRec):
-            if packet.reason_code >= 0x80:  # 5.0: refused, the exchange ends
-                if session.on_pubrec_refused(packet.packet_id):
-                    self._refused(packet)
-                return
-            session.on_pubrec(packet.packet_id)
-            conn.send_packet(PubRel(packet.packet_id))
+            if publish.on_pubrec(broker, conn, packet) and packet.reason_code >= 0x80:
+                self._refused(packet)  # 5.0: refused, the exchange ends
         elif isinstance(packet, PubComp):
-            if session.on_pubcomp(packet.packet_id):
+            if publish.on_pubcomp(broker, conn, packet):
                 self.forwarded += 1
         elif isinstance(packet, PubRel):
-            self.broker.begin_packet()
-            if packet.packet_id in session.inbound_qos2:
-                session.inbound_qos2.discard(packet.packet_id)
-                session.writer.submit(  # type: ignore[union-attr]
-                    ops.RemoveInbound(self.client_id, packet.packet_id)
-                )
-            self.broker.reply(conn, PubComp(packet.packet_id).encode())
+            publish.on_pubrel(broker, conn, packet)
         elif isinstance(packet, SubAck):
-            refused = [
-                t.remote_filter for t, code in zip(self.in_topics, packet.return_codes,
-                                                   strict=False) if code >= 0x80
-            ]
+            refused = self.mapping.refused_filters(packet.return_codes)
             if refused:
                 log.warning("bridge %s: the remote refused subscriptions %s", self.name, refused)
             self.subscribed = True
@@ -418,38 +414,36 @@ class BridgeLink:
         log.warning("bridge %s: the remote refused a message (reason code %#04x)", self.name,
                     packet.reason_code)
 
-    def _inbound_publish(self, conn: Connection, session: Session, packet: Publish) -> None:
-        broker = self.broker
+    def _inbound_publish(self, conn: Connection, packet: Publish) -> None:
+        """Published here under its local topic, once (QoS 2: the engine's bookkeeping),
+        and acknowledged after the commit of what that wrote."""
+        session: Session = self.session  # type: ignore[assignment]
         if packet.properties is not None:  # 5.0: keep what is forwarded, make expiry absolute
             packet = v5.inbound(conn, packet, time.time())
-        broker.begin_packet()
         packet_id = packet.packet_id
         qos = packet.qos
-        route = True
-        if qos == 2:
-            if packet_id in session.inbound_qos2:
-                route = False  # a resend: acknowledged again, not routed again
-            else:
-                session.inbound_qos2.add(packet_id)
-                session.writer.submit(  # type: ignore[union-attr]
-                    ops.AddInbound(self.client_id, packet_id)
-                )
-        if route:
-            topic = self._local_topic(packet.topic)
-            if topic is None:
-                self.unmapped += 1
-            else:
-                message = attrs.evolve(packet, topic=topic, dup=False, packet_id=0)
-                self._inbound = message
-                try:
-                    broker.publish(message)
-                finally:
-                    self._inbound = None
-                self.received += 1
-        if qos == 1:
-            broker.reply(conn, PubAck(packet_id).encode(), puback=True)
-        elif qos == 2:
-            broker.reply(conn, PubRec(packet_id).encode())
+        if qos == 2 and packet_id in session.inbound_qos2:
+            pass  # a resend: acknowledged again, not routed again
+        else:
+            if qos == 2:
+                publish.remember_qos2(session, packet_id)
+            self._publish_locally(packet)
+        if qos:
+            kind = PUBACK if qos == 1 else PUBREC
+            self.broker.reply(conn, conn.encode_ack(kind, packet_id), puback=qos == 1)
+
+    def _publish_locally(self, packet: Publish) -> None:
+        topic = self.mapping.local_topic(packet.topic)
+        if topic is None:
+            self.unmapped += 1
+            return
+        message = attrs.evolve(packet, topic=topic, dup=False, packet_id=0)
+        self._inbound = message
+        try:
+            self.broker.publish(message)
+        finally:
+            self._inbound = None
+        self.received += 1
 
     def _link_down(self) -> None:
         conn, self.conn = self.conn, None
@@ -488,6 +482,10 @@ class BridgeLink:
         }
 
 
+def _no_writer() -> None:
+    """The link's tasks have ended: nobody sends any more."""
+
+
 def _tls_context(tls: BridgeTLS) -> ssl.SSLContext:
     """The client-side TLS context of a bridge (files read once, at start-up: a missing or
     broken file stops the broker with the reason)."""
@@ -520,54 +518,3 @@ async def _say_goodbye(stream: trio.abc.Stream) -> None:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
-
-class _RetryWithoutPrivate(LinkDown):
-    """The remote refused the bridge protocol flag: connect again at once without it."""
-
-
-class Bridges:
-    """Every configured bridge, run in one nursery; stopped before the store is flushed."""
-
-    def __init__(self, broker: Broker, pauses: ReadPauses) -> None:
-        self.broker = broker
-        self.links = [BridgeLink(broker, cfg, pauses) for cfg in broker.config.bridges]
-        self._scope = trio.CancelScope()
-        self._done = trio.Event()
-
-    def setup(self) -> None:
-        """Set up the local side of every bridge (after the store is restored, before
-        clients connect). A stored ``$bridge/...`` session of a bridge no longer configured
-        is left to expire like any offline session."""
-        configured = {link.client_id for link in self.links}
-        for client_id, session in self.broker.sessions.items():
-            if client_id.startswith(BRIDGE_PREFIX) and client_id not in configured:
-                if session.disconnected_at is None:
-                    session.disconnected_at = time.time()
-                    self.broker.writer.submit(  # type: ignore[union-attr]
-                        ops.SaveSession(client_id, session.disconnected_at)
-                    )
-                log.warning(
-                    "session %s belongs to a bridge that is no longer configured: its %d "
-                    "stored messages are deleted when the session expires", client_id,
-                    session.queued + len(session.inflight),
-                )
-        for link in self.links:
-            link.setup()
-
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    for link in self.links:
-                        nursery.start_soon(link.run)
-                    task_status.started()
-                    await trio.sleep_forever()
-        finally:
-            self._done.set()
-
-    async def stop(self) -> None:
-        self._scope.cancel()
-        await self._done.wait()
-
-    def stats(self) -> list[dict[str, Any]]:
-        return [link.stats() for link in self.links]
