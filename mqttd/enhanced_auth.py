@@ -20,7 +20,7 @@ from mqttd.codec.errors import BadAuthenticationMethod
 from mqttd.codec.packets import PROTOCOL_5, Auth, Connect
 
 if TYPE_CHECKING:
-    from mqttd.protocol import Connection
+    from mqttd.connection import Connection
 
 SUCCESS = reason.SUCCESS
 CONTINUE = reason.CONTINUE_AUTHENTICATION

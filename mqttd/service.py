@@ -33,9 +33,9 @@ from mqttd.codec import MQTTError
 from mqttd.codec.errors import ServerUnavailable
 from mqttd.codec.packets import Connect
 from mqttd.config import Config
+from mqttd.connection import Connection
 from mqttd.engine import connect
 from mqttd.engine.dispatch import Engine
-from mqttd.protocol import Connection
 from mqttd.security.gatekeeper import Gatekeeper, peer_host
 from mqttd.server.listeners import TCPServer
 from mqttd.server.pauses import ReadPauses

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 class Peer(Recipient, Protocol):
-    """What a session needs of its client's connection (:class:`mqttd.protocol.Connection`
+    """What a session needs of its client's connection (:class:`mqttd.connection.Connection`
     has it): the session sends through it and never imports it."""
 
     outbox_bytes: int

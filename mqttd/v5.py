@@ -27,7 +27,7 @@ from mqttd.subscriptions import SubOptions
 
 class Terms(Protocol):
     """What the 5.0 functions here read and set on a client's connection
-    (:class:`mqttd.protocol.Connection` has them): the terms agreed at CONNECT and the topic
+    (:class:`mqttd.connection.Connection` has them): the terms agreed at CONNECT and the topic
     aliases of each direction."""
 
     max_send_size: int

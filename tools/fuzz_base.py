@@ -36,9 +36,9 @@ from mqttd.codec.packets import (
 from mqttd.topics import SHARE_PREFIX, matches
 
 if TYPE_CHECKING:
-    from mqttd.protocol import Connection
+    from mqttd.connection import Connection
 
-GROUP_KEY = "\x00"  # a share group's key in the trie (mqttd.shared._KEY_PREFIX)
+GROUP_KEY = "\x00"  # a share group's key in the trie (mqttd.share_groups._KEY_PREFIX)
 
 # -- failures -------------------------------------------------------------------------------------
 

@@ -65,9 +65,9 @@ from mqttd.codec.packets import (
 from mqttd.codec.reason import CONNACK_UNACCEPTABLE_PROTOCOL_VERSION
 from mqttd.config import Bridge as BridgeConfig
 from mqttd.config import BridgeTLS
+from mqttd.connection import Connection
 from mqttd.engine import publish
 from mqttd.outqueue import QueueLimits
-from mqttd.protocol import Connection
 from mqttd.server.stream_task import StreamTask
 from mqttd.session import Session
 from persistence import ops

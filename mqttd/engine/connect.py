@@ -18,9 +18,9 @@ from mqttd.codec.kinds import BRIDGE_LEVEL_FLAG
 from mqttd.codec.packets import PROTOCOL_5, PROTOCOL_31, Auth, ConnAck, Connect, Disconnect
 from mqttd.codec.reason import DISCONNECT_WITH_WILL_MESSAGE
 from mqttd.config import BRIDGE_PREFIX
+from mqttd.connection import Connection
 from mqttd.engine import sessions, wills
 from mqttd.engine.state import BrokerState
-from mqttd.protocol import Connection
 from mqttd.security.hooks import Authorizer, SecurityFileError
 from mqttd.session import Session
 from persistence import ops

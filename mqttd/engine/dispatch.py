@@ -1,7 +1,7 @@
 """The engine: the broker without I/O. :class:`Engine` is the :class:`~mqttd.engine.state.
 BrokerState` with the packet dispatch table, driven synchronously by the I/O layer (no
 ``await``, no trio): ``new_connection``, ``handle_data`` (decode, then handle every packet),
-``protocol_error``, ``connection_lost``; output waits in each :class:`~mqttd.protocol.
+``protocol_error``, ``connection_lost``; output waits in each :class:`~mqttd.connection.
 Connection`'s outbox for the I/O layer to send. The handlers are functions over the state in
 engine/connect.py (CONNECT, DISCONNECT, AUTH), publish.py (PUBLISH and its acks), subscribe.py
 (SUBSCRIBE, UNSUBSCRIBE); sessions.py and wills.py hold what happens when a session ends.
@@ -44,9 +44,9 @@ from mqttd.codec.packets import (
     PingReq,
 )
 from mqttd.config import Listener
+from mqttd.connection import Connection
 from mqttd.engine import connect, publish, sessions, subscribe, wills
 from mqttd.engine.state import BrokerState
-from mqttd.protocol import Connection
 from mqttd.session import Session
 from mqttd.topics import InvalidTopic, is_shared
 from persistence.journal import Journal

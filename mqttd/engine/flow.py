@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 if TYPE_CHECKING:
-    from mqttd.protocol import Connection
+    from mqttd.connection import Connection
 
 log = logging.getLogger("mqttd.broker")
 

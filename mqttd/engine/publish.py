@@ -19,8 +19,8 @@ from mqttd.codec.reason import (
     PACKET_IDENTIFIER_NOT_FOUND,
     QUOTA_EXCEEDED,
 )
+from mqttd.connection import Connection
 from mqttd.engine.state import BrokerState
-from mqttd.protocol import Connection
 from mqttd.session import Session
 from persistence import ops
 

@@ -9,9 +9,9 @@ import time
 
 from mqttd.codec.errors import SessionTakenOver
 from mqttd.codec.packets import Will
+from mqttd.connection import Connection
 from mqttd.engine import wills
 from mqttd.engine.state import BrokerState
-from mqttd.protocol import Connection
 from mqttd.session import Session
 from mqttd.subscriptions import SubOptions
 from mqttd.topics import is_shared

@@ -22,16 +22,16 @@ from mqttd.acl import CachedAuthorizer
 from mqttd.codec import MQTTError, PacketTooLarge
 from mqttd.codec.packets import PROTOCOL_5, ConnAck, Packet, Publish, Will
 from mqttd.config import Config
+from mqttd.connection import BufferAccount, Connection
 from mqttd.engine.flow import Pacing
 from mqttd.engine.timers import TimerQueue
 from mqttd.outqueue import DropCounters, QueueLimits
-from mqttd.protocol import BufferAccount, Connection
 from mqttd.retained import RetainedStore
 from mqttd.router import Router
 from mqttd.security.gatekeeper import Gatekeeper, LoginRateLimiter
 from mqttd.security.hooks import Authenticator, Authorizer
 from mqttd.session import Session
-from mqttd.shared import ShareGroups
+from mqttd.share_groups import ShareGroups
 from persistence import ops
 from persistence.journal import Journal
 

@@ -24,9 +24,9 @@ from mqttd.codec.reason import (
     SUBACK_FAILURE,
     TOPIC_FILTER_INVALID,
 )
+from mqttd.connection import Connection
 from mqttd.engine import sessions
 from mqttd.engine.state import BrokerState
-from mqttd.protocol import Connection
 from mqttd.session import Session
 from mqttd.subscriptions import SubOptions
 from mqttd.topics import InvalidTopic, is_shared, parse_shared, validate_topic_filter

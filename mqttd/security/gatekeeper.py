@@ -20,7 +20,7 @@ from mqttd.security.hooks import Authenticator
 
 if TYPE_CHECKING:
     from mqttd.codec.packets import Connect
-    from mqttd.protocol import Connection
+    from mqttd.connection import Connection
 
 log = logging.getLogger("mqttd.auth")
 

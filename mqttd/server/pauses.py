@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import trio
 
 if TYPE_CHECKING:
+    from mqttd.connection import Connection
     from mqttd.engine.dispatch import Engine
-    from mqttd.protocol import Connection
 
 
 class ReadPauses:

@@ -1,4 +1,4 @@
-"""The reader and writer around one :class:`~mqttd.protocol.Connection` and the trio
+"""The reader and writer around one :class:`~mqttd.connection.Connection` and the trio
 ``Stream`` it runs on (TCP, TLS, WebSocket): the client connections of the listeners
 (:class:`ClientHandler`) and the bridges' links to their remote brokers
 (``mqttd.bridge.link``) alike.
@@ -27,8 +27,8 @@ from mqttd.codec.errors import KeepAliveTimeout
 
 if TYPE_CHECKING:
     from mqttd.config import Listener
+    from mqttd.connection import Connection
     from mqttd.engine.dispatch import Engine
-    from mqttd.protocol import Connection
     from mqttd.server.pauses import ReadPauses
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from mqttd.broker import Broker, running
 from mqttd.codec import Decoder
 from mqttd.codec.packets import Connect, PingReq, PubAck, Publish, Subscribe, Subscription
 from mqttd.config import ClientOverride, Config, Limits, Listener, Persistence
-from mqttd.protocol import Connection
+from mqttd.connection import Connection
 from persistence.writer import GroupCommitWriter
 from tests.conftest import make_config
 from tools import fuzz5

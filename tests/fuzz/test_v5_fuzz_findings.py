@@ -22,7 +22,7 @@ from mqttd.codec.packets import (
     Subscription,
 )
 from mqttd.config import Config, Listener, Persistence
-from mqttd.protocol import Connection
+from mqttd.connection import Connection
 from tools.fuzz import check_decoder
 
 

@@ -9,7 +9,7 @@ from mqttd.broker import Broker
 from mqttd.codec import Decoder
 from mqttd.codec.packets import Connect, PubAck, Publish, Subscribe, Subscription
 from mqttd.config import ClientOverride
-from mqttd.protocol import Connection
+from mqttd.connection import Connection
 from tests.conftest import make_config
 
 

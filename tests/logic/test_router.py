@@ -7,7 +7,7 @@ import pytest
 
 from mqttd.codec import Decoder
 from mqttd.codec.packets import Publish
-from mqttd.protocol import Connection
+from mqttd.connection import Connection
 from mqttd.router import Router
 from mqttd.session import Session
 

@@ -7,9 +7,9 @@ import pytest
 
 from mqttd.codec import Decoder, ProtocolError
 from mqttd.codec.packets import Publish, PubRel
+from mqttd.connection import Connection
 from mqttd.delivery import new_fanout
 from mqttd.outqueue import QueueLimits
-from mqttd.protocol import Connection
 from mqttd.session import Session
 
 
