@@ -15,7 +15,7 @@ import attrs
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # client ids of the local sessions of bridges (reserved: a client may not use them)
 BRIDGE_PREFIX = "$bridge/"
-OVERFLOW_POLICIES = ("drop_oldest", "drop_new", "disconnect")
+OVERFLOW_POLICIES = ("drop_oldest", "drop_new", "refuse", "disconnect")
 MQTT_MAX_PACKET_SIZE_BYTES = 268_435_455 + 5  # largest remaining length + fixed header
 
 
@@ -91,6 +91,12 @@ def _overflow_policy(v: str) -> str | None:
     if v in OVERFLOW_POLICIES:
         return None
     return f"must be one of {', '.join(OVERFLOW_POLICIES)}, got {reprlib.repr(v)}"
+
+
+def _rate_policy(v: str) -> str | None:
+    if v in ("pause", "refuse"):
+        return None
+    return f"must be pause or refuse, got {reprlib.repr(v)}"
 
 
 def _optional(validator: Any) -> Any:
@@ -173,6 +179,11 @@ class Limits:
         default=10.0, converter=_to_float, validator=_checked(float, _positive)
     )
     max_connections: int = attrs.field(default=-1, validator=_checked(int, _no_limit_or_positive))
+    # new connections accepted per second, broker-wide (-1: no limit); over it a client is
+    # answered CONNACK 0x9F Connection rate exceeded (3.1.1: 0x03) and closed
+    max_connection_rate_per_s: float = attrs.field(
+        default=-1.0, converter=_to_float, validator=_checked(float, _no_limit_or_positive_f)
+    )
     max_inflight_messages: int = attrs.field(default=20, validator=_at_least(1))
     max_queued_messages: int = attrs.field(default=1000, validator=_at_least(1))
     max_keepalive_s: int = attrs.field(default=65535, validator=_between(0, 65535))
@@ -181,6 +192,16 @@ class Limits:
     )
     overflow_policy: str = attrs.field(
         default="drop_oldest", converter=_lower, validator=_checked(str, _overflow_policy)
+    )
+    # persistent sessions' queues live on disk (a page in RAM): budgets of a message queue
+    persistent_max_queued_messages: int = attrs.field(
+        default=-1, validator=_checked(int, _no_limit_or_positive)
+    )
+    persistent_max_queued_bytes: int = attrs.field(
+        default=1_073_741_824, validator=_checked(int, _no_limit_or_positive)
+    )
+    persistent_overflow_policy: str = attrs.field(
+        default="refuse", converter=_lower, validator=_checked(str, _overflow_policy)
     )
     qos0_buffer_bytes: int = attrs.field(default=262_144, validator=_at_least(0))
     max_buffered_bytes: int = attrs.field(
@@ -192,6 +213,12 @@ class Limits:
     max_topic_levels: int = attrs.field(default=-1, validator=_checked(int, _no_limit_or_positive))
     max_publish_rate_per_s: float = attrs.field(
         default=-1.0, converter=_to_float, validator=_checked(float, _no_limit_or_positive_f)
+    )
+    # over max_publish_rate_per_s: "pause" stops reading from the client (TCP backpressure),
+    # "refuse" answers a 5.0 client's QoS 1/2 PUBLISH 0x97 Quota exceeded (QoS 0 dropped and
+    # counted) and pauses 3.1.1 clients, which cannot be told
+    over_publish_rate: str = attrs.field(
+        default="pause", converter=_lower, validator=_checked(str, _rate_policy)
     )
     stalled_output_timeout_s: float = attrs.field(
         default=5.0, converter=_to_float, validator=_checked(float, _positive)
@@ -406,6 +433,14 @@ class Persistence:
     )
     queue_page_messages: int = attrs.field(default=4096, validator=_at_least(1))
     max_pending_writes: int = attrs.field(default=50_000, validator=_at_least(1))
+    # room on disk: over the budget (-1: none) or under the free-space reserve, messages
+    # that need storing are refused (MQTT 5: Quota exceeded) or their publishers held
+    # (3.1.1) until there is room again; looked at again every storage_check_interval_s
+    max_disk_bytes: int = attrs.field(default=-1, validator=_checked(int, _no_limit_or_positive))
+    min_free_disk_bytes: int = attrs.field(default=67_108_864, validator=_at_least(0))
+    storage_check_interval_s: float = attrs.field(
+        default=1.0, converter=_to_float, validator=_checked(float, _positive)
+    )
 
     @property
     def in_memory(self) -> bool:
@@ -450,8 +485,10 @@ class Config:
     logging: Logging = attrs.field(factory=Logging)
     bridges: tuple[Bridge, ...] = attrs.field(default=(), validator=_checked(tuple, _unique_names))
 
-    def limits_for(self, client_id: str) -> ClientLimits:
-        """``limits`` with the first matching entry of ``client_overrides`` applied."""
+    def limits_for(self, client_id: str, persistent: bool = False) -> ClientLimits:
+        """``limits`` for a clean or a ``persistent`` session of ``client_id``, with the
+        first matching entry of ``client_overrides`` applied (its queue keys apply to both
+        kinds of session)."""
         limits = self.limits
         values: dict[str, Any] = {
             "max_inflight_messages": limits.max_inflight_messages,
@@ -459,6 +496,10 @@ class Config:
             "max_queued_bytes": limits.max_queued_bytes,
             "overflow_policy": limits.overflow_policy,
         }
+        if persistent:
+            values["max_queued_messages"] = limits.persistent_max_queued_messages
+            values["max_queued_bytes"] = limits.persistent_max_queued_bytes
+            values["overflow_policy"] = limits.persistent_overflow_policy
         for override in self.client_overrides:
             if override.matches(client_id):
                 for key in values:

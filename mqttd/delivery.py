@@ -64,17 +64,25 @@ def encode_delivery(
     retain: bool,
     fanout: Fanout[Any] | None,
     sub_ids: tuple[int, ...] | None,
-    dup: bool = False,
 ) -> tuple[bytes, bytes] | None:
     """The PUBLISH of one delivery for ``conn`` as (head, tail) around the packet id: the
     one 3.1.1/5.0 switch. Shared through ``fanout`` where nothing in it is specific to this
     connection (``None``: encode for this delivery only, e.g. a retained message sent on
     SUBSCRIBE). None when it is larger than a 5.0 client's Maximum Packet Size."""
     if conn.protocol_level == PROTOCOL_5:
-        return v5.publish_parts(conn, message, qos, retain, fanout, sub_ids, dup)
-    if fanout is None or dup:
-        return encode_publish_parts(message.topic, message.payload, qos, retain, dup)
+        return v5.publish_parts(conn, message, qos, retain, fanout, sub_ids)
+    if fanout is None:
+        return encode_publish_parts(message.topic, message.payload, qos, retain)
     parts = fanout[qos]
     if parts is None:
         parts = fanout[qos] = encode_publish_parts(message.topic, message.payload, qos, retain)
     return parts  # type: ignore[no-any-return]
+
+
+def encode_resend(
+    conn: Recipient, message: Publish, qos: int, retain: bool, sub_ids: tuple[int, ...] | None
+) -> tuple[bytes, bytes] | None:
+    """A delivery sent again on a new connection (DUP=1), as :func:`encode_delivery`."""
+    if conn.protocol_level == PROTOCOL_5:
+        return v5.publish_parts(conn, message, qos, retain, None, sub_ids, True)
+    return encode_publish_parts(message.topic, message.payload, qos, retain, True)

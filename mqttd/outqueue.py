@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DROP_OLDEST = "drop_oldest"
 DROP_NEW = "drop_new"
+REFUSE = "refuse"  # as drop_new, and a 5.0 publisher is told (Quota exceeded)
 DISCONNECT = "disconnect"
 DROP_LOG_INTERVAL_S = 60.0
 
@@ -44,7 +45,7 @@ DROP_LOG_INTERVAL_S = 60.0
 @attrs.frozen
 class QueueLimits:
     """A session's queue budget: at most ``max_messages`` and ``max_bytes`` of payload
-    (-1: no byte limit); ``policy`` says what happens to a message over it."""
+    (-1: no limit); ``policy`` says what happens to a message over it."""
 
     max_messages: int = 1000
     max_bytes: int = -1
@@ -58,6 +59,10 @@ class DropCounters:
 
     dropped: int = 0  # QoS 1/2 messages dropped by a queue budget
     dropped_qos0: int = 0  # QoS 0 messages dropped because the client's output was backed up
+    refused: int = 0  # QoS 1/2 messages a full queue refused (overflow_policy refuse)
+    # the queues under overflow_policy refuse that are full (the next message would not
+    # fit): the engine refuses a 5.0 publisher's message for them before routing it
+    full: set[OutQueue] = attrs.Factory(set)
 
 
 @attrs.define(eq=False)
@@ -80,6 +85,7 @@ class OutQueue:
     # counters
     dropped: int = 0
     dropped_qos0: int = 0
+    refused: int = 0
     expired: int = 0  # 5.0 messages whose expiry interval passed while queued
     _next_drop_log: float = 0.0
 
@@ -97,17 +103,21 @@ class OutQueue:
 
     def over_budget(self, extra_messages: int = 0, extra_bytes: int = 0) -> bool:
         limits = self.limits
-        if len(self) + extra_messages > limits.max_messages:
+        if 0 <= limits.max_messages < len(self) + extra_messages:
             return True
-        return limits.max_bytes >= 0 and self.bytes + extra_bytes > limits.max_bytes
+        return 0 <= limits.max_bytes < self.bytes + extra_bytes
 
     def refuses(self, size: int) -> bool:
-        """Under drop_new or disconnect: True (counted as dropped) when one more message of
-        ``size`` payload bytes does not fit. Under drop_oldest it always fits (:meth:`trim`
-        makes room after it is added)."""
-        if self.limits.policy == DROP_OLDEST or not self.over_budget(1, size):
+        """Under drop_new, refuse or disconnect: True (counted as dropped, or refused) when
+        one more message of ``size`` payload bytes does not fit. Under drop_oldest it always
+        fits (:meth:`trim` makes room after it is added)."""
+        policy = self.limits.policy
+        if policy == DROP_OLDEST or not self.over_budget(1, size):
             return False
-        self._count_drop()
+        if policy == REFUSE:
+            self.count_refused()
+        else:
+            self._count_drop()
         return True
 
     # -- adding ------------------------------------------------------------------------
@@ -120,6 +130,7 @@ class OutQueue:
         ram.append(delivery)
         self.bytes += size
         self.trim()
+        self._check_full()
 
     def place(self, delivery: Delivery, size: int, online: bool) -> None:
         """Queue a persistent session's delivery, already journalled, in RAM while its
@@ -138,6 +149,7 @@ class OutQueue:
             self.disk_count += 1
             self.disk_sizes.append(size)
         self.bytes += size
+        self._check_full()
 
     # -- budgets -----------------------------------------------------------------------
 
@@ -183,6 +195,15 @@ class OutQueue:
         self.counters.dropped += 1
         self._log_drop()
 
+    def count_refused(self) -> None:
+        self.refused += 1
+        self.counters.refused += 1
+        self._log_drop()
+
+    def _check_full(self) -> None:
+        if self.limits.policy == REFUSE and self.over_budget(1, 0):
+            self.counters.full.add(self)
+
     def count_qos0_drop(self) -> None:
         """A QoS 0 message not sent because the client's output was backed up."""
         self.dropped_qos0 += 1
@@ -195,8 +216,9 @@ class OutQueue:
             self._next_drop_log = now + DROP_LOG_INTERVAL_S
             log.warning(
                 "client %s: dropping messages (%s; queue %d messages, %d bytes): %d dropped, "
-                "%d QoS 0 dropped so far", self.client_id, self.limits.policy, len(self),
-                self.bytes, self.dropped, self.dropped_qos0,
+                "%d refused, %d QoS 0 dropped so far", self.client_id,
+                self.limits.policy, len(self), self.bytes, self.dropped, self.refused,
+                self.dropped_qos0,
             )
 
     # -- taking ------------------------------------------------------------------------

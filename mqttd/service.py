@@ -45,6 +45,7 @@ from persistence.writer import GroupCommitWriter
 log = logging.getLogger("mqttd.broker")
 
 SHUTDOWN_FLUSH_TIMEOUT_S = 5.0
+SHUTDOWN_STORE_TIMEOUT_S = 30.0  # the last commits; longer only when the disk cannot take them
 AUTH_THREADS = 2  # worker threads for slow password hashes (a bounded share of the CPU)
 
 
@@ -95,7 +96,13 @@ class Broker(Engine):
                 log.info("shutting down: %d connections", len(self.connections))
                 await server.shutdown(SHUTDOWN_FLUSH_TIMEOUT_S)
                 await bridges.stop()  # after the wills, which may be bridged
-                await writer.flush()  # storage last: everything the connections left
+                with trio.move_on_after(SHUTDOWN_STORE_TIMEOUT_S):
+                    await writer.flush()  # storage last: everything the connections left
+                if writer.pending:
+                    log.error(
+                        "stopping with %d writes not stored (%s); none of them was "
+                        "acknowledged", writer.pending, writer.storage_problem or "too slow",
+                    )
                 log.info(
                     "store flushed: %d commits, %d writes", writer.commits, writer.ops_written
                 )
@@ -117,8 +124,12 @@ class Broker(Engine):
         path = MEMORY if cfg.in_memory else str(cfg.db_path())
         store = SqliteStore.open(path, cfg.durability)
         snapshot = store.load(time.time(), cfg.session_expiry_s)
-        writer = GroupCommitWriter(store, cfg.max_pending_writes)
+        writer = GroupCommitWriter(
+            store, cfg.max_pending_writes, max_disk_bytes=cfg.max_disk_bytes,
+            min_free_bytes=cfg.min_free_disk_bytes, retry_s=cfg.storage_check_interval_s,
+        )
         writer.on_commit = self._on_commit
+        writer.on_storage = self.storage_changed
         self.writer = writer
         self.restore(snapshot)
         log.info(

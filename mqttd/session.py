@@ -28,6 +28,7 @@ from mqttd.delivery import (
     Fanout,
     Recipient,
     encode_delivery,
+    encode_resend,
     new_delivery,
 )
 from mqttd.outqueue import DISCONNECT, DropCounters, OutQueue, QueueLimits
@@ -147,6 +148,7 @@ class Session:
             "sent": self.sent,
             "dropped": out.dropped,
             "dropped_qos0": out.dropped_qos0,
+            "refused": out.refused,
             "expired": out.expired,
             "too_large": self.too_large,
         }
@@ -181,7 +183,8 @@ class Session:
             if encoded is None:
                 self.too_large += 1
                 return
-            conn.send_parts(encoded[0], b"", encoded[1])
+            head, tail = encoded
+            conn.send_parts(head, b"", tail)
             self.sent += 1
             return
         out = self.out
@@ -419,7 +422,7 @@ class Session:
         if message is None:
             conn.send_packet(PubRel(packet_id))
             return True
-        encoded = encode_delivery(conn, message, qos, retain, None, ids, True)
+        encoded = encode_resend(conn, message, qos, retain, ids)
         if encoded is None:  # this client accepts smaller packets than the last one
             self.too_large += 1
             del self.inflight[packet_id]

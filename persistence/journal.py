@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from persistence.ops import Op
+from persistence.store import Usage
 
 
 class Journal(Protocol):
@@ -17,6 +18,10 @@ class Journal(Protocol):
     next_message_id: int
     commits: int
     ops_written: int
+    accepting: bool  # room on disk for new data
+    storage_problem: str  # why not, while not accepting
+    storage_failures: int  # commits the disk could not take (tried again)
+    usage: Usage | None  # the database's size and its filesystem's free bytes
 
     @property
     def pending(self) -> int:

@@ -8,6 +8,7 @@ Everything here is synchronous and runs on the writer's worker thread (one conne
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from array import array
@@ -39,10 +40,28 @@ class CorruptDatabase(sqlite3.DatabaseError):
     """The file is not a SQLite database, or fails its integrity check."""
 
 
+class StorageFull(StoreError):
+    """A transaction could not be written: the disk (or the filesystem's quota) is full, or
+    writing failed. Nothing of it was applied; the same batch can be applied again later."""
+
+
+@attrs.frozen
+class Usage:
+    """How much the database holds and how much room its filesystem has left, in bytes
+    (``free`` is None for a database in memory)."""
+
+    used: int
+    free: int | None
+
+
 # result codes that mean the file itself is damaged (sqlite3.h); anything else (locked,
 # busy, cannot open, permissions) must never cause a healthy file to be moved aside
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
+# result codes of a write the disk could not take (disk full, I/O error): the transaction is
+# rolled back and can be retried once there is room
+_SQLITE_IOERR = 10
+_SQLITE_FULL = 13
 
 
 InflightRow = tuple[int, int, int, int, bool, str, bytes, bytes | None, float | None]
@@ -255,11 +274,41 @@ class SqliteStore:
                 i = j
             conn.execute(_DELETE_UNREFERENCED)
             conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error) and _is_storage_failure(exc):
+                raise StorageFull(f"cannot write to {self.path}: {exc}") from exc
             raise
         return results
+
+    def usage(self) -> Usage:
+        """Bytes in use by the database (pages holding data; the write-ahead log is reused
+        and not counted, though the filesystem's free space reflects it), and the room it
+        has for new data: bytes free on its filesystem for an unprivileged
+        writer plus the database's own free pages (reused before the file grows; the file
+        does not shrink when messages are deleted)."""
+        conn = self.conn
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free_pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        used = (pages - free_pages) * page_size
+        if self.path == MEMORY:
+            return Usage(used, None)
+        try:
+            stat = os.statvfs(Path(self.path).parent)
+        except OSError:
+            return Usage(used, None)
+        return Usage(used, stat.f_bavail * stat.f_frsize + free_pages * page_size)
+
+    def make_room(self) -> None:
+        """After a write the disk could not take: copy the write-ahead log into the database
+        and truncate it, which gives its space back to the filesystem when the database has
+        free pages to take it (best effort)."""
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.debug("checkpoint after a failed write: %s", exc)
 
     # -- reading back ----------------------------------------------------------------------
 
@@ -445,6 +494,11 @@ def _check_integrity(conn: sqlite3.Connection) -> None:
     conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
 
 
+def _is_storage_failure(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and (code & 0xFF) in (_SQLITE_FULL, _SQLITE_IOERR)
+
+
 def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
     if isinstance(exc, CorruptDatabase):
         return True
@@ -467,4 +521,7 @@ def _move_aside(path: Path) -> Path:
     return aside
 
 
-__all__ = ["MIGRATION_SET", "NewerSchemaError", "Snapshot", "SqliteStore", "StoreError"]
+__all__ = [
+    "MIGRATION_SET", "NewerSchemaError", "Snapshot", "SqliteStore", "StorageFull", "StoreError",
+    "Usage",
+]

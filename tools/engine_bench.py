@@ -36,11 +36,14 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--store", action="store_true")
+    parser.add_argument("--subscribers", type=int, default=1,
+                        help="fan-out: this many subscribers on bench/# (default 1)")
     args = parser.parse_args()
-    print(f"{run(args.qos, args.messages, args.repeats, args.store):.0f} ns per message")
+    ns = run(args.qos, args.messages, args.repeats, args.store, args.subscribers)
+    print(f"{ns:.0f} ns per message")
 
 
-def run(qos: int, messages: int, repeats: int, store: bool) -> float:
+def run(qos: int, messages: int, repeats: int, store: bool, subscribers: int = 1) -> float:
     config = Config(
         persistence=Persistence(db_file=":memory:"),
         limits=Limits(max_queued_messages=10**8, max_queued_bytes=-1, qos0_buffer_bytes=1 << 30,
@@ -52,11 +55,14 @@ def run(qos: int, messages: int, repeats: int, store: bool) -> float:
         from persistence.writer import GroupCommitWriter
 
         broker.writer = GroupCommitWriter(SqliteStore.open(":memory:", "process_crash"))
-    sub = broker.new_connection("sub:1")
-    sub.on_output = lambda: None
-    broker.handle_data(sub, Connect("sub").encode()
-                       + Subscribe(1, (Subscription("bench/#", qos),)).encode())
-    sub.data_to_send()
+    subs = []
+    for n in range(subscribers):
+        sub = broker.new_connection(f"sub:{n}")
+        sub.on_output = lambda: None
+        broker.handle_data(sub, Connect(f"sub{n}").encode()
+                           + Subscribe(1, (Subscription("bench/#", qos),)).encode())
+        sub.data_to_send()
+        subs.append(sub)
     pub = broker.new_connection("pub:1")
     pub.on_output = lambda: None
     broker.handle_data(pub, Connect("pub").encode())
@@ -76,12 +82,14 @@ def run(qos: int, messages: int, repeats: int, store: bool) -> float:
         for chunk in chunks:
             broker.handle_data(pub, chunk)
             pub.data_to_send()
-            out = sub.data_to_send()
-            if qos:
-                acks = b"".join(PubAck(p.packet_id).encode() for p in decoder.feed(out)
-                                if isinstance(p, Publish))
-                broker.handle_data(sub, acks)
-                sub.data_to_send()
+            for sub in subs:
+                out = sub.data_to_send()
+                sub.sent(len(out))
+                if qos:
+                    acks = b"".join(PubAck(p.packet_id).encode() for p in decoder.feed(out)
+                                    if isinstance(p, Publish))
+                    broker.handle_data(sub, acks)
+                    sub.data_to_send()
         if messages:
             best = min(best, (time.perf_counter_ns() - began) / messages)
     return best if messages else 0.0

@@ -283,6 +283,11 @@ def random_config(rng: random.Random) -> Config:
         max_queued_messages=rng.choice((1, 2, 5, 100, 1000)),
         max_queued_bytes=rng.choice((-1, 8, 100, 16_777_216)),
         overflow_policy=rng.choice(OVERFLOW_POLICIES),
+        persistent_max_queued_messages=rng.choice((-1, 1, 2, 5, 100)),
+        persistent_max_queued_bytes=rng.choice((-1, 8, 100, 16_777_216)),
+        persistent_overflow_policy=rng.choice(OVERFLOW_POLICIES),
+        output_high_watermark_bytes=rng.choice((1, 64, 262_144)),
+        queue_high_watermark_messages=rng.choice((1, 2, 256)),
         qos0_buffer_bytes=rng.choice((0, 64, 262_144)),
         max_inbound_qos2=rng.choice((1, 2, 1000)),
         max_keepalive_s=rng.choice((65535, 100)),
@@ -531,7 +536,7 @@ class BrokerFuzzer:
             fail(f"{peer}: the broker sent {data.hex()} to a connection it was told is lost")
         peer.taken += len(data)
         if not peer.slow:
-            conn.sent(peer.taken)
+            self.broker.output_sent(conn, peer.taken)
             peer.taken = 0
         if peer.v5 is None and not peer.connacked and conn.protocol_level == PROTOCOL_5:
             peer.v5 = fuzz5.Client5.starting(peer.opening)  # the broker took a 5.0 CONNECT
@@ -710,7 +715,7 @@ class BrokerFuzzer:
         elif name == "flush":
             peer = self._pick(action[1], connected=False)
             if peer is not None and peer.taken:
-                peer.conn.sent(peer.taken)
+                self.broker.output_sent(peer.conn, peer.taken)
                 peer.taken = 0
         elif name == "slow":
             peer = self._pick(action[1], connected=False)
@@ -874,17 +879,47 @@ class BrokerFuzzer:
                 return  # the I/O layer stops reading once the broker closes the connection
             if not peer.connacked and len(peer.opening) < 4096:
                 peer.opening += chunk  # (its CONNECT, for the 5.0 checks)
-            try:
-                self.broker.handle_data(peer.conn, chunk)
-            except MQTTError as exc:
-                peer.handling = None
-                peer.resending = False
-                self.broker.protocol_error(peer.conn, exc)
-                if not peer.conn.closing:
-                    fail(f"{peer}: protocol_error({exc!r}) left the connection open")
+            if not self._read(peer, chunk):
                 return
+
+    def _read(self, peer: Peer, chunk: bytes) -> bool:
+        """Hand ``chunk`` to the broker as the stream task does: a publisher the broker holds
+        (flow control: a backlogged subscriber, the publish rate) is read again only once
+        released, and what it sent before is handled first. Time passes here until it is
+        released: its subscribers count as stalled, its rate tokens refill. False when the
+        connection ended on a protocol error."""
+        conn = peer.conn
+        broker = self.broker
+        while conn.held_by or conn.held_packets is not None or conn.publish_tokens < 0:
+            if conn.closing:
+                return False
+            if conn.held_by:
+                broker.flow.release_stalled(conn, math.inf)
+                if conn.held_by:  # held at the store's gate: the fuzzer's store has room
+                    fail(f"{peer}: held by {sorted(c.name for c in conn.held_by)} for ever")
+            if conn.publish_tokens < 0:
+                broker.publish_rate_delay(conn, conn.tokens_at + 1e6)
+            if not self._handle(peer, None):
+                return False
+        return self._handle(peer, chunk)
+
+    def _handle(self, peer: Peer, chunk: bytes | None) -> bool:
+        """``handle_data(chunk)``, or ``resume`` the held packets (``chunk`` None)."""
+        try:
+            if chunk is None:
+                self.broker.resume(peer.conn)
+            else:
+                self.broker.handle_data(peer.conn, chunk)
+        except MQTTError as exc:
             peer.handling = None
             peer.resending = False
+            self.broker.protocol_error(peer.conn, exc)
+            if not peer.conn.closing:
+                fail(f"{peer}: protocol_error({exc!r}) left the connection open")
+            return False
+        peer.handling = None
+        peer.resending = False
+        return True
 
     def lose(self, peer: Peer) -> None:
         self.broker.connection_lost(peer.conn)

@@ -339,7 +339,7 @@ def check_broker(broker: Broker, deep: bool = True) -> None:
         queued, queued_bytes = len(out), out.bytes
         if queued < 0 or queued_bytes < 0:
             fail(f"session {client_id!r}: queued {queued}, queued_bytes {queued_bytes}")
-        if queued > out.limits.max_messages:
+        if 0 <= out.limits.max_messages < queued:
             fail(f"session {client_id!r}: {queued} queued > max_queued {out.limits.max_messages}")
         if 0 <= out.limits.max_bytes < queued_bytes:
             fail(f"session {client_id!r}: {queued_bytes} bytes queued > max_queued_bytes "

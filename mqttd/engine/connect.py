@@ -98,7 +98,7 @@ def accept(
             client_id,
             persistent=persistent,
             writer=state.writer if persistent else None,
-            **state.session_limits(client_id),
+            **state.session_limits(client_id, persistent),
         )
         state.sessions[client_id] = session
     _bind_session(state, conn, session, packet, username, expiry_s)
@@ -157,10 +157,9 @@ def _bind_session(
     window = state.config.limits_for(client_id).max_inflight_messages
     session.max_inflight = min(window, (packet.properties or {}).get("receive_maximum", window))
     # pace before the queue budget drops anything (mqttd.engine.flow)
-    conn.pace_messages = max(1, min(
-        state.config.limits.queue_high_watermark_messages,
-        session.out.limits.max_messages // 2,
-    ))
+    high = state.config.limits.queue_high_watermark_messages
+    budget = session.out.limits.max_messages
+    conn.pace_messages = max(1, min(high, budget // 2)) if budget >= 0 else high
     if session.writer is not None:
         session.writer.submit(ops.SaveSession(client_id, None, expiry_s))
     conn.session = session

@@ -21,7 +21,7 @@ import logging
 import time
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import attrs
 
@@ -99,6 +99,7 @@ class Engine(BrokerState):
             pace_bytes=self.config.limits.output_high_watermark_bytes,
             pace_messages=self.config.limits.queue_high_watermark_messages,
             on_fed=self.flow.fed,
+            publish_tokens=max(self.publish_rate, 1.0),  # the bucket starts full
         )
         self.connections.add(conn)
         self.connections_total += 1
@@ -146,9 +147,13 @@ class Engine(BrokerState):
                 if writer is not None:
                     self.packet_ticket = writer.ticket  # see BrokerState.reply
                 handlers[packet.TYPE](conn, packet)
-                if conn.held_by:  # held by a backlogged subscriber: the rest waits
-                    if index + 1 < len(packets):
-                        conn.held_packets = packets[index + 1 :]
+                if conn.held_by or conn.publish_tokens < 0:
+                    # held (a backlogged subscriber, the store), or over the publish rate
+                    # (the reader waits for tokens): the rest waits
+                    rest = packets[index + 1 :]
+                    if rest:
+                        held = conn.held_packets
+                        conn.held_packets = rest if held is None else held + rest
                     return
         finally:
             flow.current = None
@@ -282,11 +287,13 @@ class Engine(BrokerState):
             "queued": sum(s.queued for s in self.sessions.values()),
             "dropped": self.drops.dropped,
             "dropped_qos0": self.drops.dropped_qos0,
+            "refused": self.drops.refused,
             "buffered_bytes": self.buffers.bytes,
             "read_pauses": self.read_pauses,
             "stalled_disconnects": self.stalled_disconnects,
             "limits_exceeded": sum(self.limits_exceeded.values()),
             "rate_limited": self.limits_exceeded.get("publish_rate", 0),
+            "rate_refused": self.rate_refused,
             "auth_failures": self.gate.limiter.failures,
             "auth_rate_limited": self.gate.limiter.refused,
             "acl_denied_publish": self.acl_denied_publish,
@@ -295,7 +302,30 @@ class Engine(BrokerState):
             "store_commits": writer.commits if writer is not None else 0,
             "store_writes": writer.ops_written if writer is not None else 0,
             "store_pending": writer.pending if writer is not None else 0,
+            **self._storage_stats(),
+            **self._flow_stats(),
             **self.shares.stats(),
+        }
+
+    def _storage_stats(self) -> dict[str, int]:
+        writer = self.writer
+        usage = writer.usage if writer is not None else None
+        return {
+            "storage_ok": int(self.storage_ok),
+            "storage_refused": self.storage_refused,
+            "storage_holds": self.storage_holds,
+            "storage_failures": writer.storage_failures if writer is not None else 0,
+            "store_bytes": usage.used if usage is not None else 0,
+            "store_free_bytes": usage.free if usage is not None and usage.free is not None
+            else -1,
+        }
+
+    def _flow_stats(self) -> dict[str, int]:
+        flow = self.flow
+        return {
+            "publisher_holds": flow.holds,
+            "publishers_held": len(flow.held),
+            "stalled_subscribers": flow.stalls,
         }
 
     def client_stats(self, client_id: str) -> dict[str, int | bool] | None:
@@ -304,8 +334,10 @@ class Engine(BrokerState):
         if session is None:
             return None
         result = session.stats()
-        conn = session.connection
+        conn = cast("Connection | None", session.connection)
         result["buffered_bytes"] = conn.outbox_bytes if conn is not None else 0
+        result["times_held"] = conn.times_held if conn is not None else 0  # as a publisher
+        result["stalled"] = conn is not None and conn.stalled  # as a subscriber
         return result
 
 
@@ -336,7 +368,7 @@ class Engine(BrokerState):
         trie = self.router.trie
         for row in snapshot.sessions.values():
             session = Session.restore(
-                row, writer, **self.session_limits(row.client_id),
+                row, writer, **self.session_limits(row.client_id, True),
             )
             self.sessions[session.client_id] = session
             for topic_filter, qos in session.subscriptions.items():

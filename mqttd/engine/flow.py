@@ -30,6 +30,7 @@ asks, while a held reader waits, when to look for stalled subscribers
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -40,6 +41,14 @@ if TYPE_CHECKING:
     from mqttd.connection import Connection
 
 log = logging.getLogger("mqttd.broker")
+
+
+def gate(conn: Connection) -> Connection:
+    """Make ``conn`` (a connection with no peer) a gate publishers can be held at, released
+    only explicitly (:meth:`Pacing.release`): it never counts as stalled."""
+    conn.backlogged = True
+    conn.progress_at = math.inf
+    return conn
 
 
 @attrs.define(eq=False)
@@ -63,6 +72,11 @@ class Pacing:
         if not sub.backlogged:
             sub.backlogged = True
             sub.backlogged_at = time.monotonic()
+        self.hold(pub, sub)
+
+    def hold(self, pub: Connection, sub: Connection) -> None:
+        """Hold ``pub`` until ``sub`` releases it: a subscriber, or a gate such as the
+        store's (see :func:`gate`)."""
         waiters = sub.waiters
         if waiters is None:
             waiters = sub.waiters = set()

@@ -32,6 +32,9 @@ _REASON_STRINGS = {
     PUBLISH_NOT_AUTHORIZED: "not authorized to publish to this topic",
     QUOTA_EXCEEDED: "too many QoS 2 messages awaiting PUBREL",
 }
+NO_ROOM = "the broker's storage is full; try again later"
+QUEUE_FULL = "a subscriber's queue is full"
+OVER_RATE = "over the publish rate limit"
 
 
 def on_publish(state: BrokerState, conn: Connection, packet: Publish) -> None:
@@ -57,6 +60,10 @@ def on_publish(state: BrokerState, conn: Connection, packet: Publish) -> None:
             raise TopicNameInvalid(problem)
     if state.publish_rate:
         conn.publish_tokens -= 1.0
+        if conn.publish_tokens < 0 and v5_client and state.refuse_over_rate:
+            conn.publish_tokens += 1.0  # refused: not spent, and the client is not paused
+            over_rate(state, conn, packet)
+            return
     acl = state.acl
     if acl is not None and not acl.can_publish(conn.client_id, session.username, packet.topic):
         publish_denied(state, conn, packet)
@@ -66,11 +73,27 @@ def on_publish(state: BrokerState, conn: Connection, packet: Publish) -> None:
         state.publish(packet, session, bridge)
         return
     packet_id = packet.packet_id
+    if state.drops.full and v5_client and queue_refuses(state, packet):
+        state.reply(conn, conn.encode_ack(
+            PUBACK if qos == 1 else PUBREC, packet_id, QUOTA_EXCEEDED, QUEUE_FULL
+        ), puback=qos == 1)
+        return
+    if (
+        not state.storage_ok
+        and not (qos == 2 and packet_id in session.inbound_qos2)  # a resend: stored already
+        and state.needs_store(packet, session)
+    ):
+        no_room(state, conn, packet)
+        return
     if qos == 1:
+        refused = state.drops.refused
         routed = state.publish(packet, session, bridge)
-        if v5_client and not routed:
-            state.reply(conn, conn.encode_ack(PUBACK, packet_id, NO_MATCHING_SUBSCRIBERS),
-                       puback=True)
+        if v5_client and (not routed or state.drops.refused != refused):
+            # (a queue that filled while this message was routed refused it: the others
+            # got it; Quota exceeded tells the publisher it did not reach everyone)
+            code = NO_MATCHING_SUBSCRIBERS if not routed else QUOTA_EXCEEDED
+            reason = QUEUE_FULL if routed else ""
+            state.reply(conn, conn.encode_ack(PUBACK, packet_id, code, reason), puback=True)
         else:
             state.reply(conn, bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF)), puback=True)
         return
@@ -91,6 +114,55 @@ def on_publish(state: BrokerState, conn: Connection, packet: Publish) -> None:
         if not state.publish(packet, session, bridge) and v5_client:
             code = NO_MATCHING_SUBSCRIBERS
     state.reply(conn, conn.encode_ack(PUBREC, packet_id, code))
+
+
+def over_rate(state: BrokerState, conn: Connection, packet: Publish) -> None:
+    """A 5.0 client over max_publish_rate_per_s, with over_publish_rate refuse: its QoS 1/2
+    PUBLISH is answered 0x97 Quota exceeded, its QoS 0 one dropped; both counted."""
+    state.limit_exceeded("publish_rate")
+    state.rate_refused += 1
+    if packet.qos:
+        kind = PUBACK if packet.qos == 1 else PUBREC
+        state.reply(conn, conn.encode_ack(kind, packet.packet_id, QUOTA_EXCEEDED, OVER_RATE),
+                    puback=packet.qos == 1)
+
+
+def queue_refuses(state: BrokerState, packet: Publish) -> bool:
+    """Whether a full queue under overflow_policy ``refuse`` is among the message's
+    subscribers: then a 5.0 publisher's message is refused as a whole (routed to no one),
+    so that Quota exceeded means "not accepted" for QoS 2 too. Counted as refused by each
+    such queue. Queues that have room again leave the set of full ones."""
+    full = state.drops.full
+    size = len(packet.payload)
+    for queue in list(full):
+        if not queue.over_budget(1, size):
+            full.discard(queue)
+    if not full:
+        return False
+    refusing = [
+        target[0] for target in state.router.trie.match(packet.topic)
+        if isinstance(target[0], Session) and target[0].out in full
+    ]
+    for session in refusing:
+        session.out.count_refused()
+    return bool(refusing)
+
+
+def no_room(state: BrokerState, conn: Connection, packet: Publish) -> None:
+    """The store has no room for what accepting ``packet`` would write: nothing of it is
+    acknowledged as stored. 5.0 is told: PUBACK / PUBREC 0x97 Quota exceeded (the client
+    may send it again later). 3.1.1 cannot be told: the publisher is held with this packet
+    and what followed it, unread, until there is room (see BrokerState.storage_changed)."""
+    if conn.protocol_level == PROTOCOL_5:
+        state.storage_refused += 1
+        kind = PUBACK if packet.qos == 1 else PUBREC
+        state.reply(conn, conn.encode_ack(kind, packet.packet_id, QUOTA_EXCEEDED, NO_ROOM),
+                    puback=packet.qos == 1)
+        return
+    state.storage_holds += 1
+    held = conn.held_packets
+    conn.held_packets = [packet] if held is None else [packet, *held]
+    state.flow.hold(conn, state.store_gate)
 
 
 def publish_denied(state: BrokerState, conn: Connection, packet: Publish) -> None:

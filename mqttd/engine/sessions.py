@@ -64,6 +64,7 @@ def discard(state: BrokerState, session: Session) -> None:
     state.router.trie.remove_client(session.client_id, filters)
     session.subscriptions.clear()
     session.discarded = True
+    state.drops.full.discard(session.out)
     if session.writer is not None:
         session.writer.submit(ops.DeleteSession(session.client_id))
     if state.sessions.get(session.client_id) is session:

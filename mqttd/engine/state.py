@@ -23,7 +23,7 @@ from mqttd.codec import MQTTError, PacketTooLarge
 from mqttd.codec.packets import PROTOCOL_5, ConnAck, Packet, Publish, Will
 from mqttd.config import Config
 from mqttd.connection import BufferAccount, Connection
-from mqttd.engine.flow import Pacing
+from mqttd.engine.flow import Pacing, gate
 from mqttd.engine.timers import TimerQueue
 from mqttd.outqueue import DropCounters, QueueLimits
 from mqttd.retained import RetainedStore
@@ -55,9 +55,15 @@ class BrokerState:
     drops: DropCounters = attrs.Factory(DropCounters)
     paused_readers: int = 0
     flow: Pacing = attrs.field(init=False)  # publishers paced by their subscribers
+    # whether the store has room for new data (the writer says when not: disk full, the
+    # disk budget or the free-space reserve reached); 3.1.1 publishers of messages that
+    # need storing are held at ``store_gate`` meanwhile
+    storage_ok: bool = True
+    store_gate: Connection = attrs.field(init=False)
     limits_exceeded: dict[str, int] = attrs.Factory(dict)
     check_topic_limits: bool = attrs.field(init=False)
     publish_rate: float = attrs.field(init=False)  # per client per second; 0: no limit
+    refuse_over_rate: bool = attrs.field(init=False)  # 5.0: 0x97 rather than a pause
     receive_maximum: int = attrs.field(init=False)  # 5.0, announced in CONNACK
     read_pauses: int = 0
     stalled_disconnects: int = 0
@@ -89,6 +95,9 @@ class BrokerState:
     # counters
     connections_total: int = 0
     messages_received: int = 0
+    storage_refused: int = 0  # 5.0 PUBLISHes refused (Quota exceeded): no room to store
+    storage_holds: int = 0  # 3.1.1 publishers held: no room to store their message
+    rate_refused: int = 0  # 5.0 PUBLISHes refused over the publish rate (over_publish_rate)
     acl_denied_publish: int = 0
     acl_denied_subscribe: int = 0
     acl_denied_retained: int = 0
@@ -102,9 +111,11 @@ class BrokerState:
             limits.max_topic_length_bytes < 65535 or limits.max_topic_levels > 0
         )
         self.publish_rate = max(0.0, limits.max_publish_rate_per_s)
+        self.refuse_over_rate = limits.over_publish_rate == "refuse"
         self.receive_maximum = min(limits.max_receive_messages, 65535)
         self.shares = ShareGroups(self.router.trie)
         self.flow = Pacing(limits.stalled_output_timeout_s, self.notify_progress)
+        self.store_gate = gate(Connection(peer="storage", client_id="(store)"))
 
     # -- messages --------------------------------------------------------------------
 
@@ -129,6 +140,24 @@ class BrokerState:
             elif self.retained.delete(message.topic) and writer is not None:
                 writer.submit(ops.DeleteRetained(message.topic))
         return self.router.route(message, publisher, bridge)
+
+    def needs_store(self, message: Publish, publisher: Session) -> bool:
+        """Whether accepting this QoS 1/2 message writes to the store: it is retained, it
+        is QoS 2 from a persistent session (its packet id is kept), or it reaches a
+        persistent session, a consumer group or a bridge."""
+        if message.retain or (message.qos == 2 and publisher.writer is not None):
+            return True
+        return any(
+            not isinstance(target[0], Session) or target[0].writer is not None
+            for target in self.router.trie.match(message.topic)
+        )
+
+    def storage_changed(self, accepting: bool, why: str) -> None:
+        """The writer found the store short of room, or with room again (see
+        persistence.writer): held publishers go on once there is room."""
+        self.storage_ok = accepting
+        if accepting:
+            self.flow.release(self.store_gate)
 
     # -- replies ---------------------------------------------------------------------
 
@@ -199,9 +228,9 @@ class BrokerState:
                 DENIED_LOG_INTERVAL_S,
             )
 
-    def session_limits(self, client_id: str) -> dict[str, Any]:
+    def session_limits(self, client_id: str, persistent: bool) -> dict[str, Any]:
         """The queue and window limits of a new or restored session of ``client_id``."""
-        limits = self.config.limits_for(client_id)
+        limits = self.config.limits_for(client_id, persistent)
         return {
             "max_inflight": limits.max_inflight_messages,
             "queue_limits": QueueLimits(

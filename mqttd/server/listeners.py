@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from mqttd.codec import Decoder, MQTTError
 from mqttd.codec.errors import ServerShuttingDown
+from mqttd.codec.kinds import BRIDGE_LEVEL_FLAG
+from mqttd.codec.packets import PROTOCOL_5, ConnAck, Connect
+from mqttd.codec.reason import (
+    CONNACK_SERVER_UNAVAILABLE,
+    CONNECTION_RATE_EXCEEDED,
+    SERVER_BUSY,
+)
 from mqttd.config import Listener
 from mqttd.server.stream_task import RECEIVE_SIZE, ClientHandler
 from mqttd.server.tls import TLSSetupError, certificate_cn, handshake, server_context
@@ -42,6 +50,56 @@ SCHEMES = {
     ("websockets", False): "ws",
     ("websockets", True): "wss",
 }
+
+
+MAX_REFUSALS = 64  # connections over a limit answered at once; more are closed unanswered
+REFUSAL_READ_TIMEOUT_S = 2.0  # how long a refused client has to send its CONNECT
+
+
+async def answer_connack(stream: trio.abc.Stream, code: int) -> None:
+    """Read a CONNECT and answer it with a refusing CONNACK: ``code`` at 5.0, 0x03 Server
+    unavailable at 3.1.1 and 3.1 (which have no code for busy or rate limits)."""
+    decoder = Decoder(MAX_REFUSAL_CONNECT_BYTES, accept_v5=True)
+    while True:
+        data = await stream.receive_some(RECEIVE_SIZE)
+        if not data:
+            return
+        try:
+            packets = decoder.feed(data)
+        except MQTTError:
+            return
+        if packets:
+            break
+    connect = packets[0]
+    if not isinstance(connect, Connect):
+        return
+    level = connect.protocol_level & ~BRIDGE_LEVEL_FLAG
+    refusal = ConnAck(False, code if level == PROTOCOL_5 else CONNACK_SERVER_UNAVAILABLE)
+    await stream.send_all(refusal.encode(level))
+
+
+MAX_REFUSAL_CONNECT_BYTES = 65_536
+
+
+@attrs.define(eq=False)
+class ConnectionRate:
+    """Token bucket for ``limits.max_connection_rate_per_s`` (a burst of one second's
+    worth); ``rate`` < 0: no limit."""
+
+    rate: float
+    tokens: float = 0.0
+    at: float = -math.inf
+
+    def over(self, now: float) -> bool:
+        if self.rate < 0:
+            return False
+        burst = max(self.rate, 1.0)
+        self.tokens = min(burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1.0:
+            return True
+        self.tokens -= 1.0
+        return False
 
 
 def _format_address(host: str, port: int) -> str:
@@ -140,6 +198,12 @@ class TCPServer:
         self._refusals = _RefusalLog(
             f"connection limit ({broker.config.limits.max_connections}) reached"
         )
+        limits = broker.config.limits
+        self._rate = ConnectionRate(limits.max_connection_rate_per_s)
+        self._rate_refusals = _RefusalLog(
+            f"connection rate limit ({limits.max_connection_rate_per_s}/s) reached"
+        )
+        self.refusing = 0  # refusals being answered (CONNACK with a reason) now
         self._accept_scope: trio.CancelScope | None = None
         self._handlers_nursery: trio.Nursery | None = None
         self._stopping = False
@@ -203,17 +267,42 @@ class TCPServer:
                     self.refused += 1
                     self._count_limit("connections")
                     self._refusals.refused()
-                    await trio.aclose_forcefully(stream)
+                    self._refuse(stream, bound, SERVER_BUSY)
                     continue
                 if 0 <= listener_max <= bound.connections:
                     bound.refuse()
                     self._count_limit("listener_connections")
-                    await trio.aclose_forcefully(stream)
+                    self._refuse(stream, bound, SERVER_BUSY)
+                    continue
+                if self._rate.over(trio.current_time()):
+                    self._count_limit("connection_rate")
+                    self._rate_refusals.refused()
+                    self._refuse(stream, bound, CONNECTION_RATE_EXCEEDED)
                     continue
                 self.connections += 1
                 bound.connections += 1
                 bound.accepted += 1
                 handlers.start_soon(self._handle, stream, bound)
+
+    def _refuse(self, stream: trio.SocketStream, bound: BoundListener, code: int) -> None:
+        """Over a connection limit: on a plain MQTT listener, read the CONNECT briefly and
+        answer CONNACK with ``code`` (5.0; 3.1.1 gets 0x03 Server unavailable), at most
+        MAX_REFUSALS at a time; otherwise close at once."""
+        if bound.scheme != "mqtt" or self.refusing >= MAX_REFUSALS or self._stopping:
+            self._handlers_nursery.start_soon(trio.aclose_forcefully, stream)  # type: ignore[union-attr]
+            return
+        self.refusing += 1
+        self._handlers_nursery.start_soon(self._answer_refusal, stream, code)  # type: ignore[union-attr]
+
+    async def _answer_refusal(self, stream: trio.SocketStream, code: int) -> None:
+        try:
+            with trio.move_on_after(REFUSAL_READ_TIMEOUT_S):
+                await answer_connack(stream, code)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self.refusing -= 1
+            await trio.aclose_forcefully(stream)
 
     def _count_limit(self, name: str) -> None:
         exceeded = self.broker.limits_exceeded

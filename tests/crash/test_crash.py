@@ -19,7 +19,7 @@ from tests.crash.harness import (
     write_config,
 )
 
-ROUNDS = 3  # kills per test
+ROUNDS = 5  # kills per test
 ACKS_PER_ROUND = 2000  # PUBACKs received in a round before its kill
 ROUND_TIMEOUT_S = 30.0
 QUEUE_TOPIC = "crash/data"

@@ -61,7 +61,8 @@ async def test_drop_oldest_while_a_queue_page_is_read_back_drops_the_right_messa
     """
     config = Config(
         listeners=(Listener(host="127.0.0.1", port=0),),
-        limits=Limits(max_queued_messages=2, max_inflight_messages=1),
+        limits=Limits(persistent_max_queued_messages=2, persistent_overflow_policy="drop_oldest",
+                      max_inflight_messages=1),
         persistence=Persistence(db_file=":memory:", queue_page_messages=1),
     )
     broker = Broker(config)

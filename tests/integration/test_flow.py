@@ -62,9 +62,11 @@ async def test_broker_buffer_limit_pauses_and_resumes_publishers():
 
 
 async def test_queue_byte_budget_holds_across_disk_and_restart(tmp_path):
-    """max_queued_bytes counts the payload bytes of a persistent session's whole queue,
+    """persistent_max_queued_bytes counts the payload bytes of a persistent session's whole
+    queue,
     also the part on disk and after a restart (oldest dropped first)."""
-    config = make_config(data_dir=tmp_path, max_queued_messages=10_000, max_queued_bytes=5000)
+    config = make_config(data_dir=tmp_path, persistent_max_queued_bytes=5000,
+                         persistent_overflow_policy="drop_oldest")
     config = attrs.evolve(
         config, persistence=attrs.evolve(config.persistence, queue_page_messages=5)
     )

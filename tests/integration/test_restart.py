@@ -251,7 +251,8 @@ async def test_database_from_a_newer_schema_refuses_to_start(tmp_path):
 async def test_queue_budget_drops_the_oldest_across_ram_and_disk(tmp_path, restart):
     """Page of 10 in RAM, budget of 30: 100 messages for an offline session keep the
     newest 30 (70 dropped and counted), whether they are in RAM or on disk."""
-    cfg = config(tmp_path, max_queued_messages=30)
+    cfg = config(tmp_path, persistent_max_queued_messages=30,
+                 persistent_overflow_policy="drop_oldest")
     cfg = type(cfg)(
         listeners=cfg.listeners, limits=cfg.limits, logging=cfg.logging,
         persistence=type(cfg.persistence)(data_dir=str(tmp_path), queue_page_messages=10),

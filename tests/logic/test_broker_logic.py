@@ -685,7 +685,8 @@ def test_persistent_reconnect_after_clean_takeover_has_no_session(broker: Broker
 
 
 def test_offline_queue_bound_drops_oldest() -> None:
-    broker = Broker(make_config(max_queued_messages=3))
+    broker = Broker(make_config(persistent_max_queued_messages=3,
+                                persistent_overflow_policy="drop_oldest"))
     sub = connected(broker, "sub", clean=False)
     sub.subscribe(("t", 1))
     sub.lose()

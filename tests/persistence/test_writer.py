@@ -18,7 +18,7 @@ import trio.testing
 
 from persistence import ops
 from persistence.ops import AddDelivery, AddSubscription, LoadQueued, QueuedRow, SaveSession
-from persistence.store import MEMORY, SqliteStore
+from persistence.store import MEMORY, SqliteStore, Usage
 from persistence.writer import GroupCommitWriter
 
 TIMEOUT = 20
@@ -48,6 +48,12 @@ class RecordingStore:
 
     def release(self) -> None:
         self._release.set()
+
+    def usage(self) -> Usage:
+        return self.store.usage()
+
+    def make_room(self) -> None:
+        self.store.make_room()
 
     def close(self) -> None:
         self.store.close()

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from mqttd.broker import running
-from mqttd.codec.packets import Connect, Publish
+from mqttd.codec.packets import ConnAck, Connect, Publish
 from mqttd.config import Listener
 from tests.integration.test_broker_tcp import wait_until
 from tests.rawclient import RawClient
@@ -43,14 +43,17 @@ def certs(tmp_path: Path) -> Certs:
     return Certs.make(tmp_path / "certs")
 
 
-async def assert_refused(port: int) -> None:
-    """The connection is closed at once: a CONNECT gets no CONNACK."""
+async def assert_refused(port: int, told: bool = True) -> None:
+    """The connection is refused: a plain MQTT listener answers the CONNECT with CONNACK
+    0x03 Server unavailable (3.1.1 has no "busy") and closes; ``told=False``: a TLS
+    listener closes at once (a CONNECT gets no CONNACK)."""
     client = await RawClient.open(port)
     try:
         await client.send(Connect("refused"))
     except trio.BrokenResourceError:
+        assert not told
         return
-    assert await client.expect_closed() == []
+    assert await client.expect_closed() == ([ConnAck(False, 3)] if told else [])
 
 
 async def test_per_listener_max_connections():
@@ -102,7 +105,7 @@ async def test_tls_handshake_in_progress_counts_against_the_listener(certs):
             server = server_of(broker)
             silent = await trio.open_tcp_stream("127.0.0.1", broker.port)  # no ClientHello
             await wait_until(lambda: server.listeners[0].connections == 1)
-            await assert_refused(broker.port)
+            await assert_refused(broker.port, told=False)
             assert server.listeners[0].refused == 1
             await silent.aclose()
             await wait_until(lambda: server.listeners[0].connections == 0)
