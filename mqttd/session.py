@@ -97,6 +97,8 @@ class Session:
     # counters
     sent: int = 0
     too_large: int = 0  # 5.0 deliveries above the client's Maximum Packet Size
+    publishes_refused: int = 0  # its client's PUBLISHes not taken (no room, rate, full queue)
+    next_refusal_log: float = 0.0
     # inflight packet ids not resent yet on this connection (its window was smaller)
     _held: deque[int] | None = None
 
@@ -151,6 +153,7 @@ class Session:
             "refused": out.refused,
             "expired": out.expired,
             "too_large": self.too_large,
+            "publishes_refused": self.publishes_refused,
         }
 
     # -- outbound ----------------------------------------------------------------------

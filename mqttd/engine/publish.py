@@ -35,6 +35,7 @@ _REASON_STRINGS = {
 NO_ROOM = "the broker's storage is full; try again later"
 QUEUE_FULL = "a subscriber's queue is full"
 OVER_RATE = "over the publish rate limit"
+REFUSAL_LOG_INTERVAL_S = 60.0
 
 
 def on_publish(state: BrokerState, conn: Connection, packet: Publish) -> None:
@@ -74,6 +75,7 @@ def on_publish(state: BrokerState, conn: Connection, packet: Publish) -> None:
         return
     packet_id = packet.packet_id
     if state.drops.full and v5_client and queue_refuses(state, packet):
+        refused_publish(state, conn, "a subscriber's queue is full")
         state.reply(conn, conn.encode_ack(
             PUBACK if qos == 1 else PUBREC, packet_id, QUOTA_EXCEEDED, QUEUE_FULL
         ), puback=qos == 1)
@@ -116,11 +118,24 @@ def on_publish(state: BrokerState, conn: Connection, packet: Publish) -> None:
     state.reply(conn, conn.encode_ack(PUBREC, packet_id, code))
 
 
+def refused_publish(state: BrokerState, conn: Connection, why: str) -> None:
+    """Count a PUBLISH of ``conn``'s client the broker did not take (refused, or held), and
+    log it at most once a minute per client."""
+    session: Session = conn.session  # type: ignore[assignment]
+    session.publishes_refused += 1
+    now = time.monotonic()
+    if now >= session.next_refusal_log:
+        session.next_refusal_log = now + REFUSAL_LOG_INTERVAL_S
+        log.warning("client %s: a PUBLISH was not taken: %s (%d so far)", conn.name, why,
+                    session.publishes_refused)
+
+
 def over_rate(state: BrokerState, conn: Connection, packet: Publish) -> None:
     """A 5.0 client over max_publish_rate_per_s, with over_publish_rate refuse: its QoS 1/2
     PUBLISH is answered 0x97 Quota exceeded, its QoS 0 one dropped; both counted."""
     state.limit_exceeded("publish_rate")
     state.rate_refused += 1
+    refused_publish(state, conn, "over the publish rate limit")
     if packet.qos:
         kind = PUBACK if packet.qos == 1 else PUBREC
         state.reply(conn, conn.encode_ack(kind, packet.packet_id, QUOTA_EXCEEDED, OVER_RATE),
@@ -155,11 +170,13 @@ def no_room(state: BrokerState, conn: Connection, packet: Publish) -> None:
     and what followed it, unread, until there is room (see BrokerState.storage_changed)."""
     if conn.protocol_level == PROTOCOL_5:
         state.storage_refused += 1
+        refused_publish(state, conn, "the store has no room")
         kind = PUBACK if packet.qos == 1 else PUBREC
         state.reply(conn, conn.encode_ack(kind, packet.packet_id, QUOTA_EXCEEDED, NO_ROOM),
                     puback=packet.qos == 1)
         return
     state.storage_holds += 1
+    refused_publish(state, conn, "the store has no room (held until there is)")
     held = conn.held_packets
     conn.held_packets = [packet] if held is None else [packet, *held]
     state.flow.hold(conn, state.store_gate)

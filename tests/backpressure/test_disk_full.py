@@ -101,6 +101,7 @@ async def test_disk_budget_refuses_5_holds_311_serves_clean_sessions_and_resumes
             acked = await publish_until_refused(pub5, "data/x", 2000)
             assert acked and not broker.storage_ok
             assert broker.stats()["storage_refused"] == 1
+            assert broker.client_stats("pub5")["publishes_refused"] == 1  # type: ignore[index]
 
             # what needs no disk goes on: clean sessions, QoS 0 and 1
             chat_sub, _ = await RawClient.connected(port, "chat-sub", keepalive_s=0)

@@ -53,6 +53,7 @@ async def test_a_full_persistent_queue_refuses_new_messages_and_keeps_the_old() 
             assert stats is not None
             assert (stats["queued"], stats["refused"], stats["dropped"]) == (BUDGET, 3, 0)
             assert broker.stats()["refused"] == 3
+            assert broker.client_stats("pub5")["publishes_refused"] == 2  # type: ignore[index]
 
             # the worker comes back and takes its jobs: exactly the ones accepted
             worker, _ = await RawClient.connected(broker.port, "worker", clean_session=False,

@@ -52,6 +52,8 @@ async def test_over_the_rate_a_5_client_is_refused_with_quota_exceeded() -> None
             got = [await sub.take(Publish) for _ in accepted]
             assert [int(p.payload) for p in got] == accepted  # type: ignore[attr-defined]
             assert broker.stats()["rate_refused"] == len(refused)
+            stats = broker.client_stats("pub")
+            assert stats is not None and stats["publishes_refused"] == len(refused)
 
 
 async def connack_of(port: int, level: int) -> ConnAck:
