@@ -290,7 +290,15 @@ class BridgeLink:
         """The link is up: its Connection (the remote's limits from its 5.0 CONNACK)."""
         cfg = self.config
         session: Session = self.session  # type: ignore[assignment]
-        conn = Connection(peer=f"{cfg.host}:{cfg.port}", account=self.broker.buffers)
+        flow_limits = self.broker.config.limits
+        # the link is a subscriber like any other: a slow remote paces the local publishers
+        # feeding it (mqttd.engine.flow), until it counts as stalled
+        conn = Connection(
+            peer=f"{cfg.host}:{cfg.port}", account=self.broker.buffers,
+            pace_bytes=flow_limits.output_high_watermark_bytes,
+            pace_messages=flow_limits.queue_high_watermark_messages,
+            on_fed=self.broker.flow.fed,
+        )
         conn.client_id = self.client_id
         conn.protocol_level = self.level
         conn.session = session  # for the engine's handlers of the remote's packets

@@ -202,8 +202,9 @@ class Engine(BrokerState):
             sessions.expire_at(self, time.time() + session.expiry_s)
 
     def forget_connection(self, conn: Connection) -> None:
-        """A bridge's remote connection is gone: hold no replies for it."""
+        """A bridge's remote connection is gone: hold no replies for it, and no publishers."""
         self.awaiting_commit.discard(conn)
+        self.flow.forget(conn)
 
     def _on_commit(self, committed: int) -> None:
         released = []
