@@ -202,11 +202,7 @@ class Session:
         )
         if not window_open and out.refuses(len(message.payload)):
             if out.limits.policy == DISCONNECT and conn is not None:
-                log.warning(
-                    "client %s: queue full (%d messages, %d bytes): disconnecting it "
-                    "(overflow_policy disconnect)", self.client_id, len(out), out.bytes,
-                )
-                conn.close(QuotaExceeded("queue full (overflow_policy disconnect)"))
+                self._disconnect_full(conn)
             return
         writer = self.writer
         if writer is None:
@@ -222,6 +218,14 @@ class Session:
             len(out) >= conn.pace_messages
         ):
             conn.on_fed(conn)
+
+    def _disconnect_full(self, conn: Peer) -> None:
+        out = self.out
+        log.warning(
+            "client %s: queue full (%d messages, %d bytes): disconnecting it "
+            "(overflow_policy disconnect)", self.client_id, len(out), out.bytes,
+        )
+        conn.close(QuotaExceeded("queue full (overflow_policy disconnect)"))
 
     def _deliver_stored(
         self,

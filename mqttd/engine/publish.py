@@ -73,20 +73,9 @@ def on_publish(state: BrokerState, conn: Connection, packet: Publish) -> None:
     if not qos:
         state.publish(packet, session, bridge)
         return
+    if (state.drops.full or not state.storage_ok) and not_taken(state, conn, packet, session):
+        return
     packet_id = packet.packet_id
-    if state.drops.full and v5_client and queue_refuses(state, packet):
-        refused_publish(state, conn, "a subscriber's queue is full")
-        state.reply(conn, conn.encode_ack(
-            PUBACK if qos == 1 else PUBREC, packet_id, QUOTA_EXCEEDED, QUEUE_FULL
-        ), puback=qos == 1)
-        return
-    if (
-        not state.storage_ok
-        and not (qos == 2 and packet_id in session.inbound_qos2)  # a resend: stored already
-        and state.needs_store(packet, session)
-    ):
-        no_room(state, conn, packet)
-        return
     if qos == 1:
         refused = state.drops.refused
         routed = state.publish(packet, session, bridge)
@@ -99,6 +88,15 @@ def on_publish(state: BrokerState, conn: Connection, packet: Publish) -> None:
         else:
             state.reply(conn, bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF)), puback=True)
         return
+    on_publish_qos2(state, conn, packet, session, bridge)
+
+
+def on_publish_qos2(
+    state: BrokerState, conn: Connection, packet: Publish, session: Session, bridge: bool
+) -> None:
+    """QoS 2, step 1: route on the first receipt of a packet id only, answer PUBREC."""
+    packet_id = packet.packet_id
+    v5_client = conn.protocol_level == PROTOCOL_5
     code = 0
     if packet_id not in session.inbound_qos2:  # exactly once: route on first receipt only
         if len(session.inbound_qos2) >= state.config.limits.max_inbound_qos2:
@@ -116,6 +114,27 @@ def on_publish(state: BrokerState, conn: Connection, packet: Publish) -> None:
         if not state.publish(packet, session, bridge) and v5_client:
             code = NO_MATCHING_SUBSCRIBERS
     state.reply(conn, conn.encode_ack(PUBREC, packet_id, code))
+
+
+def not_taken(state: BrokerState, conn: Connection, packet: Publish, session: Session) -> bool:
+    """A QoS 1/2 PUBLISH while a queue under overflow_policy refuse is full or the store has
+    no room: True when it is refused (5.0) or its publisher held (3.1.1), and answered."""
+    qos, packet_id = packet.qos, packet.packet_id
+    v5_client = conn.protocol_level == PROTOCOL_5
+    if state.drops.full and v5_client and queue_refuses(state, packet):
+        refused_publish(state, conn, "a subscriber's queue is full")
+        state.reply(conn, conn.encode_ack(
+            PUBACK if qos == 1 else PUBREC, packet_id, QUOTA_EXCEEDED, QUEUE_FULL
+        ), puback=qos == 1)
+        return True
+    if (
+        not state.storage_ok
+        and not (qos == 2 and packet_id in session.inbound_qos2)  # a resend: stored already
+        and state.needs_store(packet, session)
+    ):
+        no_room(state, conn, packet)
+        return True
+    return False
 
 
 def refused_publish(state: BrokerState, conn: Connection, why: str) -> None:
