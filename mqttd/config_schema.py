@@ -83,6 +83,10 @@ def _positive(v: float) -> str | None:
     return None if v > 0 else f"must be greater than 0, got {v}"
 
 
+def _not_negative_f(v: float) -> str | None:
+    return None if v >= 0 else f"must be 0 or more, got {v}"
+
+
 def _no_limit_or_positive(v: int) -> str | None:
     return None if v == -1 or v >= 1 else f"must be -1 (no limit) or at least 1, got {v}"
 
@@ -467,6 +471,14 @@ class Logging:
     level: str = attrs.field(default="info", converter=_lower, validator=_checked(str, _log_level))
 
 
+@attrs.frozen
+class Monitoring:
+    # seconds between two updates of the $SYS topics (0: no $SYS topics)
+    sys_interval_s: float = attrs.field(
+        default=10.0, converter=_to_float, validator=_checked(float, _not_negative_f)
+    )
+
+
 def _at_least_one(v: tuple[Any, ...]) -> str | None:
     return None if v else "at least one listener is required"
 
@@ -483,6 +495,7 @@ class Config:
     persistence: Persistence = attrs.field(factory=Persistence)
     security: Security = attrs.field(factory=Security)
     logging: Logging = attrs.field(factory=Logging)
+    monitoring: Monitoring = attrs.field(factory=Monitoring)
     bridges: tuple[Bridge, ...] = attrs.field(default=(), validator=_checked(tuple, _unique_names))
 
     def limits_for(self, client_id: str, persistent: bool = False) -> ClientLimits:

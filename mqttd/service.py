@@ -36,6 +36,7 @@ from mqttd.config import Config
 from mqttd.connection import Connection
 from mqttd.engine import connect
 from mqttd.engine.dispatch import Engine
+from mqttd.engine.systopics import SysTopics
 from mqttd.security.gatekeeper import Gatekeeper, peer_host
 from mqttd.server.listeners import TCPServer
 from mqttd.server.pauses import ReadPauses
@@ -91,6 +92,9 @@ class Broker(Engine):
                 services.start_soon(self._timer_loop)
                 self.addresses = await services.start(server.serve)
                 await services.start(bridges.run)
+                interval_s = self.config.monitoring.sys_interval_s
+                if interval_s > 0:
+                    SysTopics(self, interval_s).start()
                 task_status.started(self.addresses)
                 await self._shutdown_requested.wait()
                 log.info("shutting down: %d connections", len(self.connections))

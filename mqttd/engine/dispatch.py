@@ -108,6 +108,7 @@ class Engine(BrokerState):
     def handle_data(self, conn: Connection, data: bytes) -> None:
         """Decode and handle everything complete in ``data``. Raises MQTTError (after
         handling the packets that preceded the bad one) when the connection must end."""
+        self.bytes_received += len(data)
         try:
             packets = conn.receive_data(data)
         except MQTTError as exc:
@@ -168,6 +169,7 @@ class Engine(BrokerState):
     def output_sent(self, conn: Connection, size: int) -> None:
         """The I/O layer wrote ``size`` bytes of ``conn``'s output."""
         conn.sent(size)
+        self.bytes_sent += size
         if conn.backlogged or conn.stalled:
             self.flow.sent(conn, time.monotonic())
         if self.paused_readers:
@@ -283,6 +285,15 @@ class Engine(BrokerState):
             "subscriptions": len(self.router.trie),
             "retained": len(self.retained),
             "messages_received": self.messages_received,
+            "messages_sent": self.sent_by_ended_sessions
+            + sum(s.sent for s in self.sessions.values()),
+            "bytes_received": self.bytes_received,
+            "bytes_sent": self.bytes_sent,
+            "connections_total": self.connections_total,
+            "connected_sessions": sum(
+                s.connection is not None for s in self.sessions.values()
+            ),
+            "sessions_expired": self.sessions_expired,
             "deliveries": self.router.deliveries,
             "inflight": sum(len(s.inflight) for s in self.sessions.values()),
             "queued": sum(s.queued for s in self.sessions.values()),

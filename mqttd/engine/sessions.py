@@ -64,6 +64,7 @@ def discard(state: BrokerState, session: Session) -> None:
     state.router.trie.remove_client(session.client_id, filters)
     session.subscriptions.clear()
     session.discarded = True
+    state.sent_by_ended_sessions += session.sent
     state.drops.full.discard(session.out)
     if session.writer is not None:
         session.writer.submit(ops.DeleteSession(session.client_id))
@@ -84,6 +85,7 @@ def expire_sessions(state: BrokerState, now: float | None = None) -> int:
         expiry_s = default_s if s.expiry_s is None else s.expiry_s
         if expiry_s >= 0 and s.disconnected_at + expiry_s <= now:
             expired.append(s)
+    state.sessions_expired += len(expired)
     for session in expired:
         log.info("session %s expired", session.client_id)
         discard(state, session)

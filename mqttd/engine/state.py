@@ -95,6 +95,10 @@ class BrokerState:
     # counters
     connections_total: int = 0
     messages_received: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    sent_by_ended_sessions: int = 0  # messages sent to sessions that are gone
+    sessions_expired: int = 0
     storage_refused: int = 0  # 5.0 PUBLISHes refused (Quota exceeded): no room to store
     storage_holds: int = 0  # 3.1.1 publishers held: no room to store their message
     rate_refused: int = 0  # 5.0 PUBLISHes refused over the publish rate (over_publish_rate)
@@ -140,6 +144,16 @@ class BrokerState:
             elif self.retained.delete(message.topic) and writer is not None:
                 writer.submit(ops.DeleteRetained(message.topic))
         return self.router.route(message, publisher, bridge)
+
+    def publish_sys(self, topic: str, payload: bytes) -> None:
+        """A ``$SYS`` value: retained (in memory only, never stored) and routed, QoS 0."""
+        message = Publish(topic, payload, 0, True)
+        self.retained.set(topic, message)
+        self.router.route(message)
+
+    def bridge_stats(self) -> list[dict[str, Any]]:
+        """Per bridge (the service has them): state, forwarded, queued, ..."""
+        return []
 
     def needs_store(self, message: Publish, publisher: Session) -> bool:
         """Whether accepting this QoS 1/2 message writes to the store: it is retained, it
