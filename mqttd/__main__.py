@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data-dir", metavar="DIR", help="directory for the broker's data")
     parser.add_argument(
+        "--http-port", type=int, metavar="PORT",
+        help="serve the operations listener (metrics, health) on this port (0: a free one); "
+        "with --host or -p it is off unless this is given",
+    )
+    parser.add_argument(
         "--check-config", metavar="FILE", help="check a configuration file and exit"
     )
     return parser
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config = load_config(args.config).with_overrides(
-            host=args.host, port=args.port, data_dir=args.data_dir
+            host=args.host, port=args.port, data_dir=args.data_dir, http_port=args.http_port
         )
     except ConfigError as exc:
         print(exc, file=sys.stderr)

@@ -5,6 +5,7 @@ structures them from YAML and reports every problem with its key path."""
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import pathlib
 import reprlib
 from collections.abc import Callable
@@ -479,6 +480,36 @@ class Monitoring:
     )
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@attrs.frozen
+class Http:
+    """The operations listener (metrics, health; mqttd.server.http)."""
+
+    enabled: bool = attrs.field(default=True, validator=_checked(bool))
+    host: str = attrs.field(default="127.0.0.1", validator=_checked(str, _non_empty))
+    port: int = attrs.field(default=18083, validator=_between(0, 65535))
+    # a credential for requests from other hosts; without it the listener must be loopback
+    token: str | None = attrs.field(default=None, validator=_optional(_checked(str, _non_empty)))
+    # per-client metric series for the clients whose id matches (None: none; labels stay few)
+    metrics_clients: str | None = attrs.field(
+        default=None, validator=_optional(_checked(str, _non_empty))
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.enabled and not _loopback(self.host) and self.token is None:
+            raise _Invalid("host", (
+                f"{self.host} is not a loopback address: the operations listener would be "
+                "open to the network without a credential; set http.token (or keep host "
+                "127.0.0.1)"
+            ))
+
+
 def _at_least_one(v: tuple[Any, ...]) -> str | None:
     return None if v else "at least one listener is required"
 
@@ -496,6 +527,7 @@ class Config:
     security: Security = attrs.field(factory=Security)
     logging: Logging = attrs.field(factory=Logging)
     monitoring: Monitoring = attrs.field(factory=Monitoring)
+    http: Http = attrs.field(factory=Http)
     bridges: tuple[Bridge, ...] = attrs.field(default=(), validator=_checked(tuple, _unique_names))
 
     def limits_for(self, client_id: str, persistent: bool = False) -> ClientLimits:
@@ -523,10 +555,14 @@ class Config:
         return ClientLimits(**values)
 
     def with_overrides(
-        self, host: str | None = None, port: int | None = None, data_dir: str | None = None
+        self, host: str | None = None, port: int | None = None, data_dir: str | None = None,
+        http_port: int | None = None,
     ) -> Config:
         """Apply command-line overrides: ``--host``/``--port`` replace the listeners with one
-        listener (the first, overridden), like mosquitto's ``-p``; ``--data-dir`` replaces
+        listener (the first, overridden), like mosquitto's ``-p``, and leave the operations
+        listener off unless ``--http-port`` is given too (brokers started from the command
+        line, e.g. several on one machine, never collide on its port); ``--http-port`` turns
+        it on, on that port (0: a free one); ``--data-dir`` replaces
         ``persistence.data_dir``."""
         try:
             config = self
@@ -535,6 +571,11 @@ class Config:
                 listener = listener if host is None else attrs.evolve(listener, host=host)
                 listener = listener if port is None else attrs.evolve(listener, port=port)
                 config = attrs.evolve(config, listeners=(listener,))
+                config = attrs.evolve(config, http=attrs.evolve(config.http, enabled=False))
+            if http_port is not None:
+                config = attrs.evolve(
+                    config, http=attrs.evolve(config.http, enabled=True, port=http_port)
+                )
             if data_dir is not None:
                 persistence = attrs.evolve(self.persistence, data_dir=data_dir)
                 config = attrs.evolve(config, persistence=persistence)

@@ -38,6 +38,7 @@ from mqttd.engine import connect
 from mqttd.engine.dispatch import Engine
 from mqttd.engine.systopics import SysTopics
 from mqttd.security.gatekeeper import Gatekeeper, peer_host
+from mqttd.server.http import OpsServer
 from mqttd.server.listeners import TCPServer
 from mqttd.server.pauses import ReadPauses
 from persistence.store import MEMORY, SqliteStore
@@ -53,6 +54,8 @@ AUTH_THREADS = 2  # worker threads for slow password hashes (a bounded share of 
 @attrs.define(eq=False)
 class Broker(Engine):
     addresses: list[tuple[str, int]] = attrs.Factory(list)
+    http_addresses: list[tuple[str, int]] = attrs.Factory(list)  # the operations listener
+    ops: OpsServer | None = None
     pauses: ReadPauses = attrs.field(
         init=False, default=attrs.Factory(ReadPauses, takes_self=True)
     )
@@ -91,6 +94,9 @@ class Broker(Engine):
                 services.start_soon(self._expiry_loop)
                 services.start_soon(self._timer_loop)
                 self.addresses = await services.start(server.serve)
+                if self.config.http.enabled:
+                    self.ops = OpsServer(self, self.config.http)
+                    self.http_addresses = await services.start(self.ops.serve)
                 await services.start(bridges.run)
                 interval_s = self.config.monitoring.sys_interval_s
                 if interval_s > 0:
@@ -198,6 +204,23 @@ class Broker(Engine):
         links = self.bridges.links if self.bridges is not None else ()
         result["bridges_connected"] = sum(link.state == "connected" for link in links)
         return result
+
+    def not_ready(self) -> list[str]:
+        """Why the broker cannot serve now (empty when it can): for /readyz."""
+        problems = []
+        if not self.addresses:
+            problems.append("the MQTT listeners are not bound")
+        writer = self.writer
+        if writer is None:
+            problems.append("the store is not open")
+        else:
+            if not writer.accepting:
+                problems.append(f"the store has no room: {writer.storage_problem}")
+            if writer.congested:
+                problems.append(
+                    f"the store's writer is behind: {writer.pending} writes pending"
+                )
+        return problems
 
     def bridge_stats(self) -> list[dict[str, Any]]:
         """Per bridge: state, connects, forwarded, received, queued, last error, ..."""

@@ -6,12 +6,17 @@ from pathlib import Path
 import pytest
 
 from mqttd.broker import Broker, running
-from mqttd.config import Config, Limits, Listener, Persistence
+from mqttd.config import Config, Http, Limits, Listener, Persistence
+
+# in-process test brokers run without the operations listener (its default port is fixed);
+# the tests of that listener turn it on, on port 0
+NO_HTTP = Http(enabled=False)
 
 
 def make_config(data_dir: Path | str | None = None, **limits: object) -> Config:
-    """A config listening on 127.0.0.1, port 0 (a free port), with ``limits`` overridden.
-    The store is SQLite in memory unless ``data_dir`` names a directory for the file."""
+    """A config listening on 127.0.0.1, port 0 (a free port), with ``limits`` overridden,
+    without the operations listener. The store is SQLite in memory unless ``data_dir``
+    names a directory for the file."""
     persistence = (
         Persistence(db_file=":memory:") if data_dir is None else Persistence(data_dir=str(data_dir))
     )
@@ -19,6 +24,7 @@ def make_config(data_dir: Path | str | None = None, **limits: object) -> Config:
         listeners=(Listener(host="127.0.0.1", port=0),),
         limits=Limits(**limits),  # type: ignore[arg-type]
         persistence=persistence,
+        http=NO_HTTP,
     )
 
 

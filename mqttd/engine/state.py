@@ -155,6 +155,10 @@ class BrokerState:
         """Per bridge (the service has them): state, forwarded, queued, ..."""
         return []
 
+    def not_ready(self) -> list[str]:
+        """Why the broker cannot serve now (empty when it can; the service knows)."""
+        return []
+
     def needs_store(self, message: Publish, publisher: Session) -> bool:
         """Whether accepting this QoS 1/2 message writes to the store: it is retained, it
         is QoS 2 from a persistent session (its packet id is kept), or it reaches a

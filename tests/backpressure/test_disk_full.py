@@ -27,6 +27,7 @@ from mqttd.codec.packets import (
     Publish,
 )
 from mqttd.config import Config, Listener, Persistence
+from tests.conftest import NO_HTTP
 from tests.rawclient import RawClient
 
 TIMEOUT_S = 60.0
@@ -91,6 +92,7 @@ async def test_disk_budget_refuses_5_holds_311_serves_clean_sessions_and_resumes
             data_dir=str(tmp_path), max_disk_bytes=1024 * 1024, min_free_disk_bytes=0,
             storage_check_interval_s=0.05,
         ),
+        http=NO_HTTP,
     )
     with trio.fail_after(TIMEOUT_S):
         async with running(config) as broker:

@@ -31,6 +31,7 @@ from mqttd.codec.packets import (
     Subscription,
 )
 from mqttd.config import Config, Listener, Persistence
+from tests.conftest import NO_HTTP
 
 READ_SIZE = 16 * 1024
 TIMEOUT_S = 120.0  # bounds a failing run; a passing one takes seconds
@@ -41,6 +42,7 @@ def default_config() -> Config:
     return Config(
         listeners=(Listener(host="127.0.0.1", port=0),),
         persistence=Persistence(db_file=":memory:"),
+        http=NO_HTTP,  # the operations listener's default port is fixed
     )
 
 

@@ -43,6 +43,7 @@ from mqttd.codec.packets import (
 )
 from mqttd.config import TLS, Config, Listener, Persistence, Security
 from mqttd.security.gatekeeper import LoginRateLimiter, peer_host
+from tests.conftest import NO_HTTP
 from tests.rawclient import RawClient
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -75,6 +76,7 @@ def security_config(
     return Config(
         listeners=listeners,
         persistence=Persistence(db_file=":memory:"),
+        http=NO_HTTP,
         security=Security(
             password_file=password_file,
             acl_file=acl_file,

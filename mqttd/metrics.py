@@ -1,0 +1,147 @@
+"""Prometheus metrics in the text exposition format (version 0.0.4), from a snapshot of the
+broker's counters taken in the trio thread: counters end in ``_total``, gauges do not; every
+family has its HELP and TYPE lines; label values are escaped. Per-client series only for the
+clients whose id matches an opt-in pattern (``http.metrics_clients``), so that the number of
+series stays bounded. Sans-IO: the HTTP server calls :func:`render`.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+# name, type, help, the stats key (or a function of the stats)
+_BROKER: tuple[tuple[str, str, str, str], ...] = (
+    ("mqttd_connections", "gauge", "Client connections open now.", "connections"),
+    ("mqttd_sessions", "gauge", "Sessions (connected or persistent and away).", "sessions"),
+    ("mqttd_subscriptions", "gauge", "Subscriptions (topic filters), shared ones included.",
+     "subscriptions"),
+    ("mqttd_retained_messages", "gauge", "Retained messages.", "retained"),
+    ("mqttd_queued_messages", "gauge", "Messages queued for sessions' inflight windows.",
+     "queued"),
+    ("mqttd_inflight_messages", "gauge", "QoS 1/2 messages sent and not yet acknowledged.",
+     "inflight"),
+    ("mqttd_messages_received_total", "counter", "PUBLISH packets received.",
+     "messages_received"),
+    ("mqttd_messages_sent_total", "counter", "PUBLISH packets sent to subscribers.",
+     "messages_sent"),
+    ("mqttd_bytes_received_total", "counter", "Bytes read from clients.", "bytes_received"),
+    ("mqttd_bytes_sent_total", "counter", "Bytes written to clients.", "bytes_sent"),
+    ("mqttd_connections_total", "counter", "Connections accepted.", "connections_total"),
+    ("mqttd_store_commits_total", "counter", "Group commits of the store.", "store_commits"),
+    ("mqttd_store_writes_total", "counter", "Operations written to the store.", "store_writes"),
+    ("mqttd_store_pending_writes", "gauge", "Operations waiting for the next commit.",
+     "store_pending"),
+    ("mqttd_store_bytes", "gauge", "Bytes of data in the store's database.", "store_bytes"),
+    ("mqttd_store_accepting", "gauge",
+     "1 while the store has room for new data (disk budget, free-space reserve).",
+     "storage_ok"),
+    ("mqttd_store_failures_total", "counter", "Commits the disk could not take (retried).",
+     "storage_failures"),
+    ("mqttd_read_pauses_total", "counter", "Times the broker stopped reading from a client.",
+     "read_pauses"),
+    ("mqttd_publisher_holds_total", "counter",
+     "Times a publisher was held by a backlogged subscriber it feeds.", "publisher_holds"),
+    ("mqttd_publishers_held", "gauge", "Publishers held now.", "publishers_held"),
+    ("mqttd_stalled_subscribers_total", "counter",
+     "Times a subscriber was found stalled and stopped pacing.", "stalled_subscribers"),
+    ("mqttd_buffered_bytes", "gauge", "Unsent output bytes, all connections.",
+     "buffered_bytes"),
+    ("mqttd_bridges_connected", "gauge", "Bridges whose link is up.", "bridges_connected"),
+)
+_DROPPED = (("queue_full", "dropped"), ("qos0_backed_up", "dropped_qos0"))
+_REFUSED = (
+    ("queue_full", "refused"), ("no_storage", "storage_refused"), ("publish_rate", "rate_refused"),
+)
+_CLIENT: tuple[tuple[str, str, str, str], ...] = (
+    ("mqttd_client_queued_messages", "gauge", "Messages queued for the client.", "queued"),
+    ("mqttd_client_queued_bytes", "gauge", "Payload bytes queued for the client.",
+     "queued_bytes"),
+    ("mqttd_client_inflight_messages", "gauge", "Messages in the client's inflight window.",
+     "inflight"),
+    ("mqttd_client_messages_sent_total", "counter", "Messages sent to the client.", "sent"),
+    ("mqttd_client_messages_dropped_total", "counter",
+     "Messages for the client dropped by its queue budget.", "dropped"),
+)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{key}="{_escape(value)}"' for key, value in labels.items()) + "}"
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(
+        self, name: str, kind: str, help_text: str,
+        samples: Iterable[tuple[Mapping[str, str], float]],
+    ) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            number = repr(float(value)) if isinstance(value, float) else str(int(value))
+            self.lines.append(f"{name}{_labels(labels)} {number}")
+
+
+def process_metrics() -> dict[str, float]:
+    """CPU seconds, resident bytes and open file descriptors of this process."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result = {"cpu": usage.ru_utime + usage.ru_stime, "rss": 0.0, "fds": 0.0}
+    try:
+        with open("/proc/self/statm") as f:
+            result["rss"] = float(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+        result["fds"] = float(len(os.listdir("/proc/self/fd")))
+    except OSError:
+        pass
+    return result
+
+
+def render(
+    stats: Mapping[str, Any],
+    bridges: Iterable[Mapping[str, Any]] = (),
+    clients: Mapping[str, Mapping[str, Any]] | None = None,
+    process: Mapping[str, float] | None = None,
+) -> str:
+    """The exposition text: broker-wide families, per-bridge and (opt-in) per-client
+    series, and the standard process metrics."""
+    out = _Writer()
+    for name, kind, help_text, key in _BROKER:
+        out.family(name, kind, help_text, [({}, stats.get(key, 0))])
+    out.family("mqttd_messages_dropped_total", "counter",
+               "Messages dropped, by reason (every drop is counted).",
+               [({"reason": reason}, stats.get(key, 0)) for reason, key in _DROPPED])
+    out.family("mqttd_messages_refused_total", "counter",
+               "PUBLISHes or deliveries refused, by reason (the publisher was told if MQTT 5).",
+               [({"reason": reason}, stats.get(key, 0)) for reason, key in _REFUSED])
+    bridges = list(bridges)
+    out.family("mqttd_bridge_up", "gauge", "1 while the bridge's link is connected.",
+               [({"bridge": b["name"]}, int(b.get("state") == "connected")) for b in bridges])
+    out.family("mqttd_bridge_forwarded_total", "counter",
+               "Messages the bridge forwarded to its remote broker.",
+               [({"bridge": b["name"]}, b.get("forwarded", 0)) for b in bridges])
+    out.family("mqttd_bridge_received_total", "counter",
+               "Messages the bridge received from its remote broker.",
+               [({"bridge": b["name"]}, b.get("received", 0)) for b in bridges])
+    out.family("mqttd_bridge_queued_messages", "gauge",
+               "Messages waiting for the bridge's link.",
+               [({"bridge": b["name"]}, b.get("queued", 0)) for b in bridges])
+    if clients:
+        for name, kind, help_text, key in _CLIENT:
+            out.family(name, kind, help_text,
+                       [({"client_id": cid}, c.get(key, 0)) for cid, c in sorted(clients.items())])
+    proc = process if process is not None else process_metrics()
+    out.family("process_cpu_seconds_total", "counter", "User and system CPU seconds.",
+               [({}, proc["cpu"])])
+    out.family("process_resident_memory_bytes", "gauge", "Resident memory in bytes.",
+               [({}, proc["rss"])])
+    out.family("process_open_fds", "gauge", "Open file descriptors.", [({}, proc["fds"])])
+    return "\n".join(out.lines) + "\n"

@@ -1,0 +1,134 @@
+"""The operations listener: HTTP/1.1 (h11, on trio) for operators and their tools.
+
+``GET /metrics`` (Prometheus text), ``GET /healthz`` (the process answers), ``GET /readyz``
+(listeners bound, store open and accepting, its writer keeping up; 503 with the reason
+otherwise). Everything is read from the engine in the trio thread. On by default on
+127.0.0.1 (``http:`` in the configuration, ``--http-port``); reading is open there.
+Requests are small and bounded (headers 16 KiB, no bodies, 10 s per request).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import h11
+import trio
+
+from mqttd import metrics
+
+if TYPE_CHECKING:
+    from mqttd.config import Http
+    from mqttd.engine.dispatch import Engine as Broker
+
+log = logging.getLogger("mqttd.http")
+
+MAX_HEADER_BYTES = 16_384
+REQUEST_TIMEOUT_S = 10.0
+RECEIVE_SIZE = 16_384
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class OpsServer:
+    def __init__(self, broker: Broker, config: Http) -> None:
+        self.broker = broker
+        self.config = config
+        self.addresses: list[tuple[str, int]] = []
+        self.requests = 0
+        self._clients = config.metrics_clients
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        self.addresses = [tuple(ls.socket.getsockname()[:2]) for ls in listeners]  # type: ignore[misc]
+        for host, port in self.addresses:
+            shown = f"[{host}]" if ":" in host else host
+            log.info("mqttd operations (HTTP) on http://%s:%d/ (metrics: /metrics)", shown, port)
+        task_status.started(self.addresses)
+        await trio.serve_listeners(self._serve_connection, listeners)
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        try:
+            while True:
+                with trio.move_on_after(REQUEST_TIMEOUT_S) as scope:
+                    request = await _next_request(stream, conn)
+                if scope.cancelled_caught or request is None:
+                    return
+                self.requests += 1
+                status, content_type, body = self.respond(request)
+                await _send_response(stream, conn, status, content_type, body)
+                if conn.our_state is h11.MUST_CLOSE:
+                    return
+                conn.start_next_cycle()
+        except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    def respond(self, request: h11.Request) -> tuple[int, str, bytes]:
+        """(status, content type, body) for one request."""
+        path = request.target.decode("latin-1").split("?", 1)[0]
+        routes = {"/metrics": self._metrics, "/healthz": self._healthz, "/readyz": self._readyz}
+        handler = routes.get(path)
+        if handler is None:
+            return _json(404, {"error": f"no such resource: {path}"})
+        if request.method != b"GET":
+            return _json(405, {"error": f"{request.method.decode()} is not allowed on {path}"})
+        return handler()
+
+    def _metrics(self) -> tuple[int, str, bytes]:
+        broker = self.broker
+        clients = None
+        pattern = self._clients
+        if pattern is not None:
+            clients = {
+                cid: stats for cid in broker.sessions
+                if fnmatch.fnmatchcase(cid, pattern) and (stats := broker.client_stats(cid))
+            }
+        text = metrics.render(broker.stats(), broker.bridge_stats(), clients)
+        return 200, PROMETHEUS_TEXT, text.encode()
+
+    def _healthz(self) -> tuple[int, str, bytes]:
+        return _json(200, {"status": "ok"})
+
+    def _readyz(self) -> tuple[int, str, bytes]:
+        problems = self.broker.not_ready()
+        if problems:
+            return _json(503, {"status": "not ready", "problems": problems})
+        return _json(200, {"status": "ready"})
+
+
+def _json(status: int, document: object) -> tuple[int, str, bytes]:
+    return status, "application/json", json.dumps(document).encode() + b"\n"
+
+
+async def _next_request(stream: trio.SocketStream, conn: h11.Connection) -> h11.Request | None:
+    """The next request, its (empty) body read; None when the client is done."""
+    request = None
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(RECEIVE_SIZE)
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.EndOfMessage):
+            return request
+        elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+            return None
+
+
+async def _send_response(
+    stream: trio.SocketStream, conn: h11.Connection, status: int, content_type: str, body: bytes
+) -> None:
+    headers = [
+        ("content-type", content_type), ("content-length", str(len(body))),
+        ("cache-control", "no-store"), ("server", "mqttd"),
+    ]
+    data = conn.send(h11.Response(status_code=status, headers=headers))
+    data += conn.send(h11.Data(data=body)) or b""  # type: ignore[operator]
+    data += conn.send(h11.EndOfMessage()) or b""  # type: ignore[operator]
+    await stream.send_all(data)  # type: ignore[arg-type]

@@ -1,0 +1,158 @@
+"""The operations listener over real HTTP: Prometheus metrics (format, types, values checked
+against what the test did), health and readiness, errors; the configuration rules (loopback
+unless a credential is set; --host/-p leave it off unless --http-port)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import attrs
+import pytest
+import trio
+
+from mqttd.broker import Broker, running
+from mqttd.codec.packets import Publish
+from mqttd.config import ConfigError, Http, parse_config
+from tests.conftest import make_config
+from tests.rawclient import RawClient
+
+TIMEOUT_S = 30.0
+SAMPLE = re.compile(r'^([a-z_:][a-z0-9_:]*)(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? (\S+)$')
+
+
+def ops_config(**http: object):  # type: ignore[no-untyped-def]
+    return attrs.evolve(make_config(), http=Http(port=0, **http))  # type: ignore[arg-type]
+
+
+async def get(broker: Broker, path: str, method: str = "GET") -> tuple[int, str, str]:
+    """(status, content type, body) of a real HTTP request to the operations listener."""
+    host, port = broker.http_addresses[0]
+
+    def request() -> tuple[int, str, str]:
+        req = urllib.request.Request(f"http://{host}:{port}{path}", method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as response:
+                return (response.status, response.headers["content-type"],
+                        response.read().decode())
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers["content-type"], exc.read().decode()
+
+    return await trio.to_thread.run_sync(request)
+
+
+def parse_metrics(text: str) -> tuple[dict[str, str], dict[str, float]]:
+    """(family -> type, "name{labels}" -> value); fails on any line that is not valid."""
+    types: dict[str, str] = {}
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            types[name] = kind
+        elif line.startswith("# HELP "):
+            continue
+        else:
+            match = SAMPLE.match(line)
+            assert match, f"not a valid sample line: {line!r}"
+            family = match.group(1)
+            assert family in types, f"{family} has no TYPE line before its samples"
+            values[family + (match.group(2) or "")] = float(match.group(4))
+    for name, kind in types.items():
+        assert (kind == "counter") == name.endswith("_total"), (name, kind)
+    return types, values
+
+
+async def test_metrics_report_what_happened() -> None:
+    async with running(ops_config(metrics_clients="sensor-*")) as broker:
+        with trio.fail_after(TIMEOUT_S):
+            sub, _ = await RawClient.connected(broker.port, "sensor-1", keepalive_s=0)
+            await sub.subscribe("data/#", qos=1)
+            pub, _ = await RawClient.connected(broker.port, "backend", keepalive_s=0)
+            for n in range(3):
+                await pub.publish("data/x", b"%d" % n, qos=1)
+            for _ in range(3):
+                await sub.take(Publish)
+            status, content_type, text = await get(broker, "/metrics")
+            assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
+            types, values = parse_metrics(text)
+            assert types["mqttd_messages_received_total"] == "counter"
+            assert types["mqttd_queued_messages"] == "gauge"
+            assert values["mqttd_messages_received_total"] == 3
+            assert values["mqttd_messages_sent_total"] == 3
+            assert values["mqttd_connections"] == 2
+            assert values["mqttd_subscriptions"] == 1
+            assert values['mqttd_messages_dropped_total{reason="queue_full"}'] == 0
+            assert values['mqttd_messages_refused_total{reason="no_storage"}'] == 0
+            assert values["mqttd_bytes_received_total"] > 0
+            assert values["process_resident_memory_bytes"] > 1_000_000
+            assert values["process_open_fds"] > 0
+            # per-client series only for the opted-in pattern
+            assert values['mqttd_client_messages_sent_total{client_id="sensor-1"}'] == 3
+            assert not any('client_id="backend"' in key for key in values)
+            await sub.aclose()
+            await pub.aclose()
+
+
+async def test_health_readiness_and_errors() -> None:
+    async with running(ops_config()) as broker:
+        with trio.fail_after(TIMEOUT_S):
+            status, content_type, body = await get(broker, "/healthz")
+            assert (status, content_type, json.loads(body)) == (
+                200, "application/json", {"status": "ok"}
+            )
+            status, _, body = await get(broker, "/readyz")
+            assert (status, json.loads(body)) == (200, {"status": "ready"})
+            status, _, body = await get(broker, "/nothing")
+            assert status == 404 and "no such resource" in json.loads(body)["error"]
+            status, _, body = await get(broker, "/metrics", method="POST")
+            assert status == 405 and "not allowed" in json.loads(body)["error"]
+
+
+async def test_readyz_says_why_when_the_store_has_no_room() -> None:
+    async with running(ops_config()) as broker:
+        with trio.fail_after(TIMEOUT_S):
+            broker.writer.accepting = False  # type: ignore[union-attr]
+            broker.writer.storage_problem = "disk full (test)"  # type: ignore[union-attr]
+            status, _, body = await get(broker, "/readyz")
+            assert status == 503
+            assert json.loads(body)["problems"] == ["the store has no room: disk full (test)"]
+            broker.writer.accepting = True  # type: ignore[union-attr]
+
+
+def test_a_non_loopback_ops_listener_needs_a_credential() -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config("http:\n  host: 0.0.0.0\n")
+    assert "http.host" in str(error.value) and "http.token" in str(error.value)
+    assert parse_config("http:\n  host: 0.0.0.0\n  token: s3cret\n").http.host == "0.0.0.0"
+
+
+async def test_command_line_http_port() -> None:
+    """-p leaves the operations listener off; --http-port 0 turns it on, on a free port,
+    and logs where it is."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "mqttd", "--host", "127.0.0.1", "-p", "0", "--http-port", "0",
+         "--data-dir", ":memory:"],
+        stderr=subprocess.PIPE,
+    )
+    log = bytearray()
+    pattern = re.compile(rb"operations \(HTTP\) on http://127\.0\.0\.1:(\d+)/")
+    try:
+        with trio.fail_after(TIMEOUT_S):
+            while not (match := pattern.search(log)):
+                chunk = await proc.stderr.receive_some(4096)  # type: ignore[union-attr]
+                assert chunk, f"broker exited early: {log.decode()}"
+                log += chunk
+            port = int(match.group(1))
+
+            def healthz() -> int:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
+                    return int(r.status)
+
+            assert await trio.to_thread.run_sync(healthz) == 200
+    finally:
+        proc.kill()
+        await proc.wait()
