@@ -99,7 +99,12 @@ def _readline(proc: subprocess.Popen[str], deadline: float, what: str) -> dict[s
 
 def run(binary: str, probe: loadgen.Probe, args: list[str], timeout_s: float) -> dict[str, Any]:
     """One scenario: start, wait for ready, probe + go, read the results; the generator
-    is always gone when this returns."""
+    is always gone when this returns. A probe with a ``pid`` (the broker's) lets the
+    generator wait for a broker still working through a backlog before it calls the
+    missing messages lost."""
+    pid = getattr(probe, "pid", None)
+    if isinstance(pid, int) and pid > 0:
+        args = [*args, "--broker-pid", str(pid)]
     proc = subprocess.Popen(
         [binary, *args, "--timeout", f"{timeout_s:g}"], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -8,6 +8,11 @@
  *   fanout   1 QoS 0 publisher x M messages to bench/fanout, S subscribers on it
  *   latency  1 QoS 0 publisher at RATE msg/s (open loop) for M messages, 1 subscriber
  *
+ * The run ends when every message has arrived (and, QoS 1, every PUBACK is in), at the
+ * timeout, or when the publishers are done, nothing has arrived for 3 s and the broker
+ * (--broker-pid, read from /proc) has used at most 10% of a core for 1 s: a broker that
+ * dropped messages is not waited for, one still working through a backlog is.
+ *
  * Protocol with the caller: connect and subscribe everything, print one line
  * {"ready": ...}, wait for a line "go" on stdin (the caller samples the broker first),
  * run, print one JSON line with the results, DISCONNECT, exit.
@@ -44,7 +49,9 @@
 #define PAYLOAD_SIZE 64
 #define RECV_SIZE (1 << 18)
 #define REST_MAX 1024      /* an incomplete packet kept between reads (ours are < 128 B) */
-#define SETTLE_NS 3000000000LL /* publishers done and nothing for this long: stop */
+#define SETTLE_NS 3000000000LL /* publishers done and nothing for this long: stop, */
+#define IDLE_NS 1000000000LL   /* if the broker (--broker-pid) has been idle this long */
+#define IDLE_TICKS_PER_100MS 1 /* idle: at most 10 ms of CPU in 100 ms */
 #define SETUP_TIMEOUT_S 60
 #define HANDSHAKE_BATCH 64 /* connections whose CONNECT is in flight at once at setup */
 #define MAX_EVENTS 256
@@ -62,8 +69,8 @@ static struct {
     int chunk;           /* packets per write, all stamped with the same time */
     long batch_wait_us;  /* subscriber: sleep this long after a pass that read < batch_bytes */
     long batch_bytes;
-    const char *topic_prefix;
-} opt = {FANIN, 0, 10, 1, 1000, 0, 32, 0, 1000.0, 60.0, 128, 200, 16384, "bench"};
+    int broker_pid;      /* 0: unknown (the settle rule alone ends a lossy run) */
+} opt = {FANIN, 0, 10, 1, 1000, 0, 32, 0, 1000.0, 60.0, 128, 200, 16384, 0};
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -471,6 +478,27 @@ static size_t tally(subconn *c, const uint8_t *data, size_t n, int64_t now, uint
     return pos;
 }
 
+/* utime + stime of the broker in clock ticks, -1 if unknown */
+static long broker_ticks(void) {
+    if (!opt.broker_pid) return -1;
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", opt.broker_pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    if (!p) return -1;
+    unsigned long utime = 0, stime = 0;
+    /* after ")": state ppid pgrp session tty_nr tpgid flags minflt cminflt majflt cmajflt
+     * utime stime */
+    if (sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &utime,
+               &stime) != 2)
+        return -1;
+    return (long)(utime + stime);
+}
+
 static void *subscriber_thread(void *arg) {
     (void)arg;
     int ep = epoll_create1(0);
@@ -487,10 +515,23 @@ static void *subscriber_thread(void *arg) {
     int64_t last_data = now_ns();
     int open = nsubs;
     int batch = !opt.qos && opt.batch_wait_us > 0; /* QoS 1: ack at once */
+    /* A broker still busy (reading a backlog before it routes it: amqtt does) is waited
+     * for: silence ends the run only once the broker has been idle for IDLE_NS too. */
+    long ticks = broker_ticks();
+    int64_t ticks_at = now_ns(), busy_at = ticks_at;
     while (unique < expected && open > 0) {
         int64_t now = now_ns();
         if (now > deadline_ns) { timed_out = 1; break; }
-        if (__atomic_load_n(&pubs_done, __ATOMIC_ACQUIRE) && now - last_data > SETTLE_NS) break;
+        if (ticks >= 0 && now - ticks_at >= 100000000LL) {
+            long t = broker_ticks();
+            if (t < 0 || t - ticks > IDLE_TICKS_PER_100MS * (now - ticks_at) / 100000000LL)
+                busy_at = now;
+            ticks = t;
+            ticks_at = now;
+        }
+        if (__atomic_load_n(&pubs_done, __ATOMIC_ACQUIRE) && now - last_data > SETTLE_NS &&
+            (ticks < 0 || now - busy_at > IDLE_NS))
+            break;
         long received = 0;
         int n = epoll_wait(ep, events, MAX_EVENTS, 100);
         for (int k = 0; k < n; k++) {
@@ -539,7 +580,7 @@ static int cmp_i64(const void *a, const void *b) {
 static void usage(void) {
     fputs("usage: cloadgen --mode fanin|fanout|latency --port N [--publishers N] "
           "[--subscribers N] [--messages N] [--qos 0|1] [--window N] [--persistent] "
-          "[--rate MSG_PER_S] [--timeout S] [--chunk N] [--batch-wait-us N]\n", stderr);
+          "[--rate MSG_PER_S] [--timeout S] [--chunk N] [--batch-wait-us N] [--broker-pid PID]\n", stderr);
     exit(2);
 }
 
@@ -551,6 +592,7 @@ static void parse_args(int argc, char **argv) {
         {"window", required_argument, 0, 'w'}, {"persistent", no_argument, 0, 'd'},
         {"rate", required_argument, 0, 'r'}, {"timeout", required_argument, 0, 't'},
         {"chunk", required_argument, 0, 'c'}, {"batch-wait-us", required_argument, 0, 'b'},
+        {"broker-pid", required_argument, 0, 'B'},
         {0, 0, 0, 0}};
     int ch;
     while ((ch = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -572,6 +614,7 @@ static void parse_args(int argc, char **argv) {
         case 't': opt.timeout_s = atof(optarg); break;
         case 'c': opt.chunk = atoi(optarg); break;
         case 'b': opt.batch_wait_us = atol(optarg); break;
+        case 'B': opt.broker_pid = atoi(optarg); break;
         default: usage();
         }
     }
