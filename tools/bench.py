@@ -1,13 +1,16 @@
 """Side-by-side benchmark: mqttd, mosquitto and amqtt on 127.0.0.1, same scenarios, one run.
 
     python -m tools.bench [--size full|quick|tiny] [--brokers mqttd,mosquitto,amqtt]
-                            [--scenarios fanin_qos0,...] [--output bench/results.json]
+                            [--scenarios fanin_qos0,...] [--generator c|python]
+                            [--output bench/results.json]
 
-Each (scenario, broker) pair gets a fresh broker process (its own temporary directory,
-config file and free port), the load generator of ``tools/loadgen.py`` in several worker
-processes, and a SIGTERM (then SIGKILL) at the end; brokers run one at a time so they
-never compete for the cores. Prints Markdown tables and writes the results as JSON.
-See ``bench/README.md`` for the columns and what each broker promises.
+Each (scenario, broker) pair gets a fresh broker process at its default configuration
+(its own temporary directory, config file and free port), a load generator (the C one of
+``tools/cloadgen.c``, built by ``tools/cgen.py``, for the message scenarios when a C
+compiler exists; else, and for the connection and device scenarios, ``tools/loadgen.py``
+in several worker processes), and a SIGTERM (then SIGKILL) at the end; brokers run one at
+a time so they never compete for the cores. Prints Markdown tables and writes the results
+as JSON. See ``bench/README.md`` for the columns and what each broker promises.
 """
 
 from __future__ import annotations
