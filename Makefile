@@ -21,7 +21,8 @@ $(TEST_STAMP): pyproject.toml | $(PY)
 run: $(STAMP)
 	$(PY) -m mqttd $(ARGS)
 
-# Side-by-side benchmark (mqttd, mosquitto, amqtt): Markdown to stdout, bench/results.json.
+# Side-by-side benchmark (mqttd, mosquitto, amqtt): Markdown to stdout, bench/results.json;
+# builds the C load generator (tools/cloadgen.c) into build/ with cc when there is one.
 bench: $(TEST_STAMP)
 	$(PY) -m tools.bench --size full $(ARGS)
 

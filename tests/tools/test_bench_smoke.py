@@ -1,16 +1,19 @@
 """The side-by-side benchmark's own code at its tiny size, so it cannot rot: the result
-structure, the table, and that nothing was lost. No timing is asserted."""
+structure, the table, and that nothing was lost. No timing is asserted. The main run uses
+the default generator (the C one where a compiler exists, as in CI); the Python one runs
+the message scenarios once more on mqttd."""
 
 import json
 
 import pytest
 
 from mqttd.codec import Publish
-from mqttd.config import load_config
-from tools import bench, loadgen
+from mqttd.config import load_config, parse_config
+from tools import bench, cgen, loadgen
 
 BROKERS = ("mqttd",) + (("mosquitto",) if bench.mosquitto_path() else ())
 SCENARIOS = ("fanin_qos0", "durable_qos1", "fanout", "latency", "connections", "constrained")
+MESSAGE_SCENARIOS = ("fanin_qos0", "durable_qos1", "fanout", "latency")
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +22,31 @@ def report(tmp_path_factory):
     result = bench.run_benchmark("tiny", BROKERS, SCENARIOS, str(output), echo=None)
     assert json.loads(output.read_text()) == json.loads(json.dumps(result))
     return result
+
+
+@pytest.fixture(scope="module")
+def python_report():
+    return bench.run_benchmark("tiny", ("mqttd",), MESSAGE_SCENARIOS, None, echo=None,
+                               generator="python")
+
+
+def test_default_generator_is_c_when_a_compiler_exists(report):
+    expected = "c" if cgen.compiler() else "python"
+    assert report["generator"]["kind"] == expected
+    for scenario in MESSAGE_SCENARIOS:
+        for name, result in report["scenarios"][scenario]["results"].items():
+            assert result["generator"] == expected, (scenario, name)
+    for name, result in report["scenarios"]["connections"]["results"].items():
+        assert result["generator"] == "python", name
+
+
+@pytest.mark.parametrize("scenario", MESSAGE_SCENARIOS)
+def test_python_generator_still_runs(python_report, scenario):
+    assert python_report["generator"] == {"kind": "python"}
+    result = python_report["scenarios"][scenario]["results"]["mqttd"]
+    assert result["generator"] == "python"
+    assert result["status"] == "ok", result.get("error")
+    assert result["delivered"] == result["expected"] > 0
 
 
 def test_every_scenario_ran_on_every_broker(report):
@@ -33,10 +61,14 @@ def test_every_scenario_ran_on_every_broker(report):
             assert result["generator_cpu_s"] >= 0
 
 
-@pytest.mark.parametrize("scenario", ["fanin_qos0", "durable_qos1", "fanout", "latency"])
+@pytest.mark.parametrize("scenario", MESSAGE_SCENARIOS)
 def test_message_scenarios_deliver_everything_exactly_once(report, scenario):
     for name, result in report["scenarios"][scenario]["results"].items():
         assert result["expected"] > 0
+        assert result["broker_cpu_pct"] is None or result["broker_cpu_pct"] >= 0
+        assert result["generator_cpu_pct"] is None or result["generator_cpu_pct"] >= 0
+        if result["generator"] == "c":
+            assert result["in_order"] is True and result["out_of_order"] == 0, name
         assert result["delivered"] == result["expected"], name
         assert result["lost"] == 0, name
         assert result["duplicated"] == 0, name
@@ -83,15 +115,38 @@ def test_constrained_devices_get_every_command_in_order(report):
 
 
 def test_mqttd_config_gives_only_the_devices_a_window_of_one(tmp_path):
+    defaults = parse_config("{}")
     broker = bench.Broker("mqttd", str(tmp_path), durable=False, devices=True)
     command = broker.command()
     config = load_config(command[command.index("-c") + 1])
     assert config.limits_for("devices/constrained-7").max_inflight_messages == 1
-    assert config.limits_for("bench-pub-0").max_inflight_messages == bench.INFLIGHT
+    assert config.limits == defaults.limits  # every other limit at its default
     device = config.limits_for("devices/constrained-7")
-    assert device.max_queued_messages == bench.BIG_QUEUE  # the usual queue limits
+    assert device.max_queued_messages == defaults.limits.max_queued_messages
     plain = bench.Broker("mqttd", str(tmp_path), durable=False).command()
-    assert load_config(plain[plain.index("-c") + 1]).client_overrides == ()
+    plain_config = load_config(plain[plain.index("-c") + 1])
+    assert plain_config.client_overrides == ()
+    assert plain_config.limits == defaults.limits
+
+
+def test_mosquitto_config_changes_no_limit(tmp_path):
+    for durable in (False, True):
+        broker = bench.Broker("mosquitto", str(tmp_path), durable=durable)
+        command = broker.command()
+        with open(command[command.index("-c") + 1]) as f:
+            keys = {line.split()[0] for line in f if line.strip()}
+        allowed = {"listener", "allow_anonymous", "log_dest", "log_type", "user"}
+        if durable:
+            allowed |= {"persistence", "persistence_location"}
+        assert keys == allowed
+
+
+def test_a_peer_that_loses_at_its_defaults_is_reported_not_failed():
+    raw = {"lost": 5, "duplicated": 0, "in_order": True}
+    assert bench._status("mosquitto", raw) == "ok (lost 5)"
+    assert bench._status("mqttd", raw) == "incomplete (LOST 5)"
+    assert bench._status("mosquitto", {**raw, "duplicated": 1}).startswith("incomplete")
+    assert bench._status("mqttd", {"lost": 0}) == "ok"
 
 
 def test_ratios_and_markdown(report):
