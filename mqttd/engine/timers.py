@@ -34,11 +34,22 @@ class TimerQueue:
         return self._heap[0][0] if self._heap else math.inf
 
     def run_due(self, now: float, limit: int = 0) -> int:
-        """Call every callback due at ``now`` (also those that the callbacks schedule for
-        then); at most ``limit`` of them when ``limit`` is set. Returns how many ran."""
+        """Call every callback that was scheduled before this call and is due at ``now``; at
+        most ``limit`` of them when ``limit`` is set. Returns how many ran. Callbacks that
+        the callbacks schedule wait for the next call (the service's loop makes it at once
+        when they are due), so that a periodic callback cannot loop for ever when ``now``
+        is far ahead (a test making "all the time in the world" pass)."""
         heap = self._heap
+        started = self._seq
+        later = []
         ran = 0
         while heap and heap[0][0] <= now and (not limit or ran < limit):
-            heapq.heappop(heap)[2]()
+            entry = heapq.heappop(heap)
+            if entry[1] > started:
+                later.append(entry)
+                continue
+            entry[2]()
             ran += 1
+        for entry in later:
+            heapq.heappush(heap, entry)
         return ran
