@@ -40,7 +40,6 @@ from mqttd.codec.packets import (
     PingResp,
     PubAck,
     PubComp,
-    Publish,
     PubRec,
     PubRel,
     SubAck,
@@ -49,6 +48,7 @@ from mqttd.codec.packets import (
     UnsubAck,
     Unsubscribe,
     Will,
+    wire_publish,
 )
 from mqttd.codec.wire import Buffer
 from mqttd.codec.wire import expect_flags as _expect_flags
@@ -69,6 +69,25 @@ class _LayoutChanged(Exception):  # a signal inside feed(), never seen outside
     def __init__(self, packet: Packet, end: int) -> None:
         self.packet = packet
         self.end = end
+
+
+# Topic names already decoded and checked (bytes -> str), shared by every connection.
+_TOPICS: dict[bytes, str] = {}
+_MAX_TOPICS = 4096
+
+
+def _topic_name(raw: bytes) -> str:
+    """A PUBLISH topic name: valid UTF-8 with no wildcard and no NUL (then remembered)."""
+    try:
+        topic = str(raw, "utf-8")
+    except UnicodeDecodeError:
+        raise MalformedPacket("topic name is not valid UTF-8") from None
+    if not topic or "+" in topic or "#" in topic or "\x00" in topic:
+        raise TopicNameInvalid(f"invalid topic name {topic!r}")
+    if len(_TOPICS) >= _MAX_TOPICS:
+        _TOPICS.clear()
+    _TOPICS[raw] = topic
+    return topic
 
 
 class Decoder:
@@ -272,12 +291,10 @@ class Decoder:
         i += 2
         if i + n > end:
             raise MalformedPacket(f"topic name length {n} runs past the end of the packet")
-        try:
-            topic = str(data[i:i + n], "utf-8")
-        except UnicodeDecodeError:
-            raise MalformedPacket("topic name is not valid UTF-8") from None
-        if not topic or "+" in topic or "#" in topic or "\x00" in topic:
-            raise TopicNameInvalid(f"invalid topic name {topic!r}")
+        raw = bytes(data[i:i + n])
+        topic = _TOPICS.get(raw)  # a device publishes to the same topics again and again
+        if topic is None:
+            topic = _topic_name(raw)
         i += n
         packet_id = 0
         if qos:
@@ -287,7 +304,7 @@ class Decoder:
             if not packet_id:
                 raise ProtocolError("PUBLISH with packet identifier 0")
             i += 2
-        return Publish(topic, bytes(data[i:end]), qos, bool(flags & 1), dup, packet_id)
+        return wire_publish(topic, bytes(data[i:end]), qos, bool(flags & 1), dup, packet_id)
 
     def _ack_id(self, flags: int, expected: int, data: Buffer, i: int, end: int, name: str) -> int:
         _expect_flags(flags, expected, name)

@@ -9,7 +9,7 @@ packet has none); ``None`` is encoded as no properties.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import attrs
@@ -159,16 +159,56 @@ class ExpiringPublish(Publish):
     expires_at: float | None = attrs.field(default=None, eq=False, repr=False)  # type: ignore[misc]
 
 
+def _slot_setters(cls: type, *names: str) -> tuple[Callable[[Any, Any], None], ...]:
+    return tuple(cls.__dict__[name].__set__ for name in names)
+
+
+(_set_topic, _set_payload, _set_qos, _set_retain, _set_dup, _set_packet_id,
+ _set_properties) = _slot_setters(
+    Publish, "topic", "payload", "qos", "retain", "dup", "packet_id", "properties"
+)
+_new_object = object.__new__
+
+
+def wire_publish(
+    topic: str, payload: bytes, qos: int, retain: bool, dup: bool, packet_id: int
+) -> Publish:
+    """``Publish(topic, payload, qos, retain, dup, packet_id)`` as the decoder builds it,
+    once per PUBLISH received: the slots are set directly, skipping the frozen class's
+    per-field ``object.__setattr__`` (~0.5 µs; Publish has no validators or converters)."""
+    packet = _new_object(Publish)
+    _set_topic(packet, topic)
+    _set_payload(packet, payload)
+    _set_qos(packet, qos)
+    _set_retain(packet, retain)
+    _set_dup(packet, dup)
+    _set_packet_id(packet, packet_id)
+    _set_properties(packet, None)
+    return packet
+
+
+# Heads of 3.1.1 PUBLISHes by (topic, first byte, payload size): a device publishes to the
+# same topic with payloads of the same size again and again, so the head is built once.
+_HEADS: dict[tuple[str, int, int], bytes] = {}
+_MAX_HEADS = 4096
+
+
 def encode_publish_parts(
     topic: str, payload: bytes, qos: int, retain: bool, dup: bool = False
 ) -> tuple[bytes, bytes]:
     """Encode a PUBLISH once as ``(head, tail)``; the packet is ``head + packet_id + tail``
     for QoS > 0 (two bytes) and ``head + tail`` for QoS 0. The parts are shared by every
     subscriber the message goes to; only the packet id differs."""
-    t = topic.encode("utf-8")
-    remaining = 2 + len(t) + len(payload) + (2 if qos else 0)
     first = 0x30 | (qos << 1) | (1 if retain else 0) | (8 if dup else 0)
-    head = bytes((first,)) + encode_varint(remaining) + len(t).to_bytes(2, "big") + t
+    key = (topic, first, len(payload))
+    head = _HEADS.get(key)
+    if head is None:
+        t = topic.encode("utf-8")
+        remaining = 2 + len(t) + len(payload) + (2 if qos else 0)
+        head = bytes((first,)) + encode_varint(remaining) + len(t).to_bytes(2, "big") + t
+        if len(_HEADS) >= _MAX_HEADS:
+            _HEADS.clear()
+        _HEADS[key] = head
     return head, payload
 
 
