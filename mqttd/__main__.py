@@ -13,6 +13,7 @@ import trio
 
 from mqttd.broker import Broker
 from mqttd.config import Config, ConfigError, load_config
+from mqttd.engine.systopics import version
 from mqttd.security.hooks import SecurityFileError
 from persistence.store import StoreError
 
@@ -21,8 +22,10 @@ log = logging.getLogger("mqttd")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mqttd", description="An MQTT 3.1.1 broker for IoT fleets, on trio."
+        prog="mqttd",
+        description="An MQTT broker (MQTT 3.1.1, 3.1 and 5.0) for IoT fleets, on trio.",
     )
+    parser.add_argument("--version", action="version", version=f"mqttd {version()}")
     parser.add_argument(
         "-c", "--config", metavar="FILE", help="YAML configuration file (default: built in)"
     )

@@ -87,6 +87,7 @@ class Connection:
     qos1_unacked: int = 0
     connack_properties: dict[str, Any] | None = None  # 5.0: decided at CONNECT, sent in CONNACK
     accepted: bool = False  # CONNACK 0 sent
+    connected_at: float = 0.0  # when it was accepted (epoch seconds)
     auth_exchange: Any = None  # 5.0 enhanced authentication (mqttd.enhanced_auth.Exchange)
     session: Session | None = None
     will: Will | None = None

@@ -6,6 +6,7 @@ their reload are here too (they decide the next CONNECTs)."""
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import cast
 
@@ -105,6 +106,7 @@ def accept(
     conn.will = packet.will
     conn.send_packet(ConnAck(session_present, 0, conn.connack_properties))
     conn.accepted = True
+    conn.connected_at = time.time()
     session.attach(conn)
     _log_connected(conn, packet, session_present, username)
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import urllib.parse
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import h11
 import trio
 
 from mqttd import metrics
+from mqttd.engine import views
 
 if TYPE_CHECKING:
     from mqttd.config import Http
@@ -29,6 +32,9 @@ MAX_HEADER_BYTES = 16_384
 REQUEST_TIMEOUT_S = 10.0
 RECEIVE_SIZE = 16_384
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+CLIENT_PREFIX = "/api/v1/clients/"
+Response = tuple[int, str, bytes]  # status, content type, body
+Route = Callable[[dict[str, str], "str | None"], Response]
 
 
 class OpsServer:
@@ -69,16 +75,51 @@ class OpsServer:
 
     def respond(self, request: h11.Request) -> tuple[int, str, bytes]:
         """(status, content type, body) for one request."""
-        path = request.target.decode("latin-1").split("?", 1)[0]
-        routes = {"/metrics": self._metrics, "/healthz": self._healthz, "/readyz": self._readyz}
-        handler = routes.get(path)
+        target = urllib.parse.urlsplit(request.target.decode("latin-1"))
+        path = urllib.parse.unquote(target.path)
+        query = {k: v[-1] for k, v in urllib.parse.parse_qs(target.query).items()}
+        routes: dict[str, Route] = {
+            "/metrics": self._metrics, "/healthz": self._healthz, "/readyz": self._readyz,
+            "/api/v1/stats": self._stats, "/api/v1/clients": self._clients_page,
+            "/api/v1/bridges": self._bridges,
+        }
+        handler: Route | None = routes.get(path)
+        argument: str | None = None
+        if handler is None and path.startswith(CLIENT_PREFIX) and len(path) > len(CLIENT_PREFIX):
+            handler = self._client
+            argument = path[len(CLIENT_PREFIX):]
         if handler is None:
             return _json(404, {"error": f"no such resource: {path}"})
         if request.method != b"GET":
             return _json(405, {"error": f"{request.method.decode()} is not allowed on {path}"})
-        return handler()
+        try:
+            return handler(query, argument)
+        except ValueError as exc:
+            return _json(400, {"error": str(exc)})
 
-    def _metrics(self) -> tuple[int, str, bytes]:
+    def _stats(self, query: dict[str, str], _: str | None) -> tuple[int, str, bytes]:
+        return _json(200, self.broker.stats())
+
+    def _bridges(self, query: dict[str, str], _: str | None) -> tuple[int, str, bytes]:
+        return _json(200, {"bridges": self.broker.bridge_stats()})
+
+    def _clients_page(self, query: dict[str, str], _: str | None) -> tuple[int, str, bytes]:
+        connected = query.get("connected")
+        if connected not in (None, "true", "false"):
+            raise ValueError(f"connected must be true or false, got {connected!r}")
+        return _json(200, views.clients(
+            self.broker, query.get("id"),
+            None if connected is None else connected == "true",
+            _number(query, "offset", 0), _number(query, "limit", 100),
+        ))
+
+    def _client(self, query: dict[str, str], client_id: str | None) -> tuple[int, str, bytes]:
+        detail = views.client_detail(self.broker, client_id or "")
+        if detail is None:
+            return _json(404, {"error": f"no client {client_id!r}"})
+        return _json(200, detail)
+
+    def _metrics(self, query: dict[str, str], _: str | None) -> tuple[int, str, bytes]:
         broker = self.broker
         clients = None
         pattern = self._clients
@@ -90,14 +131,23 @@ class OpsServer:
         text = metrics.render(broker.stats(), broker.bridge_stats(), clients)
         return 200, PROMETHEUS_TEXT, text.encode()
 
-    def _healthz(self) -> tuple[int, str, bytes]:
+    def _healthz(self, query: dict[str, str], _: str | None) -> tuple[int, str, bytes]:
         return _json(200, {"status": "ok"})
 
-    def _readyz(self) -> tuple[int, str, bytes]:
+    def _readyz(self, query: dict[str, str], _: str | None) -> tuple[int, str, bytes]:
         problems = self.broker.not_ready()
         if problems:
             return _json(503, {"status": "not ready", "problems": problems})
         return _json(200, {"status": "ready"})
+
+
+def _number(query: dict[str, str], name: str, default: int) -> int:
+    value = query.get(name)
+    if value is None:
+        return default
+    if not value.isdigit():
+        raise ValueError(f"{name} must be a number of 0 or more, got {value!r}")
+    return int(value)
 
 
 def _json(status: int, document: object) -> tuple[int, str, bytes]:

@@ -122,3 +122,10 @@ def test_database_from_a_newer_mqttd_is_refused_with_a_clear_message(tmp_path):
     result = run_cli("--host", "127.0.0.1", "-p", "0", "--data-dir", str(tmp_path))
     assert result.returncode == 1
     assert "cannot start" in result.stderr and "newer mqttd" in result.stderr
+
+
+def test_version_and_help_name_the_protocols():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("mqttd 0.")
+    result = run_cli("--help")
+    assert "MQTT 3.1.1, 3.1 and 5.0" in result.stdout

@@ -156,3 +156,51 @@ async def test_command_line_http_port() -> None:
     finally:
         proc.kill()
         await proc.wait()
+
+
+async def test_the_read_only_admin_api() -> None:
+    """/api/v1/clients (paged, filtered), /api/v1/clients/{id} with its subscriptions,
+    /api/v1/stats, /api/v1/bridges; unknown ids are 404, bad parameters 400."""
+    async with running(ops_config()) as broker:
+        with trio.fail_after(TIMEOUT_S):
+            sensors = []
+            for n in range(3):
+                client, _ = await RawClient.connected(broker.port, f"sensor-{n}", keepalive_s=30)
+                sensors.append(client)
+            worker, _ = await RawClient.connected(broker.port, "worker", clean_session=False,
+                                                  keepalive_s=0)
+            await worker.subscribe("jobs/#", qos=1)
+            await worker.aclose()  # away: its session stays
+            pub, _ = await RawClient.connected(broker.port, "pub", keepalive_s=0)
+            await pub.publish("jobs/x", b"job", qos=1)  # queued for the worker
+
+            status, _, body = await get(broker, "/api/v1/clients?id=sensor-*&limit=2")
+            page = json.loads(body)
+            assert status == 200 and (page["total"], page["limit"]) == (3, 2)
+            assert [c["client_id"] for c in page["clients"]] == ["sensor-0", "sensor-1"]
+            first = page["clients"][0]
+            assert first["connected"] and first["protocol"] == "3.1.1"
+            assert first["keepalive_s"] == 30 and first["address"].startswith("127.0.0.1:")
+            status, _, body = await get(broker, "/api/v1/clients?id=sensor-*&offset=2")
+            assert [c["client_id"] for c in json.loads(body)["clients"]] == ["sensor-2"]
+
+            status, _, body = await get(broker, "/api/v1/clients?connected=false")
+            away = json.loads(body)["clients"]
+            assert [(c["client_id"], c["queued"], c["persistent"]) for c in away] == [
+                ("worker", 1, True)
+            ]
+            status, _, body = await get(broker, "/api/v1/clients/worker")
+            detail = json.loads(body)
+            assert status == 200 and detail["subscriptions"] == [{"filter": "jobs/#", "qos": 1}]
+            assert detail["connected_at"] is None and detail["disconnected_at"] > 0
+
+            status, _, body = await get(broker, "/api/v1/clients/nobody")
+            assert status == 404 and "nobody" in json.loads(body)["error"]
+            status, _, body = await get(broker, "/api/v1/clients?limit=lots")
+            assert status == 400 and "limit" in json.loads(body)["error"]
+            status, _, body = await get(broker, "/api/v1/stats")
+            assert status == 200 and json.loads(body)["messages_received"] == 1
+            status, _, body = await get(broker, "/api/v1/bridges")
+            assert (status, json.loads(body)) == (200, {"bridges": []})
+            for client in (*sensors, pub):
+                await client.aclose()
