@@ -53,6 +53,7 @@ from mqttd.config_schema import (  # the schema, re-exported: import it from her
     Security,
     _Invalid,
     _type_problem,
+    is_loopback,
 )
 
 __all__ = [
@@ -81,6 +82,7 @@ __all__ = [
     "Persistence",
     "Security",
     "config_from_dict",
+    "is_loopback",
     "load_config",
     "parse_config",
 ]

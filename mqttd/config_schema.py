@@ -480,7 +480,7 @@ class Monitoring:
     )
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -502,7 +502,7 @@ class Http:
     )
 
     def __attrs_post_init__(self) -> None:
-        if self.enabled and not _loopback(self.host) and self.token is None:
+        if self.enabled and not is_loopback(self.host) and self.token is None:
             raise _Invalid("host", (
                 f"{self.host} is not a loopback address: the operations listener would be "
                 "open to the network without a credential; set http.token (or keep host "

@@ -20,9 +20,12 @@ timer loop sleeps until the engine's next timer, slow password checks run in wor
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -32,7 +35,7 @@ from mqttd.bridge import Bridges
 from mqttd.codec import MQTTError
 from mqttd.codec.errors import ServerUnavailable
 from mqttd.codec.packets import Connect
-from mqttd.config import Config
+from mqttd.config import Config, Persistence
 from mqttd.connection import Connection
 from mqttd.engine import connect
 from mqttd.engine.dispatch import Engine
@@ -47,6 +50,7 @@ from persistence.writer import GroupCommitWriter
 log = logging.getLogger("mqttd.broker")
 
 SHUTDOWN_FLUSH_TIMEOUT_S = 5.0
+API_TOKEN_FILE = "api-token"
 SHUTDOWN_STORE_TIMEOUT_S = 30.0  # the last commits; longer only when the disk cannot take them
 AUTH_THREADS = 2  # worker threads for slow password hashes (a bounded share of the CPU)
 
@@ -95,7 +99,8 @@ class Broker(Engine):
                 services.start_soon(self._timer_loop)
                 self.addresses = await services.start(server.serve)
                 if self.config.http.enabled:
-                    self.ops = OpsServer(self, self.config.http)
+                    token = self.config.http.token or api_token(self.config.persistence)
+                    self.ops = OpsServer(self, self.config.http, token)
                     self.http_addresses = await services.start(self.ops.serve)
                 await services.start(bridges.run)
                 interval_s = self.config.monitoring.sys_interval_s
@@ -225,6 +230,26 @@ class Broker(Engine):
     def bridge_stats(self) -> list[dict[str, Any]]:
         """Per bridge: state, connects, forwarded, received, queued, last error, ..."""
         return self.bridges.stats() if self.bridges is not None else []
+
+
+def api_token(persistence: Persistence) -> str:
+    """The operations API's credential when the configuration sets none: generated on the
+    first start into ``<data_dir>/api-token`` (mode 0600) and read back afterwards; kept in
+    memory only for a store in memory."""
+    if persistence.in_memory:
+        return secrets.token_urlsafe(32)
+    path = Path(persistence.data_dir) / API_TOKEN_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    log.info("operations API token written to %s (send it as Authorization: Bearer ...)", path)
+    return token
 
 
 class LoginChecks:

@@ -10,6 +10,7 @@ Requests are small and bounded (headers 16 KiB, no bodies, 10 s per request).
 from __future__ import annotations
 
 import fnmatch
+import hmac
 import json
 import logging
 import urllib.parse
@@ -20,7 +21,8 @@ import h11
 import trio
 
 from mqttd import metrics
-from mqttd.engine import views
+from mqttd.config import is_loopback as _loopback
+from mqttd.engine import admin, views
 
 if TYPE_CHECKING:
     from mqttd.config import Http
@@ -33,14 +35,17 @@ REQUEST_TIMEOUT_S = 10.0
 RECEIVE_SIZE = 16_384
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 CLIENT_PREFIX = "/api/v1/clients/"
+SESSION_PREFIX = "/api/v1/sessions/"
 Response = tuple[int, str, bytes]  # status, content type, body
 Route = Callable[[dict[str, str], "str | None"], Response]
 
 
 class OpsServer:
-    def __init__(self, broker: Broker, config: Http) -> None:
+    def __init__(self, broker: Broker, config: Http, token: str) -> None:
         self.broker = broker
         self.config = config
+        self.token = token  # the credential of requests that change state
+        self.open_reads = _loopback(config.host)  # reading needs no credential on loopback
         self.addresses: list[tuple[str, int]] = []
         self.requests = 0
         self._clients = config.metrics_clients
@@ -63,7 +68,13 @@ class OpsServer:
                 if scope.cancelled_caught or request is None:
                     return
                 self.requests += 1
-                status, content_type, body = self.respond(request)
+                if self._allowed(request):
+                    status, content_type, body = self.respond(request)
+                else:
+                    status, content_type, body = _json(401, {
+                        "error": "this request needs the credential: Authorization: Bearer "
+                        "<http.token, or the api-token file in the data directory>"
+                    })
                 await _send_response(stream, conn, status, content_type, body)
                 if conn.our_state is h11.MUST_CLOSE:
                     return
@@ -72,6 +83,16 @@ class OpsServer:
             return
         finally:
             await trio.aclose_forcefully(stream)
+
+    def _allowed(self, request: h11.Request) -> bool:
+        """Reading is open on loopback; anything else needs the token."""
+        if request.method == b"GET" and self.open_reads:
+            return True
+        expected = b"bearer " + self.token.encode()
+        for name, value in request.headers:
+            if name == b"authorization":
+                return hmac.compare_digest(value.lower().strip(), expected.lower())
+        return False
 
     def respond(self, request: h11.Request) -> tuple[int, str, bytes]:
         """(status, content type, body) for one request."""
@@ -88,6 +109,8 @@ class OpsServer:
         if handler is None and path.startswith(CLIENT_PREFIX) and len(path) > len(CLIENT_PREFIX):
             handler = self._client
             argument = path[len(CLIENT_PREFIX):]
+        if request.method == b"DELETE":
+            return self._delete(path)
         if handler is None:
             return _json(404, {"error": f"no such resource: {path}"})
         if request.method != b"GET":
@@ -96,6 +119,19 @@ class OpsServer:
             return handler(query, argument)
         except ValueError as exc:
             return _json(400, {"error": str(exc)})
+
+    def _delete(self, path: str) -> Response:
+        """DELETE /api/v1/clients/{id} (kick), DELETE /api/v1/sessions/{id}."""
+        for prefix, action, what in (
+            (CLIENT_PREFIX, admin.kick, "connected client"),
+            (SESSION_PREFIX, admin.delete_session, "session"),
+        ):
+            if path.startswith(prefix) and len(path) > len(prefix):
+                client_id = path[len(prefix):]
+                if not action(self.broker, client_id):
+                    return _json(404, {"error": f"no {what} {client_id!r}"})
+                return _json(200, {"done": what, "client_id": client_id})
+        return _json(405, {"error": f"DELETE is not allowed on {path}"})
 
     def _stats(self, query: dict[str, str], _: str | None) -> tuple[int, str, bytes]:
         return _json(200, self.broker.stats())

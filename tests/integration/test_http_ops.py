@@ -109,7 +109,10 @@ async def test_health_readiness_and_errors() -> None:
             status, _, body = await get(broker, "/nothing")
             assert status == 404 and "no such resource" in json.loads(body)["error"]
             status, _, body = await get(broker, "/metrics", method="POST")
-            assert status == 405 and "not allowed" in json.loads(body)["error"]
+            assert status == 401 and "credential" in json.loads(body)["error"]  # changes state
+            assert broker.ops is not None
+            status, body_json = await request(broker, "/metrics", "POST", broker.ops.token)
+            assert status == 405 and "not allowed" in body_json["error"]
 
 
 async def test_readyz_says_why_when_the_store_has_no_room() -> None:
@@ -204,3 +207,64 @@ async def test_the_read_only_admin_api() -> None:
             assert (status, json.loads(body)) == (200, {"bridges": []})
             for client in (*sensors, pub):
                 await client.aclose()
+
+
+async def request(broker: Broker, path: str, method: str, token: str | None) -> tuple[int, dict]:
+    host, port = broker.http_addresses[0]
+
+    def send() -> tuple[int, dict]:
+        req = urllib.request.Request(f"http://{host}:{port}{path}", method=method)
+        if token is not None:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    return await trio.to_thread.run_sync(send)
+
+
+async def test_kick_and_delete_need_the_credential_and_do_what_they_say() -> None:
+    from mqttd.codec.packets import PROTOCOL_5, Disconnect
+
+    async with running(ops_config()) as broker:
+        with trio.fail_after(TIMEOUT_S):
+            assert broker.ops is not None
+            token = broker.ops.token
+            device, _ = await RawClient.connected(broker.port, "device", keepalive_s=0,
+                                                  protocol_level=PROTOCOL_5)
+            # no credential, or a wrong one: refused, nothing done
+            assert (await request(broker, "/api/v1/clients/device", "DELETE", None))[0] == 401
+            assert (await request(broker, "/api/v1/clients/device", "DELETE", "nope"))[0] == 401
+            assert broker.client_stats("device")["connected"]  # type: ignore[index]
+            # kick: a 5.0 client is told why, then closed; a persistent session would stay
+            status, body = await request(broker, "/api/v1/clients/device", "DELETE", token)
+            assert (status, body) == (200, {"done": "connected client", "client_id": "device"})
+            got = await device.expect_closed()
+            assert got == [Disconnect(0x98, got[0].properties)]  # type: ignore[union-attr]
+            status, _ = await request(broker, "/api/v1/clients/device", "DELETE", token)
+            assert status == 404  # not connected any more
+
+            worker, _ = await RawClient.connected(broker.port, "worker", clean_session=False,
+                                                  keepalive_s=0)
+            await worker.subscribe("jobs/#", qos=1)
+            await worker.aclose()
+            status, body = await request(broker, "/api/v1/sessions/worker", "DELETE", token)
+            assert (status, body) == (200, {"done": "session", "client_id": "worker"})
+            assert "worker" not in broker.sessions and broker.stats()["subscriptions"] == 0
+            assert (await request(broker, "/api/v1/sessions/worker", "DELETE", token))[0] == 404
+
+
+def test_the_api_token_is_generated_once_into_the_data_directory(tmp_path) -> None:
+    import stat
+
+    from mqttd.config import Persistence
+    from mqttd.service import api_token
+
+    persistence = Persistence(data_dir=str(tmp_path))
+    token = api_token(persistence)
+    path = tmp_path / "api-token"
+    assert len(token) >= 32 and path.read_text().strip() == token
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert api_token(persistence) == token  # read back, not generated again
