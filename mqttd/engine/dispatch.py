@@ -279,24 +279,27 @@ class Engine(BrokerState):
     def stats(self) -> dict[str, int]:
         """Broker-wide counters (read by the metrics work)."""
         writer = self.writer
+        sent = connected = inflight = queued = 0
+        for session in self.sessions.values():  # one pass over the sessions
+            sent += session.sent
+            connected += session.connection is not None
+            inflight += len(session.inflight)
+            queued += session.queued
         return {
             "connections": len(self.connections),
             "sessions": len(self.sessions),
             "subscriptions": len(self.router.trie),
             "retained": len(self.retained),
             "messages_received": self.messages_received,
-            "messages_sent": self.sent_by_ended_sessions
-            + sum(s.sent for s in self.sessions.values()),
+            "messages_sent": self.sent_by_ended_sessions + sent,
             "bytes_received": self.bytes_received,
             "bytes_sent": self.bytes_sent,
             "connections_total": self.connections_total,
-            "connected_sessions": sum(
-                s.connection is not None for s in self.sessions.values()
-            ),
+            "connected_sessions": connected,
             "sessions_expired": self.sessions_expired,
             "deliveries": self.router.deliveries,
-            "inflight": sum(len(s.inflight) for s in self.sessions.values()),
-            "queued": sum(s.queued for s in self.sessions.values()),
+            "inflight": inflight,
+            "queued": queued,
             "dropped": self.drops.dropped,
             "dropped_qos0": self.drops.dropped_qos0,
             "refused": self.drops.refused,

@@ -159,6 +159,26 @@ async def publish_all(
             return stream
 
 
+def stall_timeout(seconds: float) -> Config:
+    """The defaults, with ``stalled_output_timeout_s`` set."""
+    config = default_config()
+    return attrs.evolve(
+        config, limits=attrs.evolve(config.limits, stalled_output_timeout_s=seconds)
+    )
+
+
+async def never_reading(
+    broker: Broker, client_id: str, topic: str, qos: int
+) -> trio.SocketStream:
+    """A subscriber with a 4 KiB receive buffer that subscribes and never reads again;
+    returns once its SUBSCRIBE is handled (polled: it reads no SUBACK)."""
+    stream, _ = await connect(broker.port, client_id, rcvbuf=4096)
+    await stream.send_all(Subscribe(1, (Subscription(topic, qos),)).encode())
+    while client_id not in broker.sessions or not broker.sessions[client_id].subscriptions:
+        await trio.sleep(0.01)
+    return stream
+
+
 def assert_all_in_order(sub: Subscriber, publishers: int, count: int) -> None:
     for publisher in range(publishers):
         assert sub.got.get(publisher) == list(range(count)), (
@@ -213,21 +233,12 @@ async def test_stalled_subscriber_holds_the_publisher_once_and_a_healthy_one_get
     one of both; the stalled one held the publisher once, until it was found stalled, and
     never again (its QoS 0 over the buffer is dropped and counted, its QoS 1 queued within
     its budget)."""
-    config = attrs.evolve(
-        default_config(),
-        limits=attrs.evolve(default_config().limits, stalled_output_timeout_s=1.0),
-    )
     count = 5_000
     with trio.fail_after(TIMEOUT_S):
-        async with running(config) as broker:
-            stalled_stream, _ = await connect(broker.port, "stalled", rcvbuf=4096)
-            await stalled_stream.send_all(Subscribe(1, (Subscription("t/#", 1),)).encode())
+        async with running(stall_timeout(1.0)) as broker:
+            stalled_stream = await never_reading(broker, "stalled", "t/#", 1)
             healthy = Subscriber("healthy", "t/#", 1)
             await healthy.subscribe(broker.port)
-            while len(broker.connections) < 2 or any(
-                not s.subscriptions for s in broker.sessions.values()
-            ):
-                await trio.sleep(0.01)  # until the stalled client's SUBSCRIBE is handled
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(healthy.run)
                 await publish_all(broker.port, "pub", 0, "t/0", count, 1024, 0)
@@ -249,19 +260,12 @@ async def test_publisher_feeding_only_fast_subscribers_is_never_held() -> None:
     A sends 5,000 messages to a fast subscriber on ``fast/#``: they all arrive, well before
     the slow one could stall, and B is still held when they have: A was never held by the
     slow subscriber (it may be paced by the fast one, which it feeds)."""
-    config = attrs.evolve(
-        default_config(),
-        limits=attrs.evolve(default_config().limits, stalled_output_timeout_s=60.0),
-    )
     count = 5_000
     with trio.fail_after(TIMEOUT_S):
-        async with running(config) as broker:
-            slow_stream, _ = await connect(broker.port, "slow", rcvbuf=4096)
-            await slow_stream.send_all(Subscribe(1, (Subscription("slow/#", 0),)).encode())
+        async with running(stall_timeout(60.0)) as broker:
+            slow_stream = await never_reading(broker, "slow", "slow/#", 0)
             fast = Subscriber("fast", "fast/#", 0)
             await fast.subscribe(broker.port)
-            while sum(bool(s.subscriptions) for s in broker.sessions.values()) < 2:
-                await trio.sleep(0.01)  # until the slow client's SUBSCRIBE is handled
             slow = next(c for c in broker.connections if c.client_id == "slow")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(fast.run)

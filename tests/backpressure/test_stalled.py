@@ -17,7 +17,9 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import attrs
 import trio
@@ -232,6 +234,42 @@ def memory_kib(pid: int) -> dict[str, int]:
     return result
 
 
+@asynccontextmanager
+async def broker_process(
+    data_dir: Path, *args: str
+) -> AsyncIterator[tuple[trio.Process, int, bytearray]]:
+    """``python -m mqttd`` on a free port with ``data_dir``: (process, port, its log so
+    far, kept growing: a full stderr pipe would block the broker). The block SIGTERMs it
+    when it wants its exit status; whatever happens, it is killed and reaped on the way out."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "mqttd", *args, "--host", "127.0.0.1", "-p", "0",
+         "--data-dir", str(data_dir)],
+        stderr=subprocess.PIPE,
+    )
+    log = bytearray()
+    try:
+        with trio.fail_after(15):
+            while not (match := LISTENING.search(log)):
+                chunk = await proc.stderr.receive_some(4096)  # type: ignore[union-attr]
+                assert chunk, f"broker exited early: {log.decode()}"
+                log += chunk
+
+        async def drain_log() -> None:
+            while chunk := await proc.stderr.receive_some(65536):  # type: ignore[union-attr]
+                log.extend(chunk)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain_log)
+            yield proc, int(match.group(1)), log
+            if proc.returncode is None:
+                proc.kill()  # the log then reaches EOF, which ends drain_log
+                await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 CONFIG_YAML = f"""\
 limits:
   max_inflight_messages: {INFLIGHT}
@@ -256,73 +294,50 @@ async def test_stalled_subscriber_stalls_nobody_and_broker_rss_stays_bounded(tmp
     count = 3200
     config = tmp_path / "mqttd.yaml"
     config.write_text(CONFIG_YAML)
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "mqttd", "-c", str(config), "--host", "127.0.0.1", "-p", "0",
-         "--data-dir", str(tmp_path)],
-        stderr=subprocess.PIPE,
-    )
-    log = bytearray()
-    try:
-        with trio.fail_after(15):
-            while not (match := LISTENING.search(log)):
-                chunk = await proc.stderr.receive_some(4096)
-                assert chunk, f"broker exited early: {log.decode()}"
-                log += chunk
-        port = int(match.group(1))
+    async with broker_process(tmp_path, "-c", str(config)) as (proc, port, log):
         baseline = memory_kib(proc.pid)
+        with trio.fail_after(120):
+            stalled, _ = await connect_stalled(port)
+            progress = Progress()
+            healthy = Healthy("healthy-1", progress)
+            async with trio.open_nursery() as clients:
+                await clients.start(healthy.run, port)
+                await publish(port, count, interleaved(BIG), progress, pace=[healthy])
+                await wait_until(progress, lambda: healthy.received == count)
+                after = memory_kib(proc.pid)
+                clients.cancel_scope.cancel()
+            await stalled.aclose()
 
-        async def drain_log() -> None:
-            while chunk := await proc.stderr.receive_some(65536):
-                log.extend(chunk)
+        assert healthy.qos0 == list(range(0, count, 2))  # every one, in order
+        assert healthy.qos1 == list(range(1, count, 2))  # every one, exactly once
+        assert healthy.dup_flags == 0
 
-        async with trio.open_nursery() as outer:
-            outer.start_soon(drain_log)  # a full stderr pipe would block the broker
-            with trio.fail_after(120):
-                stalled, _ = await connect_stalled(port)
-                progress = Progress()
-                healthy = Healthy("healthy-1", progress)
-                async with trio.open_nursery() as clients:
-                    await clients.start(healthy.run, port)
-                    await publish(port, count, interleaved(BIG), progress, pace=[healthy])
-                    await wait_until(progress, lambda: healthy.received == count)
-                    after = memory_kib(proc.pid)
-                    clients.cancel_scope.cancel()
-                await stalled.aclose()
+        # What the configuration lets the broker hold, in bytes of payload:
+        #   stalled: its inflight window + its queue budget + its QoS 0 output allowance
+        #            (plus the one message that crosses it),
+        #   healthy: its inflight window + the publisher's lead + the QoS 0 allowance,
+        #   publisher: one packet being decoded + one 64 KiB read.
+        stalled_budget = INFLIGHT * BIG + QUEUED_BYTES + QOS0_BUFFER + BIG
+        healthy_budget = INFLIGHT * BIG + AHEAD * BIG + QOS0_BUFFER
+        budget = stalled_budget + healthy_budget + 2 * BIG
+        # Allow 3x for copies (the writer joins what it sends) and allocator slack, plus
+        # 32 MiB for the interpreter (freed memory glibc keeps, first-use allocations).
+        bound = 3 * budget + 32 * MIB
+        growth = after["VmHWM"] * KIB - baseline["VmRSS"] * KIB
+        print(
+            f"broker RSS: baseline {baseline['VmRSS'] / KIB:.1f} MiB, peak "
+            f"{after['VmHWM'] / KIB:.1f} MiB, at the end {after['VmRSS'] / KIB:.1f} MiB; "
+            f"growth {growth / MIB:.1f} MiB, bound {bound / MIB:.1f} MiB "
+            f"(budget {budget / MIB:.1f} MiB), traffic {count * BIG / MIB:.0f} MiB in"
+        )
+        assert growth < bound, (growth, bound)
+        assert bound < count * BIG / 2  # the bound means something: far below the traffic
 
-            assert healthy.qos0 == list(range(0, count, 2))  # every one, in order
-            assert healthy.qos1 == list(range(1, count, 2))  # every one, exactly once
-            assert healthy.dup_flags == 0
-
-            # What the configuration lets the broker hold, in bytes of payload:
-            #   stalled: its inflight window + its queue budget + its QoS 0 output allowance
-            #            (plus the one message that crosses it),
-            #   healthy: its inflight window + the publisher's lead + the QoS 0 allowance,
-            #   publisher: one packet being decoded + one 64 KiB read.
-            stalled_budget = INFLIGHT * BIG + QUEUED_BYTES + QOS0_BUFFER + BIG
-            healthy_budget = INFLIGHT * BIG + AHEAD * BIG + QOS0_BUFFER
-            budget = stalled_budget + healthy_budget + 2 * BIG
-            # Allow 3x for copies (the writer joins what it sends) and allocator slack, plus
-            # 32 MiB for the interpreter (freed memory glibc keeps, first-use allocations).
-            bound = 3 * budget + 32 * MIB
-            growth = after["VmHWM"] * KIB - baseline["VmRSS"] * KIB
-            print(
-                f"broker RSS: baseline {baseline['VmRSS'] / KIB:.1f} MiB, peak "
-                f"{after['VmHWM'] / KIB:.1f} MiB, at the end {after['VmRSS'] / KIB:.1f} MiB; "
-                f"growth {growth / MIB:.1f} MiB, bound {bound / MIB:.1f} MiB "
-                f"(budget {budget / MIB:.1f} MiB), traffic {count * BIG / MIB:.0f} MiB in"
-            )
-            assert growth < bound, (growth, bound)
-            assert bound < count * BIG / 2  # the bound means something: far below the traffic
-
-            with trio.fail_after(15):
-                proc.send_signal(signal.SIGTERM)
-                assert await proc.wait() == 0
-        text = log.decode()
-        assert "client stalled: dropping messages" in text  # drops are logged (once a minute)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        with trio.fail_after(15):
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    text = log.decode()
+    assert "client stalled: dropping messages" in text  # drops are logged (once a minute)
 
 
 # -- exact accounting, in process ------------------------------------------------------------
@@ -475,53 +490,30 @@ async def test_at_the_default_configuration_a_stalled_subscriber_costs_a_healthy
     publisher once, until the stalled one counts as stalled (5 s), and its RSS grows by less
     than 64 MiB while 200 MiB go through."""
     count = 100_000
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "mqttd", "--host", "127.0.0.1", "-p", "0",
-         "--data-dir", str(tmp_path)],
-        stderr=subprocess.PIPE,
-    )
-    log = bytearray()
-    try:
-        with trio.fail_after(15):
-            while not (match := LISTENING.search(log)):
-                chunk = await proc.stderr.receive_some(4096)
-                assert chunk, f"broker exited early: {log.decode()}"
-                log += chunk
-        port = int(match.group(1))
+    async with broker_process(tmp_path) as (proc, port, log):
         baseline = memory_kib(proc.pid)
-
-        async def drain_log() -> None:
-            while chunk := await proc.stderr.receive_some(65536):
-                log.extend(chunk)
-
-        async with trio.open_nursery() as outer:
-            outer.start_soon(drain_log)
-            with trio.fail_after(240):
-                stalled, _ = await connect_stalled(port)
-                progress = Progress()
-                healthy = Healthy("healthy-1", progress)
-                async with trio.open_nursery() as clients:
-                    await clients.start(healthy.run, port)
-                    await publish(
-                        port, 2 * count,
-                        lambda i: ("big/x", payload(i, 1024), 0 if i < count else 1),
-                        progress, window=64,
-                    )
-                    await wait_until(progress, lambda: healthy.received == 2 * count)
-                    after = memory_kib(proc.pid)
-                    clients.cancel_scope.cancel()
-                await stalled.aclose()
-            assert healthy.qos0 == list(range(count))
-            assert healthy.qos1 == list(range(count, 2 * count))
-            growth = after["VmHWM"] * KIB - baseline["VmRSS"] * KIB
-            print(f"broker RSS growth {growth / MIB:.1f} MiB with 200 MiB through it")
-            assert growth < 64 * MIB
-            with trio.fail_after(15):
-                proc.send_signal(signal.SIGTERM)
-                assert await proc.wait() == 0
-        text = log.decode()
-        assert text.count("output stalled") == 1, text[-3000:]  # held once, then cut out
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        with trio.fail_after(240):
+            stalled, _ = await connect_stalled(port)
+            progress = Progress()
+            healthy = Healthy("healthy-1", progress)
+            async with trio.open_nursery() as clients:
+                await clients.start(healthy.run, port)
+                await publish(
+                    port, 2 * count,
+                    lambda i: ("big/x", payload(i, 1024), 0 if i < count else 1),
+                    progress, window=64,
+                )
+                await wait_until(progress, lambda: healthy.received == 2 * count)
+                after = memory_kib(proc.pid)
+                clients.cancel_scope.cancel()
+            await stalled.aclose()
+        assert healthy.qos0 == list(range(count))
+        assert healthy.qos1 == list(range(count, 2 * count))
+        growth = after["VmHWM"] * KIB - baseline["VmRSS"] * KIB
+        print(f"broker RSS growth {growth / MIB:.1f} MiB with 200 MiB through it")
+        assert growth < 64 * MIB
+        with trio.fail_after(15):
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    text = log.decode()
+    assert text.count("output stalled") == 1, text[-3000:]  # held once, then cut out
