@@ -36,6 +36,7 @@ RECEIVE_SIZE = 16_384
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 CLIENT_PREFIX = "/api/v1/clients/"
 SESSION_PREFIX = "/api/v1/sessions/"
+RETAINED_PREFIX = "/api/v1/retained/"
 Response = tuple[int, str, bytes]  # status, content type, body
 Route = Callable[[dict[str, str], "str | None"], Response]
 
@@ -102,7 +103,8 @@ class OpsServer:
         routes: dict[str, Route] = {
             "/metrics": self._metrics, "/healthz": self._healthz, "/readyz": self._readyz,
             "/api/v1/stats": self._stats, "/api/v1/clients": self._clients_page,
-            "/api/v1/bridges": self._bridges,
+            "/api/v1/bridges": self._bridges, "/api/v1/subscriptions": self._subscriptions,
+            "/api/v1/retained": self._retained,
         }
         handler: Route | None = routes.get(path)
         argument: str | None = None
@@ -121,16 +123,18 @@ class OpsServer:
             return _json(400, {"error": str(exc)})
 
     def _delete(self, path: str) -> Response:
-        """DELETE /api/v1/clients/{id} (kick), DELETE /api/v1/sessions/{id}."""
-        for prefix, action, what in (
-            (CLIENT_PREFIX, admin.kick, "connected client"),
-            (SESSION_PREFIX, admin.delete_session, "session"),
+        """DELETE /api/v1/clients/{id} (kick), /api/v1/sessions/{id}, /api/v1/retained/{topic}
+        (the topic percent-encoded or as it is: ``/api/v1/retained/a/b``)."""
+        for prefix, action, what, key in (
+            (CLIENT_PREFIX, admin.kick, "connected client", "client_id"),
+            (SESSION_PREFIX, admin.delete_session, "session", "client_id"),
+            (RETAINED_PREFIX, admin.delete_retained, "retained message", "topic"),
         ):
             if path.startswith(prefix) and len(path) > len(prefix):
-                client_id = path[len(prefix):]
-                if not action(self.broker, client_id):
-                    return _json(404, {"error": f"no {what} {client_id!r}"})
-                return _json(200, {"done": what, "client_id": client_id})
+                name = path[len(prefix):]
+                if not action(self.broker, name):
+                    return _json(404, {"error": f"no {what} {name!r}"})
+                return _json(200, {"done": what, key: name})
         return _json(405, {"error": f"DELETE is not allowed on {path}"})
 
     def _stats(self, query: dict[str, str], _: str | None) -> tuple[int, str, bytes]:
@@ -146,6 +150,18 @@ class OpsServer:
         return _json(200, views.clients(
             self.broker, query.get("id"),
             None if connected is None else connected == "true",
+            _number(query, "offset", 0), _number(query, "limit", 100),
+        ))
+
+    def _subscriptions(self, query: dict[str, str], _: str | None) -> Response:
+        return _json(200, views.subscriptions(
+            self.broker, query.get("client_id"), query.get("filter"), query.get("match"),
+            _number(query, "offset", 0), _number(query, "limit", 100),
+        ))
+
+    def _retained(self, query: dict[str, str], _: str | None) -> Response:
+        return _json(200, views.retained(
+            self.broker, query.get("filter", "#"),
             _number(query, "offset", 0), _number(query, "limit", 100),
         ))
 
