@@ -16,6 +16,7 @@ SIGTERM, a bounded wait, then SIGKILL.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import signal
@@ -40,6 +41,14 @@ needs_nats_server = pytest.mark.skipif(
     shutil.which("nats-server") is None and not Path(NATS_SERVER).exists(),
     reason="nats-server is not installed",
 )
+
+
+@functools.cache
+def nats_server_version() -> tuple[int, ...]:
+    """``nats-server --version`` as numbers (``nats-server: v2.9.10`` -> (2, 9, 10))."""
+    out = subprocess.run([NATS_SERVER, "--version"], capture_output=True, text=True,
+                         check=True, timeout=10).stdout
+    return tuple(int(x) for x in out.rsplit("v", 1)[1].strip().split("-")[0].split("."))
 
 
 class PortTaken(Exception):
