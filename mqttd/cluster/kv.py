@@ -21,9 +21,9 @@ from typing import Literal
 
 import attrs
 
+from mqttd.cluster.consumer import OrderedConsumer, watch
 from mqttd.cluster.jetstream import (
     JetStream,
-    OrderedConsumer,
     Storage,
     StoredMsg,
     StreamConfig,
@@ -178,9 +178,9 @@ class KeyValue:
         """Current entries of the keys matching ``keys`` (deletes included), ``None`` once
         they are all delivered, then every change."""
         check_key(keys, wildcards=True)
-        async with self.js.watch(self.stream, self.subject(keys),
-                                 deliver_policy="last_per_subject", heartbeat_s=heartbeat_s,
-                                 capacity=capacity) as consumer:
+        async with watch(self.js, self.stream, self.subject(keys),
+                         deliver_policy="last_per_subject", heartbeat_s=heartbeat_s,
+                         capacity=capacity) as consumer:
             yield KvWatcher(self, consumer)
 
 

@@ -9,6 +9,7 @@ import attrs
 import pytest
 import trio
 
+from mqttd.cluster.consumer import parse_ack_subject, watch
 from mqttd.cluster.jetstream import (
     JetStream,
     JetStreamError,
@@ -18,9 +19,9 @@ from mqttd.cluster.jetstream import (
     StreamConfig,
     StreamNotFoundError,
     WrongLastSequenceError,
-    parse_ack_subject,
 )
-from mqttd.cluster.nats_client import NatsClient, NatsError, NoRespondersError
+from mqttd.cluster.nats_client import NatsClient
+from mqttd.cluster.nats_values import NatsError, NoRespondersError
 from tests.cluster.natsharness import NatsCluster, needs_nats_server
 
 pytestmark = needs_nats_server
@@ -173,7 +174,7 @@ async def test_ordered_consumer_from_the_start_then_live(nats1: NatsCluster) -> 
             await js.add_stream(stream())
             for i in range(3):
                 await js.publish(f"t.{i}", b"%d" % i)
-            async with js.watch("T", "t.>", heartbeat_s=0.2) as consumer:
+            async with watch(js, "T", "t.>", heartbeat_s=0.2) as consumer:
                 got = [await anext(consumer) for _ in range(4)]
                 assert [m and (m.subject, m.seq, m.payload) for m in got] == [
                     ("t.0", 1, b"0"), ("t.1", 2, b"1"), ("t.2", 3, b"2"), None]
@@ -195,7 +196,7 @@ async def test_ordered_consumer_on_an_empty_stream_is_caught_up_at_once(
     with trio.fail_after(TIMEOUT_S):
         async with jetstream(nats1.urls) as js:
             await js.add_stream(stream())
-            async with js.watch("T", "t.a", deliver_policy="last_per_subject") as consumer:
+            async with watch(js, "T", "t.a", deliver_policy="last_per_subject") as consumer:
                 assert await anext(consumer) is None
                 await js.publish("t.b", b"filtered out")
                 await js.publish("t.a", b"x")

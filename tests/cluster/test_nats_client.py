@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import trio
 
-from mqttd.cluster.nats_client import (
+from mqttd.cluster.nats_client import NatsClient
+from mqttd.cluster.nats_protocol import Msg
+from mqttd.cluster.nats_values import (
     ClientClosedError,
     ConnectionLostError,
     MaxPayloadError,
-    NatsClient,
     NoRespondersError,
     NoServersError,
     RequestTimeout,
     ServerError,
 )
-from mqttd.cluster.nats_protocol import Msg
 from tests.cluster.natsharness import NatsCluster, free_ports, nats_servers, needs_nats_server
 
 pytestmark = needs_nats_server
