@@ -27,7 +27,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import attrs
-import trio
 
 from mqttd.cluster import nats_protocol as proto
 from mqttd.cluster.nats_client import NatsClient
@@ -326,14 +325,7 @@ class JetStream:
     ) -> PendingPubAck:
         """Queue a publish to a stream's subject; the PubAck arrives later. Raises
         ``trio.WouldBlock`` when the client's output buffer or request table is full."""
-        extra: dict[str, str | list[str]] = {}
-        if msg_id is not None:
-            extra[MSG_ID] = msg_id
-        if expected_last_subject_seq is not None:
-            extra[EXPECTED_LAST_SUBJECT_SEQ] = str(expected_last_subject_seq)
-        if expected_stream is not None:
-            extra[EXPECTED_STREAM] = expected_stream
-        merged: HeadersIn | None = {**headers, **extra} if headers else (extra or None)
+        merged = _publish_headers(headers, msg_id, expected_last_subject_seq, expected_stream)
         return PendingPubAck(self.client.request_nowait(
             subject, payload, merged, timeout_s or self.timeout_s
         ))
@@ -350,18 +342,10 @@ class JetStream:
         timeout_s: float | None = None,
     ) -> PubAck:
         """Publish and wait for the PubAck (the message is stored, replicated when R>1)."""
-        while True:
-            await self.client.wait_for_room()
-            try:
-                pending = self.publish_nowait(
-                    subject, payload, headers, msg_id=msg_id,
-                    expected_last_subject_seq=expected_last_subject_seq,
-                    expected_stream=expected_stream, timeout_s=timeout_s,
-                )
-                break
-            except trio.WouldBlock:
-                await trio.sleep(0)
-        return await pending.result()
+        merged = _publish_headers(headers, msg_id, expected_last_subject_seq, expected_stream)
+        reply = await self.client.request_start(subject, payload, merged,
+                                                timeout_s or self.timeout_s)
+        return parse_pub_ack(await reply.wait())
 
     # -- reading --------------------------------------------------------------------------
 
@@ -405,6 +389,22 @@ class JetStream:
             headers = proto.decode_headers(base64.b64decode(m["hdrs"]))[0]
         payload = base64.b64decode(m.get("data") or b"")
         return StoredMsg(m["subject"], int(m["seq"]), payload, headers, str(m.get("time", "")))
+
+
+def _publish_headers(
+    headers: HeadersIn | None,
+    msg_id: str | None,
+    expected_last_subject_seq: int | None,
+    expected_stream: str | None,
+) -> HeadersIn | None:
+    extra: dict[str, str] = {}
+    if msg_id is not None:
+        extra[MSG_ID] = msg_id
+    if expected_last_subject_seq is not None:
+        extra[EXPECTED_LAST_SUBJECT_SEQ] = str(expected_last_subject_seq)
+    if expected_stream is not None:
+        extra[EXPECTED_STREAM] = expected_stream
+    return {**headers, **extra} if headers else (extra or None)
 
 
 def _get_request(

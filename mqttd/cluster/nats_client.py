@@ -444,6 +444,7 @@ class NatsClient:
             self.stats.late_replies += 1
         else:
             waiter._resolve(msg)
+            self._room_made()
 
     def _lost(self, reason: str) -> None:
         log.warning("NATS connection to %s lost: %s", self.connected_url, reason)
@@ -459,6 +460,7 @@ class NatsClient:
         requests, self._requests = self._requests, {}
         for waiter in requests.values():
             waiter._resolve(None, error)
+        self._room_made()
         pongs, self._pongs = self._pongs, collections.deque()
         for pong in pongs:
             if pong is not None:
@@ -472,6 +474,8 @@ class NatsClient:
             self._requests.pop(token)._resolve(
                 None, RequestTimeout(f"no reply within the deadline (request {token})")
             )
+        if expired:
+            self._room_made()
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -504,10 +508,18 @@ class NatsClient:
         self._write(data)
 
     async def wait_for_room(self) -> None:
-        """Wait until the output buffer is below ``max_pending_bytes``."""
-        while len(self._out) >= self.options.max_pending_bytes and not self.closed:
+        """Wait until the output buffer is below ``max_pending_bytes`` and the request table
+        below ``max_pending_requests``."""
+        while not self.closed and (
+            len(self._out) >= self.options.max_pending_bytes
+            or len(self._requests) >= self.options.max_pending_requests
+        ):
             await self._space.park()
         self._check_open()
+
+    def _room_made(self) -> None:
+        if self._space:
+            self._space.unpark_all()
 
     async def publish(
         self,
@@ -518,10 +530,10 @@ class NatsClient:
     ) -> None:
         """Queue a PUB/HPUB, waiting for room in the output buffer."""
         while True:
-            await self.wait_for_room()
             try:
                 return self.publish_nowait(subject, payload, reply, headers)
             except trio.WouldBlock:
+                # the writer's next send or a finished request makes room
                 await self._space.park()
 
     async def flush(self, timeout_s: float | None = None) -> None:
@@ -580,6 +592,7 @@ class NatsClient:
 
     def _forget_request(self, token: str) -> None:
         self._requests.pop(token, None)
+        self._room_made()
 
     def _unsubscribe(self, sub: Subscription) -> None:
         if self._subs.pop(sub.sid, None) is not None:
@@ -620,14 +633,22 @@ class NatsClient:
         timeout_s: float | None = None,
     ) -> Msg:
         """Publish with a reply subject and wait for the first reply."""
+        return await (await self.request_start(subject, payload, headers, timeout_s)).wait()
+
+    async def request_start(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        headers: HeadersIn | bytes | None = None,
+        timeout_s: float | None = None,
+    ) -> PendingReply:
+        """``request_nowait``, waiting for room in the output buffer and request table."""
         while True:
-            await self.wait_for_room()
             try:
-                waiter = self.request_nowait(subject, payload, headers, timeout_s)
-                break
+                return self.request_nowait(subject, payload, headers, timeout_s)
             except trio.WouldBlock:
+                # the writer's next send or a finished request makes room
                 await self._space.park()
-        return await waiter.wait()
 
 
 def _base36(n: int) -> str:

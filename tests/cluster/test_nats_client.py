@@ -226,3 +226,29 @@ async def test_run_as_a_service_in_a_nursery(nats1: NatsCluster) -> None:
         assert nc.closed
         with pytest.raises(trio.EndOfChannel):
             await sub.next_msg()
+
+
+async def test_bounded_output_and_request_table(nats1: NatsCluster) -> None:
+    """A full output buffer refuses ``publish_nowait`` (WouldBlock) and makes ``publish``
+    wait for the writer; a full request table makes ``request`` wait for a reply."""
+    with trio.fail_after(TIMEOUT_S):
+        async with NatsClient.connect(nats1.urls) as server, NatsClient.connect(
+            nats1.urls, max_pending_bytes=1024, max_pending_requests=4
+        ) as nc:
+            await server.subscribe("svc", callback=echo(server))
+            sub = await nc.subscribe("out")
+            nc.publish_nowait("out", b"a" * 600)
+            with pytest.raises(trio.WouldBlock):
+                nc.publish_nowait("out", b"b" * 600)
+            await nc.publish("out", b"b" * 600)  # waits for the writer's send
+            assert [(await sub.next_msg()).payload[:1] for _ in range(2)] == [b"a", b"b"]
+            replies: list[bytes] = []
+
+            async def ask(i: int) -> None:
+                replies.append((await nc.request("svc", b"%d" % i)).payload)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(40):
+                    nursery.start_soon(ask, i)
+            assert sorted(replies) == sorted(b"re:%d" % i for i in range(40))
+            assert len(nc._requests) == 0
