@@ -270,12 +270,16 @@ class JetStream:
     # -- streams ------------------------------------------------------------------------
 
     async def add_stream(self, config: StreamConfig) -> StreamInfo:
-        return StreamInfo.from_api(await self.api(f"STREAM.CREATE.{config.name}",
+        info = StreamInfo.from_api(await self.api(f"STREAM.CREATE.{config.name}",
                                                   config.to_api()))
+        check_applied(config, info.config)
+        return info
 
     async def update_stream(self, config: StreamConfig) -> StreamInfo:
-        return StreamInfo.from_api(await self.api(f"STREAM.UPDATE.{config.name}",
+        info = StreamInfo.from_api(await self.api(f"STREAM.UPDATE.{config.name}",
                                                   config.to_api()))
+        check_applied(config, info.config)
+        return info
 
     async def ensure_stream(self, config: StreamConfig) -> StreamInfo:
         """Create the stream, or update it when it exists with another configuration
@@ -389,6 +393,21 @@ class JetStream:
             headers = proto.decode_headers(base64.b64decode(m["hdrs"]))[0]
         payload = base64.b64decode(m.get("data") or b"")
         return StoredMsg(m["subject"], int(m["seq"]), payload, headers, str(m.get("time", "")))
+
+
+def check_applied(requested: StreamConfig, applied: StreamConfig) -> None:
+    """Raise when the server's echo of a stream configuration lacks a setting we asked for:
+    nats-server ignores fields it does not know (2.9.10 takes ``allow_msg_ttl`` silently),
+    and a durability setting must not be dropped quietly."""
+    default = StreamConfig(requested.name)
+    ignored = [
+        f.name for f in attrs.fields(StreamConfig)
+        if getattr(requested, f.name) != getattr(default, f.name)
+        and getattr(applied, f.name) != getattr(requested, f.name)
+    ]
+    if ignored:
+        raise JetStreamError(0, 0, f"stream {requested.name}: the server did not apply "
+                             f"{', '.join(ignored)} (an older nats-server?)")
 
 
 def _publish_headers(

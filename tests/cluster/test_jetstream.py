@@ -19,6 +19,7 @@ from mqttd.cluster.jetstream import (
     StreamConfig,
     StreamNotFoundError,
     WrongLastSequenceError,
+    check_applied,
 )
 from mqttd.cluster.nats_client import NatsClient
 from mqttd.cluster.nats_values import NatsError, NoRespondersError
@@ -30,9 +31,9 @@ TIMEOUT_S = 10
 
 
 @asynccontextmanager
-async def jetstream(urls: list[str], **options: object) -> AsyncIterator[JetStream]:
-    async with NatsClient.connect(urls, **options) as nc:
-        yield JetStream(nc, timeout_s=2)
+async def jetstream(urls: list[str], timeout_s: float = 2.0) -> AsyncIterator[JetStream]:
+    async with NatsClient.connect(urls) as nc:
+        yield JetStream(nc, timeout_s=timeout_s)
 
 
 def stream(name: str = "T", *subjects: str, **settings: object) -> StreamConfig:
@@ -204,6 +205,14 @@ async def test_ordered_consumer_on_an_empty_stream_is_caught_up_at_once(
                 assert msg is not None and (msg.subject, msg.seq) == ("t.a", 2)
 
 
+def test_a_setting_the_server_did_not_apply_is_an_error() -> None:
+    asked = StreamConfig("S", ("s.>",), discard_new_per_subject=True, discard="new",
+                         max_msgs_per_subject=5)
+    check_applied(asked, attrs.evolve(asked, duplicate_window_s=120.0))  # server defaults
+    with pytest.raises(JetStreamError, match="did not apply discard_new_per_subject"):
+        check_applied(asked, attrs.evolve(asked, discard_new_per_subject=False))
+
+
 def test_ack_subjects() -> None:
     v1 = parse_ack_subject("$JS.ACK.KV_b.lp5yV2f4.1.5.2.1796177925459719426.1")
     assert v1 is not None and (v1.stream_seq, v1.consumer_seq, v1.pending) == (5, 2, 1)
@@ -220,7 +229,7 @@ async def test_r3_stream_keeps_every_acked_message_after_kill9_of_its_leader(
     the same Nats-Msg-Id until acked), then read every acked message back through the new
     leader: nothing acknowledged is lost, nothing is stored twice."""
     with trio.fail_after(30):
-        async with jetstream(nats3.urls, request_timeout_s=1) as js:
+        async with jetstream(nats3.urls) as js:
             info = await js.add_stream(StreamConfig("R3", ("r3.>",), num_replicas=3))
             assert info.config.num_replicas == 3
             acked: dict[int, bytes] = {}
@@ -228,7 +237,8 @@ async def test_r3_stream_keeps_every_acked_message_after_kill9_of_its_leader(
             async def publish(i: int) -> None:
                 while True:
                     try:
-                        ack = await js.publish(f"r3.{i % 5}", b"m%d" % i, msg_id=f"m{i}")
+                        ack = await js.publish(f"r3.{i % 5}", b"m%d" % i, msg_id=f"m{i}",
+                                               timeout_s=0.5)
                     except (NatsError, trio.WouldBlock):
                         await trio.sleep(0.05)  # election or reconnect in progress: retry
                         continue
