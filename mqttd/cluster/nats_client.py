@@ -15,13 +15,8 @@ write goes out in one call) and the pinger (a PING every ``ping_interval_s``; af
 breaks it reconnects across the server list (the next server first, then rounds with
 exponential backoff and jitter) and sends SUB again for every subscription.
 
-Subscriptions. Each is a bounded trio memory channel (``capacity`` messages), or, when given
-``callback=``, a plain function called in the reader task. The reader never waits for a
-subscriber: a full channel drops the message, counts it (``Subscription.dropped``,
-``ClientStats.dropped_msgs``) and logs at most every 10 s per subscription, so a stalled
-consumer costs its capacity and never the other subscriptions, PING/PONG or the replies.
-Callbacks are for the broker's synchronous hot path (routing never awaits); they must not
-block.
+Subscriptions are bounded channels, or callbacks run in the reader task; a full channel drops
+and counts (see :class:`~mqttd.cluster.nats_values.Subscription`).
 
 Requests. One wildcard subscription ``_INBOX.<random>.*`` carries every reply; a request is
 a token in a dict. ``request_nowait`` queues the publish and returns a

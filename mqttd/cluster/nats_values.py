@@ -153,7 +153,15 @@ class PendingReply:
 
 @attrs.define(eq=False)
 class Subscription:
-    """One SUB. Iterate it (or ``await next_msg()``) unless it was made with a callback."""
+    """One SUB. Iterate it (or ``await next_msg()``) unless it was made with a callback.
+
+    A bounded trio memory channel (``capacity`` messages), or, with ``callback=``, a plain
+    function called in the client's reader task. The reader never waits for a subscriber:
+    a full channel drops the message, counts it (``dropped``, ``ClientStats.dropped_msgs``)
+    and logs at most every 10 s, so a stalled consumer costs its capacity and never the
+    other subscriptions, PING/PONG or the replies. Callbacks are for the broker's
+    synchronous hot path (routing never awaits); they must not block.
+    """
 
     sid: int
     subject: str
