@@ -199,7 +199,11 @@ class NatsCluster:
         other running server as a current peer; returns the leader's name."""
         running = [s for s in self.servers if s.running]
         while True:
-            metas = [(await self.jsz(s)).get("meta_cluster") or {} for s in running]
+            try:
+                metas = [(await self.jsz(s)).get("meta_cluster") or {} for s in running]
+            except (OSError, RuntimeError, ValueError):  # not listening yet, or a bad answer
+                await trio.sleep(READY_POLL_S)
+                continue
             leaders = {m.get("leader") for m in metas if isinstance(m, dict)}
             if len(leaders) == 1 and None not in leaders:
                 (leader,) = leaders
