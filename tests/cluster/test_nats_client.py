@@ -18,6 +18,7 @@ from mqttd.cluster.nats_values import (
     NoRespondersError,
     NoServersError,
     RequestTimeout,
+    ServerAddress,
     ServerError,
 )
 from tests.cluster.natsharness import NatsCluster, free_ports, nats_servers, needs_nats_server
@@ -252,3 +253,24 @@ async def test_bounded_output_and_request_table(nats1: NatsCluster) -> None:
                     nursery.start_soon(ask, i)
             assert sorted(replies) == sorted(b"re:%d" % i for i in range(40))
             assert len(nc._requests) == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        ("nats://127.0.0.1:4222", ServerAddress("127.0.0.1", 4222)),
+        ("nats://h", ServerAddress("h", 4222)),
+        ("h:5000", ServerAddress("h", 5000)),
+        ("nats://u:p%40ss@h:1", ServerAddress("h", 1, "u", "p@ss")),
+        ("nats://s3cr3t@h:1", ServerAddress("h", 1, token="s3cr3t")),
+    ],
+)
+def test_server_addresses(url: str, address: ServerAddress) -> None:
+    assert ServerAddress.parse(url) == address
+    assert address.url == f"nats://{address.host}:{address.port}"
+
+
+@pytest.mark.parametrize("url", ["tls://h:1", "http://h", "nats://:4222"])
+def test_bad_server_addresses(url: str) -> None:
+    with pytest.raises(ValueError):
+        ServerAddress.parse(url)
