@@ -114,7 +114,10 @@ class OrderedConsumer:
             "mem_storage": True,
             "num_replicas": 1,
         }
-        if self._stream_seq:  # resuming after a reset
+        # resuming after a reset: from the next stream sequence (after an interrupted
+        # last-per-subject start this may also deliver older messages of a subject, then
+        # its last one: the final state per subject is the same)
+        if self._stream_seq:
             config.update(deliver_policy="by_start_sequence", opt_start_seq=self._stream_seq + 1)
         elif self.start_seq is not None:
             config.update(deliver_policy="by_start_sequence", opt_start_seq=self.start_seq)
@@ -134,6 +137,9 @@ class OrderedConsumer:
             await sub.unsubscribe()
             raise
         self._sub, self.name, self._consumer_seq = sub, str(data["name"]), 0
+        if not self._stream_seq and self.deliver_policy == "new" and self.start_seq is None:
+            # a reset before the first message must not skip what came after this point
+            self._stream_seq = int((data.get("delivered") or {}).get("stream_seq", 0))
         if not self.caught_up and int(data.get("num_pending", 0)) == 0:
             self.caught_up = True
 

@@ -267,3 +267,19 @@ async def test_r3_stream_keeps_every_acked_message_after_kill9_of_its_leader(
             for seq, payload in acked.items():
                 msg = await js.get_msg("R3", seq=seq)
                 assert msg is not None and msg.payload == payload
+
+
+async def test_ordered_consumer_new_only_survives_a_reset_before_its_first_message(
+    nats1: NatsCluster,
+) -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with jetstream(nats1.urls) as js:
+            await js.add_stream(stream())
+            await js.publish("t.old", b"before")
+            async with watch(js, "T", "t.>", deliver_policy="new", heartbeat_s=0.2) as consumer:
+                assert await anext(consumer) is None  # nothing new yet
+                await js.api(f"CONSUMER.DELETE.T.{consumer.name}")
+                await js.publish("t.new", b"after")  # no consumer exists right now
+                msg = await anext(consumer)
+                assert msg is not None and (msg.seq, msg.payload) == (2, b"after")
+                assert consumer.resets == 1
