@@ -2,8 +2,9 @@
 
 ``GET /metrics`` (Prometheus text), ``GET /healthz`` (the process answers), ``GET /readyz``
 (listeners bound, store open and accepting, its writer keeping up; 503 with the reason
-otherwise). Everything is read from the engine in the trio thread. On by default on
-127.0.0.1 (``http:`` in the configuration, ``--http-port``); reading is open there.
+otherwise), the dashboard at ``/`` (its files: mqttd/server/dashboard.py). Everything is
+read from the engine in the trio thread. On by default on 127.0.0.1 (``http:`` in the
+configuration, ``--http-port``); reading is open there.
 Requests are small and bounded (headers 16 KiB, no bodies, 10 s per request).
 """
 
@@ -23,6 +24,7 @@ import trio
 from mqttd import metrics
 from mqttd.config import is_loopback as _loopback
 from mqttd.engine import admin, views
+from mqttd.server import dashboard
 
 if TYPE_CHECKING:
     from mqttd.config import Http
@@ -86,8 +88,9 @@ class OpsServer:
             await trio.aclose_forcefully(stream)
 
     def _allowed(self, request: h11.Request) -> bool:
-        """Reading is open on loopback; anything else needs the token."""
-        if request.method == b"GET" and self.open_reads:
+        """Reading is open on loopback; anything else needs the token, but for the
+        dashboard's files (they hold no data; the page sends the token the operator enters)."""
+        if request.method == b"GET" and (self.open_reads or _path(request) in dashboard.ASSETS):
             return True
         expected = b"bearer " + self.token.encode()
         for name, value in request.headers:
@@ -111,6 +114,8 @@ class OpsServer:
         if handler is None and path.startswith(CLIENT_PREFIX) and len(path) > len(CLIENT_PREFIX):
             handler = self._client
             argument = path[len(CLIENT_PREFIX):]
+        elif handler is None and path in dashboard.ASSETS:
+            handler, argument = self._dashboard, path
         if request.method == b"DELETE":
             return self._delete(path)
         if handler is None:
@@ -183,6 +188,9 @@ class OpsServer:
         text = metrics.render(broker.stats(), broker.bridge_stats(), clients)
         return 200, PROMETHEUS_TEXT, text.encode()
 
+    def _dashboard(self, query: dict[str, str], path: str | None) -> Response:
+        return dashboard.asset(path or "/")
+
     def _healthz(self, query: dict[str, str], _: str | None) -> tuple[int, str, bytes]:
         return _json(200, {"status": "ok"})
 
@@ -191,6 +199,10 @@ class OpsServer:
         if problems:
             return _json(503, {"status": "not ready", "problems": problems})
         return _json(200, {"status": "ready"})
+
+
+def _path(request: h11.Request) -> str:
+    return urllib.parse.unquote(urllib.parse.urlsplit(request.target.decode("latin-1")).path)
 
 
 def _number(query: dict[str, str], name: str, default: int) -> int:
@@ -230,6 +242,8 @@ async def _send_response(
         ("content-type", content_type), ("content-length", str(len(body))),
         ("cache-control", "no-store"), ("server", "mqttd"),
     ]
+    if content_type in dashboard.CONTENT_TYPES:
+        headers += dashboard.SECURITY_HEADERS
     data = conn.send(h11.Response(status_code=status, headers=headers))
     data += conn.send(h11.Data(data=body)) or b""  # type: ignore[operator]
     data += conn.send(h11.EndOfMessage()) or b""  # type: ignore[operator]
