@@ -349,11 +349,10 @@ def cmd_client(api: Api, args: argparse.Namespace) -> int:
         _json_out(detail)
         return EXIT_OK
     subscriptions = detail.get("subscriptions", [])
-    print(_fields((key, value) for key, value in detail.items() if key != "subscriptions"))
+    shown = [(key, value) for key, value in detail.items() if key != "subscriptions"]
+    print(_fields([*shown, ("subscriptions", len(subscriptions) or "none")]))
     if not subscriptions:
-        print("subscriptions: none")
         return EXIT_OK
-    print(f"subscriptions: {len(subscriptions)}")
     rows = [(s["filter"], s["qos"]) for s in subscriptions]
     print("\n".join("  " + line for line in table(("FILTER", "QOS"), rows, right=(1,))
                     .splitlines()))
