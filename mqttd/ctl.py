@@ -606,11 +606,18 @@ def main(argv: list[str]) -> int:
             parser.error("--count needs --watch")
     except SystemExit as exc:  # --help (0), or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    url = "the broker"
     try:
-        return int(args.run(Api(resolve(args, os.environ)), args))
+        target = resolve(args, os.environ)
+        url = target.url
+        return int(args.run(Api(target), args))
     except CtlError as exc:
         print(f"{PROG}: {exc.message}", file=sys.stderr)
         return exc.status
+    except (KeyError, TypeError, AttributeError) as exc:  # JSON, but not the API's shape
+        print(f"{PROG}: unexpected answer from {url} ({exc!r}): is it "
+              "mqttd's operations listener, of this version?", file=sys.stderr)
+        return EXIT_API
     except BrokenPipeError:  # the reader went away (``mqttd ctl clients --all | head``)
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
