@@ -39,6 +39,7 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 CLIENT_PREFIX = "/api/v1/clients/"
 SESSION_PREFIX = "/api/v1/sessions/"
 RETAINED_PREFIX = "/api/v1/retained/"
+OPEN_PATHS = frozenset({"/healthz", "/readyz", *dashboard.ASSETS})  # GET without the token
 Response = tuple[int, str, bytes]  # status, content type, body
 Route = Callable[[dict[str, str], "str | None"], Response]
 
@@ -88,10 +89,11 @@ class OpsServer:
             await trio.aclose_forcefully(stream)
 
     def _allowed(self, request: h11.Request) -> bool:
-        """Reading is open on loopback; anything else needs the token, but for the
-        dashboard's files (they hold no data; the page sends the token the operator enters)."""
+        """Reading is open on loopback; anything else needs the token, but for the health
+        checks (for probes) and the dashboard's files (they hold no data; the page sends the
+        token the operator enters)."""
         if request.method == b"GET" and (
-            (self.open_reads and _loopback_host(request)) or _path(request) in dashboard.ASSETS
+            (self.open_reads and _loopback_host(request)) or _path(request) in OPEN_PATHS
         ):
             return True
         expected = b"bearer " + self.token.encode()
