@@ -480,7 +480,9 @@ class Logging:
 
     level: str = attrs.field(default="info", converter=_lower, validator=_checked(str, _log_level))
     # text (one line: time, level, logger, message) or json (one object per line)
-    format: str = attrs.field(default="text", converter=_lower, validator=_checked(str, _log_format))
+    format: str = attrs.field(
+        default="text", converter=_lower, validator=_checked(str, _log_format)
+    )
     # append to this file (reopened when moved or deleted, as by logrotate); None: stderr
     file: str | None = attrs.field(default=None, validator=_optional(_checked(str, _non_empty)))
     # one INFO line per client connect and per disconnect (with the reason)

@@ -47,6 +47,7 @@ from mqttd.config import Listener
 from mqttd.connection import Connection
 from mqttd.engine import connect, publish, sessions, subscribe, wills
 from mqttd.engine.state import BrokerState
+from mqttd.logs import tracing
 from mqttd.session import Session
 from mqttd.topics import InvalidTopic, is_shared
 from persistence.journal import Journal
@@ -100,6 +101,7 @@ class Engine(BrokerState):
             pace_messages=self.config.limits.queue_high_watermark_messages,
             on_fed=self.flow.fed,
             publish_tokens=max(self.publish_rate, 1.0),  # the bucket starts full
+            trace=tracing(),  # decided once per connection: the hot path tests a flag
         )
         self.connections.add(conn)
         self.connections_total += 1
