@@ -186,6 +186,11 @@ class Engine(BrokerState):
         self.flow.forget(conn)
         conn.discard_output()
         self.notify_progress()
+        if conn.accepted:
+            if self.config.logging.connections:
+                connect.log_disconnected(conn)
+        elif conn.end_reason:
+            log.debug("connection from %s ended before CONNACK: %s", conn.peer, conn.end_reason)
         session = conn.session
         if session is None:
             return
@@ -196,12 +201,8 @@ class Engine(BrokerState):
         ends = not session.persistent or session.expiry_s == 0
         if ends and self.sessions.get(session.client_id) is session:
             sessions.discard(self, session)
-        reason = conn.close_reason
-        log.info(
-            "client %s disconnected%s", conn.name, f" ({reason})" if reason is not None else ""
-        )
         if will is not None:
-            sessions.will_due(self, session, will, ends)
+            sessions.will_due(self, session, will, ends, connect.end_reason(conn))
         elif session.expiry_s is not None and session.expiry_s > 0 and not ends:
             sessions.expire_at(self, time.time() + session.expiry_s)
 
@@ -415,7 +416,7 @@ class Engine(BrokerState):
         for conn in list(self.connections):
             if conn.will is not None:
                 will, conn.will = conn.will, None
-                wills.publish_will(self, will)
+                wills.publish_will(self, will, conn.client_id, "broker shutting down")
         for conn in list(self.connections):
             conn.close(reason, flush=conn.session is not None)
 
