@@ -19,6 +19,7 @@ import trio
 from mqttd.broker import Broker
 from mqttd.config import Config, ConfigError, load_config
 from mqttd.engine.systopics import version
+from mqttd.logs import configure_logging
 from mqttd.security.hooks import SecurityFileError
 from mqttd.server import banner
 from mqttd.server.sdnotify import Notifier
@@ -127,13 +128,10 @@ def serve(args: argparse.Namespace) -> int:
         config = load_config(args.config).with_overrides(
             host=args.host, port=args.port, data_dir=args.data_dir, http_port=args.http_port
         )
+        configure_logging(config.logging)  # a log file that cannot be opened: ConfigError
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    logging.basicConfig(
-        level=config.logging.level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
         trio.run(run, config, args.config)
     except (OSError, StoreError, BaseExceptionGroup) as exc:

@@ -30,6 +30,7 @@ from mqttd.config_schema import (  # the schema, re-exported: import it from her
     BRIDGE_DIRECTIONS,
     BRIDGE_PREFIX,
     DURABILITY_LEVELS,
+    LOG_FORMATS,
     LOG_LEVELS,
     LOOPBACK_HOSTS,
     MEMORY_DB,
@@ -60,6 +61,7 @@ __all__ = [
     "BRIDGE_DIRECTIONS",
     "BRIDGE_PREFIX",
     "DURABILITY_LEVELS",
+    "LOG_FORMATS",
     "LOG_LEVELS",
     "LOOPBACK_HOSTS",
     "MEMORY_DB",
@@ -105,6 +107,14 @@ for _scalar in (int, float, str, bool):
     _converter.register_structure_hook(_scalar, _strict(_scalar))
 
 
+class _InvalidValues(ValueError):
+    """Every bad value of one section (its validators, each run on its own)."""
+
+    def __init__(self, problems: list[_Invalid]) -> None:
+        super().__init__("; ".join(str(problem) for problem in problems))
+        self.problems = problems
+
+
 def _section_hook(cls: type) -> Callable[[Any, Any], Any]:
     """Structure an attrs class from a mapping; ``None`` (an empty YAML section) means defaults."""
     structure: Callable[[Any, Any], Any] = make_dict_structure_fn(cls, _converter)
@@ -114,9 +124,40 @@ def _section_hook(cls: type) -> Callable[[Any, Any], Any]:
             value = {}
         if not isinstance(value, Mapping):
             raise _Invalid("", f"expected a mapping, got {reprlib.repr(value)}")
-        return structure(value, cls)
+        try:
+            return structure(value, cls)
+        except ClassValidationError as exc:
+            with_notes, others = exc.group_exceptions()
+            if with_notes or not all(isinstance(sub, _Invalid) for sub in others):
+                raise
+            # the class refused a value: its validators stop at the first bad one
+            every = _every_bad_value(structure, cls, value)
+            if every is None:
+                raise
+            raise every from None
 
     return structure_section
+
+
+def _every_bad_value(
+    structure: Callable[[Any, Any], Any], cls: type, value: Any
+) -> _InvalidValues | None:
+    """Every value of the section that its validator refuses (None when that cannot be
+    told apart from the first: a check across values failed)."""
+    try:
+        with attrs.validators.disabled():
+            instance = structure(value, cls)
+    except ClassValidationError:  # a check of __attrs_post_init__
+        return None
+    problems = []
+    for field in attrs.fields(cls):
+        if field.validator is None:
+            continue
+        try:
+            field.validator(instance, field, getattr(instance, field.name))
+        except _Invalid as exc:
+            problems.append(exc)
+    return _InvalidValues(problems) if problems else None
 
 
 _converter.register_structure_hook_factory(attrs.has, _section_hook)
@@ -169,6 +210,9 @@ def _problems(exc: BaseException, path: str) -> Iterator[tuple[str, str]]:
     elif isinstance(exc, ForbiddenExtraKeysError):
         for key in sorted(exc.extra_fields, key=str):
             yield _join(path, key), "unknown key"
+    elif isinstance(exc, _InvalidValues):
+        for sub in exc.problems:
+            yield from _problems(sub, path)
     elif isinstance(exc, _Invalid):
         yield (_join(path, exc.name) if exc.name else path), exc.problem
     else:
@@ -179,7 +223,7 @@ def config_from_dict(data: Mapping[str, Any] | None, source: str = "<config>") -
     """Build a Config from a parsed document; ``None`` (an empty document) gives the defaults."""
     try:
         return _converter.structure(data, Config)
-    except (BaseValidationError, _Invalid) as exc:
+    except (BaseValidationError, _Invalid, _InvalidValues) as exc:
         raise ConfigError(source, list(_problems(exc, ""))) from None
 
 
