@@ -53,13 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         return passwd_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.check_config is not None:
-        try:
-            load_config(args.check_config)
-        except ConfigError as exc:
-            print(exc, file=sys.stderr)
-            return 1
-        print(f"{args.check_config}: configuration OK")
-        return 0
+        from mqttd.config_check import main as check_main
+
+        return check_main(args.check_config)
     try:
         config = load_config(args.config).with_overrides(
             host=args.host, port=args.port, data_dir=args.data_dir, http_port=args.http_port

@@ -66,6 +66,7 @@ __all__ = [
     "Bridge",
     "BridgeTLS",
     "BridgeTopic",
+    "Check",
     "ClientLimits",
     "ClientOverride",
     "Config",
@@ -76,6 +77,7 @@ __all__ = [
     "Logging",
     "Monitoring",
     "Persistence",
+    "Problem",
     "Security",
     "config_from_dict",
     "is_loopback",
@@ -91,11 +93,14 @@ Check = Callable[[Any], Iterable[Problem]]
 
 
 class _Problems(Exception):
-    """Every problem found in one value, with key paths relative to it."""
+    """Every problem found in one value, with key paths relative to it, and the value if
+    one could be built anyway (``attrs.NOTHING`` if not): an unknown key or a problem a
+    deeper check found leaves a value that the checks of its parents can still look at."""
 
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(self, problems: list[Problem], value: Any = attrs.NOTHING) -> None:
         super().__init__(problems)
         self.problems = problems
+        self.value = value
 
 
 def _join(path: str, sub: str) -> str:
@@ -106,10 +111,18 @@ def _join(path: str, sub: str) -> str:
     return f"{path}.{sub}"
 
 
-def _problems_of(exc: _Invalid | _Problems) -> list[Problem]:
-    if isinstance(exc, _Problems):
-        return exc.problems
-    return [(exc.name, exc.problem)]
+def _structure(converter: cattrs.Converter, raw: Any, type_: Any, problems: list[Problem],
+               path: str) -> Any:
+    """``raw`` structured as ``type_``; its problems are added to ``problems`` under
+    ``path``. Returns ``attrs.NOTHING`` if no value could be built."""
+    try:
+        return converter.structure(raw, type_)
+    except _Invalid as exc:
+        problems.append((_join(path, exc.name), exc.problem))
+    except _Problems as exc:
+        problems += [(_join(path, sub), problem) for sub, problem in exc.problems]
+        return exc.value
+    return attrs.NOTHING
 
 
 def _strict(expected: type) -> Callable[[Any, Any], Any]:
@@ -127,22 +140,28 @@ def _unknown_key(key: object, names: list[str]) -> str:
     return f"unknown key (did you mean {close[0]}?)" if close else "unknown key"
 
 
-def _field_value(converter: cattrs.Converter, field: attrs.Attribute[Any], raw: Any) -> Any:
+def _field_value(
+    converter: cattrs.Converter, field: attrs.Attribute[Any], raw: Any, problems: list[Problem]
+) -> Any:
     """One key of a section: structured (type checked), converted and validated; a key
     left out is its default, validated too (a default may be a placeholder that must be
-    set, like a TLS ``certfile``)."""
+    set, like a TLS ``certfile``). Problems are added to ``problems``; returns
+    ``attrs.NOTHING`` if the key has no valid value."""
     if raw is attrs.NOTHING:
         default: Any = field.default
         value = default.factory() if isinstance(default, attrs.Factory) else default  # type: ignore[arg-type]
     else:
-        value = converter.structure(raw, field.type)  # type: ignore[arg-type]
+        value = _structure(converter, raw, field.type, problems, field.name)
+        if value is attrs.NOTHING:
+            return value
         if field.converter is not None:
             value = field.converter(value)  # type: ignore[operator]
     if field.validator is not None:
         try:
             field.validator(None, field, value)
-        except _Invalid as exc:  # it names the key: the caller does
-            raise _Invalid("", exc.problem) from None
+        except _Invalid as exc:
+            problems.append((field.name, exc.problem))
+            return attrs.NOTHING
     return value
 
 
@@ -151,8 +170,8 @@ def _section_hook(
 ) -> Callable[[Any, Any], Any]:
     """Structure an attrs class from a mapping; ``None`` (an empty YAML section) means
     defaults. Every key is structured and validated on its own, so every bad value is
-    reported, not the first; then unknown keys (with the closest field name), the
-    cross-key checks of ``__attrs_post_init__`` and ``checks[cls]``."""
+    reported, not the first; then unknown keys (with the closest field name), and once
+    every key is valid the cross-key checks of ``__attrs_post_init__`` and ``checks[cls]``."""
     fields = attrs.fields(attrs.resolve_types(cls))
     names = [field.name for field in fields]
     check = checks.get(cls)
@@ -165,14 +184,11 @@ def _section_hook(
         problems: list[Problem] = []
         values = {}
         for field in fields:
-            try:
-                raw = value.get(field.name, attrs.NOTHING)
-                values[field.name] = _field_value(converter, field, raw)
-            except (_Invalid, _Problems) as exc:
-                problems += [(_join(field.name, p), m) for p, m in _problems_of(exc)]
-        values_ok = not problems
+            raw = value.get(field.name, attrs.NOTHING)
+            values[field.name] = _field_value(converter, field, raw, problems)
         problems += [(str(key), _unknown_key(key, names)) for key in value if key not in names]
-        if values_ok:
+        section: Any = attrs.NOTHING
+        if attrs.NOTHING not in values.values():
             try:
                 section = cls(**values)
             except _Invalid as exc:
@@ -181,7 +197,7 @@ def _section_hook(
                 if check is not None:
                     problems += check(section)
         if problems:
-            raise _Problems(problems)
+            raise _Problems(problems, section)
         return section
 
     return structure_section
@@ -211,17 +227,18 @@ def _list_hook(
         if not isinstance(value, list):
             raise _Invalid("", f"expected a list, got {reprlib.repr(value)}")
         problems: list[Problem] = []
-        items = []
-        for index, item in enumerate(value):
-            try:
-                items.append(converter.structure(item, item_type))
-            except (_Invalid, _Problems) as exc:
-                problems += [(_join(f"[{index}]", p), m) for p, m in _problems_of(exc)]
-        if not problems and check is not None:
-            problems += check(tuple(items))
+        items = [
+            _structure(converter, item, item_type, problems, f"[{index}]")
+            for index, item in enumerate(value)
+        ]
+        result: Any = attrs.NOTHING
+        if attrs.NOTHING not in items:
+            result = tuple(items)
+            if check is not None:
+                problems += check(result)
         if problems:
-            raise _Problems(problems)
-        return tuple(items)
+            raise _Problems(problems, result)
+        return result
 
     return structure_list
 
@@ -253,8 +270,10 @@ def config_from_dict(
     converter = _converter if not checks else _converter_with(checks)
     try:
         config: Config = converter.structure(data, Config)
-    except (_Invalid, _Problems) as exc:
-        raise ConfigError(source, _problems_of(exc)) from None
+    except _Invalid as exc:
+        raise ConfigError(source, [(exc.name, exc.problem)]) from None
+    except _Problems as exc:
+        raise ConfigError(source, exc.problems) from None
     return config
 
 
