@@ -111,8 +111,9 @@ def _join(path: str, sub: str) -> str:
     return f"{path}.{sub}"
 
 
-def _structure(converter: cattrs.Converter, raw: Any, type_: Any, problems: list[Problem],
-               path: str) -> Any:
+def _structure(
+    converter: cattrs.Converter, raw: Any, type_: Any, problems: list[Problem], path: str
+) -> Any:
     """``raw`` structured as ``type_``; its problems are added to ``problems`` under
     ``path``. Returns ``attrs.NOTHING`` if no value could be built."""
     try:

@@ -41,6 +41,7 @@ from mqttd.config import (
 )
 from mqttd.server.tls import client_context, server_context
 
+Address = tuple[int, Any]  # (address family, socket address) from getaddrinfo
 Endpoint = tuple[int, str, int]  # (address family, address, port)
 _WILDCARDS = ("0.0.0.0", "::")
 
@@ -70,7 +71,7 @@ def main(path: str) -> int:
 class _Checker:
     """The checks of one run; a host name is resolved once."""
 
-    _resolved: dict[tuple[str, int, bool], list[Endpoint] | str] = attrs.Factory(dict)
+    _resolved: dict[tuple[str, int, bool], list[Address] | str] = attrs.Factory(dict)
 
     def checks(self) -> dict[Any, Check]:
         return {
@@ -84,7 +85,7 @@ class _Checker:
             Config: self._http_beside_listeners,
         }
 
-    def resolve(self, host: str, port: int, listen: bool) -> list[Endpoint] | str:
+    def resolve(self, host: str, port: int, listen: bool) -> list[Address] | str:
         """The addresses of ``host`` as ``trio.open_tcp_listeners`` (``listen``) or
         ``open_tcp_stream`` looks them up, or the resolver's complaint."""
         key = (host, port, listen)
@@ -95,20 +96,22 @@ class _Checker:
             except OSError as exc:  # socket.gaierror
                 self._resolved[key] = f"cannot resolve {host!r}: {exc.strerror or exc}"
             else:
-                self._resolved[key] = [(int(info[0]), str(info[4][0]), port) for info in infos]
+                self._resolved[key] = [(info[0], info[4]) for info in infos]
         return self._resolved[key]
 
     def _listen_problems(self, host: str) -> list[Problem]:
-        endpoints = self.resolve(host, 0, listen=True)
-        if isinstance(endpoints, str):
-            return [("host", endpoints)]
+        """``host`` resolves to addresses a socket can be bound to (on port 0: this checks
+        the address, not whether a port is free)."""
+        addresses = self.resolve(host, 0, listen=True)
+        if isinstance(addresses, str):
+            return [("host", addresses)]
         problems = []
-        for family, address, _ in endpoints:
+        for family, sockaddr in addresses:
             with socket.socket(family, socket.SOCK_STREAM) as probe:
                 try:
-                    probe.bind((address, 0))
+                    probe.bind(sockaddr)
                 except OSError as exc:
-                    problems.append(("host", f"cannot listen on {address}: {exc.strerror}"))
+                    problems.append(("host", f"cannot listen on {sockaddr[0]}: {exc.strerror}"))
         return problems
 
     def _listener(self, listener: Listener) -> list[Problem]:
@@ -122,8 +125,10 @@ class _Checker:
         return [("host", endpoints)] if isinstance(endpoints, str) else []
 
     def _endpoints(self, host: str, port: int) -> list[Endpoint]:
-        endpoints = self.resolve(host, port, listen=True)
-        return [] if isinstance(endpoints, str) else endpoints  # reported by the host check
+        addresses = self.resolve(host, 0, listen=True)
+        if isinstance(addresses, str):
+            return []  # reported by the host check
+        return [(family, str(sockaddr[0]), port) for family, sockaddr in addresses]
 
     def _same_addresses(self, listeners: tuple[Listener, ...]) -> list[Problem]:
         problems: list[Problem] = []
