@@ -1,10 +1,11 @@
-"""Device simulators: ``python -m devices {fleet,consume,command,constrained} ...``
-(also installed as ``mqttd-devices``)."""
+"""Device simulators: ``python -m devices {fleet,consume,command,claim-check,constrained}
+...`` (also installed as ``mqttd-devices``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import signal
 import sys
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import Any
 
 import trio
 
-from devices import constrained
+from devices import claimcheck, constrained
 from devices.consumer import Consumer, send_command
 from devices.fleet import Fleet, FleetConfig, Topics
 
@@ -134,6 +135,55 @@ def run_command_command(args: argparse.Namespace) -> int:
     return 0 if reply.get("ok") else 1
 
 
+def run_claim_check_command(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "send":
+            check = trio.run(lambda: claimcheck.send(
+                args.host, args.port, args.device, pathlib.Path(args.file),
+                pathlib.Path(args.store), args.base_url, args.topic, args.timeout,
+            ))
+            _say(f"{args.file}: stored as {check.url}; claim check published on "
+                 f"{args.topic.format(id=args.device)} ({check.size} bytes, sha256 "
+                 f"{check.sha256[:16]}...)")
+            return 0
+        _, rejected = trio.run(lambda: claimcheck.fetch(
+            args.host, args.port, pathlib.Path(args.out), args.client_id, args.filter,
+            args.count, _say,
+        ))
+    except (OSError, trio.TooSlowError) as exc:
+        print(f"error: {exc or 'timed out'}", file=sys.stderr)
+        return 2
+    return 0 if rejected == 0 else 1
+
+
+def _claim_check_parser(sub: Any) -> None:
+    parser = sub.add_parser(
+        "claim-check", help="large payloads: publish a reference, fetch and verify the file",
+        description="The claim-check pattern: the file goes to a blob store, the message "
+        "carries its URL, SHA-256 and size; the consumer fetches and verifies it.",
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    send = actions.add_parser("send", help="store FILE and publish its claim check")
+    _connection_options(send)
+    send.add_argument("file", help="the file to send")
+    send.add_argument("--device", default="sensor-0001", help="client id (default: %(default)s)")
+    send.add_argument("--store", default="data/blobs",
+                      help="the blob store directory (default: %(default)s)")
+    send.add_argument("--base-url", help="the store's URL when it is served over HTTP "
+                      "(default: file:// URLs)")
+    send.add_argument("--topic", default=claimcheck.DEFAULT_TOPIC,
+                      help="default: %(default)s ({id} is the device)")
+    send.add_argument("--timeout", type=_positive(float), default=10.0)
+    fetch = actions.add_parser("fetch", help="fetch and verify the files of claim checks")
+    _connection_options(fetch)
+    fetch.add_argument("--out", default="data/received", help="default: %(default)s")
+    fetch.add_argument("--client-id", default="claim-check-fetcher")
+    fetch.add_argument("-t", "--filter", default=claimcheck.DEFAULT_FILTER,
+                       help="default: %(default)s")
+    fetch.add_argument("-c", "--count", type=_positive(int), help="stop after N claim checks")
+    parser.set_defaults(handler=run_claim_check_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m devices", description="MQTT device simulators for mqttd.",
@@ -166,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     _topic_options(command)
     command.set_defaults(handler=run_command_command)
 
+    _claim_check_parser(sub)
     sub.add_parser("constrained", add_help=False,
                    help="a constrained device: window of one, slow acks "
                    "(python -m devices constrained --help)")

@@ -1,5 +1,6 @@
 """What an operator can change through the API: end a client's connection (kick), delete a
-session with its queue. No trio here; the HTTP layer checks the credential."""
+session with its queue, delete a retained message. No trio here; the HTTP layer checks the
+credential."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import TYPE_CHECKING, cast
 
 from mqttd.codec.errors import AdministrativeAction
 from mqttd.engine import sessions
+from persistence import ops
 
 if TYPE_CHECKING:
     from mqttd.connection import Connection
@@ -41,4 +43,15 @@ def delete_session(engine: Engine, client_id: str) -> bool:
     log.warning("session %s deleted by an operator (%d queued messages)", client_id,
                 session.queued)
     sessions.discard(engine, session)
+    return True
+
+
+def delete_retained(engine: Engine, topic: str) -> bool:
+    """Delete the retained message of ``topic`` (from the store too) without publishing
+    anything to subscribers. False when there is none."""
+    if not engine.retained.delete(topic):
+        return False
+    log.warning("retained message of %r deleted by an operator", topic)
+    if engine.writer is not None and not topic.startswith("$SYS/"):
+        engine.writer.submit(ops.DeleteRetained(topic))
     return True

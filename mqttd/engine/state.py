@@ -205,9 +205,12 @@ class BrokerState:
     def protocol_error(self, conn: Connection, exc: MQTTError) -> None:
         """Answer a protocol error the way the protocol version allows, then close.
         Replies already queued for the packets before the bad one are sent first."""
-        log.warning("client %s: %s (%s); closing", conn.name, exc, type(exc).__name__)
+        hint = ""
         if isinstance(exc, PacketTooLarge):
             self.limit_exceeded("packet_size")
+            hint = (" (for large payloads, publish a claim check, a reference to the file "
+                    "stored elsewhere: README.md, 'Large payloads')")
+        log.warning("client %s: %s (%s); closing%s", conn.name, exc, type(exc).__name__, hint)
         if conn.session is None:
             if conn.protocol_level == PROTOCOL_5:
                 code = exc.reason_code if exc.reason_code >= 0x80 else 0x80

@@ -2,8 +2,9 @@
 
 ``GET /metrics`` (Prometheus text), ``GET /healthz`` (the process answers), ``GET /readyz``
 (listeners bound, store open and accepting, its writer keeping up; 503 with the reason
-otherwise). Everything is read from the engine in the trio thread. On by default on
-127.0.0.1 (``http:`` in the configuration, ``--http-port``); reading is open there.
+otherwise), the dashboard at ``/`` (its files: mqttd/server/dashboard.py). Everything is
+read from the engine in the trio thread. On by default on 127.0.0.1 (``http:`` in the
+configuration, ``--http-port``); reading is open there.
 Requests are small and bounded (headers 16 KiB, no bodies, 10 s per request).
 """
 
@@ -23,6 +24,7 @@ import trio
 from mqttd import metrics
 from mqttd.config import is_loopback as _loopback
 from mqttd.engine import admin, views
+from mqttd.server import dashboard
 from mqttd.server.bind import open_listeners
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ RECEIVE_SIZE = 16_384
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 CLIENT_PREFIX = "/api/v1/clients/"
 SESSION_PREFIX = "/api/v1/sessions/"
+RETAINED_PREFIX = "/api/v1/retained/"
 Response = tuple[int, str, bytes]  # status, content type, body
 Route = Callable[[dict[str, str], "str | None"], Response]
 
@@ -86,8 +89,9 @@ class OpsServer:
             await trio.aclose_forcefully(stream)
 
     def _allowed(self, request: h11.Request) -> bool:
-        """Reading is open on loopback; anything else needs the token."""
-        if request.method == b"GET" and self.open_reads:
+        """Reading is open on loopback; anything else needs the token, but for the
+        dashboard's files (they hold no data; the page sends the token the operator enters)."""
+        if request.method == b"GET" and (self.open_reads or _path(request) in dashboard.ASSETS):
             return True
         expected = b"bearer " + self.token.encode()
         for name, value in request.headers:
@@ -103,13 +107,16 @@ class OpsServer:
         routes: dict[str, Route] = {
             "/metrics": self._metrics, "/healthz": self._healthz, "/readyz": self._readyz,
             "/api/v1/stats": self._stats, "/api/v1/clients": self._clients_page,
-            "/api/v1/bridges": self._bridges,
+            "/api/v1/bridges": self._bridges, "/api/v1/subscriptions": self._subscriptions,
+            "/api/v1/retained": self._retained,
         }
         handler: Route | None = routes.get(path)
         argument: str | None = None
         if handler is None and path.startswith(CLIENT_PREFIX) and len(path) > len(CLIENT_PREFIX):
             handler = self._client
             argument = path[len(CLIENT_PREFIX):]
+        elif handler is None and path in dashboard.ASSETS:
+            handler, argument = self._dashboard, path
         if request.method == b"DELETE":
             return self._delete(path)
         if handler is None:
@@ -122,16 +129,18 @@ class OpsServer:
             return _json(400, {"error": str(exc)})
 
     def _delete(self, path: str) -> Response:
-        """DELETE /api/v1/clients/{id} (kick), DELETE /api/v1/sessions/{id}."""
-        for prefix, action, what in (
-            (CLIENT_PREFIX, admin.kick, "connected client"),
-            (SESSION_PREFIX, admin.delete_session, "session"),
+        """DELETE /api/v1/clients/{id} (kick), /api/v1/sessions/{id}, /api/v1/retained/{topic}
+        (the topic percent-encoded or as it is: ``/api/v1/retained/a/b``)."""
+        for prefix, action, what, key in (
+            (CLIENT_PREFIX, admin.kick, "connected client", "client_id"),
+            (SESSION_PREFIX, admin.delete_session, "session", "client_id"),
+            (RETAINED_PREFIX, admin.delete_retained, "retained message", "topic"),
         ):
             if path.startswith(prefix) and len(path) > len(prefix):
-                client_id = path[len(prefix):]
-                if not action(self.broker, client_id):
-                    return _json(404, {"error": f"no {what} {client_id!r}"})
-                return _json(200, {"done": what, "client_id": client_id})
+                name = path[len(prefix):]
+                if not action(self.broker, name):
+                    return _json(404, {"error": f"no {what} {name!r}"})
+                return _json(200, {"done": what, key: name})
         return _json(405, {"error": f"DELETE is not allowed on {path}"})
 
     def _stats(self, query: dict[str, str], _: str | None) -> tuple[int, str, bytes]:
@@ -147,6 +156,18 @@ class OpsServer:
         return _json(200, views.clients(
             self.broker, query.get("id"),
             None if connected is None else connected == "true",
+            _number(query, "offset", 0), _number(query, "limit", 100),
+        ))
+
+    def _subscriptions(self, query: dict[str, str], _: str | None) -> Response:
+        return _json(200, views.subscriptions(
+            self.broker, query.get("client_id"), query.get("filter"), query.get("match"),
+            _number(query, "offset", 0), _number(query, "limit", 100),
+        ))
+
+    def _retained(self, query: dict[str, str], _: str | None) -> Response:
+        return _json(200, views.retained(
+            self.broker, query.get("filter", "#"),
             _number(query, "offset", 0), _number(query, "limit", 100),
         ))
 
@@ -168,6 +189,9 @@ class OpsServer:
         text = metrics.render(broker.stats(), broker.bridge_stats(), clients)
         return 200, PROMETHEUS_TEXT, text.encode()
 
+    def _dashboard(self, query: dict[str, str], path: str | None) -> Response:
+        return dashboard.asset(path or "/")
+
     def _healthz(self, query: dict[str, str], _: str | None) -> tuple[int, str, bytes]:
         return _json(200, {"status": "ok"})
 
@@ -176,6 +200,10 @@ class OpsServer:
         if problems:
             return _json(503, {"status": "not ready", "problems": problems})
         return _json(200, {"status": "ready"})
+
+
+def _path(request: h11.Request) -> str:
+    return urllib.parse.unquote(urllib.parse.urlsplit(request.target.decode("latin-1")).path)
 
 
 def _number(query: dict[str, str], name: str, default: int) -> int:
@@ -215,6 +243,8 @@ async def _send_response(
         ("content-type", content_type), ("content-length", str(len(body))),
         ("cache-control", "no-store"), ("server", "mqttd"),
     ]
+    if content_type in dashboard.CONTENT_TYPES:
+        headers += dashboard.SECURITY_HEADERS
     data = conn.send(h11.Response(status_code=status, headers=headers))
     data += conn.send(h11.Data(data=body)) or b""  # type: ignore[operator]
     data += conn.send(h11.EndOfMessage()) or b""  # type: ignore[operator]

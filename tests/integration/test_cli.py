@@ -179,3 +179,93 @@ def test_version_and_help_name_the_protocols():
     assert result.returncode == 0 and result.stdout.startswith("mqttd 0.")
     result = run_cli("--help")
     assert "MQTT 3.1.1, 3.1 and 5.0" in result.stdout
+
+
+def cli_in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """``mqttd ARGS`` in this process (no interpreter start-up): exit status, out, err."""
+    from mqttd.__main__ import main
+
+    try:
+        status = main(list(args))
+    except SystemExit as exc:  # argparse: --help, usage errors
+        status = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_help_lists_the_commands(capsys):
+    status, out, _ = cli_in_process(capsys, "--help")
+    assert status == 0 and "MQTT 3.1.1, 3.1 and 5.0" in out
+    assert re.findall(r"^ {4}(\w+) +\S", out, re.MULTILINE) == ["serve", "check", "passwd", "ctl"]
+    status, out, _ = cli_in_process(capsys, "serve", "--help")
+    assert status == 0 and "--data-dir" in out and "usage: mqttd serve" in out
+
+
+def test_check_command_is_check_config(tmp_path, capsys):
+    status, out, _ = cli_in_process(capsys, "check", str(CONFIG_DIR / "mqttd.yaml"))
+    assert status == 0 and "configuration OK" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("limits:\n  max_inflight_messages: lots\n")
+    for args in (("check", str(bad)), ("--check-config", str(bad))):
+        status, _, err = cli_in_process(capsys, *args)
+        assert status == 1
+        assert "limits.max_inflight_messages: expected int, got 'lots'" in err
+    status, _, err = cli_in_process(capsys, "check", str(tmp_path / "missing.yaml"))
+    assert status == 1 and "cannot read" in err
+    status, _, err = cli_in_process(capsys, "check")
+    assert status == 2 and "FILE" in err
+
+
+def test_an_unknown_command_is_refused(capsys):
+    status, _, err = cli_in_process(capsys, "chek", "mqttd.yaml")
+    assert status == 2 and "unknown command 'chek'" in err
+
+
+def test_ctl_gets_the_rest_of_the_command_line(monkeypatch):
+    import mqttd.ctl
+    from mqttd.__main__ import main
+
+    seen = []
+    monkeypatch.setattr(mqttd.ctl, "main", lambda argv: seen.append(argv) or 3)
+    assert main(["ctl", "clients", "-c", "x", "--help"]) == 3
+    assert seen == [["clients", "-c", "x", "--help"]]
+
+
+BANNER = re.compile(
+    rb"mqttd \S+ serving MQTT 3.1.1, 3.1 and 5.0\n"
+    rb"  config: +built-in defaults\n"
+    rb"  mqtt: +127\.0\.0\.1:(\d+) tcp, anonymous clients allowed\n"
+    rb"  dashboard: +http://127\.0\.0\.1:(\d+)/ .*\n"
+    rb"  store: +(\S+) \(SQLite"
+)
+
+
+async def test_serve_logs_a_banner_with_the_bound_ports(tmp_path):
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "mqttd", "serve", "-p", "0", "--http-port", "0",
+         "--data-dir", str(tmp_path)],
+        stderr=subprocess.PIPE,
+    )
+    log = bytearray()
+    try:
+        with trio.fail_after(30):  # python start-up, generous for a loaded machine
+            while not (match := BANNER.search(log)):
+                chunk = await proc.stderr.receive_some(4096)
+                assert chunk, f"broker exited early: {log.decode()}"
+                log += chunk
+            port, http_port = int(match.group(1)), int(match.group(2))
+            assert match.group(3).decode() == str(tmp_path / "mqttd.db")
+            assert port not in (0, 1883) and http_port not in (0, 18083)
+            sub, _ = await RawClient.connected(port, "banner")  # the ports are real
+            await sub.aclose()
+            stream = await trio.open_tcp_stream("127.0.0.1", http_port)
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 200 ")
+            await stream.aclose()
+            proc.send_signal(signal.SIGTERM)
+            await drain(proc, log)
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
