@@ -40,6 +40,7 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 CLIENT_PREFIX = "/api/v1/clients/"
 SESSION_PREFIX = "/api/v1/sessions/"
 RETAINED_PREFIX = "/api/v1/retained/"
+OPEN_PATHS = frozenset({"/healthz", "/readyz", *dashboard.ASSETS})  # GET without the token
 Response = tuple[int, str, bytes]  # status, content type, body
 Route = Callable[[dict[str, str], "str | None"], Response]
 
@@ -89,9 +90,12 @@ class OpsServer:
             await trio.aclose_forcefully(stream)
 
     def _allowed(self, request: h11.Request) -> bool:
-        """Reading is open on loopback; anything else needs the token, but for the
-        dashboard's files (they hold no data; the page sends the token the operator enters)."""
-        if request.method == b"GET" and (self.open_reads or _path(request) in dashboard.ASSETS):
+        """Reading is open on loopback; anything else needs the token, but for the health
+        checks (for probes) and the dashboard's files (they hold no data; the page sends the
+        token the operator enters)."""
+        if request.method == b"GET" and (
+            (self.open_reads and _loopback_host(request)) or _path(request) in OPEN_PATHS
+        ):
             return True
         expected = b"bearer " + self.token.encode()
         for name, value in request.headers:
@@ -200,6 +204,21 @@ class OpsServer:
         if problems:
             return _json(503, {"status": "not ready", "problems": problems})
         return _json(200, {"status": "ready"})
+
+
+def _loopback_host(request: h11.Request) -> bool:
+    """Whether the request names this machine in its Host header (127.0.0.1, [::1],
+    localhost). Open reads need it: a web page whose name was made to resolve to 127.0.0.1
+    (DNS rebinding) sends its own name, and so gets no data without the token."""
+    for name, value in request.headers:
+        if name == b"host":
+            host = value.decode("latin-1").strip()
+            if host.startswith("["):
+                host = host[1:].partition("]")[0]
+            else:
+                host = host.partition(":")[0]
+            return _loopback(host)
+    return False
 
 
 def _path(request: h11.Request) -> str:
