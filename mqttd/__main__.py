@@ -112,14 +112,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def check(path: str) -> int:
     """``mqttd check FILE`` and ``mqttd --check-config FILE``: 0 if the file is a valid
-    configuration, 1 with every problem on stderr."""
-    try:
-        load_config(path)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    print(f"{path}: configuration OK")
-    return 0
+    configuration, 1 with every problem on stderr (:mod:`mqttd.config_check`)."""
+    from mqttd.config_check import main as check_main
+
+    return check_main(path)
 
 
 def serve(args: argparse.Namespace) -> int:

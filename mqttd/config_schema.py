@@ -29,11 +29,15 @@ class ConfigError(Exception):
         self.source = source
         self.problems = problems
 
-    def __str__(self) -> str:
-        return "\n".join(
+    def lines(self) -> list[str]:
+        """One line per problem: ``source: key.path: problem``."""
+        return [
             f"{self.source}: {path}: {problem}" if path else f"{self.source}: {problem}"
             for path, problem in self.problems
-        )
+        ]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
 
 
 class _Invalid(ValueError):

@@ -200,6 +200,11 @@ BAD_INPUTS = [
         "line 3, column 1: invalid YAML: expected ',' or ']', but got '<stream end>'",
     ),
     ("a: b: c", "line 1, column 5: invalid YAML: mapping values are not allowed here"),
+    (
+        "limits: {max_queued_mesages: 3}",
+        "limits.max_queued_mesages: unknown key (did you mean max_queued_messages?)",
+    ),
+    ("limts: {}", "limts: unknown key (did you mean limits?)"),
 ]
 
 
@@ -237,6 +242,38 @@ def test_every_problem_is_reported() -> None:
 
 
 def test_every_bad_value_of_a_section_is_reported() -> None:
+    """attrs validators stop at the first bad value of a class: every key is validated on
+    its own instead, keys left out included, and cross-key checks run when the keys are
+    valid."""
+    text = """
+limits: {max_inflight_messages: -5, max_queued_messages: 0, max_connections: x, bogus: 1}
+listeners: [{port: 70000, host: ""}, {}, {port: -1, protocol: foo}]
+bridges: [{name: "a b", port: 0}]
+http: {host: 0.0.0.0}
+"""
+    with pytest.raises(ConfigError) as excinfo:
+        parse_config(text)
+    assert excinfo.value.problems == [
+        ("listeners[0].host", "must not be empty"),
+        ("listeners[0].port", "must be between 0 and 65535, got 70000"),
+        ("listeners[2].port", "must be between 0 and 65535, got -1"),
+        ("listeners[2].protocol", "must be one of mqtt, websockets, got 'foo'"),
+        ("limits.max_connections", "expected int, got 'x'"),
+        ("limits.max_inflight_messages", "must be at least 1, got -5"),
+        ("limits.max_queued_messages", "must be at least 1, got 0"),
+        ("limits.bogus", "unknown key"),
+        ("http.host", (
+            "0.0.0.0 is not a loopback address: the operations listener would be open to the "
+            "network without a credential; set http.token (or keep host 127.0.0.1)"
+        )),
+        ("bridges[0].name", "may hold only letters, digits, '_', '.' and '-', got 'a b'"),
+        ("bridges[0].port", "must be between 1 and 65535, got 0"),
+        ("bridges[0].topics", "at least one topic mapping is required"),
+    ]
+
+
+
+def test_every_bad_logging_value_is_reported() -> None:
     with pytest.raises(ConfigError) as excinfo:
         parse_config(
             "logging: {level: loud, format: xml, file: '', summary_interval_s: -2}\n"

@@ -25,6 +25,7 @@ from mqttd import metrics
 from mqttd.config import is_loopback as _loopback
 from mqttd.engine import admin, views
 from mqttd.server import dashboard
+from mqttd.server.bind import open_listeners
 
 if TYPE_CHECKING:
     from mqttd.config import Http
@@ -55,7 +56,7 @@ class OpsServer:
         self._clients = config.metrics_clients
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        listeners = await open_listeners("http", self.config.host, self.config.port)
         self.addresses = [tuple(ls.socket.getsockname()[:2]) for ls in listeners]  # type: ignore[misc]
         for host, port in self.addresses:
             shown = f"[{host}]" if ":" in host else host

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,31 @@ def test_check_config_names_the_bad_key(tmp_path):
     assert "limits.max_inflight_messages: expected int, got 'lots'" in result.stderr
 
 
+def test_check_config_prints_every_problem_one_per_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    tls = f"{{certfile: {tmp_path}/no.pem, keyfile: {tmp_path}/no.key}}"
+    bad.write_text(
+        "limits: {max_inflight_messages: 0, max_queued_mesages: 5}\n"
+        f"listeners: [{{port: 0, tls: {tls}}}]\n"
+    )
+    result = run_cli("--check-config", str(bad))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [
+        f"{bad}: listeners[0].tls.certfile: cannot read '{tmp_path}/no.pem': No such file or "
+        "directory",
+        f"{bad}: listeners[0].tls.keyfile: cannot read '{tmp_path}/no.key': No such file or "
+        "directory",
+        f"{bad}: limits.max_inflight_messages: must be at least 1, got 0",
+        f"{bad}: limits.max_queued_mesages: unknown key (did you mean max_queued_messages?)",
+    ]
+    good = tmp_path / "good.yaml"
+    good.write_text("listeners: [{port: 0}]\n")
+    result = run_cli("--check-config", str(good))
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, f"{good}: configuration OK\n", ""
+    )
+
+
 def test_bad_config_file_refuses_to_start(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("listeners:\n  - port: 99999\n")
@@ -100,17 +126,41 @@ def test_bad_config_file_refuses_to_start(tmp_path):
     assert "listeners[0].port: must be between 0 and 65535, got 99999" in result.stderr
 
 
-async def test_port_in_use_is_reported(tmp_path):
-    proc, port, _log = await start_broker("--data-dir", str(tmp_path))
-    try:
-        result = await trio.to_thread.run_sync(
-            lambda: run_cli("--host", "127.0.0.1", "-p", str(port), "--data-dir", str(tmp_path))
+def test_address_in_use_names_the_listener(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("--host", "127.0.0.1", "-p", str(port), "--data-dir", str(tmp_path))
+        assert result.returncode == 1
+        assert (
+            f"cannot start: listeners[0] 127.0.0.1:{port}: address already in use"
+            in result.stderr
+        )
+        result = run_cli(
+            "--host", "127.0.0.1", "-p", "0", "--http-port", str(port),
+            "--data-dir", str(tmp_path),
         )
         assert result.returncode == 1
-        assert "cannot start" in result.stderr
-    finally:
-        proc.kill()
-        await proc.wait()
+        assert f"cannot start: http 127.0.0.1:{port}: address already in use" in result.stderr
+
+
+def test_second_listener_in_use_is_named(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "two.yaml"
+        config.write_text(
+            f"listeners: [{{port: 0}}, {{port: {port}}}]\nhttp: {{enabled: false}}\n"
+            f"persistence: {{data_dir: {tmp_path}}}\n"
+        )
+        result = run_cli("-c", str(config))
+        assert result.returncode == 1
+        assert (
+            f"cannot start: listeners[1] 127.0.0.1:{port}: address already in use"
+            in result.stderr
+        )
 
 
 def test_database_from_a_newer_mqttd_is_refused_with_a_clear_message(tmp_path):
