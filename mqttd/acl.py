@@ -118,6 +118,14 @@ class RuleSet:
         )
 
 
+def _read(source: str) -> str:
+    try:
+        return pathlib.Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise SecurityFileError(source, f"cannot read ACL file: {problem}") from None
+
+
 @attrs.define(eq=False)
 class AclFile:
     """A parsed ACL file: the default :class:`~mqttd.security.hooks.Authorizer`."""
@@ -130,45 +138,66 @@ class AclFile:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> AclFile:
+        """Raises :class:`SecurityFileError` (the first bad line) if the file is unusable."""
         source = os.fspath(path)
-        try:
-            text = pathlib.Path(source).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            problem = exc.strerror if isinstance(exc, OSError) else str(exc)
-            raise SecurityFileError(source, f"cannot read ACL file: {problem}") from None
-        return cls.parse(text, source)
+        return cls.parse(_read(source), source)
 
     @classmethod
     def parse(cls, text: str, source: str = "<acl file>") -> AclFile:
+        acl, problems = cls.parse_all(text, source)
+        if problems:
+            raise problems[0]
+        return acl
+
+    @classmethod
+    def parse_all(
+        cls, text: str, source: str = "<acl file>"
+    ) -> tuple[AclFile, list[SecurityFileError]]:
+        """The rules that parse, and the problem of every line that does not."""
         anonymous: list[Rule] = []
         users: dict[str, list[Rule]] = {}
         patterns: list[Rule] = []
         current: list[Rule] = anonymous
+        problems = []
         for number, raw in enumerate(text.splitlines(), 1):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
             keyword, *tail = line.split(None, 1)
             rest = tail[0] if tail else ""
-            if keyword == "user":
-                if not rest:
-                    raise SecurityFileError(source, "'user' needs a user name", number)
-                current = users.setdefault(rest, [])
-            elif keyword in ("topic", "pattern"):
-                rule = _parse_rule(keyword, rest, source, number)
-                (patterns if keyword == "pattern" else current).append(rule)
-            else:
-                raise SecurityFileError(
-                    source,
-                    f"unknown keyword {keyword!r} (expected 'topic', 'user' or 'pattern')",
-                    number,
-                )
-        return cls(
+            try:
+                if keyword == "user":
+                    if not rest:
+                        raise SecurityFileError(source, "'user' needs a user name", number)
+                    current = users.setdefault(rest, [])
+                elif keyword in ("topic", "pattern"):
+                    rule = _parse_rule(keyword, rest, source, number)
+                    (patterns if keyword == "pattern" else current).append(rule)
+                else:
+                    raise SecurityFileError(
+                        source,
+                        f"unknown keyword {keyword!r} (expected 'topic', 'user' or 'pattern')",
+                        number,
+                    )
+            except SecurityFileError as exc:
+                problems.append(exc)
+        acl = cls(
             source,
             tuple(anonymous),
             {name: tuple(rules) for name, rules in users.items()},
             tuple(patterns),
         )
+        return acl, problems
+
+    @classmethod
+    def problems(cls, path: str | os.PathLike[str]) -> list[SecurityFileError]:
+        """Every problem of the file at ``path``: unreadable, or each bad line."""
+        source = os.fspath(path)
+        try:
+            text = _read(source)
+        except SecurityFileError as exc:
+            return [exc]
+        return cls.parse_all(text, source)[1]
 
     def __len__(self) -> int:
         return len(self.anonymous) + sum(map(len, self.users.values())) + len(self.patterns)

@@ -148,6 +148,14 @@ def _entry_lines(text: str) -> list[tuple[int, str]]:
     return result
 
 
+def _read(source: str) -> str:
+    try:
+        return pathlib.Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise SecurityFileError(source, f"cannot read password file: {problem}") from None
+
+
 @attrs.define(eq=False)
 class PasswordFile:
     """The users of a password file: the default :class:`Authenticator`.
@@ -170,26 +178,44 @@ class PasswordFile:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PasswordFile:
+        """Raises :class:`SecurityFileError` (the first bad line) if the file is unusable."""
         source = os.fspath(path)
-        try:
-            text = pathlib.Path(source).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            problem = exc.strerror if isinstance(exc, OSError) else str(exc)
-            raise SecurityFileError(source, f"cannot read password file: {problem}") from None
-        return cls.parse(text, source)
+        return cls.parse(_read(source), source)
 
     @classmethod
     def parse(cls, text: str, source: str = "<password file>") -> PasswordFile:
+        passwords, problems = cls.parse_all(text, source)
+        if problems:
+            raise problems[0]
+        return passwords
+
+    @classmethod
+    def parse_all(
+        cls, text: str, source: str = "<password file>"
+    ) -> tuple[PasswordFile, list[SecurityFileError]]:
+        """The entries that parse, and the problem of every line that does not."""
         entries: dict[str, PasswordHash] = {}
+        problems = []
         for number, line in _entry_lines(text):
             username, colon, hashed = line.partition(":")
             if not colon or not username:
-                raise SecurityFileError(source, "expected user:hash", number)
+                problems.append(SecurityFileError(source, "expected user:hash", number))
+                continue
             try:
                 entries[username] = PasswordHash.parse(hashed)
             except ValueError as exc:
-                raise SecurityFileError(source, f"user {username!r}: {exc}", number) from None
-        return cls(source, entries)
+                problems.append(SecurityFileError(source, f"user {username!r}: {exc}", number))
+        return cls(source, entries), problems
+
+    @classmethod
+    def problems(cls, path: str | os.PathLike[str]) -> list[SecurityFileError]:
+        """Every problem of the file at ``path``: unreadable, or each bad line."""
+        source = os.fspath(path)
+        try:
+            text = _read(source)
+        except SecurityFileError as exc:
+            return [exc]
+        return cls.parse_all(text, source)[1]
 
     def __len__(self) -> int:
         return len(self.entries)

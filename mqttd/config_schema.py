@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 # client ids of the local sessions of bridges (reserved: a client may not use them)
 BRIDGE_PREFIX = "$bridge/"
 OVERFLOW_POLICIES = ("drop_oldest", "drop_new", "refuse", "disconnect")
@@ -28,11 +29,15 @@ class ConfigError(Exception):
         self.source = source
         self.problems = problems
 
-    def __str__(self) -> str:
-        return "\n".join(
+    def lines(self) -> list[str]:
+        """One line per problem: ``source: key.path: problem``."""
+        return [
             f"{self.source}: {path}: {problem}" if path else f"{self.source}: {problem}"
             for path, problem in self.problems
-        )
+        ]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
 
 
 class _Invalid(ValueError):
@@ -120,6 +125,12 @@ def _log_level(v: str) -> str | None:
     if v in LOG_LEVELS:
         return None
     return f"must be one of {', '.join(LOG_LEVELS)}, got {reprlib.repr(v)}"
+
+
+def _log_format(v: str) -> str | None:
+    if v in LOG_FORMATS:
+        return None
+    return f"must be one of {', '.join(LOG_FORMATS)}, got {reprlib.repr(v)}"
 
 
 def _to_float(value: Any) -> Any:
@@ -469,7 +480,22 @@ class Security:
 
 @attrs.frozen
 class Logging:
+    """What the broker logs and where (mqttd.logs)."""
+
     level: str = attrs.field(default="info", converter=_lower, validator=_checked(str, _log_level))
+    # text (one line: time, level, logger, message) or json (one object per line)
+    format: str = attrs.field(
+        default="text", converter=_lower, validator=_checked(str, _log_format)
+    )
+    # append to this file (reopened when moved or deleted, as by logrotate); None: stderr
+    file: str | None = attrs.field(default=None, validator=_optional(_checked(str, _non_empty)))
+    # one INFO line per client connect and per disconnect (with the reason)
+    connections: bool = attrs.field(default=True, validator=_checked(bool))
+    # seconds between two INFO summary lines (connections, message rates, queued, dropped,
+    # store commits); 0: none
+    summary_interval_s: float = attrs.field(
+        default=60.0, converter=_to_float, validator=_checked(float, _not_negative_f)
+    )
 
 
 @attrs.frozen

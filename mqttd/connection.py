@@ -32,6 +32,7 @@ from mqttd.codec.packets import (
     Packet,
     Will,
 )
+from mqttd.logs import trace_received, trace_sent
 
 if TYPE_CHECKING:
     from mqttd.config import Listener
@@ -133,6 +134,10 @@ class Connection:
     # counters
     packets_received: int = 0
     dropped_qos0: int = 0
+    # logging: what ended the connection, when no MQTTError says (the I/O layer or the
+    # client's DISCONNECT); whether its packets are traced (decided once, mqttd.logs)
+    end_reason: str = ""
+    trace: bool = False
 
     def __attrs_post_init__(self) -> None:
         self.decoder = Decoder(self.max_packet_size, accept_v5=True)
@@ -170,8 +175,12 @@ class Connection:
         try:
             packets = self.decoder.feed(data)
         except MQTTError as exc:
+            if self.trace:
+                trace_received(self.client_id, self.peer, exc.packets_before)
             exc.packets_before = self._check(exc.packets_before)
             raise
+        if self.trace:
+            trace_received(self.client_id, self.peer, packets)
         return self._check(packets)
 
     def _check(self, packets: list[Packet]) -> list[Packet]:
@@ -255,6 +264,8 @@ class Connection:
             return b""
         data = b"".join(self.outbox)
         self.outbox.clear()
+        if self.trace:
+            trace_sent(self.client_id, self.peer, data, self.protocol_level)
         return data
 
     def sent(self, size: int) -> None:

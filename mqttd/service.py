@@ -39,6 +39,7 @@ from mqttd.config import Config, Persistence
 from mqttd.connection import Connection
 from mqttd.engine import connect
 from mqttd.engine.dispatch import Engine
+from mqttd.engine.summary import Summary
 from mqttd.engine.systopics import SysTopics
 from mqttd.security.gatekeeper import Gatekeeper, peer_host
 from mqttd.server.http import OpsServer
@@ -106,6 +107,8 @@ class Broker(Engine):
                 interval_s = self.config.monitoring.sys_interval_s
                 if interval_s > 0:
                     SysTopics(self, interval_s).start()
+                if self.config.logging.summary_interval_s > 0:
+                    Summary(self, self.config.logging.summary_interval_s).start()
                 task_status.started(self.addresses)
                 await self._shutdown_requested.wait()
                 log.info("shutting down: %d connections", len(self.connections))

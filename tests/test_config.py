@@ -54,7 +54,9 @@ def test_default_config_values() -> None:
         max_keepalive_s=65535,
     )
     assert config.persistence == Persistence(data_dir="./data", db_file="mqttd.db")
-    assert config.logging == Logging(level="info")
+    assert config.logging == Logging(
+        level="info", format="text", file=None, connections=True, summary_interval_s=60.0
+    )
 
 
 def test_no_file_is_the_default_config() -> None:
@@ -94,7 +96,8 @@ limits:
   max_queued_messages: 1
   max_keepalive_s: 0
 persistence: {data_dir: /var/lib/mqttd, db_file: broker.db}
-logging: {level: DEBUG}
+logging: {level: DEBUG, format: JSON, file: /var/log/mqttd.log, connections: false,
+          summary_interval_s: 5}
 """
     assert load_config(write(tmp_path, text)) == Config(
         listeners=(Listener("0.0.0.0", 1884), Listener("::1", 0)),
@@ -107,7 +110,10 @@ logging: {level: DEBUG}
             max_keepalive_s=0,
         ),
         persistence=Persistence(data_dir="/var/lib/mqttd", db_file="broker.db"),
-        logging=Logging(level="debug"),
+        logging=Logging(
+            level="debug", format="json", file="/var/log/mqttd.log", connections=False,
+            summary_interval_s=5.0,
+        ),
     )
 
 
@@ -171,6 +177,18 @@ BAD_INPUTS = [
         "logging.level: must be one of debug, info, warning, error, got 'loud'",
     ),
     ("logging: {level: 3}", "logging.level: expected str, got 3"),
+    ("logging: {format: xml}", "logging.format: must be one of text, json, got 'xml'"),
+    ("logging: {format: 1}", "logging.format: expected str, got 1"),
+    ("logging: {file: ''}", "logging.file: must not be empty"),
+    ("logging: {file: [a.log]}", "logging.file: expected str, got ['a.log']"),
+    ("logging: {connections: yes please}",
+     "logging.connections: expected true or false, got 'yes please'"),
+    ("logging: {connections: 1}", "logging.connections: expected true or false, got 1"),
+    ("logging: {summary_interval_s: -1}",
+     "logging.summary_interval_s: must be 0 or more, got -1.0"),
+    ("logging: {summary_interval_s: often}",
+     "logging.summary_interval_s: expected float, got 'often'"),
+    ("logging: {colour: true}", "logging.colour: unknown key"),
     ("listeners: []", "listeners: at least one listener is required"),
     ("listeners: {port: 1883}", "listeners: expected a list, got {'port': 1883}"),
     ("listeners: [1883]", "listeners[0]: expected a mapping, got 1883"),
@@ -182,6 +200,11 @@ BAD_INPUTS = [
         "line 3, column 1: invalid YAML: expected ',' or ']', but got '<stream end>'",
     ),
     ("a: b: c", "line 1, column 5: invalid YAML: mapping values are not allowed here"),
+    (
+        "limits: {max_queued_mesages: 3}",
+        "limits.max_queued_mesages: unknown key (did you mean max_queued_messages?)",
+    ),
+    ("limts: {}", "limts: unknown key (did you mean limits?)"),
 ]
 
 
@@ -216,6 +239,60 @@ def test_every_problem_is_reported() -> None:
     assert (
         str(excinfo.value).splitlines()[0] == "<string>: listeners[0].port: expected int, got 'x'"
     )
+
+
+def test_every_bad_value_of_a_section_is_reported() -> None:
+    """attrs validators stop at the first bad value of a class: every key is validated on
+    its own instead, keys left out included, and cross-key checks run when the keys are
+    valid."""
+    text = """
+limits: {max_inflight_messages: -5, max_queued_messages: 0, max_connections: x, bogus: 1}
+listeners: [{port: 70000, host: ""}, {}, {port: -1, protocol: foo}]
+bridges: [{name: "a b", port: 0}]
+http: {host: 0.0.0.0}
+"""
+    with pytest.raises(ConfigError) as excinfo:
+        parse_config(text)
+    assert excinfo.value.problems == [
+        ("listeners[0].host", "must not be empty"),
+        ("listeners[0].port", "must be between 0 and 65535, got 70000"),
+        ("listeners[2].port", "must be between 0 and 65535, got -1"),
+        ("listeners[2].protocol", "must be one of mqtt, websockets, got 'foo'"),
+        ("limits.max_connections", "expected int, got 'x'"),
+        ("limits.max_inflight_messages", "must be at least 1, got -5"),
+        ("limits.max_queued_messages", "must be at least 1, got 0"),
+        ("limits.bogus", "unknown key"),
+        ("http.host", (
+            "0.0.0.0 is not a loopback address: the operations listener would be open to the "
+            "network without a credential; set http.token (or keep host 127.0.0.1)"
+        )),
+        ("bridges[0].name", "may hold only letters, digits, '_', '.' and '-', got 'a b'"),
+        ("bridges[0].port", "must be between 1 and 65535, got 0"),
+        ("bridges[0].topics", "at least one topic mapping is required"),
+    ]
+
+
+
+def test_every_bad_logging_value_is_reported() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        parse_config(
+            "logging: {level: loud, format: xml, file: '', summary_interval_s: -2}\n"
+            "limits: {max_inflight_messages: 0, max_queued_messages: 0}"
+        )
+    assert excinfo.value.problems == [
+        ("limits.max_inflight_messages", "must be at least 1, got 0"),
+        ("limits.max_queued_messages", "must be at least 1, got 0"),
+        ("logging.level", "must be one of debug, info, warning, error, got 'loud'"),
+        ("logging.format", "must be one of text, json, got 'xml'"),
+        ("logging.file", "must not be empty"),
+        ("logging.summary_interval_s", "must be 0 or more, got -2.0"),
+    ]
+
+
+def test_logging_summary_interval_zero_is_off_and_int_is_float() -> None:
+    assert parse_config("logging: {summary_interval_s: 0}").logging.summary_interval_s == 0.0
+    interval = parse_config("logging: {summary_interval_s: 1}").logging.summary_interval_s
+    assert interval == 1.0 and type(interval) is float
 
 
 def test_config_from_dict_source() -> None:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import random
-import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -64,11 +63,11 @@ from mqttd.codec.packets import (
 )
 from mqttd.codec.reason import CONNACK_UNACCEPTABLE_PROTOCOL_VERSION
 from mqttd.config import Bridge as BridgeConfig
-from mqttd.config import BridgeTLS
 from mqttd.connection import Connection
 from mqttd.engine import publish
 from mqttd.outqueue import QueueLimits
 from mqttd.server.stream_task import StreamTask
+from mqttd.server.tls import client_context
 from mqttd.session import Session
 from persistence import ops
 
@@ -107,7 +106,7 @@ class BridgeLink:
         self.client_id = config.local_client_id
         self.session: Session | None = None
         self.conn: Connection | None = None
-        self.tls_context = _tls_context(config.tls) if config.tls is not None else None
+        self.tls_context = client_context(config.tls) if config.tls is not None else None
         self.state = "down"
         self.subscribed = False  # the remote answered the ``in`` subscriptions
         self.level = PROTOCOL_5 if config.protocol == "5" else PROTOCOL_311
@@ -492,17 +491,6 @@ class BridgeLink:
 
 def _no_writer() -> None:
     """The link's tasks have ended: nobody sends any more."""
-
-
-def _tls_context(tls: BridgeTLS) -> ssl.SSLContext:
-    """The client-side TLS context of a bridge (files read once, at start-up: a missing or
-    broken file stops the broker with the reason)."""
-    context = ssl.create_default_context(cafile=tls.cafile)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if tls.certfile is not None:
-        context.load_cert_chain(tls.certfile, tls.keyfile)
-    context.check_hostname = tls.verify_hostname
-    return context
 
 
 def _first_failure(group: BaseExceptionGroup) -> BaseException | None:

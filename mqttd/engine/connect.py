@@ -15,9 +15,9 @@ from mqttd.acl import AclFile, CachedAuthorizer
 from mqttd.auth import PasswordFile
 from mqttd.codec import ClientIdRejected, MQTTError, ProtocolError
 from mqttd.codec.errors import NotAuthorized
-from mqttd.codec.kinds import BRIDGE_LEVEL_FLAG
+from mqttd.codec.kinds import BRIDGE_LEVEL_FLAG, DISCONNECT
 from mqttd.codec.packets import PROTOCOL_5, PROTOCOL_31, Auth, ConnAck, Connect, Disconnect
-from mqttd.codec.reason import DISCONNECT_WITH_WILL_MESSAGE
+from mqttd.codec.reason import DISCONNECT_WITH_WILL_MESSAGE, reason_name
 from mqttd.config import BRIDGE_PREFIX
 from mqttd.connection import Connection
 from mqttd.engine import sessions, wills
@@ -27,6 +27,7 @@ from mqttd.session import Session
 from persistence import ops
 
 log = logging.getLogger("mqttd.broker")
+conn_log = logging.getLogger("mqttd.connections")  # logging.connections: connects, disconnects
 
 
 def on_connect(state: BrokerState, conn: Connection, packet: Connect) -> None:
@@ -108,7 +109,8 @@ def accept(
     conn.accepted = True
     conn.connected_at = time.time()
     session.attach(conn)
-    _log_connected(conn, packet, session_present, username)
+    if state.config.logging.connections:
+        _log_connected(conn, session, session_present, username)
 
 
 def _session_expiry(
@@ -137,7 +139,8 @@ def _resume_or_end(state: BrokerState, client_id: str, clean_session: bool) -> S
     ends = session is not None and (clean_session or not session.persistent)
     pending = wills.take_back(state, client_id)
     if pending is not None and ends:
-        wills.publish_will(state, pending)  # 5.0: the session ended before the will delay
+        # 5.0: the session ended before the will delay
+        wills.publish_will(state, pending, client_id, "session ended by a clean start")
     # (otherwise the client is back within the delay: the will is not sent)
     if session is not None and session.connection is not None:
         # the engine attaches sessions to its Connections only
@@ -173,19 +176,49 @@ def _bind_session(
     session.login_known = True
 
 
+def protocol_name(conn: Connection) -> str:
+    return {PROTOCOL_31: "3.1", PROTOCOL_5: "5.0"}.get(conn.protocol_level, "3.1.1")
+
+
 def _log_connected(
-    conn: Connection, packet: Connect, session_present: bool, username: str | None
+    conn: Connection, session: Session, session_present: bool, username: str | None
 ) -> None:
-    log.info(
-        "client %s connected (MQTT %s, clean session %d, keepalive %ds, session present %d"
-        "%s)",
-        conn.name,
-        {PROTOCOL_31: "3.1", PROTOCOL_5: "5.0"}.get(conn.protocol_level, "3.1.1")
-        + (" bridge" if conn.is_bridge else ""),
-        packet.clean_session,
-        packet.keepalive_s,
-        session_present,
+    protocol = protocol_name(conn)
+    kind = "persistent" if session.persistent else "clean"
+    conn_log.info(
+        "client %s connected from %s: MQTT %s%s, %s session%s, keepalive %ds%s",
+        conn.client_id, conn.peer, protocol, " bridge" if conn.is_bridge else "", kind,
+        " (resumed)" if session_present else "", conn.keepalive_s,
         "" if username is None else f", user {username!r}",
+        extra={
+            "event": "connect", "client_id": conn.client_id, "address": conn.peer,
+            "protocol": protocol, "bridge": conn.is_bridge, "session": kind,
+            "session_present": session_present, "keepalive_s": conn.keepalive_s,
+            "username": username,
+        },
+    )
+
+
+def end_reason(conn: Connection) -> str:
+    """Why the connection ended, for the log: what the I/O layer or the client's DISCONNECT
+    said, else the error the broker closed it with."""
+    reason = conn.end_reason
+    if not reason and conn.close_reason is not None:
+        reason = str(conn.close_reason) or type(conn.close_reason).__name__
+    return reason or "closed by the broker"
+
+
+def log_disconnected(conn: Connection) -> None:
+    """The line of a client's disconnect (``logging.connections``): why, and after how long."""
+    reason = end_reason(conn)
+    connected_s = max(0.0, time.time() - conn.connected_at)
+    conn_log.info(
+        "client %s disconnected from %s: %s (connected %.1fs)",
+        conn.client_id, conn.peer, reason, connected_s,
+        extra={
+            "event": "disconnect", "client_id": conn.client_id, "address": conn.peer,
+            "reason": reason, "connected_s": round(connected_s, 3),
+        },
     )
 
 
@@ -236,9 +269,15 @@ def on_disconnect(state: BrokerState, conn: Connection, packet: Disconnect) -> N
             if session.writer is not None:
                 session.writer.submit(ops.SaveSession(session.client_id, None,
                                                       session.expiry_s))
-        if packet.reason_code == DISCONNECT_WITH_WILL_MESSAGE:
+        code = packet.reason_code
+        conn.end_reason = "client sent DISCONNECT" + (
+            f" {code:#04x} {reason_name(code, DISCONNECT)}" if code else ""
+        )
+        if code == DISCONNECT_WITH_WILL_MESSAGE:
             conn.close()  # the will is published as if the connection had failed
             return
+    else:
+        conn.end_reason = "client sent DISCONNECT"
     conn.will = None  # a clean DISCONNECT discards the will (MQTT-3.14.4-3)
     conn.close()
 

@@ -47,6 +47,7 @@ from mqttd.config import Listener
 from mqttd.connection import Connection
 from mqttd.engine import connect, publish, sessions, subscribe, wills
 from mqttd.engine.state import BrokerState
+from mqttd.logs import tracing
 from mqttd.session import Session
 from mqttd.topics import InvalidTopic, is_shared
 from persistence.journal import Journal
@@ -100,6 +101,7 @@ class Engine(BrokerState):
             pace_messages=self.config.limits.queue_high_watermark_messages,
             on_fed=self.flow.fed,
             publish_tokens=max(self.publish_rate, 1.0),  # the bucket starts full
+            trace=tracing(),  # decided once per connection: the hot path tests a flag
         )
         self.connections.add(conn)
         self.connections_total += 1
@@ -184,6 +186,11 @@ class Engine(BrokerState):
         self.flow.forget(conn)
         conn.discard_output()
         self.notify_progress()
+        if conn.accepted:
+            if self.config.logging.connections:
+                connect.log_disconnected(conn)
+        elif conn.end_reason:
+            log.debug("connection from %s ended before CONNACK: %s", conn.peer, conn.end_reason)
         session = conn.session
         if session is None:
             return
@@ -194,12 +201,8 @@ class Engine(BrokerState):
         ends = not session.persistent or session.expiry_s == 0
         if ends and self.sessions.get(session.client_id) is session:
             sessions.discard(self, session)
-        reason = conn.close_reason
-        log.info(
-            "client %s disconnected%s", conn.name, f" ({reason})" if reason is not None else ""
-        )
         if will is not None:
-            sessions.will_due(self, session, will, ends)
+            sessions.will_due(self, session, will, ends, connect.end_reason(conn))
         elif session.expiry_s is not None and session.expiry_s > 0 and not ends:
             sessions.expire_at(self, time.time() + session.expiry_s)
 
@@ -413,7 +416,7 @@ class Engine(BrokerState):
         for conn in list(self.connections):
             if conn.will is not None:
                 will, conn.will = conn.will, None
-                wills.publish_will(self, will)
+                wills.publish_will(self, will, conn.client_id, "broker shutting down")
         for conn in list(self.connections):
             conn.close(reason, flush=conn.session is not None)
 

@@ -206,7 +206,7 @@ def publish_denied(state: BrokerState, conn: Connection, packet: Publish) -> Non
     still acknowledged so that the client does not send them again. 5.0 says so:
     PUBACK / PUBREC 0x87 Not authorized."""
     state.acl_denied_publish += 1
-    state.log_denied(conn, f"PUBLISH to {packet.topic!r} (dropped)")
+    state.log_denied(conn, packet.topic)
     if packet.qos:
         kind = PUBACK if packet.qos == 1 else PUBREC
         reason = _REASON_STRINGS[PUBLISH_NOT_AUTHORIZED]

@@ -24,7 +24,6 @@ def take_over(state: BrokerState, old: Connection, session_ends: bool = True) ->
     """A second connection with the same client id: close the first. Its will is published
     (it did not send DISCONNECT; MQTT-3.1.2-8, as mosquitto does), unless it has a 5.0 Will
     Delay Interval and the session goes on with the new connection."""
-    log.info("client %s: taken over by a new connection; closing the old one", old.name)
     session = old.session
     will, old.will = old.will, None
     old.session = None
@@ -33,7 +32,8 @@ def take_over(state: BrokerState, old: Connection, session_ends: bool = True) ->
     old.close(SessionTakenOver("session taken over by a new connection"))
     delayed = will is not None and (will.properties or {}).get("will_delay_interval")
     if will is not None and (session_ends or not delayed):
-        wills.publish_will(state, will)  # else a delayed will is cancelled: the client is back
+        # else a delayed will is cancelled: the client is back
+        wills.publish_will(state, will, old.client_id, "session taken over")
 
 
 def detach(state: BrokerState, session: Session) -> None:
@@ -91,7 +91,7 @@ def expire_sessions(state: BrokerState, now: float | None = None) -> int:
         discard(state, session)
         will = wills.take_back(state, session.client_id)
         if will is not None:
-            wills.publish_will(state, will)
+            wills.publish_will(state, will, session.client_id, "session expired")
     return len(expired)
 
 
@@ -100,9 +100,13 @@ def expire_at(state: BrokerState, when: float) -> None:
     state.call_at(when, lambda: expire_sessions(state))
 
 
-def will_due(state: BrokerState, session: Session, will: Will, session_ended: bool) -> None:
+def will_due(
+    state: BrokerState, session: Session, will: Will, session_ended: bool,
+    why: str = "connection lost",
+) -> None:
     """Publish a will now, or after its Will Delay Interval or at the end of the session,
-    whichever comes first (cancelled if the client connects again before)."""
+    whichever comes first (cancelled if the client connects again before). ``why``: how
+    the connection ended, for the log."""
     delay = will.properties.get("will_delay_interval", 0) if will.properties else 0
     expiry = session.expiry_s
     if expiry is None:
@@ -112,7 +116,7 @@ def will_due(state: BrokerState, session: Session, will: Will, session_ended: bo
             expire_at(state, time.time() + expiry)
         delay = min(delay, expiry)
     if not delay or session_ended:
-        wills.publish_will(state, will)
+        wills.publish_will(state, will, session.client_id, why)
         return
     wills.publish_later(state, session.client_id, delay, will)
 

@@ -237,16 +237,22 @@ class BrokerState:
             return f"topic with more than max_topic_levels ({max_levels}) levels"
         return None
 
-    def log_denied(self, conn: Connection, what: str) -> None:
-        """Log an ACL refusal, at most once per DENIED_LOG_INTERVAL_S (with the totals)."""
+    def log_denied(self, conn: Connection, topic: str) -> None:
+        """Log a PUBLISH the ACL refused, at most once per DENIED_LOG_INTERVAL_S (with the
+        totals): a client may publish without end where it may not."""
         now = time.monotonic()
         if now >= self.next_denied_log:
             self.next_denied_log = now + DENIED_LOG_INTERVAL_S
             log.warning(
-                "client %s: %s denied by the ACL (denied so far: %d publishes, "
-                "%d subscriptions; further denials are not logged for %.0fs)",
-                conn.name, what, self.acl_denied_publish, self.acl_denied_subscribe,
+                "client %s: PUBLISH to %r denied by the ACL, dropped (denied so far: %d "
+                "publishes, %d subscriptions; further denials are not logged for %.0fs)",
+                conn.name, topic, self.acl_denied_publish, self.acl_denied_subscribe,
                 DENIED_LOG_INTERVAL_S,
+                extra={
+                    "event": "publish_denied", "client_id": conn.client_id,
+                    "address": conn.peer, "topic": topic,
+                    "acl_denied_publish": self.acl_denied_publish,
+                },
             )
 
     def session_limits(self, client_id: str, persistent: bool) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import time
 from typing import cast
 
 from mqttd import v5
+from mqttd.codec.kinds import SUBACK
 from mqttd.codec.packets import (
     PROTOCOL_5,
     Publish,
@@ -23,6 +24,7 @@ from mqttd.codec.reason import (
     NOT_AUTHORIZED,
     SUBACK_FAILURE,
     TOPIC_FILTER_INVALID,
+    reason_name,
 )
 from mqttd.connection import Connection
 from mqttd.engine import sessions
@@ -52,9 +54,11 @@ def on_subscribe(state: BrokerState, conn: Connection, packet: Subscribe) -> Non
     sub_id = (packet.properties or {}).get("subscription_identifier", 0) if v5_client else 0
     now = time.time()
     for sub in packet.subscriptions:
-        refused = _check_filter(state, conn, session, sub.filter)
+        refused = _check_filter(state, session, sub.filter)
         if refused is not None:
-            codes.append(refused if v5_client else SUBACK_FAILURE)
+            code = refused[0] if v5_client else SUBACK_FAILURE
+            codes.append(code)
+            _log_refused(conn, packet.packet_id, sub.filter, code, refused[1])
             continue
         existed = sub.filter in session.subscriptions
         qos = _add_subscription(state, session, sub, sub_id, v5_client)
@@ -70,10 +74,10 @@ def on_subscribe(state: BrokerState, conn: Connection, packet: Subscribe) -> Non
 
 
 def _check_filter(
-    state: BrokerState, conn: Connection, session: Session, topic_filter: str
-) -> int | None:
+    state: BrokerState, session: Session, topic_filter: str
+) -> tuple[int, str] | None:
     """None when the client may subscribe to ``topic_filter``; otherwise the 5.0 reason
-    code that refuses it (logged): an invalid filter (syntax, share name, topic limits) or
+    code that refuses it and why: an invalid filter (syntax, share name, topic limits) or
     one the ACL does not allow."""
     shared = is_shared(topic_filter)
     try:
@@ -86,14 +90,25 @@ def _check_filter(
             state.limit_exceeded("topic")
             raise InvalidTopic(problem)
     except InvalidTopic as exc:
-        log.info("client %s: refused subscription %r: %s", conn.name, topic_filter, exc)
-        return TOPIC_FILTER_INVALID
+        return TOPIC_FILTER_INVALID, str(exc)
     acl = state.acl
     if acl is not None and not acl.can_subscribe(session.client_id, session.username, acl_filter):
         state.acl_denied_subscribe += 1
-        state.log_denied(conn, f"SUBSCRIBE to {topic_filter!r}")
-        return SUBACK_NOT_AUTHORIZED
+        return SUBACK_NOT_AUTHORIZED, "denied by the ACL"
     return None
+
+
+def _log_refused(conn: Connection, packet_id: int, topic_filter: str, code: int, why: str) -> None:
+    """One line per refused filter: SUBSCRIBE is not on the hot path, and an operator wants
+    to see every client that asks for what it may not have."""
+    log.info(
+        "client %s: SUBSCRIBE to %r refused with %#04x %s: %s", conn.name, topic_filter, code,
+        reason_name(code, SUBACK) if conn.protocol_level == PROTOCOL_5 else "Failure", why,
+        extra={
+            "event": "subscribe_refused", "client_id": conn.client_id, "address": conn.peer,
+            "packet_id": packet_id, "filter": topic_filter, "reason_code": code, "reason": why,
+        },
+    )
 
 
 def _add_subscription(

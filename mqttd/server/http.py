@@ -2,8 +2,9 @@
 
 ``GET /metrics`` (Prometheus text), ``GET /healthz`` (the process answers), ``GET /readyz``
 (listeners bound, store open and accepting, its writer keeping up; 503 with the reason
-otherwise). Everything is read from the engine in the trio thread. On by default on
-127.0.0.1 (``http:`` in the configuration, ``--http-port``); reading is open there.
+otherwise), the dashboard at ``/`` (its files: mqttd/server/dashboard.py). Everything is
+read from the engine in the trio thread. On by default on 127.0.0.1 (``http:`` in the
+configuration, ``--http-port``); reading is open there.
 Requests are small and bounded (headers 16 KiB, no bodies, 10 s per request).
 """
 
@@ -23,6 +24,8 @@ import trio
 from mqttd import metrics
 from mqttd.config import is_loopback as _loopback
 from mqttd.engine import admin, views
+from mqttd.server import dashboard
+from mqttd.server.bind import open_listeners
 
 if TYPE_CHECKING:
     from mqttd.config import Http
@@ -37,6 +40,7 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 CLIENT_PREFIX = "/api/v1/clients/"
 SESSION_PREFIX = "/api/v1/sessions/"
 RETAINED_PREFIX = "/api/v1/retained/"
+OPEN_PATHS = frozenset({"/healthz", "/readyz", *dashboard.ASSETS})  # GET without the token
 Response = tuple[int, str, bytes]  # status, content type, body
 Route = Callable[[dict[str, str], "str | None"], Response]
 
@@ -52,7 +56,7 @@ class OpsServer:
         self._clients = config.metrics_clients
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        listeners = await open_listeners("http", self.config.host, self.config.port)
         self.addresses = [tuple(ls.socket.getsockname()[:2]) for ls in listeners]  # type: ignore[misc]
         for host, port in self.addresses:
             shown = f"[{host}]" if ":" in host else host
@@ -86,8 +90,12 @@ class OpsServer:
             await trio.aclose_forcefully(stream)
 
     def _allowed(self, request: h11.Request) -> bool:
-        """Reading is open on loopback; anything else needs the token."""
-        if request.method == b"GET" and self.open_reads:
+        """Reading is open on loopback; anything else needs the token, but for the health
+        checks (for probes) and the dashboard's files (they hold no data; the page sends the
+        token the operator enters)."""
+        if request.method == b"GET" and (
+            (self.open_reads and _loopback_host(request)) or _path(request) in OPEN_PATHS
+        ):
             return True
         expected = b"bearer " + self.token.encode()
         for name, value in request.headers:
@@ -111,6 +119,8 @@ class OpsServer:
         if handler is None and path.startswith(CLIENT_PREFIX) and len(path) > len(CLIENT_PREFIX):
             handler = self._client
             argument = path[len(CLIENT_PREFIX):]
+        elif handler is None and path in dashboard.ASSETS:
+            handler, argument = self._dashboard, path
         if request.method == b"DELETE":
             return self._delete(path)
         if handler is None:
@@ -183,6 +193,9 @@ class OpsServer:
         text = metrics.render(broker.stats(), broker.bridge_stats(), clients)
         return 200, PROMETHEUS_TEXT, text.encode()
 
+    def _dashboard(self, query: dict[str, str], path: str | None) -> Response:
+        return dashboard.asset(path or "/")
+
     def _healthz(self, query: dict[str, str], _: str | None) -> tuple[int, str, bytes]:
         return _json(200, {"status": "ok"})
 
@@ -191,6 +204,25 @@ class OpsServer:
         if problems:
             return _json(503, {"status": "not ready", "problems": problems})
         return _json(200, {"status": "ready"})
+
+
+def _loopback_host(request: h11.Request) -> bool:
+    """Whether the request names this machine in its Host header (127.0.0.1, [::1],
+    localhost). Open reads need it: a web page whose name was made to resolve to 127.0.0.1
+    (DNS rebinding) sends its own name, and so gets no data without the token."""
+    for name, value in request.headers:
+        if name == b"host":
+            host = value.decode("latin-1").strip()
+            if host.startswith("["):
+                host = host[1:].partition("]")[0]
+            else:
+                host = host.partition(":")[0]
+            return _loopback(host)
+    return False
+
+
+def _path(request: h11.Request) -> str:
+    return urllib.parse.unquote(urllib.parse.urlsplit(request.target.decode("latin-1")).path)
 
 
 def _number(query: dict[str, str], name: str, default: int) -> int:
@@ -230,6 +262,8 @@ async def _send_response(
         ("content-type", content_type), ("content-length", str(len(body))),
         ("cache-control", "no-store"), ("server", "mqttd"),
     ]
+    if content_type in dashboard.CONTENT_TYPES:
+        headers += dashboard.SECURITY_HEADERS
     data = conn.send(h11.Response(status_code=status, headers=headers))
     data += conn.send(h11.Data(data=body)) or b""  # type: ignore[operator]
     data += conn.send(h11.EndOfMessage()) or b""  # type: ignore[operator]

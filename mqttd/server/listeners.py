@@ -29,6 +29,7 @@ from mqttd.codec.reason import (
     SERVER_BUSY,
 )
 from mqttd.config import Listener
+from mqttd.server.bind import format_address, open_listeners
 from mqttd.server.stream_task import RECEIVE_SIZE, ClientHandler
 from mqttd.server.tls import TLSSetupError, certificate_cn, handshake, server_context
 from mqttd.server.websocket import accept_websocket
@@ -102,10 +103,6 @@ class ConnectionRate:
         return False
 
 
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 @attrs.define(eq=False)
 class _RefusalLog:
     """Refusals of one limit, logged at most once per REFUSAL_LOG_INTERVAL_S."""
@@ -153,7 +150,7 @@ class BoundListener:
         tls = self.config.tls
         if tls is not None and (tls.require_certificate or tls.use_identity_as_username):
             details.append("client certificate required")
-        address = _format_address(host, port)
+        address = format_address(host, port)
         if self.scheme == "mqtt" and not details:
             return address
         return f"{address} ({', '.join([self.scheme, *details])})"
@@ -162,7 +159,7 @@ class BoundListener:
     def name(self) -> str:
         if self.addresses:
             return self.describe(*self.addresses[0])
-        address = _format_address(self.config.host, self.config.port)
+        address = format_address(self.config.host, self.config.port)
         return f"listeners[{self.index}] ({self.scheme} on {address})"
 
     def refuse(self) -> None:
@@ -212,7 +209,8 @@ class TCPServer:
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Bind every listener and serve. Reports ``[(host, port), ...]`` (in listener order)
         once listening. A certificate or key that cannot be loaded raises
-        :class:`~mqttd.server.tls.TLSSetupError` (an ``OSError``) before anything is bound."""
+        :class:`~mqttd.server.tls.TLSSetupError` (an ``OSError``) before anything is bound;
+        an address that cannot be bound :class:`~mqttd.server.bind.BindError` (one too)."""
         for bound in self.listeners:
             if bound.config.tls is not None:
                 try:
@@ -222,7 +220,8 @@ class TCPServer:
         try:
             for bound in self.listeners:
                 cfg = bound.config
-                bound.sockets = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+                name = f"listeners[{bound.index}]"
+                bound.sockets = await open_listeners(name, cfg.host, cfg.port)
                 bound.addresses = [
                     tuple(ls.socket.getsockname()[:2])  # type: ignore[misc]
                     for ls in bound.sockets
@@ -312,7 +311,7 @@ class TCPServer:
         deadline = trio.current_time() + self.broker.config.limits.connect_timeout_s
         try:
             host, port = stream.socket.getpeername()[:2]
-            peer = _format_address(host, port)
+            peer = format_address(host, port)
         except OSError:
             peer = "?"
         try:

@@ -213,12 +213,14 @@ class ClientHandler(StreamTask):
         conn = engine.new_connection(peer, listener, tls_identity)
         super().__init__(engine, pauses, stream, conn, nursery)
 
+    # what ended the connection goes in its disconnect line (Engine.connection_lost)
+
     def receive_failed(self, exc: BaseException) -> None:
-        log.info("client %s: connection lost: %s", self.conn.name, exc.__cause__ or exc)
+        self.conn.end_reason = self.conn.end_reason or f"connection lost: {exc.__cause__ or exc}"
 
     def send_failed(self, exc: BaseException) -> None:
         if not self.conn.closing:
-            log.info("client %s: send failed: %s", self.conn.name, exc.__cause__ or exc)
+            self.conn.end_reason = f"send failed: {exc.__cause__ or exc}"
 
     def protocol_error(self, exc: MQTTError) -> None:
         self.engine.protocol_error(self.conn, exc)
@@ -233,12 +235,14 @@ class ClientHandler(StreamTask):
                     trio.current_time() + self.engine.config.limits.connect_timeout_s
                 )
             if not await self.serve(connect_deadline):
+                if self.peer_closed and not conn.end_reason:
+                    conn.end_reason = "connection closed by the client without DISCONNECT"
                 return
             if conn.session is None:
                 log.warning("client %s: no CONNECT within the timeout; closing", conn.name)
                 self.engine.limit_exceeded("connect_timeout")
-            else:
-                log.info("client %s: keepalive expired; closing", conn.name)
+            elif not conn.end_reason:  # (else a send failed)
+                conn.end_reason = f"keepalive expired (no packet for 1.5 x {conn.keepalive_s}s)"
                 if not self._writing:  # 5.0: say why (DISCONNECT 0x8D), briefly
                     await self._say_why(KeepAliveTimeout("keep alive timeout"))
         finally:

@@ -1,5 +1,6 @@
 """TLS for listeners: the server-side ``ssl.SSLContext`` of a listener's ``tls`` section,
-the handshake (bounded by the CONNECT deadline) and the client certificate's identity.
+the handshake (bounded by the CONNECT deadline) and the client certificate's identity; the
+client-side context of a bridge's ``tls`` section.
 
 The handshake is done before the MQTT connection starts, so a client that fails it never
 reaches the broker: its socket is closed and one line is logged.
@@ -12,7 +13,7 @@ import ssl
 
 import trio
 
-from mqttd.config import TLS
+from mqttd.config import TLS, BridgeTLS
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,17 @@ def server_context(tls: TLS) -> ssl.SSLContext:
     elif client_cert_needed:
         what = "require_certificate" if tls.require_certificate else "use_identity_as_username"
         raise TLSSetupError(f"TLS {what} needs a cafile to verify client certificates with")
+    return context
+
+
+def client_context(tls: BridgeTLS) -> ssl.SSLContext:
+    """The client-side TLS context of a bridge (files read once, at start-up: a missing or
+    broken file stops the broker with the reason)."""
+    context = ssl.create_default_context(cafile=tls.cafile)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.certfile is not None:
+        context.load_cert_chain(tls.certfile, tls.keyfile)
+    context.check_hostname = tls.verify_hostname
     return context
 
 

@@ -94,6 +94,20 @@ def test_parse_errors_name_the_line(text: str, problem: str) -> None:
     assert problem in str(info.value)
 
 
+def test_every_bad_line_is_a_problem(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "bad.acl"
+    path.write_text("topic read a\nsubscribe a\nuser\ntopic read b\n", encoding="utf-8")
+    assert [str(p) for p in AclFile.problems(path)] == [
+        f"{path}:2: unknown keyword 'subscribe' (expected 'topic', 'user' or 'pattern')",
+        f"{path}:3: 'user' needs a user name",
+    ]
+    with pytest.raises(SecurityFileError, match=":2: unknown keyword"):
+        AclFile.load(path)  # the broker stops at the first
+    assert [str(p) for p in AclFile.problems(tmp_path / "none")] == [
+        f"{tmp_path / 'none'}: cannot read ACL file: No such file or directory"
+    ]
+
+
 def test_example_acl_loads() -> None:
     acl = AclFile.load(pathlib.Path(__file__).resolve().parents[2] / "config" / "acl.example")
     assert acl.can_publish("sensor-1", "sensor-1", "devices/sensor-1/telemetry/temp")

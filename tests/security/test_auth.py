@@ -216,6 +216,19 @@ def test_unusable_lines_are_refused_naming_the_line(line: str, problem: str) -> 
     assert "hunter2" not in str(info.value)  # a plain-text password is never echoed
 
 
+def test_every_unusable_line_is_a_problem(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "users.pw"
+    text = f"carol\nalice:{hash_password('x', FAST)}\nbob:$6$$ZGVm\n"
+    path.write_text(text, encoding="utf-8")
+    assert [str(p) for p in PasswordFile.problems(path)] == [
+        f"{path}:1: expected user:hash",
+        f"{path}:3: user 'bob': empty salt or hash",
+    ]
+    assert [str(p) for p in PasswordFile.problems(tmp_path)] == [
+        f"{tmp_path}: cannot read password file: Is a directory"
+    ]
+
+
 def test_missing_password_file(tmp_path: pathlib.Path) -> None:
     with pytest.raises(SecurityFileError, match="cannot read password file"):
         PasswordFile.load(tmp_path / "absent")
