@@ -1,5 +1,5 @@
 """Command line: ``mqttd [serve] [-c FILE] [--host H] [-p PORT] [--data-dir DIR]
-[--http-port PORT]`` (serve is the default command), ``mqttd check FILE`` (also
+[--http-port PORT] [--cluster URL[,URL...]] [--node-name NAME]`` (serve is the default command), ``mqttd check FILE`` (also
 ``mqttd --check-config FILE``), ``mqttd passwd ...`` (:func:`mqttd.auth.passwd_main`),
 ``mqttd ctl ...`` (:mod:`mqttd.ctl`), or ``python -m mqttd ...``.
 
@@ -30,6 +30,7 @@ log = logging.getLogger("mqttd")
 COMMANDS = ("serve", "check", "passwd", "ctl")
 USAGE = """\
 mqttd [serve] [-c FILE] [--host H] [-p PORT] [--data-dir DIR] [--http-port PORT]
+             [--cluster URL[,URL...]] [--node-name NAME]
        mqttd check FILE
        mqttd passwd [-c] [-b] [-D] FILE USER [PASSWORD]
        mqttd ctl ...
@@ -83,6 +84,15 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
         "(0: a free one); with --host or -p it is off unless this is given",
     )
     parser.add_argument(
+        "--cluster", metavar="URL[,URL...]",
+        help="cluster mode (preview) on these NATS servers (nats://host:port, comma "
+        "separated): turns cluster.enabled on and replaces cluster.nats_servers",
+    )
+    parser.add_argument(
+        "--node-name", metavar="NAME",
+        help="this node's name in the cluster (default: cluster.node_name, else the host name)",
+    )
+    parser.add_argument(
         "--check-config", metavar="FILE", help="the same as `mqttd check FILE`"
     )
 
@@ -122,7 +132,8 @@ def serve(args: argparse.Namespace) -> int:
     """``mqttd serve``: 0 after an ordered stop, 1 if the broker cannot start."""
     try:
         config = load_config(args.config).with_overrides(
-            host=args.host, port=args.port, data_dir=args.data_dir, http_port=args.http_port
+            host=args.host, port=args.port, data_dir=args.data_dir, http_port=args.http_port,
+            cluster=args.cluster, node_name=args.node_name,
         )
         configure_logging(config.logging)  # a log file that cannot be opened: ConfigError
     except ConfigError as exc:

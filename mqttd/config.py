@@ -38,6 +38,7 @@ from mqttd.config_schema import (  # the schema, re-exported: import it from her
     BridgeTopic,
     ClientLimits,
     ClientOverride,
+    Cluster,
     Config,
     ConfigError,
     Http,
@@ -69,6 +70,7 @@ __all__ = [
     "Check",
     "ClientLimits",
     "ClientOverride",
+    "Cluster",
     "Config",
     "ConfigError",
     "Http",
@@ -254,7 +256,16 @@ def _converter_with(checks: Mapping[Any, Check]) -> cattrs.Converter:
     converter.register_structure_hook_factory(
         lambda type_: type_ in _LIST_DEFAULTS, lambda type_: _list_hook(type_, converter, checks)
     )
+    converter.register_structure_hook_func(lambda type_: type_ == tuple[str, ...], _strings)
     return converter
+
+
+def _strings(value: Any, _type: Any) -> tuple[str, ...]:
+    """A YAML list of strings (e.g. ``cluster.nats_servers``); the items are checked by
+    the field's validator."""
+    if not isinstance(value, list):
+        raise _Invalid("", f"expected a list, got {reprlib.repr(value)}")
+    return tuple(value)
 
 
 _converter = _converter_with({})

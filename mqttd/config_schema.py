@@ -536,6 +536,102 @@ class Http:
             ))
 
 
+NODE_NAME_CHARS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
+)
+MAX_NODE_NAME = 64
+
+
+def _node_name(v: str) -> str | None:
+    if not v or len(v) > MAX_NODE_NAME or not set(v) <= NODE_NAME_CHARS:
+        return (f"must be 1 to {MAX_NODE_NAME} letters, digits, '_' or '-', "
+                f"got {reprlib.repr(v)}")
+    return None
+
+
+def default_node_name() -> str:
+    """This machine's host name as a node name: its first label, with every character
+    a node name cannot hold replaced by '-' (``db-1.example.com`` -> ``db-1``)."""
+    import socket
+
+    name = socket.gethostname().split(".")[0][:MAX_NODE_NAME]
+    name = "".join(c if c in NODE_NAME_CHARS else "-" for c in name)
+    return name or "mqttd"
+
+
+def _nats_url(v: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(v if "://" in v else f"nats://{v}")
+        port = parts.port
+    except ValueError as exc:
+        return f"not a NATS server URL ({exc}): {reprlib.repr(v)}"
+    if parts.scheme != "nats" or not parts.hostname or (parts.path not in ("", "/")):
+        return f"expected nats://[user:password@]host[:port], got {reprlib.repr(v)}"
+    if port == 0:
+        return f"port must be between 1 and 65535, got {reprlib.repr(v)}"
+    return None
+
+
+def _nats_urls(v: tuple[str, ...]) -> str | None:
+    if not v:
+        return "at least one NATS server URL is required"
+    for url in v:
+        problem = _type_problem(url, str) or _nats_url(url)
+        if problem:
+            return problem
+    return None
+
+
+@attrs.frozen
+class Cluster:
+    """Cluster mode (mqttd.clustering): several nodes on NATS JetStream as one broker."""
+
+    enabled: bool = attrs.field(default=False, validator=_checked(bool))
+    # this node's name, unique in the cluster; None: the host name (default_node_name)
+    node_name: str | None = attrs.field(
+        default=None, validator=_optional(_checked(str, _node_name))
+    )
+    nats_servers: tuple[str, ...] = attrs.field(
+        default=("nats://127.0.0.1:4222",), validator=_checked(tuple, _nats_urls)
+    )
+    # replicas of the JetStream streams and buckets (1 for a single NATS server)
+    replicas: int = attrs.field(default=3, validator=_between(1, 5))
+    user: str | None = attrs.field(default=None, validator=_optional(_checked(str, _non_empty)))
+    password: str | None = attrs.field(
+        default=None, validator=_optional(_checked(str, _non_empty))
+    )
+    token: str | None = attrs.field(default=None, validator=_optional(_checked(str, _non_empty)))
+    js_timeout_s: float = attrs.field(
+        default=5.0, converter=_to_float, validator=_checked(float, _positive)
+    )
+    heartbeat_s: float = attrs.field(
+        default=1.0, converter=_to_float, validator=_checked(float, _positive)
+    )
+    node_dead_after_s: float = attrs.field(
+        default=5.0, converter=_to_float, validator=_checked(float, _positive)
+    )
+    # output to NATS waiting to be sent; above it, clients' publishes are not read
+    max_pending_bytes: int = attrs.field(default=8_388_608, validator=_at_least(65536))
+
+    def __attrs_post_init__(self) -> None:
+        if self.node_dead_after_s < 2 * self.heartbeat_s:
+            raise _Invalid("node_dead_after_s", (
+                f"must be at least twice heartbeat_s ({self.heartbeat_s}), got "
+                f"{self.node_dead_after_s}"
+            ))
+        if self.password is not None and self.user is None:
+            raise _Invalid("password", "needs user")
+        if self.token is not None and self.user is not None:
+            raise _Invalid("token", "give user and password, or token, not both")
+
+    @property
+    def node(self) -> str:
+        """The node name in use: ``node_name``, or the host name."""
+        return self.node_name if self.node_name is not None else default_node_name()
+
+
 def _at_least_one(v: tuple[Any, ...]) -> str | None:
     return None if v else "at least one listener is required"
 
@@ -555,6 +651,7 @@ class Config:
     monitoring: Monitoring = attrs.field(factory=Monitoring)
     http: Http = attrs.field(factory=Http)
     bridges: tuple[Bridge, ...] = attrs.field(default=(), validator=_checked(tuple, _unique_names))
+    cluster: Cluster = attrs.field(factory=Cluster)
 
     def limits_for(self, client_id: str, persistent: bool = False) -> ClientLimits:
         """``limits`` for a clean or a ``persistent`` session of ``client_id``, with the
@@ -582,14 +679,16 @@ class Config:
 
     def with_overrides(
         self, host: str | None = None, port: int | None = None, data_dir: str | None = None,
-        http_port: int | None = None,
+        http_port: int | None = None, cluster: str | None = None,
+        node_name: str | None = None,
     ) -> Config:
         """Apply command-line overrides: ``--host``/``--port`` replace the listeners with one
         listener (the first, overridden), like mosquitto's ``-p``, and leave the operations
         listener off unless ``--http-port`` is given too (brokers started from the command
         line, e.g. several on one machine, never collide on its port); ``--http-port`` turns
         it on, on that port (0: a free one); ``--data-dir`` replaces
-        ``persistence.data_dir``."""
+        ``persistence.data_dir``; ``--cluster URL[,URL...]`` turns cluster mode on with these
+        NATS servers; ``--node-name`` names this node."""
         try:
             config = self
             if host is not None or port is not None:
@@ -605,7 +704,18 @@ class Config:
             if data_dir is not None:
                 persistence = attrs.evolve(self.persistence, data_dir=data_dir)
                 config = attrs.evolve(config, persistence=persistence)
-        except _Invalid as exc:  # name the flag: --host, --port, --data-dir
+            if cluster is not None:
+                urls = tuple(url.strip() for url in cluster.split(",") if url.strip())
+                try:
+                    section = attrs.evolve(config.cluster, enabled=True, nats_servers=urls)
+                except _Invalid as exc:
+                    raise _Invalid("cluster", exc.problem) from None
+                config = attrs.evolve(config, cluster=section)
+            if node_name is not None:
+                config = attrs.evolve(
+                    config, cluster=attrs.evolve(config.cluster, node_name=node_name)
+                )
+        except _Invalid as exc:  # name the flag: --host, --port, --data-dir, --node-name
             flag = "--" + exc.name.replace("_", "-")
             raise ConfigError("command line", [(flag, exc.problem)]) from None
         return config
