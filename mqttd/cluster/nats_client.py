@@ -109,6 +109,7 @@ class NatsClient:
     _parser: NatsParser = attrs.field(factory=NatsParser)
     _lost_reason: str | None = None
     closed: bool = False
+    last_error: str | None = None  # why the last connection attempt or connection failed
 
     # -- construction and lifetime ----------------------------------------------------------
 
@@ -142,6 +143,11 @@ class NatsClient:
     def is_connected(self) -> bool:
         return self.connected_url is not None
 
+    @property
+    def pending_bytes(self) -> int:
+        """Output queued and not yet handed to the socket."""
+        return len(self._out)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The client's service: connect, serve, reconnect; returns once closed."""
         await self._run(None, task_status=task_status)
@@ -155,7 +161,7 @@ class NatsClient:
         try:
             with self._run_scope:
                 if stream is None:
-                    stream = await self._connect_round(initial=True)
+                    stream = await self._first_connect()
                 task_status.started()
                 while True:
                     reason = await self._serve(stream)
@@ -222,6 +228,26 @@ class NatsClient:
 
     # -- connecting ---------------------------------------------------------------------------
 
+    async def _first_connect(self) -> trio.SocketStream:
+        """The first connection: one round through the list (its error raised), or with
+        ``wait_for_servers`` as many rounds as it takes, with the reconnect backoff."""
+        rounds = 0
+        while True:
+            try:
+                return await self._connect_round(initial=True)
+            except (NoServersError, ServerError) as exc:
+                self.last_error = str(exc)
+                if not self.options.wait_for_servers:
+                    raise
+                if rounds == 0 or rounds % 30 == 0:
+                    log.warning("NATS: %s (trying again)", exc)
+            rounds += 1
+            backoff = min(
+                self.options.reconnect_backoff_max_s,
+                self.options.reconnect_backoff_s * 2**rounds,
+            )
+            await trio.sleep(backoff * random.uniform(0.5, 1.0))
+
     async def _reconnect(self) -> trio.SocketStream:
         rounds = 0
         while True:
@@ -229,7 +255,8 @@ class NatsClient:
                 # a little jitter first, so nodes that lost the same server spread out
                 await trio.sleep(random.uniform(0, self.options.reconnect_backoff_s))
                 return await self._connect_round(initial=False)
-            except NoServersError:
+            except NoServersError as exc:
+                self.last_error = str(exc)
                 rounds += 1
                 limit = self.options.max_reconnect_attempts
                 if limit is not None and rounds >= limit:
@@ -443,6 +470,7 @@ class NatsClient:
 
     def _lost(self, reason: str) -> None:
         log.warning("NATS connection to %s lost: %s", self.connected_url, reason)
+        self.last_error = f"connection to {self.connected_url} lost: {reason}"
         self._lost_reason = None
         self.connected_url = None
         self.stats.discarded_bytes += len(self._out)

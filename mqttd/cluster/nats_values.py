@@ -91,6 +91,9 @@ class ClientOptions:
     reconnect_backoff_s: float = 0.05
     reconnect_backoff_max_s: float = 2.0
     max_reconnect_attempts: int | None = None  # rounds through the list; None: forever
+    # run(): keep trying the first connection (with the reconnect backoff) instead of
+    # raising NoServersError or ServerError; the last failure is in ``last_error``
+    wait_for_servers: bool = False
     max_pending_bytes: int = 8 * 1024 * 1024
     max_pending_requests: int = 65536
     subscription_capacity: int = 1024

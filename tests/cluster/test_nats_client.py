@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from mqttd.cluster import nats_protocol as proto
 from mqttd.cluster.nats_client import NatsClient
 from mqttd.cluster.nats_protocol import Msg
 from mqttd.cluster.nats_values import (
@@ -166,6 +167,39 @@ async def test_no_server_listening() -> None:
     with trio.fail_after(TIMEOUT_S), pytest.raises(NoServersError, match=str(port)):
         async with NatsClient.connect(f"nats://127.0.0.1:{port}"):
             pass
+
+
+async def test_wait_for_servers_keeps_trying_the_first_connection() -> None:
+    """With ``wait_for_servers``, ``run`` does not raise while no server answers: it
+    records why and tries again until one listens; subscriptions made meanwhile go out
+    with the handshake. (The server here is a minimal fake on a port that was free.)"""
+    (port,) = free_ports(1)
+    received = bytearray()
+    connected = trio.Event()
+
+    async def fake_server(stream: trio.SocketStream) -> None:
+        await stream.send_all(proto.encode_info({"headers": True, "max_payload": 1 << 20}))
+        while b"PING\r\n" not in received:
+            received.extend(await stream.receive_some(65536))
+        await stream.send_all(proto.PONG)
+        connected.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nc = NatsClient.create(f"nats://127.0.0.1:{port}", wait_for_servers=True,
+                                   reconnect_backoff_s=0.01, reconnect_backoff_max_s=0.05)
+            nursery.start_soon(nc.run)
+            nc.subscribe_nowait("early")
+            while nc.last_error is None:
+                await trio.sleep(0.01)
+            assert not nc.is_connected and str(port) in nc.last_error
+            listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+            nursery.start_soon(trio.serve_listeners, fake_server, listeners)
+            await nc.wait_connected()
+            await connected.wait()
+            assert b"SUB early 2\r\n" in received and nc.pending_bytes == 0
+            nursery.cancel_scope.cancel()
 
 
 async def test_reconnect_after_kill_moves_to_another_server(nats3: NatsCluster) -> None:
