@@ -1,7 +1,8 @@
 """Command line: ``mqttd [serve] [-c FILE] [--host H] [-p PORT] [--data-dir DIR]
-[--http-port PORT] [--cluster URL[,URL...]] [--node-name NAME]`` (serve is the default command), ``mqttd check FILE`` (also
-``mqttd --check-config FILE``), ``mqttd passwd ...`` (:func:`mqttd.auth.passwd_main`),
-``mqttd ctl ...`` (:mod:`mqttd.ctl`), or ``python -m mqttd ...``.
+[--http-port PORT] [--cluster URL[,URL...]] [--node-name NAME]`` (serve is the default
+command), ``mqttd check FILE`` (also ``mqttd --check-config FILE``), ``mqttd passwd ...``
+(:func:`mqttd.auth.passwd_main`), ``mqttd ctl ...`` (:mod:`mqttd.ctl`), or
+``python -m mqttd ...``.
 
 Serving logs a banner once the listeners are bound, tells systemd (``$NOTIFY_SOCKET``) when
 it is ready, reloading and stopping, and pings its watchdog. SIGHUP reloads the password

@@ -51,6 +51,56 @@ _BROKER: tuple[tuple[str, str, str, str], ...] = (
      "buffered_bytes"),
     ("mqttd_bridges_connected", "gauge", "Bridges whose link is up.", "bridges_connected"),
 )
+# cluster mode only (the stats have these keys then)
+_CLUSTER: tuple[tuple[str, str, str, str], ...] = (
+    ("mqttd_cluster_nats_connected", "gauge", "1 while this node is connected to NATS.",
+     "cluster_nats_connected"),
+    ("mqttd_cluster_ready", "gauge",
+     "1 while this node serves as part of the cluster (NATS, streams, retained loaded).",
+     "cluster_ready"),
+    ("mqttd_cluster_exported_total", "counter",
+     "Messages accepted here and published to the other nodes.", "cluster_exported"),
+    ("mqttd_cluster_imported_total", "counter",
+     "Messages from other nodes routed to this node's subscribers.", "cluster_imported"),
+    ("mqttd_cluster_import_duplicates_total", "counter",
+     "Messages from other nodes dropped as already routed.", "cluster_import_duplicates"),
+    ("mqttd_cluster_import_malformed_total", "counter",
+     "Messages on mqttd's subjects that were not mqttd's.", "cluster_import_malformed"),
+    ("mqttd_cluster_import_expired_total", "counter",
+     "Messages from other nodes that arrived after their 5.0 expiry.",
+     "cluster_import_expired"),
+    ("mqttd_cluster_not_exported_total", "counter",
+     "Messages kept on this node: topic too long for a subject, payload over max_payload.",
+     "cluster_not_exported"),
+    ("mqttd_cluster_backpressure_total", "counter",
+     "Times the output to NATS was full and clients were not read.", "cluster_backpressure"),
+    ("mqttd_cluster_writer_waiting_messages", "gauge",
+     "Messages waiting for room in the output to NATS.", "cluster_writer_waiting"),
+    ("mqttd_cluster_writer_pending_bytes", "gauge", "Bytes queued for the NATS connection.",
+     "cluster_writer_pending_bytes"),
+    ("mqttd_cluster_discarded_bytes_total", "counter",
+     "Bytes queued for NATS lost with a broken connection (core NATS is at most once).",
+     "cluster_discarded_bytes"),
+    ("mqttd_cluster_nats_reconnects_total", "counter", "Reconnections to NATS.",
+     "cluster_nats_reconnects"),
+    ("mqttd_cluster_subjects", "gauge", "NATS subscriptions for this node's filters.",
+     "cluster_subjects"),
+    ("mqttd_cluster_retained_stored_total", "counter",
+     "Retained messages (and deletes) stored in MQTTD_RET by this node.",
+     "cluster_retained_stored"),
+    ("mqttd_cluster_retained_pending", "gauge",
+     "Retained writes waiting for their JetStream acknowledgement.",
+     "cluster_retained_pending"),
+    ("mqttd_cluster_retained_retries_total", "counter",
+     "Retained writes sent again after a failure.", "cluster_retained_retries"),
+    ("mqttd_cluster_retained_imported_total", "counter",
+     "Retained messages of other nodes applied to this node's store.",
+     "cluster_retained_imported"),
+    ("mqttd_cluster_nodes_up", "gauge", "Nodes whose heartbeat is recent (this one included).",
+     "cluster_nodes_alive"),
+    ("mqttd_cluster_heartbeat_failures_total", "counter",
+     "Heartbeats this node could not write to MQTTD_NODES.", "cluster_heartbeat_failures"),
+)
 _DROPPED = (("queue_full", "dropped"), ("qos0_backed_up", "dropped_qos0"))
 _REFUSED = (
     ("queue_full", "refused"), ("no_storage", "storage_refused"), ("publish_rate", "rate_refused"),
@@ -110,12 +160,20 @@ def render(
     bridges: Iterable[Mapping[str, Any]] = (),
     clients: Mapping[str, Mapping[str, Any]] | None = None,
     process: Mapping[str, float] | None = None,
+    cluster_nodes: Mapping[str, bool] | None = None,
 ) -> str:
     """The exposition text: broker-wide families, per-bridge and (opt-in) per-client
-    series, and the standard process metrics."""
+    series, in cluster mode the node's and one per node known, and the standard process
+    metrics."""
     out = _Writer()
     for name, kind, help_text, key in _BROKER:
         out.family(name, kind, help_text, [({}, stats.get(key, 0))])
+    if "cluster_ready" in stats:
+        for name, kind, help_text, key in _CLUSTER:
+            out.family(name, kind, help_text, [({}, stats.get(key, 0))])
+        out.family("mqttd_cluster_node_up", "gauge",
+                   "1 while the node's heartbeat in MQTTD_NODES is recent, per node known.",
+                   [({"node": n}, int(up)) for n, up in sorted((cluster_nodes or {}).items())])
     out.family("mqttd_messages_dropped_total", "counter",
                "Messages dropped, by reason (every drop is counted).",
                [({"reason": reason}, stats.get(key, 0)) for reason, key in _DROPPED])

@@ -66,6 +66,8 @@ class Broker(Engine):
     )
     bridges: Bridges | None = attrs.field(init=False, default=None)  # while serving
     server: TCPServer | None = attrs.field(init=False, default=None)  # while serving
+    # cluster mode (mqttd.clustering, imported only when enabled): while serving
+    cluster_node: Any = attrs.field(init=False, default=None)
     _shutdown_requested: trio.Event = attrs.field(init=False, factory=trio.Event)
     _timer_wakeup: trio.Event = attrs.field(init=False, factory=trio.Event)
 
@@ -96,6 +98,11 @@ class Broker(Engine):
                     trio.current_time() + self.config.limits.connect_timeout_s,
                 )
                 await services.start(writer.run)
+                if self.config.cluster.enabled:  # before the listeners: nothing is missed
+                    from mqttd.clustering.node import ClusterNode
+
+                    self.cluster_node = ClusterNode.create(self, self.config.cluster)
+                    await services.start(self.cluster_node.run)
                 services.start_soon(self._expiry_loop)
                 services.start_soon(self._timer_loop)
                 self.addresses = await services.start(server.serve)
@@ -114,6 +121,8 @@ class Broker(Engine):
                 log.info("shutting down: %d connections", len(self.connections))
                 await server.shutdown(SHUTDOWN_FLUSH_TIMEOUT_S)
                 await bridges.stop()  # after the wills, which may be bridged
+                if self.cluster_node is not None:  # after the wills, which go to the others
+                    await self.cluster_node.stop()
                 with trio.move_on_after(SHUTDOWN_STORE_TIMEOUT_S):
                     await writer.flush()  # storage last: everything the connections left
                 if writer.pending:
@@ -128,6 +137,7 @@ class Broker(Engine):
         finally:
             self.login_checks = None
             self.server = None
+            self.cluster_node = None
             with trio.CancelScope(shield=True):
                 await writer.aclose()
         log.info("mqttd stopped")
@@ -211,7 +221,14 @@ class Broker(Engine):
         result = super().stats()
         links = self.bridges.links if self.bridges is not None else ()
         result["bridges_connected"] = sum(link.state == "connected" for link in links)
+        if self.cluster_node is not None:
+            result.update(self.cluster_node.stats())
         return result
+
+    def cluster_nodes(self) -> dict[str, bool]:
+        """Cluster mode: every node known, and whether it is up."""
+        node = self.cluster_node
+        return node.liveness.nodes() if node is not None else {}
 
     def not_ready(self) -> list[str]:
         """Why the broker cannot serve now (empty when it can): for /readyz."""
@@ -228,6 +245,8 @@ class Broker(Engine):
                 problems.append(
                     f"the store's writer is behind: {writer.pending} writes pending"
                 )
+        if self.cluster_node is not None:
+            problems += [f"cluster: {problem}" for problem in self.cluster_node.not_ready()]
         return problems
 
     def bridge_stats(self) -> list[dict[str, Any]]:

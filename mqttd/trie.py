@@ -7,16 +7,20 @@ tuple stored there is the one ``match`` returns, so a match creates no object pe
 
 ``match(topic)`` is on the hot path of every PUBLISH, and IoT topic names repeat, so its results
 are cached per topic name; any change to the subscriptions clears the cache.
+
+A ``watcher`` (cluster mode) is told when a filter gets its first subscriber and when it loses its
+last one, so that it can hold one interest per distinct filter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 from mqttd.subscriptions import SubOptions
 from mqttd.topics import is_dollar_topic, split_levels, validate_topic_filter
 
-__all__ = ["Match", "SubscriptionTrie"]
+__all__ = ["FilterWatcher", "Match", "SubscriptionTrie"]
 
 #: One match entry: the subscriber object given to ``add``, the QoS to deliver at, and the
 #: MQTT 5.0 options that change a delivery (None for most subscriptions).
@@ -27,6 +31,12 @@ Match = tuple[object, int, "SubOptions | None"]
 #: cached topic name / 16, so that many wide results or long topic names cannot grow it unbounded.
 DEFAULT_CACHE_SIZE = 16384
 DEFAULT_CACHE_COST = 1 << 20
+
+
+class FilterWatcher(Protocol):
+    def filter_added(self, filter: str) -> None: ...
+
+    def filter_removed(self, filter: str) -> None: ...
 
 
 class _Node:
@@ -65,7 +75,9 @@ def _merge(out: dict[str, Match], subscribers: dict[str, Match]) -> None:
 class SubscriptionTrie:
     """Subscriptions keyed by (topic filter, client id), matched against topic names."""
 
-    __slots__ = ("_cache", "_cache_cost", "_cache_size", "_count", "_max_cache_cost", "_root")
+    __slots__ = (
+        "_cache", "_cache_cost", "_cache_size", "_count", "_max_cache_cost", "_root", "watcher",
+    )
 
     def __init__(
         self, cache_size: int = DEFAULT_CACHE_SIZE, cache_cost: int = DEFAULT_CACHE_COST
@@ -76,6 +88,7 @@ class SubscriptionTrie:
         self._cache_size = cache_size
         self._cache_cost = 0
         self._max_cache_cost = cache_cost
+        self.watcher: FilterWatcher | None = None
 
     def __len__(self) -> int:
         """The number of (filter, client id) subscriptions."""
@@ -117,10 +130,13 @@ class SubscriptionTrie:
             and previous[2] == options
         ):
             return False  # nothing changes, the cache stays valid
+        first = not subscribers
         subscribers[client_id] = (subscriber, qos, options)
         self._invalidate()
         if previous is None:
             self._count += 1
+            if first and self.watcher is not None:
+                self.watcher.filter_added(filter)
             return True
         return False
 
@@ -143,6 +159,8 @@ class SubscriptionTrie:
             return False
         self._count -= 1
         self._invalidate()
+        if not subscribers and self.watcher is not None:
+            self.watcher.filter_removed(filter)
         # Prune the nodes that hold nothing any more, bottom up.
         while path and node.is_empty():
             parent, level = path.pop()

@@ -224,8 +224,9 @@ class Engine(BrokerState):
 
     def reading_paused(self, conn: Connection) -> bool:
         """Whether to stop reading from ``conn`` for now: the broker's unsent output is over
-        ``max_buffered_bytes``, the store's writer is behind, or ``conn`` has
-        ``max_receive_messages`` acknowledgements waiting for a commit."""
+        ``max_buffered_bytes``, the store's writer (or in cluster mode, the output to the
+        other nodes) is behind, or ``conn`` has ``max_receive_messages`` acknowledgements
+        waiting for a commit."""
         if conn.held_by:
             return True  # held by a subscriber it feeds (mqttd.engine.flow)
         limits = self.config.limits
@@ -236,6 +237,9 @@ class Engine(BrokerState):
         writer = self.writer
         if writer is not None and writer.congested:
             return True
+        cluster = self.cluster
+        if cluster is not None and cluster.congested:
+            return True  # the output to the other nodes is full (cluster mode)
         return len(conn.deferred) >= limits.max_receive_messages
 
     def disconnect_stalled_clients(self, now: float) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 
@@ -38,6 +38,16 @@ from persistence.journal import Journal
 log = logging.getLogger("mqttd.broker")  # one logger for the engine's modules
 
 DENIED_LOG_INTERVAL_S = 10.0  # at most one log line per interval for ACL refusals
+
+
+class ClusterLink(Protocol):
+    """Cluster mode's hook (mqttd.clustering): every message this node accepts is handed
+    to ``export`` (synchronously, no await); while ``congested`` clients are not read."""
+
+    @property
+    def congested(self) -> bool: ...
+
+    def export(self, message: Publish) -> None: ...
 
 
 @attrs.define(eq=False)
@@ -92,6 +102,8 @@ class BrokerState:
     # the journal's ticket when the packet being handled began (see begin_packet, reply)
     packet_ticket: int = attrs.field(init=False, default=0)
     next_denied_log: float = attrs.field(init=False, default=0.0)
+    # cluster mode: where accepted messages go to reach the other nodes (None: one node)
+    cluster: ClusterLink | None = attrs.field(init=False, default=None)
     # counters
     connections_total: int = 0
     messages_received: int = 0
@@ -143,6 +155,9 @@ class BrokerState:
                         ))
             elif self.retained.delete(message.topic) and writer is not None:
                 writer.submit(ops.DeleteRetained(message.topic))
+        cluster = self.cluster
+        if cluster is not None:  # to the other nodes (after the store op: see clustering)
+            cluster.export(message)
         return self.router.route(message, publisher, bridge)
 
     def publish_sys(self, topic: str, payload: bytes) -> None:
@@ -158,6 +173,10 @@ class BrokerState:
     def not_ready(self) -> list[str]:
         """Why the broker cannot serve now (empty when it can; the service knows)."""
         return []
+
+    def cluster_nodes(self) -> dict[str, bool]:
+        """Cluster mode: every node known and whether it is up (the service knows)."""
+        return {}
 
     def needs_store(self, message: Publish, publisher: Session) -> bool:
         """Whether accepting this QoS 1/2 message writes to the store: it is retained, it

@@ -2,6 +2,10 @@
 ``sys_interval_s``, with mosquitto 2.0's topic names and meanings (so that existing
 dashboards and exporters work), plus mqttd's own under ``$SYS/broker/mqttd/``.
 
+In cluster mode each node publishes its own tree (``$SYS`` topics never leave a node), with
+``$SYS/broker/mqttd/cluster/...``: its name, its cluster counters and ``nodes/<node>`` (up
+or down) for every node it knows.
+
 Values are published retained at QoS 0 when they change (the version and the uptime every
 time), kept in memory only: they are rebuilt after a restart, never written to the store.
 Loads are per-minute rates averaged over 1, 5 and 15 minutes, decaying exponentially as
@@ -130,4 +134,11 @@ class SysTopics:
                 values[f"load/{name}/{window}"] = f"{average:.2f}"
         for bridge in engine.bridge_stats():
             values[f"connection/{bridge['name']}/state"] = int(bridge["state"] == "connected")
+        if "cluster_ready" in stats:  # cluster mode: this node's view
+            values["mqttd/cluster/node"] = engine.config.cluster.node
+            for key, value in stats.items():
+                if key.startswith("cluster_"):
+                    values[f"mqttd/cluster/{key[8:]}"] = value
+            for name, up in engine.cluster_nodes().items():
+                values[f"mqttd/cluster/nodes/{name}"] = "up" if up else "down"
         return {PREFIX + topic: str(value) for topic, value in values.items()}

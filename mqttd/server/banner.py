@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from mqttd.config import Config, Listener, is_loopback
 
@@ -37,6 +38,13 @@ def _login(listener: Listener, password_file: str | None) -> str:
     if password_file is not None:
         return "user name and password required"
     return "anonymous clients refused, no password file: nobody can log in"
+
+
+def _without_credentials(url: str) -> str:
+    """A NATS server URL as it may be logged: ``nats://host:port``."""
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    host = parts.hostname or ""
+    return f"nats://{_address(host, parts.port or 4222)}"
 
 
 def banner(
@@ -69,6 +77,13 @@ def banner(
         lines.append(
             f"  store:     {os.path.abspath(persistence.db_path())} "
             f"(SQLite, durability {persistence.durability})"
+        )
+    cluster = config.cluster
+    if cluster.enabled:
+        lines.append(
+            f"  cluster:   node {cluster.node} (preview), NATS "
+            f"{', '.join(_without_credentials(url) for url in cluster.nats_servers)}, "
+            f"replicas {cluster.replicas}"
         )
     if password_file is not None:
         lines.append(f"  passwords: {password_file}")

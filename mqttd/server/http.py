@@ -190,7 +190,8 @@ class OpsServer:
                 cid: stats for cid in broker.sessions
                 if fnmatch.fnmatchcase(cid, pattern) and (stats := broker.client_stats(cid))
             }
-        text = metrics.render(broker.stats(), broker.bridge_stats(), clients)
+        text = metrics.render(broker.stats(), broker.bridge_stats(), clients,
+                              cluster_nodes=broker.cluster_nodes())
         return 200, PROMETHEUS_TEXT, text.encode()
 
     def _dashboard(self, query: dict[str, str], path: str | None) -> Response:

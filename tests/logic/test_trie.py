@@ -214,3 +214,33 @@ def test_filters_lists_each_subscribed_filter_once() -> None:
     )
     assert sorted(trie.filters()) == ["#", "/", "a/+", "a/b/#"]
     assert len(trie) == 5
+
+
+class _Watcher:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def filter_added(self, filter: str) -> None:
+        self.events.append(("+", filter))
+
+    def filter_removed(self, filter: str) -> None:
+        self.events.append(("-", filter))
+
+
+def test_watcher_sees_each_distinct_filter_come_and_go() -> None:
+    trie = SubscriptionTrie()
+    watcher = trie.watcher = _Watcher()
+    trie.add("a/#", "c1", "s1", 0)
+    trie.add("a/#", "c2", "s2", 1)  # a second subscriber: no new filter
+    trie.add("a/#", "c1", "s1", 2)  # replaced: nothing
+    trie.add("a", "c1", "s1", 0)  # the parent level is another filter
+    trie.add("a/+", "c1", "s1", 0)
+    assert watcher.events == [("+", "a/#"), ("+", "a"), ("+", "a/+")]
+    watcher.events.clear()
+    trie.remove("a/#", "c1")
+    assert watcher.events == []
+    trie.remove("a/#", "c2")
+    trie.remove("a/#", "c2")  # not there: nothing
+    trie.remove_client("c1", ["a", "a/+", "b"])
+    assert watcher.events == [("-", "a/#"), ("-", "a"), ("-", "a/+")]
+    assert len(trie) == 0

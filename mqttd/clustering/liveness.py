@@ -1,0 +1,123 @@
+"""Which nodes are up: the key-value bucket MQTTD_NODES, one key ``n.<node>`` per node.
+
+Every ``cluster.heartbeat_s`` a node puts a small JSON snapshot under its key: its boot id,
+``state`` (``alive``; ``stopped`` when it shuts down in order), the time (epoch seconds)
+and a few counters (connections, sessions, messages received, exported, imported). Every
+node watches the bucket; a node whose last heartbeat is older than
+``cluster.node_dead_after_s``, or that said ``stopped``, is reported down (``$SYS``,
+``/metrics``). Later slices act on it (the wills of a dead node's clients).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from mqttd.cluster.kv import KeyValue, KvEntry
+from mqttd.cluster.nats_values import ClientClosedError, NatsError
+
+if TYPE_CHECKING:
+    from mqttd.clustering.context import NodeContext
+
+log = logging.getLogger("mqttd.cluster")
+
+BUCKET = "MQTTD_NODES"
+MAX_AGE_S = 86400.0  # a node gone for a day leaves the bucket
+
+
+@attrs.define(eq=False)
+class Peer:
+    state: str
+    seen_at: float  # trio clock: when its last heartbeat was written
+    data: dict[str, Any]
+
+
+@attrs.define(eq=False)
+class Liveness:
+    node: NodeContext
+    kv: KeyValue | None = None
+    peers: dict[str, Peer] = attrs.Factory(dict)
+    heartbeats: int = 0
+    failures: int = 0
+
+    async def ensure_bucket(self) -> None:
+        self.kv = await KeyValue.create_bucket(
+            self.node.js, BUCKET, replicas=self.node.config.replicas, max_age_s=MAX_AGE_S
+        )
+
+    def snapshot(self, state: str = "alive") -> bytes:
+        node = self.node
+        engine = node.engine
+        return json.dumps({
+            "node": node.node, "boot": node.boot, "state": state, "time": time.time(),
+            "connections": len(engine.connections), "sessions": len(engine.sessions),
+            "messages_received": engine.messages_received, "exported": node.exported,
+            "imported": node.imported,
+        }, separators=(",", ":")).encode()
+
+    async def heartbeat_loop(self) -> None:
+        assert self.kv is not None
+        key = f"n.{self.node.node}"
+        while True:
+            try:
+                await self.kv.put(key, self.snapshot())
+                self.heartbeats += 1
+            except ClientClosedError:
+                return
+            except NatsError as exc:
+                self.failures += 1
+                self.node.warn("heartbeat", "cluster: heartbeat to %s failed: %s", BUCKET, exc)
+            await trio.sleep(self.node.config.heartbeat_s)
+
+    async def farewell(self) -> None:
+        """Shutting down in order: say so, so that the others do not take it for dead."""
+        if self.kv is not None:
+            await self.kv.put(f"n.{self.node.node}", self.snapshot("stopped"))
+
+    async def watch_loop(self) -> None:
+        assert self.kv is not None
+        backoff = 0.05
+        while True:
+            try:
+                async with self.kv.watch("n.>", heartbeat_s=max(1.0,
+                                         self.node.config.heartbeat_s)) as entries:
+                    backoff = 0.05
+                    async for entry in entries:
+                        if entry is not None:
+                            self._seen(entry)
+            except (ClientClosedError, trio.EndOfChannel):
+                return  # stopping
+            except NatsError as exc:
+                self.node.warn("watch", "cluster: watching %s failed (%s); trying again",
+                               BUCKET, exc)
+                await trio.sleep(backoff)
+                backoff = min(2 * backoff, 2.0)
+
+    def _seen(self, entry: KvEntry) -> None:
+        name = entry.key[2:]
+        if entry.operation != "PUT":
+            self.peers.pop(name, None)
+            return
+        try:
+            data = json.loads(entry.value)
+            age = max(0.0, time.time() - float(data["time"]))
+            state = str(data["state"])
+        except (ValueError, KeyError, TypeError):
+            return
+        self.peers[name] = Peer(state, trio.current_time() - age, data)
+
+    def nodes(self) -> dict[str, bool]:
+        """Every node known (this one included): whether it is up."""
+        now = trio.current_time()
+        dead_after = self.node.config.node_dead_after_s
+        result = {
+            name: peer.state == "alive" and now - peer.seen_at < dead_after
+            for name, peer in self.peers.items()
+        }
+        result[self.node.node] = True
+        return result
