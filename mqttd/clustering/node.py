@@ -228,7 +228,10 @@ class ClusterNode:
             )
         if self.streams_ready and self.client.is_connected:
             with trio.move_on_after(1.0):
-                await self.liveness.farewell()
+                try:
+                    await self.liveness.farewell()
+                except NatsError as exc:
+                    log.info("cluster: no farewell in MQTTD_NODES: %s", exc)
         await self.client.close()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()

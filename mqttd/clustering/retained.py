@@ -204,9 +204,12 @@ class RetainedSync:
 
     def _superseded(self, write: RetainedWrite) -> bool:
         """A later write to the same topic is queued: it wins, this one need not be stored."""
-        return any(
-            later.subject == write.subject for later in self.writes if later is not write
-        )
+        later = False
+        for other in self.writes:
+            if later and other.subject == write.subject:
+                return True
+            later = later or other is write
+        return False
 
     # -- reading --------------------------------------------------------------------------------
 

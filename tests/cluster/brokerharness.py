@@ -146,6 +146,9 @@ async def mqttd_nodes(
                 for node in nodes:
                     await node.wait_banner()
             yield nodes
+            for node in nodes:  # an ordered stop exits 0, NATS reachable or not
+                await node.stop()
+                assert node.proc.returncode == 0, node.log.decode(errors="replace")[-4000:]
         finally:
             with trio.CancelScope(shield=True):
                 for node in nodes:
