@@ -530,6 +530,27 @@ class NatsClient:
         self.stats.msgs_out += 1
         self._write(data)
 
+    def write_nowait(self, frame: bytes | bytearray) -> None:
+        """Queue one PUB/HPUB the caller encoded and checked itself (subject, headers, size
+        against ``max_payload``): the broker's hot path builds each frame in one step.
+        ``trio.WouldBlock`` when ``max_pending_bytes`` are queued."""
+        if self.closed:
+            raise ClientClosedError("the NATS client is closed")
+        out = self._out
+        if out and len(out) + len(frame) > self.options.max_pending_bytes:
+            raise trio.WouldBlock
+        self.stats.msgs_out += 1
+        out += frame
+        self._wake_writer.set()
+
+    async def write(self, frame: bytes | bytearray) -> None:
+        """:meth:`write_nowait`, waiting for room in the output buffer."""
+        while True:
+            try:
+                return self.write_nowait(frame)
+            except trio.WouldBlock:
+                await self._space.park()
+
     async def wait_for_room(self) -> None:
         """Wait until the output buffer is below ``max_pending_bytes`` and the request table
         below ``max_pending_requests``."""

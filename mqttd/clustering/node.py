@@ -44,7 +44,6 @@ from mqttd.cluster.nats_protocol import Msg
 from mqttd.cluster.nats_values import (
     ClientClosedError,
     ClientOptions,
-    MaxPayloadError,
     NatsError,
     ServerAddress,
     Subscription,
@@ -99,7 +98,7 @@ class ClusterNode:
     _subjects: dict[str, str] = attrs.Factory(dict)  # topic -> live subject
     _topics: dict[str, str] = attrs.Factory(dict)  # live subject -> topic
     _interest: dict[str, list[Any]] = attrs.Factory(dict)  # subject -> [count, Subscription]
-    _overflow: collections.deque[tuple[str, bytes, bytes]] = attrs.Factory(collections.deque)
+    _overflow: collections.deque[bytes] = attrs.Factory(collections.deque)  # HPUB frames
     _overflow_added: trio.Event = attrs.Factory(trio.Event)
     _idle: trio.Event = attrs.Factory(trio.Event)  # set when the overflow drained
     _last: dict[str, tuple[int, int]] = attrs.Factory(dict)  # node -> (boot, seq) routed
@@ -278,23 +277,25 @@ class ClusterNode:
         self.seq = seq = self.seq + 1
         if message.retain:
             self.retained.export(message, seq)
+        payload = message.payload
         block = wire.header_block(self.origin, seq, message)
+        if len(block) + len(payload) > self.client.max_payload:
+            self._too_large(topic, len(payload))
+            return
+        frame = wire.hpub(subject, block, payload)
         if self._overflow:
-            self._overflow.append((subject, message.payload, block))
+            self._overflow.append(frame)
             return
         try:
-            self.client.publish_nowait(subject, message.payload, None, block)
+            self.client.write_nowait(frame)
         except trio.WouldBlock:
-            self._overflow.append((subject, message.payload, block))
+            self._overflow.append(frame)
             self.backpressure += 1
             self._idle = trio.Event()
             self._overflow_added.set()
             self.warn("backpressure", "cluster: the output to NATS is full (%d bytes "
                       "pending); clients are not read until it drains",
                       self.client.pending_bytes)
-            return
-        except MaxPayloadError:
-            self._too_large(topic, len(message.payload))
             return
         except ClientClosedError:
             return  # stopping
@@ -329,15 +330,11 @@ class ClusterNode:
             await self._overflow_added.wait()
             self._overflow_added = trio.Event()
             while overflow:
-                subject, payload, block = overflow[0]
                 try:
-                    await client.publish(subject, payload, None, block)
-                    self.exported += 1
-                except MaxPayloadError:
-                    self._too_large(subjects.topic_of(subject, subjects.LIVE_PREFIX),
-                                    len(payload))
+                    await client.write(overflow[0])
                 except ClientClosedError:
                     return
+                self.exported += 1
                 overflow.popleft()
             self._idle.set()
             self.engine.notify_progress()

@@ -57,6 +57,10 @@ def header_block(
     head = (
         f"NATS/1.0\r\n{MSG}: {origin}{seq} {message.qos}{1 if message.retain else 0}\r\n"
     )
+    if message.properties is None and message.expires_at is None and msg_id is None and (
+        not delete
+    ):
+        return (head + "\r\n").encode()  # the common case, on every live message
     if message.properties:
         block = v5.stored_properties(message)
         if block:
@@ -68,6 +72,15 @@ def header_block(
     if delete:
         head += f"{OP}: {OP_DELETE}\r\n"
     return (head + "\r\n").encode()
+
+
+def hpub(subject: str, block: bytes, payload: bytes) -> bytes:
+    """The HPUB frame of a message (the subject comes from :mod:`subjects`, valid by
+    construction; the header block from :func:`header_block`)."""
+    size = len(block)
+    return b"".join((
+        f"HPUB {subject} {size} {size + len(payload)}\r\n".encode(), block, payload, b"\r\n"
+    ))
 
 
 def _first(headers: Headers, key: str) -> str | None:

@@ -64,3 +64,13 @@ def test_retained_stream_headers() -> None:
 def test_foreign_or_bad_headers_are_refused(headers: dict[str, list[str]] | None) -> None:
     with pytest.raises(ValueError):
         wire.decode("t", b"", headers)
+
+
+def test_hpub_frame_is_the_clients_encoding() -> None:
+    from mqttd.cluster.nats_protocol import pub
+
+    message = Publish("a/b", b"payload", 1, True)
+    block = wire.header_block("n1 7 ", 3, message)
+    assert wire.hpub("mqttd.t.a.b", block, b"payload") == pub(
+        "mqttd.t.a.b", b"payload", None, block)
+    assert wire.hpub("mqttd.t.caf\u00e9", block, b"") == pub("mqttd.t.caf\u00e9", b"", None, block)
