@@ -110,7 +110,7 @@ class ClusterNode:
     # counters
     exported: int = 0
     imported: int = 0
-    duplicates: int = 0  # imports dropped: a number already routed (or a stale boot)
+    duplicates: int = 0  # imports dropped: a number already routed
     malformed: int = 0  # imports that are not mqttd's messages
     expired: int = 0  # imports whose 5.0 Message Expiry Interval had passed
     not_exported: int = 0  # topic too long for a subject, payload over NATS max_payload
@@ -363,9 +363,9 @@ class ClusterNode:
             self.duplicates += 1
             return
         last = self._last.get(node)
-        if last is not None and (boot < last[0] or (boot == last[0] and seq <= last[1])):
+        if last is not None and boot == last[0] and seq <= last[1]:
             self.duplicates += 1
-            return
+            return  # (another boot id: the node restarted; its numbers start again)
         self._last[node] = (boot, seq)
         if message.expires_at is not None and message.expires_at <= time.time():
             self.expired += 1

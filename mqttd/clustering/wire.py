@@ -4,10 +4,11 @@ Every message a node exports is an HPUB whose header block is built once, by han
 values are known to be safe: node names are ``[A-Za-z0-9_-]``, numbers, base64):
 
 ``Mqttd-Msg: <node> <boot> <seq> <qos><retain>``
-    the origin node, its boot id (milliseconds since the epoch at start, so a restarted
-    node's numbers are larger), the message's number on that node (1, 2, ... per boot:
-    receivers drop a number they have seen, which is also how one NATS message matched by
-    two of a node's subscriptions is routed once), the publish QoS and the retain flag.
+    the origin node, its boot id (milliseconds since the epoch at start: a restarted node
+    is told apart), the message's number on that node (1, 2, ... per boot: receivers drop
+    a number they have already routed from that boot, which is also how one NATS message
+    matched by two of a node's subscriptions is routed once), the publish QoS and the
+    retain flag.
 ``Mqttd-Props: <base64>`` (5.0 only, when the message has properties)
     the forwarded properties as the store keeps them (an encoded property block:
     payload format, content type, response topic, correlation data, user properties).

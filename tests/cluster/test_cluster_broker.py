@@ -288,4 +288,15 @@ async def test_one_nats_server_with_replicas_1(tmp_path: Path, nats1: NatsCluste
             await sub.wait_for(lambda ms: any(m.payload == b"kept" for m in ms))
             got = await retained_after_subscribe(b, "later", "one/r", "one/#")
             assert [(m.topic, m.payload) for m in got] == [("one/r", b"kept")]
+
+            # the PUBACK of a retained QoS 1 message waits for JetStream: none while the
+            # NATS server is stopped (SIGSTOP), then it comes
+            nats1.servers[0].pause()
+            await pub.send(Publish("one/r", b"while stopped", 1, True, False, 99))
+            with trio.move_on_after(0.5):
+                await pub.take(PubAck, packet_id=99)
+                raise AssertionError("PUBACK before the retained message was stored")
+            nats1.servers[0].resume()
+            await pub.take(PubAck, packet_id=99, timeout_s=TIMEOUT_S)
+            assert await metric(a, "mqttd_cluster_retained_pending") == 0
             ns.cancel_scope.cancel()
