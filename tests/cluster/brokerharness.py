@@ -145,7 +145,13 @@ async def mqttd_nodes(
             with trio.fail_after(START_TIMEOUT_S):
                 for node in nodes:
                     await node.wait_banner()
-            yield nodes
+            try:
+                yield nodes
+            except BaseException:
+                for node in nodes:  # pytest shows this output with the failure
+                    print(f"--- mqttd {node.name}, end of its log:")
+                    print(node.log[-6000:].decode(errors="replace"))
+                raise
             for node in nodes:  # an ordered stop exits 0, NATS reachable or not
                 await node.stop()
                 assert node.proc.returncode == 0, node.log.decode(errors="replace")[-4000:]

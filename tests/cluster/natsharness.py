@@ -154,6 +154,15 @@ class NatsServer:
         self.proc.send_signal(signal.SIGSTOP)
         self.stopped = True
 
+    async def wait_stopped(self) -> None:
+        """After :meth:`pause`, until every thread of the process has stopped: SIGSTOP stops
+        a multi-threaded process thread by thread, and on a busy machine a thread that is
+        running may still answer a request for a moment."""
+        assert self.proc is not None
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        while not all(_thread_state(task) in ("T", "t") for task in tasks.iterdir()):
+            await trio.sleep(READY_POLL_S)
+
     def resume(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
@@ -175,6 +184,13 @@ class NatsServer:
         await proc.wait()
         if proc.stderr is not None:
             await proc.stderr.aclose()
+
+
+def _thread_state(task: Path) -> str:
+    try:
+        return (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "T"  # the thread is gone
 
 
 @attrs.define(eq=False)

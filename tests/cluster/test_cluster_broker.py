@@ -292,6 +292,7 @@ async def test_one_nats_server_with_replicas_1(tmp_path: Path, nats1: NatsCluste
             # the PUBACK of a retained QoS 1 message waits for JetStream: none while the
             # NATS server is stopped (SIGSTOP), then it comes
             nats1.servers[0].pause()
+            await nats1.servers[0].wait_stopped()
             await pub.send(Publish("one/r", b"while stopped", 1, True, False, 99))
             with trio.move_on_after(0.5):
                 await pub.take(PubAck, packet_id=99)
