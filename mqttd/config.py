@@ -44,6 +44,8 @@ from mqttd.config_schema import (  # the schema, re-exported: import it from her
     ClientOverride,
     Config,
     ConfigError,
+    Delayed,
+    GroupOverride,
     Http,
     Limits,
     Listener,
@@ -51,6 +53,7 @@ from mqttd.config_schema import (  # the schema, re-exported: import it from her
     Monitoring,
     Persistence,
     Security,
+    WorkQueues,
     _Invalid,
     _type_problem,
     is_loopback,
@@ -74,6 +77,8 @@ __all__ = [
     "ClientOverride",
     "Config",
     "ConfigError",
+    "Delayed",
+    "GroupOverride",
     "Http",
     "Limits",
     "Listener",
@@ -81,6 +86,7 @@ __all__ = [
     "Monitoring",
     "Persistence",
     "Security",
+    "WorkQueues",
     "config_from_dict",
     "is_loopback",
     "load_config",
@@ -127,6 +133,7 @@ _LIST_DEFAULTS: dict[Any, tuple[Any, ...]] = {
     tuple[ClientOverride, ...]: (),
     tuple[Bridge, ...]: (),
     tuple[BridgeTopic, ...]: (),
+    tuple[GroupOverride, ...]: (),
 }
 
 
