@@ -142,3 +142,23 @@ async def test_the_acl_judges_the_target_topic() -> None:
             message = await sub.take(Publish)
             assert (message.topic, message.payload) == ("allowed/x", b"allowed")
             assert broker.stats()["delayed_accepted"] == 1
+
+
+async def test_timers_that_come_due_while_others_run_do_not_stop_the_broker() -> None:
+    """Delayed messages due together: each timer callback takes longer than the gap to the
+    next one (the timer loop used to compute a negative wait then, and the broker exited)."""
+    import time
+
+    with trio.fail_after(TIMEOUT_S):
+        async with running(make_config()) as broker:
+            ran: list[int] = []
+
+            def slow(n: int) -> None:
+                ran.append(n)
+                time.sleep(0.002)  # a callback's work, longer than the gap to the next one
+
+            start = time.time() + 0.05
+            for n in range(50):
+                broker.call_at(start + n * 0.001, lambda n=n: slow(n))  # type: ignore[misc]
+            await wait_until(lambda: len(ran) == 50)
+            assert ran == list(range(50))
