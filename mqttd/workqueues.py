@@ -8,9 +8,11 @@ Every message a consumer group (:mod:`mqttd.share_groups`) hands to a member at 
   process this"): the job waits for a retry, ``retry_delay_initial_s`` after the first
   failure, then ``retry_delay_multiplier`` times longer each time up to
   ``retry_delay_max_s``, each wait shortened at random by up to ``retry_delay_jitter`` of
-  it. Then it goes to another member (the same one when it is alone). A job waiting for its
-  retry is stored (table ``jobs``, its body in ``messages``) in the same commit that removes
-  it from the member, so that it survives a restart and a ``kill -9``.
+  it. Then it goes to another member (the same one when it is alone). Durable where the
+  session is: a job a persistent member rejected waits stored (table ``jobs``, its body in
+  ``messages``), written in the commit that removes it from the member, so that it survives
+  a restart and a ``kill -9``; one a clean session rejected was never stored and waits in
+  RAM.
 - **Held past the ack deadline** (``ack_timeout_s``, when set): while a member holds a job
   sent and unacknowledged that long, a copy goes to another *connected* member and the
   member's own copy is *superseded*: acknowledging it later counts as a duplicate
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import random
 import time
 from collections import OrderedDict
@@ -68,6 +71,7 @@ REJECTED = "rejected"
 ACK_TIMEOUT = "ack_timeout"
 DISCONNECTED = "disconnected"
 LOG_INTERVAL_S = 10.0  # at most one line per interval about dead letters
+TIMER_GRID_S = 0.01  # retries are due on this grid (fewer wakeups, never early)
 
 
 class Host(Protocol):
@@ -167,7 +171,7 @@ class WorkQueues:
         deliveries = attempt.deliveries if attempt is not None else 1  # type: ignore[union-attr]
         first = attempt.first_failure if attempt is not None else 0.0  # type: ignore[union-attr]
         self._failed(name, entry.message, deliveries, first,  # type: ignore[arg-type]
-                     REJECTED, session.client_id, reason_code)
+                     REJECTED, session, reason_code)
 
     def hand_on(self, session: Session, taken: list[Taken]) -> int:
         """``session``'s connection ended and ``taken`` is what it held from groups
@@ -212,9 +216,12 @@ class WorkQueues:
 
     def _failed(
         self, name: str, message: Publish, deliveries: int, first_failure: float, reason: str,
-        member: str | None, reason_code: int | None = None,
+        member: Session, reason_code: int | None = None,
     ) -> None:
-        """A delivery of a job failed: a retry after its backoff, or a dead letter."""
+        """A delivery of a job failed: a retry after its backoff, or a dead letter. The
+        waiting job is stored when the member's delivery was (durable where the session
+        is: a job given to a clean session was never stored, and its publisher's PUBACK did
+        not wait for a commit)."""
         settings = self.settings(name)
         now = time.time()
         first_failure = first_failure or now
@@ -231,21 +238,24 @@ class WorkQueues:
         job_id = self.next_job_id
         self.next_job_id = job_id + 1
         message_id = 0
-        writer = self.host.writer
+        writer = member.writer
         if writer is not None:
             message_id = writer.add_message(
                 message.topic, message.payload, message.qos, v5.stored_properties(message),
                 message.expires_at,
             )
             writer.submit(ops.AddJob(job_id, name, message_id, deliveries, first_failure,
-                                     now + delay, reason, member))
+                                     now + delay, reason, member.client_id))
         self._wait(Job(job_id, name, message, message_id, deliveries, first_failure,
-                       now + delay, reason, member))
+                       now + delay, reason, member.client_id))
 
     def _wait(self, job: Job) -> None:
         self.waiting[job.job_id] = job
         job_id = job.job_id
-        self.host.call_at(job.due_at, lambda: self._due(job_id))
+        # on a grid of TIMER_GRID_S: jobs due close together are retried by one wakeup of
+        # the timer loop (never earlier than due)
+        when = math.ceil(job.due_at / TIMER_GRID_S) * TIMER_GRID_S
+        self.host.call_at(when, lambda: self._due(job_id))
 
     def _due(self, job_id: int) -> None:
         """A job's retry is due: to a member other than the one that failed it if there is

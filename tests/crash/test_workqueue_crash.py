@@ -1,7 +1,7 @@
-"""Work queues and delayed publish through ``kill -9`` (subprocess broker): jobs waiting for
-their retry, a persistent worker's jobs in flight with their delivery number, the dead letters
-queued for a persistent subscriber, and delayed messages acknowledged to their publisher all
-survive the kill, and nothing comes earlier than it should."""
+"""Work queues and delayed publish through ``kill -9`` (subprocess broker): a persistent
+worker's jobs waiting for their retry and its jobs in flight with their delivery number, the
+dead letters queued for a persistent subscriber, and delayed messages acknowledged to their
+publisher all survive the kill, and nothing comes earlier than it should."""
 
 from __future__ import annotations
 
@@ -66,25 +66,25 @@ async def kill(broker: BrokerProcess) -> None:
 async def test_retries_in_flight_jobs_and_dead_letters_survive_kill_9(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     with trio.fail_after(TIMEOUT_S):
-        # 1: every job rejected once; the retries wait (stored), then the kill
+        # 1: a persistent worker rejects every job once; the retries wait (stored); the kill
         async with broker_process(tmp_path, config) as broker:
             keeper, _ = await connect5(broker.port, "dead-keeper", expiry_s=3600)
             await keeper.subscribe("$dead/#", qos=1)
             await keeper.send(Disconnect())
-            worker, _ = await connect5(broker.port, "w1")
+            worker, _ = await connect5(broker.port, "w", expiry_s=3600)
             await worker.subscribe(GROUP, qos=1)
             producer, _ = await RawClient.connected(broker.port, "producer")
             for n in range(JOBS):
                 await producer.publish(f"jobs/{n}", b"%d" % n, qos=1)
             for job in await jobs_for(worker, JOBS):
                 await worker.send(PubAck(job.packet_id, 0x80))
-            await synced(worker, "w1")
+            await synced(worker, "w")
             await kill(broker)
-        # 2: the retries come (delivery 2) to a persistent worker: it rejects the even ones
-        # (dead letters at max_deliveries 2) and holds the odd ones in flight; the kill
+        # 2: the retries come (delivery 2): the worker rejects the even ones (dead letters at
+        # max_deliveries 2) and holds the odd ones in flight; the kill
         async with broker_process(tmp_path, config) as broker:
-            worker, _ = await connect5(broker.port, "w2", expiry_s=3600)
-            await worker.subscribe(GROUP, qos=1)
+            worker, connack = await connect5(broker.port, "w", expiry_s=3600)
+            assert connack.session_present
             held = []
             for job in await jobs_for(worker, JOBS):
                 assert not job.dup
@@ -92,19 +92,19 @@ async def test_retries_in_flight_jobs_and_dead_letters_survive_kill_9(tmp_path: 
                     await worker.send(PubAck(job.packet_id, 0x80))
                 else:
                     held.append(int(job.payload))
-            await synced(worker, "w2")
+            await synced(worker, "w")
             await kill(broker)
         # 3: the held ones are sent again (DUP), their delivery number kept: rejected, they
         # are dead letters too; the kill
         async with broker_process(tmp_path, config) as broker:
-            worker, connack = await connect5(broker.port, "w2", expiry_s=3600)
+            worker, connack = await connect5(broker.port, "w", expiry_s=3600)
             assert connack.session_present
             resent = await jobs_for(worker, len(held))
             assert sorted(int(job.payload) for job in resent) == sorted(held)
             assert all(job.dup for job in resent)
             for job in resent:
                 await worker.send(PubAck(job.packet_id, 0x80))
-            await synced(worker, "w2")
+            await synced(worker, "w")
             await kill(broker)
         # 4: the dead-letter subscriber, away all along, gets every job once, with the reasons
         async with broker_process(tmp_path, config) as broker:
