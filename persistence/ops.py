@@ -200,6 +200,37 @@ class QueuedRow(NamedTuple):
     first_failure: float | None = None
 
 
+class JobRow(NamedTuple):
+    """A job waiting for its retry (see ops.AddJob), with its message."""
+
+    job_id: int
+    share: str
+    message_id: int
+    deliveries: int
+    first_failure: float
+    due_at: float
+    reason: str
+    exclude: str | None
+    topic: str
+    payload: bytes
+    qos: int
+    properties: bytes | None
+    expires_at: float | None
+
+
+class DelayedRow(NamedTuple):
+    """A delayed publish (see ops.AddDelayed)."""
+
+    delayed_id: int
+    due_at: float
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    properties: bytes | None
+    expires_at: float | None
+
+
 class LoadQueued(NamedTuple):
     """Read (in order with the writes) up to ``limit`` queued deliveries with a ``seq``
     above ``after_seq``; ``callback`` gets the rows in the trio task after the commit."""

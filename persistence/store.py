@@ -14,12 +14,13 @@ import time
 from array import array
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import attrs
 from sqlite_utils import Database
 
 from persistence import ops
+from persistence.ops import DelayedRow, JobRow
 from persistence.schema import MIGRATION_SET, SCHEMA_VERSION, migrations
 
 log = logging.getLogger(__name__)
@@ -72,37 +73,6 @@ RetainedRow = tuple[str, bytes, int, bytes | None, float | None]
 
 ShareRow = tuple[str, int, float | None]
 """(share, attempt, first_failure) of a delivery through a consumer group"""
-
-
-class JobRow(NamedTuple):
-    """A job waiting for its retry (see ops.AddJob), with its message."""
-
-    job_id: int
-    share: str
-    message_id: int
-    deliveries: int
-    first_failure: float
-    due_at: float
-    reason: str
-    exclude: str | None
-    topic: str
-    payload: bytes
-    qos: int
-    properties: bytes | None
-    expires_at: float | None
-
-
-class DelayedRow(NamedTuple):
-    """A delayed publish (see ops.AddDelayed)."""
-
-    delayed_id: int
-    due_at: float
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    properties: bytes | None
-    expires_at: float | None
 
 
 @attrs.define(eq=False)

@@ -182,6 +182,16 @@ def workers_worker(
                 time.sleep(BATCH_WAIT_S)
     cpu = _cpu_s() - cpu0
     sel.close()
+    _disconnect(socks)
+    control.done(
+        expected=expected, unique=jobs.unique, lost=jobs.acked.count(0),
+        duplicated=sum(c - 1 for c in jobs.acked if c > 1), bad=jobs.bad,
+        closed_by_broker=closed, timed_out=timed_out, t_last_ns=t_last, cpu_s=cpu,
+        latencies=jobs.latencies.tobytes(), rejected=jobs.rejections,
+    )
+
+
+def _disconnect(socks: list[socket.socket]) -> None:
     for sock in socks:
         try:
             sock.setblocking(True)
@@ -190,12 +200,6 @@ def workers_worker(
         except OSError:
             pass
         sock.close()
-    control.done(
-        expected=expected, unique=jobs.unique, lost=jobs.acked.count(0),
-        duplicated=sum(c - 1 for c in jobs.acked if c > 1), bad=jobs.bad,
-        closed_by_broker=closed, timed_out=timed_out, t_last_ns=t_last, cpu_s=cpu,
-        latencies=jobs.latencies.tobytes(), rejected=jobs.rejections,
-    )
 
 
 def work_queue(
