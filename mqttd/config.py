@@ -40,6 +40,8 @@ from mqttd.config_schema import (  # the schema, re-exported: import it from her
     ClientOverride,
     Config,
     ConfigError,
+    Delayed,
+    GroupOverride,
     Http,
     Limits,
     Listener,
@@ -47,6 +49,7 @@ from mqttd.config_schema import (  # the schema, re-exported: import it from her
     Monitoring,
     Persistence,
     Security,
+    WorkQueues,
     _Invalid,
     _type_problem,
     is_loopback,
@@ -71,6 +74,8 @@ __all__ = [
     "ClientOverride",
     "Config",
     "ConfigError",
+    "Delayed",
+    "GroupOverride",
     "Http",
     "Limits",
     "Listener",
@@ -79,6 +84,7 @@ __all__ = [
     "Persistence",
     "Problem",
     "Security",
+    "WorkQueues",
     "config_from_dict",
     "is_loopback",
     "load_config",
@@ -209,6 +215,7 @@ _LIST_DEFAULTS: dict[Any, tuple[Any, ...]] = {
     tuple[ClientOverride, ...]: (),
     tuple[Bridge, ...]: (),
     tuple[BridgeTopic, ...]: (),
+    tuple[GroupOverride, ...]: (),
 }
 
 
