@@ -27,6 +27,7 @@ from tests.interop.test_paho_v5 import Paho5, paho5, prop
 from tests.rawclient import RawClient
 
 TIMEOUT_S = 30.0
+JOB_WAIT_S = 15.0  # for one job to reach a paho worker: generous, for a loaded machine
 GROUP = "$share/jobs/jobs/#"
 PUBACK = 0x40
 
@@ -82,7 +83,7 @@ async def test_a_job_rejected_twice_is_retried_on_the_other_worker_with_backoff(
             seen = []
             rejected_at = None
             for attempt, backoff_s in ((1, None), (2, 0.4), (3, 0.8)):
-                name, message = await bounded_get(got)
+                name, message = await bounded_get(got, JOB_WAIT_S)
                 now = trio.current_time()
                 if backoff_s is not None:
                     assert now - rejected_at >= backoff_s, (attempt, now - rejected_at)
@@ -96,7 +97,7 @@ async def test_a_job_rejected_twice_is_retried_on_the_other_worker_with_backoff(
             assert seen[0] != seen[1] and seen[1] != seen[2]  # always another member
             # processed once: the next job is the next thing a worker gets
             await pub.publish("jobs/2", b"job-2", qos=1)
-            name, message = await bounded_get(got)
+            name, message = await bounded_get(got, JOB_WAIT_S)
             assert message.payload == b"job-2"
             workers[name].client.ack(message.mid, 1)
             await wait_until(lambda: broker.stats()["jobs_acked"] == 2)
@@ -130,7 +131,7 @@ async def test_a_job_always_rejected_becomes_a_dead_letter_with_its_reasons() ->
                 ) == 0
             started = datetime.datetime.now(datetime.UTC)
             for _ in range(3):
-                name, message = await bounded_get(got)
+                name, message = await bounded_get(got, JOB_WAIT_S)
                 assert (name, message.payload) == ("lone", b"bad job")
                 nack(lone, message, 0x83)
             _, letter = await bounded_get(dead)
@@ -164,19 +165,21 @@ async def test_a_worker_holding_a_job_past_the_ack_deadline_loses_it_to_another(
         ):
             workers = {"hold": hold, "take": take}
             pub = await publisher(broker.port)
+            # the deadline runs from the first delivery, which comes after this moment (the
+            # moment the test sees the first delivery may be later than the broker sent it)
+            published_at = trio.current_time()
             await pub.publish("jobs/slow", b"long job", qos=1)
-            first, message = await bounded_get(got)
-            held_at = trio.current_time()
-            second, copy = await bounded_get(got)
-            assert trio.current_time() - held_at >= 0.5
+            first, message = await bounded_get(got, JOB_WAIT_S)
+            second, copy = await bounded_get(got, JOB_WAIT_S)
+            assert trio.current_time() - published_at >= 0.5
             assert second != first and copy.payload == b"long job"
             workers[second].client.ack(copy.mid, 1)
             workers[first].client.ack(message.mid, 1)  # too late: it was redelivered
-            await wait_until(lambda: broker.stats()["jobs_duplicates"] == 1)
+            # two workers, two connections: the broker may read either ack first
+            await wait_until(lambda: (broker.stats()["jobs_duplicates"],
+                                      broker.stats()["jobs_acked"]) == (1, 1))
             stats = broker.stats()
-            assert (stats["jobs_ack_timeouts"], stats["jobs_acked"], stats["jobs_retries"]) == (
-                1, 1, 1
-            )
+            assert (stats["jobs_ack_timeouts"], stats["jobs_retries"]) == (1, 1)
             [group] = [g for g in broker.work_queues.group_stats() if g["group"] == "slow-1"]
             assert (group["in_progress"], group["queued"], group["members"]) == (0, 0, 2)
 
@@ -270,23 +273,25 @@ async def test_retries_and_dead_letters_survive_a_restart(tmp_path: Any) -> None
             async with durable_worker(broker.port) as w:
                 pub = await publisher(broker.port)
                 await pub.publish("jobs/keep", b"durable job", qos=1)
-                _, message = await bounded_get(got)
+                _, message = await bounded_get(got, JOB_WAIT_S)
                 nack(w, message)
                 await wait_until(lambda: len(broker.work_queues.waiting) == 1)
         async with running(config) as broker:
             assert broker.stats()["jobs_waiting_retry"] == 1
             async with durable_worker(broker.port):
-                _, message = await bounded_get(got)  # delivery 2: held, not acknowledged
+                # delivery 2: held, not acknowledged
+                _, message = await bounded_get(got, JOB_WAIT_S)
                 assert message.payload == b"durable job"
                 await wait_until(lambda: broker.work_queues.group_stats()[0]["in_progress"] == 1)
         async with running(config) as broker:
             async with durable_worker(broker.port) as w:
                 # (a clean stop took it back from the worker's window into its queue, with
                 # its attempt number: it is sent again as delivery 2)
-                _, message = await bounded_get(got)
+                _, message = await bounded_get(got, JOB_WAIT_S)
                 assert message.payload == b"durable job"
                 nack(w, message)
-                _, message = await bounded_get(got)  # delivery 3: its rejection is the last
+                # delivery 3: its rejection is the last
+                _, message = await bounded_get(got, JOB_WAIT_S)
                 nack(w, message)
                 await wait_until(lambda: broker.stats()["jobs_dead_lettered"] == 1)
         async with running(config) as broker:
