@@ -1,5 +1,5 @@
-"""Device simulators: ``python -m devices {fleet,consume,command,claim-check,constrained}
-...`` (also installed as ``mqttd-devices``)."""
+"""Device simulators: ``python -m devices {fleet,consume,worker,command,claim-check,
+constrained} ...`` (also installed as ``mqttd-devices``)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import trio
 from devices import claimcheck, constrained
 from devices.consumer import Consumer, send_command
 from devices.fleet import Fleet, FleetConfig, Topics
+from devices.worker import Worker
 
 
 def _say(line: str) -> None:
@@ -116,6 +117,57 @@ def run_consume_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_worker_command(args: argparse.Namespace) -> int:
+    worker = Worker(
+        args.host, args.port, client_id=args.client_id, filter=args.filter, group=args.group,
+        qos=args.qos, fail_rate=args.fail_rate, fail_code=args.fail_code,
+        persistent=args.persistent, username=args.username, password=args.password,
+        count=args.count, duration_s=args.duration, seed=args.seed, report=_say,
+        report_interval_s=args.report_interval,
+    )
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            async def work(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                await worker.run(task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(_until_signalled, worker.stop, nursery.cancel_scope)
+            await nursery.start(work)
+            _say(f"{worker.client_id}: working on {worker.subscription} (MQTT 5.0, QoS "
+                 f"{worker.qos}), failing {worker.fail_rate:.0%} of the jobs with reason code "
+                 f"{worker.fail_code:#04x}")
+
+    trio.run(main)
+    _say(worker.summary())
+    return 0
+
+
+def _worker_parser(sub: Any) -> None:
+    worker = sub.add_parser(
+        "worker", help="a consumer-group worker (MQTT 5.0) that fails some jobs on purpose",
+        description="Subscribe to $share/GROUP/FILTER and process each message as a job; "
+        "reject a fraction of them (PUBACK reason code 0x80), which mqttd retries on another "
+        "worker after a backoff and dead-letters after work_queues.max_deliveries.",
+    )
+    _connection_options(worker)
+    worker.add_argument("--client-id", default="worker-1", help="default: %(default)s")
+    worker.add_argument("-g", "--group", default="jobs", help="default: %(default)s")
+    worker.add_argument("-t", "--filter", default="jobs/#", help="default: %(default)s")
+    worker.add_argument("-q", "--qos", type=int, choices=(1, 2), default=1)
+    worker.add_argument("--fail-rate", type=float, default=0.1,
+                        help="fraction of the jobs rejected (default: %(default)s)")
+    worker.add_argument("--fail-code", type=lambda text: int(text, 0), default=0x80,
+                        help="reason code of a rejection, 0x80 or more (default: 0x80)")
+    worker.add_argument("--persistent", action="store_true",
+                        help="a session the broker keeps (an hour) while the worker is away")
+    worker.add_argument("-c", "--count", type=_positive(int), help="stop after N jobs processed")
+    worker.add_argument("-d", "--duration", type=_positive(float), help="seconds, then stop")
+    worker.add_argument("--seed", type=int, help="random seed for which jobs fail")
+    worker.add_argument("--report-interval", type=_positive(float), default=2.0)
+    worker.set_defaults(handler=run_worker_command)
+
+
 def run_command_command(args: argparse.Namespace) -> int:
     async def main() -> dict[str, Any]:
         return await send_command(
@@ -205,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(consume)
     _consume_options(consume)
     consume.set_defaults(handler=run_consume_command)
+
+    _worker_parser(sub)
 
     command = sub.add_parser("command", help="send a command to a device, print its reply",
                              description="Publish a JSON command on the device's command "

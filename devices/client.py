@@ -1,4 +1,6 @@
-"""A small asynchronous MQTT 3.1.1 client on trio, built on :mod:`mqttd.codec`.
+"""A small asynchronous MQTT 3.1.1 client on trio, built on :mod:`mqttd.codec` (and MQTT 5.0
+as far as a worker needs it: ``protocol_level=5``, and ``on_message`` may return a reason code
+for its PUBACK / PUBREC, 0x80 and up rejecting the message).
 
 One :class:`Client` per simulated device; a connection runs exactly one reader task (and,
 with a keepalive, one task that sends PINGREQ when the client has been quiet), so one
@@ -73,8 +75,8 @@ class _Waiter:
 
 @attrs.define(eq=False)
 class Client:
-    """An MQTT 3.1.1 client. Counters (``published``, ``acked``, ``received``, ...) add up
-    over every connection of the client."""
+    """An MQTT 3.1.1 (or, with ``protocol_level=5``, 5.0) client. Counters (``published``,
+    ``acked``, ``received``, ...) add up over every connection of the client."""
 
     host: str
     port: int
@@ -86,8 +88,11 @@ class Client:
     password: bytes | None = None
     max_inflight: int = 20  # unacknowledged QoS 1/2 publishes at once
     connect_timeout_s: float = 10.0
-    on_message: Callable[[codec.Publish], None] | None = None
+    # its return value, if an int, is the reason code of the PUBACK / PUBREC (5.0 only)
+    on_message: Callable[[codec.Publish], int | None] | None = None
     on_ack: Callable[[codec.Publish], None] | None = None  # a QoS 1/2 publish was settled
+    protocol_level: int = codec.PROTOCOL_311  # or codec.PROTOCOL_5
+    session_expiry_s: int = 0  # 5.0: how long the broker keeps a clean_session=False session
     # counters
     connects: int = attrs.field(init=False, default=0)
     published: int = attrs.field(init=False, default=0)  # PUBLISH packets sent (not resends)
@@ -150,7 +155,7 @@ class Client:
                 if self._lost is None:  # the block finished: a clean goodbye (the broker
                     self._closing = True  # closes the socket then; that is no loss)
                     with trio.move_on_after(self.connect_timeout_s):
-                        await self._send(codec.Disconnect().encode())
+                        await self._send(codec.Disconnect().encode(self.protocol_level))
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # the nursery wraps the block's own exception; hand it on as it was raised
@@ -173,8 +178,10 @@ class Client:
         that came with the CONNACK (a resumed session's queued messages may follow it in the
         same segment)."""
         exchange = client_role.Handshake(codec.Connect(
-            self.client_id, self.clean_session, self.keepalive_s, will=self.will,
-            username=self.username, password=self.password,
+            self.client_id, self.clean_session, self.keepalive_s, self.protocol_level,
+            will=self.will, username=self.username, password=self.password,
+            properties={"session_expiry_interval": self.session_expiry_s}
+            if self.protocol_level == codec.PROTOCOL_5 and self.session_expiry_s else None,
         ))
         with trio.fail_after(self.connect_timeout_s):
             self._last_send = trio.current_time()
@@ -219,11 +226,12 @@ class Client:
 
     async def _resend(self) -> None:
         out = bytearray()
+        level = self.protocol_level
         for packet_id, entry in self._inflight.items():
             if entry.released:
-                out += codec.PubRel(packet_id).encode()
+                out += codec.PubRel(packet_id).encode(level)
             else:
-                out += attrs.evolve(entry.packet, dup=True).encode()
+                out += attrs.evolve(entry.packet, dup=True).encode(level)
             self.resent += 1
         if out:
             await self._send(out)
@@ -266,18 +274,21 @@ class Client:
 
     def _handle(self, packet: codec.Packet, out: bytearray) -> None:
         """One packet from the broker; acknowledgements are appended to ``out``."""
+        level = self.protocol_level
         if isinstance(packet, codec.Publish):
             if packet.qos == 2:
+                code = 0
                 if packet.packet_id in self._qos2_received:
                     self.duplicates += 1
                 else:
-                    self._qos2_received.add(packet.packet_id)
-                    self._deliver(packet)
-                out += codec.PubRec(packet.packet_id).encode()
+                    code = self._deliver(packet)
+                    if code < 0x80:  # a refusal ends the exchange: no PUBREL comes
+                        self._qos2_received.add(packet.packet_id)
+                out += codec.PubRec(packet.packet_id, code).encode(level)
             else:
-                self._deliver(packet)
+                code = self._deliver(packet)
                 if packet.qos == 1:
-                    out += codec.PubAck(packet.packet_id).encode()
+                    out += codec.PubAck(packet.packet_id, code).encode(level)
         elif isinstance(packet, codec.PubAck | codec.PubComp):
             entry = self._inflight.pop(packet.packet_id, None)
             if entry is not None:
@@ -286,10 +297,10 @@ class Client:
             entry = self._inflight.get(packet.packet_id)
             if entry is not None:
                 entry.released = True
-            out += codec.PubRel(packet.packet_id).encode()
+            out += codec.PubRel(packet.packet_id).encode(level)
         elif isinstance(packet, codec.PubRel):
             self._qos2_received.discard(packet.packet_id)
-            out += codec.PubComp(packet.packet_id).encode()
+            out += codec.PubComp(packet.packet_id).encode(level)
         elif isinstance(packet, codec.SubAck | codec.UnsubAck):
             waiter = self._waiters.pop(packet.packet_id, None)
             if waiter is not None:
@@ -300,10 +311,14 @@ class Client:
         else:
             self._connection_lost(f"unexpected packet from the broker: {packet!r}")
 
-    def _deliver(self, packet: codec.Publish) -> None:
+    def _deliver(self, packet: codec.Publish) -> int:
+        """The message to ``on_message``; the reason code of its acknowledgement (5.0)."""
         self.received += 1
         if self.on_message is not None:
-            self.on_message(packet)
+            code = self.on_message(packet)
+            if code and self.protocol_level == codec.PROTOCOL_5:
+                return code
+        return 0
 
     def _settled(self, packet: codec.Publish) -> None:
         self.acked += 1
@@ -327,7 +342,7 @@ class Client:
         """Send a PUBLISH. QoS 1/2 first waits for room in the inflight window; the
         acknowledgement is counted in ``acked`` (see :meth:`wait_acked`)."""
         if not qos:
-            await self._send(codec.Publish(topic, payload, 0, retain).encode())
+            await self._send(codec.Publish(topic, payload, 0, retain).encode(self.protocol_level))
             self.published += 1
             return
         await self._window.acquire()
@@ -337,7 +352,7 @@ class Client:
             self._idle = trio.Event()
         self.published += 1
         # stays in flight even if this send fails: it goes again on the next connection
-        await self._send(packet.encode())
+        await self._send(packet.encode(self.protocol_level))
 
     async def wait_acked(self) -> None:
         """Wait until every QoS 1/2 publish is acknowledged (the caller bounds the wait)."""
@@ -360,13 +375,17 @@ class Client:
             for f in filters
         )
         packet_id = self._packet_id()
-        suback = await self._request(packet_id, codec.Subscribe(packet_id, subs).encode())
+        suback = await self._request(
+            packet_id, codec.Subscribe(packet_id, subs).encode(self.protocol_level)
+        )
         assert isinstance(suback, codec.SubAck)
         return suback.return_codes
 
     async def unsubscribe(self, *filters: str) -> None:
         packet_id = self._packet_id()
-        await self._request(packet_id, codec.Unsubscribe(packet_id, filters).encode())
+        await self._request(
+            packet_id, codec.Unsubscribe(packet_id, filters).encode(self.protocol_level)
+        )
 
 
 @attrs.define(eq=False)

@@ -41,6 +41,8 @@ from mqttd.config_schema import (  # the schema, re-exported: import it from her
     Cluster,
     Config,
     ConfigError,
+    Delayed,
+    GroupOverride,
     Http,
     Limits,
     Listener,
@@ -48,6 +50,7 @@ from mqttd.config_schema import (  # the schema, re-exported: import it from her
     Monitoring,
     Persistence,
     Security,
+    WorkQueues,
     _Invalid,
     _type_problem,
     is_loopback,
@@ -73,6 +76,8 @@ __all__ = [
     "Cluster",
     "Config",
     "ConfigError",
+    "Delayed",
+    "GroupOverride",
     "Http",
     "Limits",
     "Listener",
@@ -81,6 +86,7 @@ __all__ = [
     "Persistence",
     "Problem",
     "Security",
+    "WorkQueues",
     "config_from_dict",
     "is_loopback",
     "load_config",
@@ -211,6 +217,7 @@ _LIST_DEFAULTS: dict[Any, tuple[Any, ...]] = {
     tuple[ClientOverride, ...]: (),
     tuple[Bridge, ...]: (),
     tuple[BridgeTopic, ...]: (),
+    tuple[GroupOverride, ...]: (),
 }
 
 

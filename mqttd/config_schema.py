@@ -584,6 +584,38 @@ def _nats_urls(v: tuple[str, ...]) -> str | None:
     return None
 
 
+def _fraction(v: float) -> str | None:
+    return None if 0 <= v <= 1 else f"must be between 0 and 1, got {v}"
+
+
+def _at_least_one_f(v: float) -> str | None:
+    return None if v >= 1 else f"must be at least 1, got {v}"
+
+
+def _none_or_positive_f(v: float) -> str | None:
+    return None if v == -1 or v > 0 else f"must be -1 (none) or greater than 0, got {v}"
+
+
+def _dead_letter_template(v: str) -> str | None:
+    """``{group}`` and ``{topic}`` only, and a valid topic name once they are filled in."""
+    import string
+
+    from mqttd.topics import InvalidTopic, validate_topic_name
+
+    try:
+        fields = list(string.Formatter().parse(v))
+    except ValueError as exc:
+        return f"not a valid template ({exc}): {reprlib.repr(v)}"
+    for _text, name, spec, conversion in fields:
+        if name is not None and (name not in ("group", "topic") or spec or conversion):
+            return f"may hold {{group}} and {{topic}} only, got {{{name}}} in {reprlib.repr(v)}"
+    try:
+        validate_topic_name(v.format(group="g", topic="t"))
+    except InvalidTopic as exc:
+        return f"not a valid topic name template: {exc}"
+    return None
+
+
 @attrs.frozen
 class Cluster:
     """Cluster mode (mqttd.clustering): several nodes on NATS JetStream as one broker."""
@@ -632,6 +664,78 @@ class Cluster:
         return self.node_name if self.node_name is not None else default_node_name()
 
 
+@attrs.frozen
+class GroupOverride:
+    """Work-queue settings for the consumer groups whose name (the ``<group>`` of
+    ``$share/<group>/<filter>``) matches ``group`` (``*``, ``?``, ``[...]``); unset keys keep
+    ``work_queues``."""
+
+    group: str = attrs.field(default="", validator=_checked(str, _non_empty))
+    retry_delay_initial_s: float | None = attrs.field(
+        default=None, converter=_to_float, validator=_optional(_checked(float, _positive)))
+    retry_delay_max_s: float | None = attrs.field(
+        default=None, converter=_to_float, validator=_optional(_checked(float, _positive)))
+    retry_delay_multiplier: float | None = attrs.field(
+        default=None, converter=_to_float, validator=_optional(_checked(float, _at_least_one_f)))
+    retry_delay_jitter: float | None = attrs.field(
+        default=None, converter=_to_float, validator=_optional(_checked(float, _fraction)))
+    ack_timeout_s: float | None = attrs.field(
+        default=None, converter=_to_float,
+        validator=_optional(_checked(float, _none_or_positive_f)),
+    )
+    max_deliveries: int | None = attrs.field(default=None, validator=_optional(_at_least(1)))
+    dead_letter_topic: str | None = attrs.field(
+        default=None, validator=_optional(_checked(str, _dead_letter_template)))
+
+
+@attrs.frozen
+class WorkQueues:
+    """Consumer groups as work queues (mqttd.workqueues): a negative acknowledgement is
+    retried after a backoff, an ack deadline (optional) redelivers a held job, and after
+    ``max_deliveries`` a job goes to the dead-letter topic. These apply to every group;
+    ``group_overrides`` to some (the first match)."""
+
+    retry_delay_initial_s: float = attrs.field(
+        default=1.0, converter=_to_float, validator=_checked(float, _positive))
+    retry_delay_max_s: float = attrs.field(
+        default=60.0, converter=_to_float, validator=_checked(float, _positive))
+    retry_delay_multiplier: float = attrs.field(
+        default=2.0, converter=_to_float, validator=_checked(float, _at_least_one_f))
+    retry_delay_jitter: float = attrs.field(
+        default=0.5, converter=_to_float, validator=_checked(float, _fraction))
+    ack_timeout_s: float = attrs.field(
+        default=-1.0, converter=_to_float, validator=_checked(float, _none_or_positive_f))
+    max_deliveries: int = attrs.field(default=5, validator=_at_least(1))
+    dead_letter_topic: str = attrs.field(
+        default="$dead/{group}/{topic}", validator=_checked(str, _dead_letter_template))
+    group_overrides: tuple[GroupOverride, ...] = attrs.field(default=(), validator=_checked(tuple))
+
+    def settings_for(self, group: str) -> WorkQueues:
+        """The settings of the group named ``group``: these, with the first matching
+        override applied (``group_overrides`` of the result is empty)."""
+        changes: dict[str, Any] = {"group_overrides": ()}
+        for override in self.group_overrides:
+            if fnmatch.fnmatchcase(group, override.group):
+                changes.update({
+                    field.name: value for field in attrs.fields(GroupOverride)
+                    if field.name != "group" and (value := getattr(override, field.name))
+                    is not None
+                })
+                break
+        return attrs.evolve(self, **changes)
+
+
+@attrs.frozen
+class Delayed:
+    """Delayed publish: ``$delayed/<seconds>/<topic>`` is published to ``<topic>`` after the
+    delay (EMQX's syntax), stored like any acknowledged message (mqttd.delayed)."""
+
+    enabled: bool = attrs.field(default=True, validator=_checked(bool))
+    max_delay_s: int = attrs.field(default=4_294_967, validator=_at_least(1))
+    max_messages: int = attrs.field(
+        default=100_000, validator=_checked(int, _no_limit_or_positive))
+
+
 def _at_least_one(v: tuple[Any, ...]) -> str | None:
     return None if v else "at least one listener is required"
 
@@ -651,6 +755,8 @@ class Config:
     monitoring: Monitoring = attrs.field(factory=Monitoring)
     http: Http = attrs.field(factory=Http)
     bridges: tuple[Bridge, ...] = attrs.field(default=(), validator=_checked(tuple, _unique_names))
+    work_queues: WorkQueues = attrs.field(factory=WorkQueues)
+    delayed: Delayed = attrs.field(factory=Delayed)
     cluster: Cluster = attrs.field(factory=Cluster)
 
     def limits_for(self, client_id: str, persistent: bool = False) -> ClientLimits:

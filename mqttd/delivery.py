@@ -13,8 +13,40 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Protocol
 
+import attrs
+
 from mqttd import v5
 from mqttd.codec.packets import PROTOCOL_5, Publish, encode_publish_parts
+
+
+@attrs.define(eq=False, slots=True)
+class Attempt:
+    """A delivery of a job through a consumer group (a work queue), when it is more than a
+    first delivery with nothing to watch: its number (``deliveries``, this one included),
+    when it first failed (epoch seconds, 0.0 before any failure), and ``superseded`` once
+    its ack deadline passed and another member got a copy (mqttd.workqueues). A first
+    delivery without an ack deadline carries just the share name (a ``str``)."""
+
+    share: str
+    deliveries: int = 1
+    first_failure: float = 0.0
+    superseded: bool = False
+
+
+Share = str | Attempt
+"""What a delivery through a shared subscription carries: its ``$share/...`` name, or an
+:class:`Attempt` of a work queue."""
+
+
+def share_name(share: Share) -> str:
+    return share if share.__class__ is str else share.share  # type: ignore[union-attr,return-value]
+
+
+def stored_share(share: str, attempt: int, first_failure: float | None) -> Share:
+    """The share of a delivery read back from the store (persistence.ops.AddSharedDelivery)."""
+    if attempt <= 1 and first_failure is None:
+        return share
+    return Attempt(share, attempt, first_failure or 0.0)
 
 
 class Delivery(NamedTuple):
@@ -22,15 +54,15 @@ class Delivery(NamedTuple):
 
     ``message`` is None in an inflight entry once a QoS 2 PUBREC has come back (PUBREL sent).
     ``seq`` numbers a persistent session's deliveries (0 in clean sessions). ``share`` is the
-    ``$share/...`` name of the shared subscription it came through and ``sub_ids`` the
-    identifiers of the 5.0 subscriptions it matched (None otherwise); both are kept in memory
-    only."""
+    ``$share/...`` name of the shared subscription it came through, or its work-queue
+    :class:`Attempt` (stored with the delivery), and ``sub_ids`` the identifiers of the 5.0
+    subscriptions it matched (None otherwise; kept in memory only)."""
 
     message: Publish | None
     qos: int
     retain: bool
     seq: int
-    share: str | None
+    share: Share | None
     sub_ids: tuple[int, ...] | None
 
 

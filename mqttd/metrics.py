@@ -101,6 +101,38 @@ _CLUSTER: tuple[tuple[str, str, str, str], ...] = (
     ("mqttd_cluster_heartbeat_failures_total", "counter",
      "Heartbeats this node could not write to MQTTD_NODES.", "cluster_heartbeat_failures"),
 )
+_GROUP: tuple[tuple[str, str, str, str], ...] = (
+    ("mqttd_group_members", "gauge", "Members of the consumer group.", "members"),
+    ("mqttd_group_in_progress_jobs", "gauge",
+     "Jobs sent to a member and not yet acknowledged.", "in_progress"),
+    ("mqttd_group_queued_jobs", "gauge",
+     "Jobs waiting for a retry or in the RAM part of a member's queue.", "queued"),
+    ("mqttd_group_acked_total", "counter", "Jobs acknowledged.", "acked"),
+    ("mqttd_group_rejected_total", "counter",
+     "Negative acknowledgements (PUBACK/PUBREC reason code >= 0x80).", "rejected"),
+    ("mqttd_group_retries_total", "counter",
+     "Jobs delivered again (after a rejection, an ack deadline or a member leaving).",
+     "retries"),
+    ("mqttd_group_ack_timeouts_total", "counter",
+     "Ack deadlines passed with the job sent and unacknowledged.", "ack_timeouts"),
+    ("mqttd_group_duplicates_total", "counter",
+     "Superseded copies acknowledged all the same (processed twice).", "duplicates"),
+    ("mqttd_group_dead_lettered_total", "counter", "Jobs published to the dead-letter topic.",
+     "dead_lettered"),
+    ("mqttd_group_expired_total", "counter", "Jobs expired while waiting for a retry.",
+     "expired"),
+)
+_DELAYED: tuple[tuple[str, str, str, str], ...] = (
+    ("mqttd_delayed_messages", "gauge", "Delayed publishes waiting for their time.",
+     "delayed_held"),
+    ("mqttd_delayed_published_total", "counter", "Delayed publishes published.",
+     "delayed_published"),
+    ("mqttd_delayed_refused_total", "counter",
+     "Delayed publishes refused (bad or too long a delay, delayed.max_messages held).",
+     "delayed_refused"),
+    ("mqttd_delayed_expired_total", "counter", "Delayed publishes expired before their time.",
+     "delayed_expired"),
+)
 _DROPPED = (("queue_full", "dropped"), ("qos0_backed_up", "dropped_qos0"))
 _REFUSED = (
     ("queue_full", "refused"), ("no_storage", "storage_refused"), ("publish_rate", "rate_refused"),
@@ -160,13 +192,14 @@ def render(
     bridges: Iterable[Mapping[str, Any]] = (),
     clients: Mapping[str, Mapping[str, Any]] | None = None,
     process: Mapping[str, float] | None = None,
+    groups: Iterable[Mapping[str, Any]] = (),
     cluster_nodes: Mapping[str, bool] | None = None,
 ) -> str:
-    """The exposition text: broker-wide families, per-bridge and (opt-in) per-client
-    series, in cluster mode the node's and one per node known, and the standard process
-    metrics."""
+    """The exposition text: broker-wide families, per-bridge, per-consumer-group and
+    (opt-in) per-client series, in cluster mode the node's and one per node known, and the
+    standard process metrics."""
     out = _Writer()
-    for name, kind, help_text, key in _BROKER:
+    for name, kind, help_text, key in (*_BROKER, *_DELAYED):
         out.family(name, kind, help_text, [({}, stats.get(key, 0))])
     if "cluster_ready" in stats:
         for name, kind, help_text, key in _CLUSTER:
@@ -174,6 +207,10 @@ def render(
         out.family("mqttd_cluster_node_up", "gauge",
                    "1 while the node's heartbeat in MQTTD_NODES is recent, per node known.",
                    [({"node": n}, int(up)) for n, up in sorted((cluster_nodes or {}).items())])
+    groups = list(groups)
+    for name, kind, help_text, key in _GROUP:
+        out.family(name, kind, help_text,
+                   [({"group": g["group"], "filter": g["filter"]}, g.get(key, 0)) for g in groups])
     out.family("mqttd_messages_dropped_total", "counter",
                "Messages dropped, by reason (every drop is counted).",
                [({"reason": reason}, stats.get(key, 0)) for reason, key in _DROPPED])

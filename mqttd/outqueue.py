@@ -21,13 +21,13 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
 from mqttd import v5
 from mqttd.codec.packets import Publish
-from mqttd.delivery import Delivery
+from mqttd.delivery import Delivery, stored_share
 from persistence import ops
 
 if TYPE_CHECKING:
@@ -53,6 +53,14 @@ class QueueLimits:
     page_size: int = 256  # deliveries of a persistent session's queue held in RAM
 
 
+class Bounded(Protocol):
+    """A queue that refuses messages when full (an OutQueue, the delayed queue)."""
+
+    def over_budget(self, extra_messages: int = 0, extra_bytes: int = 0) -> bool: ...
+
+    def count_refused(self) -> None: ...
+
+
 @attrs.define(eq=False)
 class DropCounters:
     """Drops across all sessions (shared by the broker's sessions)."""
@@ -62,7 +70,7 @@ class DropCounters:
     refused: int = 0  # QoS 1/2 messages a full queue refused (overflow_policy refuse)
     # the queues under overflow_policy refuse that are full (the next message would not
     # fit): the engine refuses a 5.0 publisher's message for them before routing it
-    full: set[OutQueue] = attrs.Factory(set)
+    full: set[Bounded] = attrs.Factory(set)
 
 
 @attrs.define(eq=False)
@@ -288,7 +296,10 @@ class OutQueue:
                 message = v5.restored_message(
                     row.topic, row.payload, row.qos, row.retain, row.properties, row.expires_at
                 )
-            ram.append(Delivery(message, row.qos, row.retain, row.seq, None,
+            share = None if row.share is None else stored_share(
+                row.share, row.attempt, row.first_failure
+            )
+            ram.append(Delivery(message, row.qos, row.retain, row.seq, share,
                                 sub_ids_for(row.topic)))
 
     def take_shared(self) -> list[Delivery]:

@@ -205,7 +205,8 @@ class Broker(Engine):
         while True:
             timers.run_due(time.time())
             self._timer_wakeup = trio.Event()
-            with trio.move_on_after(timers.next_deadline() - time.time()):
+            # (a timer that came due while the others ran: at once, never a negative wait)
+            with trio.move_on_after(max(0.0, timers.next_deadline() - time.time())):
                 await self._timer_wakeup.wait()
 
     async def _expiry_loop(self) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import attrs
 
@@ -24,12 +24,15 @@ from mqttd.codec.errors import ProtocolError, QuotaExceeded
 from mqttd.codec.packets import Publish, PubRel
 from mqttd.delivery import (
     STORED_ID,
+    Attempt,
     Delivery,
     Fanout,
     Recipient,
+    Share,
     encode_delivery,
     encode_resend,
     new_delivery,
+    stored_share,
 )
 from mqttd.outqueue import DISCONNECT, DropCounters, OutQueue, QueueLimits
 from mqttd.topics import is_shared, matches, parse_shared
@@ -67,6 +70,29 @@ class Peer(Recipient, Protocol):
 _PACKET_ID_BYTES = [i.to_bytes(2, "big") for i in range(65536)]
 
 
+class Taken(NamedTuple):
+    """A delivery through a shared subscription taken back from a member whose connection
+    ended (:meth:`Session.take_shared`): ``sent`` if it was in flight (delivered, not
+    acknowledged), not if it was still queued."""
+
+    message: Publish
+    qos: int
+    share: Share
+    sent: bool
+
+
+def _shared_delivery(
+    client_id: str, seq: int, message_id: int, qos: int, retain: bool, packet_id: int,
+    share: Share,
+) -> ops.AddSharedDelivery:
+    if share.__class__ is str:
+        return ops.AddSharedDelivery(client_id, seq, message_id, qos, retain, packet_id,
+                                     share)  # type: ignore[arg-type]
+    attempt: Attempt = share  # type: ignore[assignment]
+    return ops.AddSharedDelivery(client_id, seq, message_id, qos, retain, packet_id,
+                                 attempt.share, attempt.deliveries, attempt.first_failure or None)
+
+
 @attrs.define(eq=False)
 class Session:
     client_id: str
@@ -90,6 +116,9 @@ class Session:
     # 5.0 subscription options: filter -> (options byte, subscription id), non-default only
     sub_options: dict[str, tuple[int, int]] = attrs.Factory(dict)
     discarded: bool = False
+    # it is, or was, a member of a consumer group: its acknowledgements may settle jobs
+    # (mqttd.workqueues); the others' acks are not looked at for that
+    group_member: bool = False
     # the user name of the latest login, for ACL checks on delivery; ``login_known`` is
     # False for a session restored from the store until its client logs in again
     username: str | None = None
@@ -120,15 +149,19 @@ class Session:
             disconnected_at=row.disconnected_at,
             expiry_s=row.expiry_s,
             sub_options=dict(row.subscription_options),
+            group_member=bool(row.shares),
             **limits,
         )
         session.out.restore(row.queued, row.queued_after, row.queued_sizes)
+        shares = row.shares
         for seq, packet_id, state, qos, retain, topic, payload, props, expires in row.inflight:
             message = None if state == 2 else v5.restored_message(
                 topic, payload, qos, retain, props, expires
             )
+            share = shares.get(seq) if shares and message is not None else None
             session.inflight[packet_id] = Delivery(
-                message, qos, retain, seq, None, session._sub_ids_for(topic)
+                message, qos, retain, seq, stored_share(*share) if share else None,
+                session._sub_ids_for(topic),
             )
         if session.inflight:
             session.next_packet_id = max(session.inflight) % 65535 + 1
@@ -164,7 +197,7 @@ class Session:
         qos: int,
         retain: bool,
         fanout: Fanout[Any] | None,
-        share: str | None = None,
+        share: Share | None = None,
         sub_ids: tuple[int, ...] | None = None,
     ) -> None:
         """Hand one message to this session at ``qos``. ``fanout`` is shared by the
@@ -234,7 +267,7 @@ class Session:
         qos: int,
         retain: bool,
         fanout: Fanout[Any] | None,
-        share: str | None,
+        share: Share | None,
         sub_ids: tuple[int, ...] | None,
         window_open: bool,
     ) -> None:
@@ -261,12 +294,18 @@ class Session:
             if packet_id > 0:  # else larger than the client accepts: never stored for it
                 writer.submit(
                     ops.AddDelivery(self.client_id, seq, message_id, qos, retain, packet_id)
+                    if share is None else _shared_delivery(
+                        self.client_id, seq, message_id, qos, retain, packet_id, share
+                    )
                 )
             return
         out = self.out
         out.place(Delivery(message, qos, retain, seq, share, sub_ids), len(message.payload),
                   conn is not None)
-        writer.submit(ops.AddDelivery(self.client_id, seq, message_id, qos, retain, 0))
+        writer.submit(
+            ops.AddDelivery(self.client_id, seq, message_id, qos, retain, 0) if share is None
+            else _shared_delivery(self.client_id, seq, message_id, qos, retain, 0, share)
+        )
         out.trim()
 
     def _send_new(
@@ -277,7 +316,7 @@ class Session:
         retain: bool,
         fanout: Fanout[Any] | None,
         seq: int,
-        share: str | None = None,
+        share: Share | None = None,
         sub_ids: tuple[int, ...] | None = None,
     ) -> int:
         """Send a new PUBLISH and put it in flight; its packet id, or -1 when it is larger
@@ -345,43 +384,46 @@ class Session:
     # table 3.4, 5.0 section 4.3). ProtocolError closes the connection; the delivery stays
     # in flight and is sent again on the next one, as after any lost connection.
 
-    def on_puback(self, packet_id: int) -> bool:
+    # They return the delivery acknowledged (a tuple, so true), or None for an unknown id.
+
+    def on_puback(self, packet_id: int) -> Delivery | None:
         entry = self.inflight.get(packet_id)
         if entry is None:
-            return False
+            return None
         if entry.qos != 1:
             raise ProtocolError(f"PUBACK for the QoS 2 PUBLISH {packet_id}")
         del self.inflight[packet_id]
         self._acknowledged(entry.seq)
-        return True
+        return entry
 
-    def on_pubrec(self, packet_id: int) -> bool:
+    def on_pubrec(self, packet_id: int) -> Delivery | None:
         """QoS 2 step 2: the PUBLISH is never sent again, a PUBREL is (by the caller). A
-        PUBREC again after the PUBREL is a resend: True, the caller sends PUBREL again."""
+        PUBREC again after the PUBREL is a resend: the entry (without a message), and the
+        caller sends PUBREL again."""
         entry = self.inflight.get(packet_id)
         if entry is None:
-            return False
+            return None
         if entry.qos != 2:
             raise ProtocolError(f"PUBREC for the QoS 1 PUBLISH {packet_id}")
         if entry.message is not None:
             self.inflight[packet_id] = Delivery(None, 2, False, entry.seq, None, None)
             if self.writer is not None:
                 self.writer.submit(ops.SetReleased(self.client_id, entry.seq))
-        return True
+        return entry
 
-    def on_pubrec_refused(self, packet_id: int) -> bool:
+    def on_pubrec_refused(self, packet_id: int) -> Delivery | None:
         """5.0: a PUBREC with an error code (0x80 and up) ends the QoS 2 exchange: no PUBREL,
         the message is done with for this client (MQTT-4.3.3-4)."""
         entry = self.inflight.get(packet_id)
         if entry is None:
-            return False
+            return None
         if entry.qos != 2:
             raise ProtocolError(f"PUBREC for the QoS 1 PUBLISH {packet_id}")
         if entry.message is None:
-            return False  # after our PUBREL: the exchange is past PUBREC already
+            return None  # after our PUBREL: the exchange is past PUBREC already
         del self.inflight[packet_id]
         self._acknowledged(entry.seq)
-        return True
+        return entry
 
     def on_pubcomp(self, packet_id: int) -> bool:
         entry = self.inflight.get(packet_id)
@@ -453,21 +495,21 @@ class Session:
                     ids.add(sub_id)
         return tuple(sorted(ids)) or None
 
-    def take_shared(self) -> list[tuple[Publish, int, str]]:
+    def take_shared(self) -> list[Taken]:
         """Take back the unacknowledged deliveries that came through shared subscriptions
         (PUBLISHes in flight, QoS 2 ones not yet PUBRECed, and those queued in RAM), oldest
         first, so that the broker can hand them to another member of their group. Disk-only
         queued entries (a backlog beyond one page) stay with this session."""
-        taken: list[tuple[Publish, int, str]] = []
+        taken: list[Taken] = []
         writer = self.writer
         for packet_id, delivery in list(self.inflight.items()):
             if delivery.share is not None and delivery.message is not None:
                 del self.inflight[packet_id]
-                taken.append((delivery.message, delivery.qos, delivery.share))
+                taken.append(Taken(delivery.message, delivery.qos, delivery.share, True))
                 if writer is not None:
                     writer.submit(ops.RemoveDelivery(self.client_id, delivery.seq))
         for delivery in self.out.take_shared():
-            taken.append((delivery.message, delivery.qos, delivery.share))  # type: ignore[arg-type]
+            taken.append(Taken(delivery.message, delivery.qos, delivery.share, False))  # type: ignore[arg-type]
         return taken
 
     def detach(self) -> None:

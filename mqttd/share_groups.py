@@ -17,25 +17,29 @@ to exactly one member:
 Each member receives at most the QoS it was granted. A member's deliveries remember the
 group they came through; when the member's connection ends, what it has not acknowledged
 (inflight PUBLISHes, QoS 2 ones not yet PUBRECed, and its queue held in RAM) is taken back
-and handed to another member (:meth:`ShareGroups.hand_on`). Retained messages are not
-sent on a shared subscription (MQTT 5.0, 4.8.2 / 3.8.4).
+and handed to another member. Retained messages are not sent on a shared subscription
+(MQTT 5.0, 4.8.2 / 3.8.4). What a group does beyond picking a member (retries after a
+negative acknowledgement, ack deadlines, dead letters, handing on) is
+:mod:`mqttd.workqueues`'.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from mqttd.topics import parse_shared
 
 if TYPE_CHECKING:
     from mqttd.codec.packets import Publish
-    from mqttd.delivery import Fanout
+    from mqttd.delivery import Fanout, Share
     from mqttd.session import Session
     from mqttd.subscriptions import SubOptions
     from mqttd.trie import SubscriptionTrie
 
     Member = tuple[Session, int, SubOptions | None]
+    Watch = Callable[["ShareGroup", Member, Publish, str], Share]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,7 @@ class ShareGroup:
         "members",
         "name",
         "redelivered",
+        "watch",
     )
 
     def __init__(self, name: str, group: str, topic_filter: str) -> None:
@@ -67,8 +72,15 @@ class ShareGroup:
         self.delivered = 0
         self.redelivered = 0
         self.dropped = 0
+        # set by the work queues when the group has an ack deadline: called for each
+        # delivery, it returns what the delivery carries (an Attempt it watches)
+        self.watch: Watch | None = None
 
-    def _pick(self, qos: int, exclude: Session | None = None) -> Member | None:
+    def pick(
+        self, qos: int, exclude: Session | None = None, connected: bool = False
+    ) -> Member | None:
+        """The member to hand a message to (see the module's docstring); with ``exclude``
+        never that session, with ``connected`` only a connected member."""
         members = list(self.members.values())
         count = len(members)
         if not count:
@@ -83,7 +95,7 @@ class ShareGroup:
             if session is exclude:
                 continue
             if session.connection is None:
-                if offline is None and session.persistent and qos and entry[1]:
+                if offline is None and session.persistent and qos and entry[1] and not connected:
                     offline = entry
                 continue
             queued = session.queued
@@ -102,27 +114,23 @@ class ShareGroup:
     ) -> None:
         """The router's entry point (the group is in the trie with QoS 2, so ``qos`` is the
         message's own)."""
-        entry = self._pick(qos)
+        entry = self.pick(qos)
         if entry is None:
             self.dropped += 1
             return
         self.delivered += 1
-        _deliver(entry, message, qos, parts, self.name)
-
-    def redeliver(self, message: Publish, qos: int, exclude: Session) -> bool:
-        """Hand a message a member gave back to another member; False if none could take it."""
-        entry = self._pick(qos, exclude)
-        if entry is None:
-            self.dropped += 1
-            return False
-        self.redelivered += 1
-        _deliver(entry, message, qos, None, self.name)
-        return True
+        watch = self.watch
+        if watch is None:
+            deliver_to(entry, message, qos, parts, self.name)
+        else:
+            deliver_to(entry, message, qos, parts, watch(self, entry, message, self.name))
 
 
-def _deliver(
-    member: Member, message: Publish, qos: int, parts: Fanout[Any] | None, name: str
+def deliver_to(
+    member: Member, message: Publish, qos: int, parts: Fanout[Any] | None, name: Share
 ) -> None:
+    """Hand ``message`` to one member, at most at the QoS it was granted; ``name`` is what
+    the delivery carries (the group's name, or a work queue's Attempt)."""
     session, granted, options = member
     qos = qos if qos < granted else granted
     if options is None:
@@ -142,6 +150,8 @@ class ShareGroups:
         self.trie = trie
         self.groups: dict[str, ShareGroup] = {}
         self.lost = 0  # messages given back by a member no other member could take
+        # called for each new group (the work queues set its ack deadline watch)
+        self.on_new: Callable[[ShareGroup], None] | None = None
 
     def add(
         self, topic_filter: str, session: Session, qos: int, options: SubOptions | None = None
@@ -153,8 +163,11 @@ class ShareGroups:
             name, inner = parse_shared(topic_filter)
             group = self.groups[topic_filter] = ShareGroup(topic_filter, name, inner)
             self.trie.add(inner, _KEY_PREFIX + topic_filter, group, 2)
+            if self.on_new is not None:
+                self.on_new(group)
         new = session.client_id not in group.members
         group.members[session.client_id] = (session, qos, options)
+        session.group_member = True
         return new
 
     def remove(self, topic_filter: str, client_id: str) -> bool:
@@ -165,28 +178,6 @@ class ShareGroups:
             del self.groups[topic_filter]
             self.trie.remove(group.filter, _KEY_PREFIX + topic_filter)
         return True
-
-    def hand_on(self, session: Session, taken: list[tuple[Publish, int, str]]) -> int:
-        """``session``'s connection ended and ``taken`` is what it held from groups
-        (``Session.take_shared``, called before it was detached): give each message to
-        another member. What no other member can take goes back to ``session`` if it is
-        persistent (it gets it when it returns), else it is lost and counted. Returns how
-        many messages were handed on."""
-        handed = 0
-        for message, qos, name in taken:
-            group = self.groups.get(name)
-            if group is not None and group.redeliver(message, qos, session):
-                handed += 1
-            elif session.persistent and not session.discarded:
-                session.deliver(message, qos, False, None, name)
-            else:
-                self.lost += 1
-        if handed:
-            log.info(
-                "client %s left with %d unacknowledged shared messages: handed to other "
-                "members", session.client_id, handed,
-            )
-        return handed
 
     def stats(self) -> dict[str, int]:
         groups = self.groups.values()

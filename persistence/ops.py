@@ -69,6 +69,23 @@ class AddDelivery(NamedTuple):
     packet_id: int
 
 
+class AddSharedDelivery(NamedTuple):
+    """:class:`AddDelivery` of a message that came through a consumer group: ``share`` is
+    the ``$share/<group>/<filter>`` it came through, ``attempt`` the number of this delivery
+    of the job (1 for the first), ``first_failure`` when the job first failed (epoch
+    seconds; None before any failure)."""
+
+    client_id: str
+    seq: int
+    message_id: int
+    qos: int
+    retain: bool
+    packet_id: int
+    share: str
+    attempt: int = 1
+    first_failure: float | None = None
+
+
 class SetInflight(NamedTuple):
     """A queued delivery was sent with ``packet_id``."""
 
@@ -125,6 +142,48 @@ class DeleteRetained(NamedTuple):
     topic: str
 
 
+class AddJob(NamedTuple):
+    """A consumer group's job waiting for its retry (after a negative acknowledgement, an
+    ack deadline or its member leaving): ``message_id`` (a stored message, kept while the
+    job refers to it), the deliveries made so far, when it first failed, when it is due
+    (epoch seconds), why it failed last, and the member to avoid (None: any)."""
+
+    job_id: int
+    share: str
+    message_id: int
+    deliveries: int
+    first_failure: float
+    due_at: float
+    reason: str
+    exclude: str | None = None
+
+
+class RemoveJob(NamedTuple):
+    """The job was handed to a member (or dead-lettered, or it expired)."""
+
+    job_id: int
+
+
+class AddDelayed(NamedTuple):
+    """A delayed publish (``$delayed/<seconds>/<topic>``), to be published to ``topic`` at
+    ``due_at`` (epoch seconds); the other fields as in :class:`AddMessage`."""
+
+    delayed_id: int
+    due_at: float
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    properties: bytes | None = None
+    expires_at: float | None = None
+
+
+class RemoveDelayed(NamedTuple):
+    """The delayed message was published (or dropped, expired)."""
+
+    delayed_id: int
+
+
 class QueuedRow(NamedTuple):
     """A queued delivery read back by :class:`LoadQueued`. Expired rows are returned too
     (the session counts what it asked for); ``expires_at`` lets the caller drop them."""
@@ -136,6 +195,40 @@ class QueuedRow(NamedTuple):
     payload: bytes
     properties: bytes | None = None
     expires_at: float | None = None
+    share: str | None = None  # as in AddSharedDelivery (None: not through a group)
+    attempt: int = 0
+    first_failure: float | None = None
+
+
+class JobRow(NamedTuple):
+    """A job waiting for its retry (see ops.AddJob), with its message."""
+
+    job_id: int
+    share: str
+    message_id: int
+    deliveries: int
+    first_failure: float
+    due_at: float
+    reason: str
+    exclude: str | None
+    topic: str
+    payload: bytes
+    qos: int
+    properties: bytes | None
+    expires_at: float | None
+
+
+class DelayedRow(NamedTuple):
+    """A delayed publish (see ops.AddDelayed)."""
+
+    delayed_id: int
+    due_at: float
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    properties: bytes | None
+    expires_at: float | None
 
 
 class LoadQueued(NamedTuple):
@@ -151,5 +244,6 @@ class LoadQueued(NamedTuple):
 Op = (
     SaveSession | DeleteSession | AddSubscription | RemoveSubscription | AddMessage
     | AddDelivery | SetInflight | SetReleased | RemoveDelivery | DropOldestQueued | AddInbound
-    | RemoveInbound | SetRetained | DeleteRetained | LoadQueued
+    | RemoveInbound | SetRetained | DeleteRetained | LoadQueued | AddSharedDelivery | AddJob
+    | RemoveJob | AddDelayed | RemoveDelayed
 )

@@ -20,6 +20,12 @@ Tables:
   seconds after which it is not delivered any more (NULL: never).
 - ``deliveries``: the per-session queue, in ``seq`` order; ``state`` 0 = queued,
   1 = sent and awaiting PUBACK/PUBREC (``packet_id`` set), 2 = PUBREL sent.
+  A delivery through a consumer group keeps ``share`` (its ``$share/<group>/<filter>``),
+  ``attempt`` (the number of this delivery of the job; 0 otherwise) and ``first_failure``.
+- ``jobs``: consumer-group jobs waiting for a retry (``due_at``), their body in
+  ``messages`` (counted in ``refs``).
+- ``delayed``: delayed publishes (``$delayed/<seconds>/<topic>``), body included, until
+  ``due_at``.
 - ``inbound_qos2``: QoS 2 packet ids received and not yet released by PUBREL.
 - ``retained``: the retained message per topic, with ``properties`` and ``expires_at`` as
   in ``messages``.
@@ -123,6 +129,47 @@ def _mqtt5(db: Database) -> None:
         "ALTER TABLE retained ADD COLUMN expires_at REAL",
         # messages with an expiry only: costs nothing for 3.1.1 traffic
         "CREATE INDEX messages_expiring ON messages (expires_at) WHERE expires_at IS NOT NULL",
+    ):
+        db.execute(statement)
+
+
+@migrations(name="0004_work_queues")
+def _work_queues(db: Database) -> None:
+    """Consumer groups as work queues and delayed publish: a delivery through a group
+    keeps the group (``share``), the number of this delivery of the job (``attempt``, 0 for
+    a delivery not through a group) and when the job first failed; ``jobs`` holds the jobs
+    waiting for a retry (their bodies in ``messages``, counted in ``refs`` like a
+    delivery's); ``delayed`` the delayed publishes, whole."""
+    for statement in (
+        "ALTER TABLE deliveries ADD COLUMN share TEXT",
+        "ALTER TABLE deliveries ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE deliveries ADD COLUMN first_failure REAL",
+        """CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY,
+            share TEXT NOT NULL,
+            message_id INTEGER NOT NULL,
+            deliveries INTEGER NOT NULL,
+            first_failure REAL NOT NULL,
+            due_at REAL NOT NULL,
+            reason TEXT NOT NULL,
+            exclude TEXT
+        )""",
+        """CREATE TRIGGER jobs_ref AFTER INSERT ON jobs BEGIN
+            UPDATE messages SET refs = refs + 1 WHERE id = NEW.message_id;
+        END""",
+        """CREATE TRIGGER jobs_unref AFTER DELETE ON jobs BEGIN
+            UPDATE messages SET refs = refs - 1 WHERE id = OLD.message_id;
+        END""",
+        """CREATE TABLE delayed (
+            id INTEGER PRIMARY KEY,
+            due_at REAL NOT NULL,
+            topic TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            qos INTEGER NOT NULL,
+            retain INTEGER NOT NULL,
+            properties BLOB,
+            expires_at REAL
+        )""",
     ):
         db.execute(statement)
 

@@ -20,6 +20,7 @@ import attrs
 from sqlite_utils import Database
 
 from persistence import ops
+from persistence.ops import DelayedRow, JobRow
 from persistence.schema import MIGRATION_SET, SCHEMA_VERSION, migrations
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ InflightRow = tuple[int, int, int, int, bool, str, bytes, bytes | None, float | 
 RetainedRow = tuple[str, bytes, int, bytes | None, float | None]
 """(topic, payload, qos, properties, expires_at)"""
 
+ShareRow = tuple[str, int, float | None]
+"""(share, attempt, first_failure) of a delivery through a consumer group"""
+
 
 @attrs.define(eq=False)
 class RestoredSession:
@@ -86,6 +90,8 @@ class RestoredSession:
     expiry_s: int | None = None  # as stored by SaveSession: None = configured, -1 = never
     # filter -> (options, subscription_id), only for subscriptions with either non-zero
     subscription_options: dict[str, tuple[int, int]] = attrs.Factory(dict)
+    # seq -> the consumer group of an inflight delivery that came through one
+    shares: dict[int, ShareRow] = attrs.Factory(dict)
 
 
 @attrs.define(eq=False)
@@ -96,6 +102,8 @@ class Snapshot:
     expired: list[str]  # client ids of the sessions deleted as expired
     expired_messages: int = 0  # queued (never sent) deliveries deleted as expired
     expired_retained: int = 0  # retained messages deleted as expired
+    jobs: list[JobRow] = attrs.Factory(list)  # consumer-group jobs waiting for a retry
+    delayed: list[DelayedRow] = attrs.Factory(list)  # delayed publishes, by due time
 
 
 # Operations applied with one executemany per run of the same type (NamedTuple fields are
@@ -126,6 +134,21 @@ _STATEMENTS: dict[type, tuple[str, ...]] = {
         "INSERT INTO deliveries (client_id, seq, message_id, qos, retain, packet_id, state) "
         "VALUES (?1, ?2, ?3, ?4, ?5, NULLIF(?6, 0), CASE WHEN ?6 THEN 1 ELSE 0 END)",
     ),
+    ops.AddSharedDelivery: (
+        "INSERT INTO deliveries (client_id, seq, message_id, qos, retain, packet_id, state, "
+        "share, attempt, first_failure) VALUES (?1, ?2, ?3, ?4, ?5, NULLIF(?6, 0), "
+        "CASE WHEN ?6 THEN 1 ELSE 0 END, ?7, ?8, ?9)",
+    ),
+    ops.AddJob: (
+        "INSERT INTO jobs (id, share, message_id, deliveries, first_failure, due_at, reason, "
+        "exclude) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    ),
+    ops.RemoveJob: ("DELETE FROM jobs WHERE id = ?",),
+    ops.AddDelayed: (
+        "INSERT INTO delayed (id, due_at, topic, payload, qos, retain, properties, expires_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    ),
+    ops.RemoveDelayed: ("DELETE FROM delayed WHERE id = ?",),
     ops.SetInflight: (
         "UPDATE deliveries SET packet_id = ?3, state = 1 WHERE client_id = ?1 AND seq = ?2",
     ),
@@ -148,7 +171,8 @@ _STATEMENTS: dict[type, tuple[str, ...]] = {
 _DELETE_UNREFERENCED = "DELETE FROM messages WHERE refs <= 0"
 
 _LOAD_QUEUED = (
-    "SELECT d.seq, d.qos, d.retain, m.topic, m.payload, m.properties, m.expires_at "
+    "SELECT d.seq, d.qos, d.retain, m.topic, m.payload, m.properties, m.expires_at, "
+    "d.share, d.attempt, d.first_failure "
     "FROM deliveries d "
     "JOIN messages m ON m.id = d.message_id "
     "WHERE d.client_id = ? AND d.state = 0 AND d.seq > ? ORDER BY d.seq LIMIT ?"
@@ -162,6 +186,16 @@ _EXPIRED_SESSIONS = (
     "WHEN expiry_s = 0 THEN 1 "
     "ELSE expiry_s > 0 AND disconnected_at < ?1 - expiry_s END "
     "ORDER BY client_id"
+)
+
+_LOAD_JOBS = (
+    "SELECT j.id, j.share, j.message_id, j.deliveries, j.first_failure, j.due_at, j.reason, "
+    "j.exclude, m.topic, m.payload, m.qos, m.properties, m.expires_at "
+    "FROM jobs j JOIN messages m ON m.id = j.message_id ORDER BY j.due_at, j.id"
+)
+_LOAD_DELAYED = (
+    "SELECT id, due_at, topic, payload, qos, retain, properties, expires_at FROM delayed "
+    "ORDER BY due_at, id"
 )
 
 LoadResult = tuple[Callable[[list[ops.QueuedRow]], None], list[ops.QueuedRow]]
@@ -260,8 +294,8 @@ class SqliteStore:
                     for op in batch[i:j]:
                         rows = conn.execute(_LOAD_QUEUED, op[:3]).fetchall()  # type: ignore[misc]
                         queued = [
-                            ops.QueuedRow(seq, qos, bool(retain), topic, payload, props, expires)
-                            for seq, qos, retain, topic, payload, props, expires in rows
+                            ops.QueuedRow(seq, qos, bool(retain), *row)
+                            for seq, qos, retain, *row in rows
                         ]
                         results.append((op.callback, queued))  # type: ignore[union-attr]
                 elif kind is ops.DeleteSession:
@@ -323,17 +357,29 @@ class SqliteStore:
                 conn, now, session_expiry_s
             )
             sessions, retained, next_message_id = _load_snapshot(conn)
+            jobs = [JobRow(*row) for row in conn.execute(_LOAD_JOBS)]
+            delayed = [
+                DelayedRow(delayed_id, due, topic, payload, qos, bool(retain), props, expires)
+                for delayed_id, due, topic, payload, qos, retain, props, expires
+                in conn.execute(_LOAD_DELAYED)
+            ]
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
         return Snapshot(
-            sessions, retained, next_message_id, expired, expired_messages, expired_retained
+            sessions, retained, next_message_id, expired, expired_messages, expired_retained,
+            jobs, delayed,
         )
 
-    def table_counts(self) -> dict[str, int]:
-        names = ("sessions", "subscriptions", "messages", "deliveries", "inbound_qos2", "retained")
+    def table_counts(self, *more: str) -> dict[str, int]:
+        """Rows per table: the sessions' and retained messages' tables, and ``more`` (e.g.
+        "jobs", "delayed")."""
+        names = (
+            "sessions", "subscriptions", "messages", "deliveries", "inbound_qos2", "retained",
+            *more,
+        )
         return {
             name: self.conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
             for name in names
@@ -411,15 +457,19 @@ def _load_deliveries(conn: sqlite3.Connection, sessions: dict[str, RestoredSessi
     (state 0, read page by page later) only the count, the sizes and where they start."""
     for (
         client_id, seq, packet_id, state, qos, retain, topic, payload, properties, expires_at,
+        share, attempt, first_failure,
     ) in conn.execute(
         "SELECT d.client_id, d.seq, d.packet_id, d.state, d.qos, d.retain, m.topic, "
-        "m.payload, m.properties, m.expires_at FROM deliveries d "
-        "JOIN messages m ON m.id = d.message_id "
+        "m.payload, m.properties, m.expires_at, d.share, d.attempt, d.first_failure "
+        "FROM deliveries d JOIN messages m ON m.id = d.message_id "
         "WHERE d.state > 0 ORDER BY d.client_id, d.seq"
     ):
-        sessions[client_id].inflight.append(
+        session = sessions[client_id]
+        session.inflight.append(
             (seq, packet_id, state, qos, bool(retain), topic, payload, properties, expires_at)
         )
+        if share is not None:
+            session.shares[seq] = (share, attempt, first_failure)
     for client_id, count, first_seq, last_seq in conn.execute(
         "SELECT client_id, sum(state = 0), min(CASE WHEN state = 0 THEN seq END), "
         "max(seq) FROM deliveries GROUP BY client_id"
@@ -453,7 +503,7 @@ def _without_settled(batch: Sequence[ops.Op]) -> Sequence[ops.Op]:
             epochs[op.client_id] = epochs.get(op.client_id, 0) + 1
         elif isinstance(op, _DELIVERY_OPS):
             key = (op.client_id, epochs.get(op.client_id, 0), op.seq)
-            if isinstance(op, ops.AddDelivery):
+            if isinstance(op, ops.AddDelivery | ops.AddSharedDelivery):
                 added[key] = op.message_id
             elif isinstance(op, ops.RemoveDelivery) and key in added:
                 settled.add(key)
@@ -477,7 +527,9 @@ def _without_settled(batch: Sequence[ops.Op]) -> Sequence[ops.Op]:
     return kept
 
 
-_DELIVERY_OPS = (ops.AddDelivery, ops.RemoveDelivery, ops.SetInflight, ops.SetReleased)
+_DELIVERY_OPS = (
+    ops.AddDelivery, ops.AddSharedDelivery, ops.RemoveDelivery, ops.SetInflight, ops.SetReleased,
+)
 
 
 def _connect(path: str, synchronous: str) -> sqlite3.Connection:
@@ -522,6 +574,6 @@ def _move_aside(path: Path) -> Path:
 
 
 __all__ = [
-    "MIGRATION_SET", "NewerSchemaError", "Snapshot", "SqliteStore", "StorageFull", "StoreError",
-    "Usage",
+    "MIGRATION_SET", "DelayedRow", "JobRow", "NewerSchemaError", "Snapshot", "SqliteStore",
+    "StorageFull", "StoreError", "Usage",
 ]

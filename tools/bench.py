@@ -35,13 +35,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tools import cgen, loadgen
+from tools import cgen, loadgen, wqgen
 
 SCENARIOS = (
     "fanin_qos0", "fanin_qos1", "durable_qos1", "fanout", "latency", "connections", "constrained",
+    "shared_qos1", "workqueue",
 )
+# consumer groups as work queues (tools/wqgen.py): mqttd only, the one compared with itself
+WORK_QUEUE_SCENARIOS = ("shared_qos1", "workqueue")
+WORK_QUEUE_WORKERS = 4
+WORK_QUEUE_REJECT_EVERY = 10  # every 10th job rejected once (10%)
+WORK_QUEUE_RETRY_S = 0.05  # mqttd's work_queues.retry_delay_initial_s in these two rows
 BROKERS = ("mqttd", "mosquitto", "amqtt")
 DEFAULT_OUTPUT = os.path.join("bench", "results.json")
+TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # whose mqttd is measured
 GENERATORS = ("c", "python")
 # Every broker runs at its default configuration: nothing here changes a limit.
 MOSQUITTO_DEFAULT_INFLIGHT = 20  # mosquitto 2.0's max_inflight_messages (global)
@@ -109,6 +116,13 @@ DESCRIPTIONS = {
                    "from 1 publisher, while {telemetry_publishers} publishers x "
                    "{telemetry_messages} msgs x 64 B of QoS 0 telemetry fan in to 1 subscriber "
                    "on bench/#",
+    "shared_qos1": "shared subscription: {publishers} publishers x {messages} QoS 1 jobs, "
+                   f"window {{window}}, to a group of {WORK_QUEUE_WORKERS} MQTT 5.0 workers "
+                   "(`$share/bench/bench/#`) acknowledging every job",
+    "workqueue": "work queue: as shared_qos1, but every "
+                 f"{WORK_QUEUE_REJECT_EVERY}th job is rejected once (PUBACK 0x80) and retried by "
+                 f"the broker (work_queues.retry_delay_initial_s {WORK_QUEUE_RETRY_S:g} in both "
+                 "rows; the jobs count once acknowledged)",
 }
 
 # what bounds the devices' window on each broker in the constrained scenario
@@ -216,11 +230,13 @@ def broker_version(name: str) -> str:
 class Broker:
     """One broker process in its own directory; ``with`` starts and always stops it."""
 
-    def __init__(self, name: str, workdir: str, durable: bool, devices: bool = False) -> None:
+    def __init__(self, name: str, workdir: str, durable: bool, devices: bool = False,
+                 work_queue: bool = False) -> None:
         self.name = name
         self.workdir = workdir
         self.durable = durable
         self.devices = devices  # mqttd: a client_overrides window for the constrained devices
+        self.work_queue = work_queue  # mqttd: a short retry delay (WORK_QUEUE_RETRY_S)
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.log_path = os.path.join(workdir, f"{name}.log")
@@ -236,6 +252,8 @@ class Broker:
                         f'  - client_id: "{DEVICE_PATTERN}"\n'
                         f"    max_inflight_messages: {DEVICE_WINDOW}\n"
                     )
+                if self.work_queue:
+                    f.write(f"work_queues:\n  retry_delay_initial_s: {WORK_QUEUE_RETRY_S}\n")
             return [sys.executable, "-m", "mqttd", "-c", config, "--host", "127.0.0.1",
                     "-p", "0", "--data-dir", os.path.join(self.workdir, "data")]
         self.port = free_port()
@@ -283,10 +301,15 @@ class Broker:
 
     def start(self) -> None:
         command = self.command()
+        env = None
+        if self.name == "mqttd":  # the tree this benchmark runs from, not an installed one
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                p for p in (TREE, os.environ.get("PYTHONPATH")) if p
+            )}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.workdir, preexec_fn=loadgen.prepare_child,
+                cwd=self.workdir, preexec_fn=loadgen.prepare_child, env=env,
             )
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -470,6 +493,13 @@ def run_scenario(
             port, probe, clients=size.connections, timeout_s=size.timeout_s,
             procs=size.connection_procs, measure=lambda: status_kib(broker.pid, "VmRSS"),
         )
+    if scenario in WORK_QUEUE_SCENARIOS:
+        return wqgen.work_queue(
+            port, probe, publishers=size.publishers, messages=max(1, size.messages // divisor),
+            workers=WORK_QUEUE_WORKERS, window=size.window, timeout_s=size.timeout_s,
+            reject_every=WORK_QUEUE_REJECT_EVERY if scenario == "workqueue" else 0,
+            procs=size.publisher_procs,
+        )
     if scenario == "constrained":
         result = loadgen.constrained(
             port, probe, devices=size.devices, commands=size.device_commands,
@@ -487,11 +517,16 @@ def run_one(scenario: str, name: str, size: Size, binary: str | None = None) -> 
     """One scenario against one fresh broker; never raises (errors become the result)."""
     divisor = 1 if scenario in ("latency", "connections") else _scaled(size, name)
     result: dict[str, Any] = {"status": "ok", "scale": 1 / divisor}
+    if scenario in WORK_QUEUE_SCENARIOS and name != "mqttd":
+        return {**result, "status": "skipped", "wall_s": 0.0,
+                "error": f"{scenario}: mqttd only (it compares mqttd's work queues with its "
+                         "plain shared subscriptions)"}
     t0 = time.monotonic()
     workdir = tempfile.mkdtemp(prefix=f"bench-{name}-")
     try:
         with Broker(name, workdir, durable=scenario == "durable_qos1",
-                    devices=scenario == "constrained") as broker:
+                    devices=scenario == "constrained",
+                    work_queue=scenario in WORK_QUEUE_SCENARIOS) as broker:
             probe = BrokerProbe(broker.pid)
             raw = run_scenario(scenario, broker, probe, size, divisor, binary)
             result.update(raw)
@@ -511,6 +546,8 @@ def run_one(scenario: str, name: str, size: Size, binary: str | None = None) -> 
             count = raw.get("delivered", raw.get("connected", 0))
             count += raw.get("telemetry", {}).get("delivered", 0)  # constrained: both loads
             result["msgs_per_cpu_s"] = count / broker_cpu if broker_cpu > 0 else None
+            if scenario in WORK_QUEUE_SCENARIOS and count:
+                result["broker_cpu_us_per_job"] = 1e6 * broker_cpu / count
             result["status"] = _status(name, raw)
     except Exception as exc:  # a broker that breaks is a result, not the end of the run
         result["status"] = "error"
@@ -751,6 +788,8 @@ def markdown(report: dict[str, Any]) -> str:
             if scenario == "constrained":
                 device_rows.append((name, r))
                 continue
+            if scenario in WORK_QUEUE_SCENARIOS:
+                continue  # their own table (_work_queue_lines)
             lat = r.get("latency_ms") or {}
             main_rows.append(
                 f"| {scenario} | {name} | {_scale_text(r['scale'])} "
@@ -815,6 +854,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {_num(_mib(r.get('peak_rss_kib')), 1)} | {_num(r.get('broker_cpu_s'), 2)} "
                 f"| {_num(r.get('wall_s'), 1)} | {r['status']} |"
             )
+    lines += _work_queue_lines(report)
     ratio_rows = [
         (scenario, peer, values)
         for scenario, entry in report["scenarios"].items()
@@ -848,6 +888,42 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- `{scenario}`: {entry['description']}")
     lines += _notes(report)
     return "\n".join(lines)
+
+
+def _work_queue_lines(report: dict[str, Any]) -> list[str]:
+    """The consumer-group rows: jobs/s and broker CPU per job, work queue vs plain shared."""
+    rows = [(scenario, report["scenarios"][scenario]["results"].get("mqttd"))
+            for scenario in WORK_QUEUE_SCENARIOS if scenario in report["scenarios"]]
+    rows = [(scenario, r) for scenario, r in rows if r and r["status"] not in ("skipped",)]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "| consumer group (mqttd) | jobs | rejected | lost | dup | jobs/s | broker CPU s "
+        "| broker CPU us/job | p50 ms | p99 ms | gen CPU s | wall s | status |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for scenario, r in rows:
+        lat = r.get("latency_ms") or {}
+        lines.append(
+            f"| {scenario} | {_num(r.get('delivered'))}/{_num(r.get('expected'))} "
+            f"| {_num(r.get('rejected'))} | {_num(r.get('lost'))} "
+            f"| {_num(r.get('duplicated'))} | {_num(r.get('msgs_per_s'))} "
+            f"| {_num(r.get('broker_cpu_s'), 2)} | {_num(r.get('broker_cpu_us_per_job'), 1)} "
+            f"| {_num(lat.get('p50'), 2)} | {_num(lat.get('p99'), 2)} "
+            f"| {_num(r.get('generator_cpu_s'), 2)} | {_num(r.get('wall_s'), 1)} "
+            f"| {r['status']} |"
+        )
+    results = dict(rows)
+    plain, wq = results.get("shared_qos1"), results.get("workqueue")
+    if plain and wq and plain.get("msgs_per_s") and plain.get("broker_cpu_us_per_job"):
+        speed = wq["msgs_per_s"] / plain["msgs_per_s"]
+        cpu = wq["broker_cpu_us_per_job"] / plain["broker_cpu_us_per_job"]
+        lines += ["", (
+            f"Work queue / plain shared: jobs/s {speed:.2f}x, broker CPU per job {cpu:.2f}x "
+            "(the Python generator of tools/wqgen.py in both: the C one cannot reject)."
+        )]
+    return lines
 
 
 def _generator_text(info: dict[str, Any]) -> str:

@@ -395,10 +395,13 @@ def check_broker(broker: Broker, deep: bool = True) -> None:
     entries = trie_entries(trie)
     if entries is None:
         return
-    if len(entries) != len(trie) or len(entries) != subscriptions + len(groups):
+    internal = getattr(broker, "internal_subscriptions", 0)  # the delayed-publish queue
+    if len(entries) != len(trie) or len(entries) != subscriptions + len(groups) + internal:
         fail(f"the trie holds {len(entries)} subscriptions, says {len(trie)}, the sessions "
-             f"{subscriptions} and {len(groups)} share groups")
+             f"{subscriptions}, {len(groups)} share groups and {internal} of the broker's own")
     for topic_filter, client_id, subscriber, qos in entries:
+        if subscriber is getattr(broker, "delayed", None):
+            continue
         if client_id.startswith(GROUP_KEY):
             group = groups.get(client_id[len(GROUP_KEY):])
             if group is None or subscriber is not group or group.filter != topic_filter:

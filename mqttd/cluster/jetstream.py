@@ -49,6 +49,9 @@ DIRECT_HEADERS = ("Nats-Stream", "Nats-Subject", "Nats-Sequence", "Nats-Time-Sta
 ERR_STREAM_NOT_FOUND = 10059
 ERR_STREAM_NAME_IN_USE = 10058
 ERR_WRONG_LAST_SEQUENCE = 10071
+# what newer servers answer a compare-and-set that lost on a clustered stream (2.15.1,
+# checked here; 2.9.10 answers 10071)
+ERR_WRONG_LAST_SEQUENCE_CLUSTERED = 10164
 ERR_MAX_MSGS_PER_SUBJECT = 10077
 ERR_NO_MESSAGE_FOUND = 10037
 
@@ -84,6 +87,7 @@ class MaxMsgsPerSubjectError(JetStreamError):
 _ERRORS: dict[int, type[JetStreamError]] = {
     ERR_STREAM_NOT_FOUND: StreamNotFoundError,
     ERR_WRONG_LAST_SEQUENCE: WrongLastSequenceError,
+    ERR_WRONG_LAST_SEQUENCE_CLUSTERED: WrongLastSequenceError,
     ERR_MAX_MSGS_PER_SUBJECT: MaxMsgsPerSubjectError,
 }
 

@@ -21,7 +21,9 @@ so a filter ending in ``/#`` needs two subjects: ``a/#`` -> ``mqttd.t.a.>`` and
 What stays on the node:
 
 * ``$SYS`` topics are each node's own: never published to NATS, and a ``$SYS/...`` filter
-  subscribes to nothing there. Other ``$`` topics travel like any topic.
+  subscribes to nothing there. So are delayed publishes (``$delayed/<seconds>/<topic>``):
+  the node that took one holds it and exports it when it publishes it to ``<topic>``.
+  Other ``$`` topics (``$dead/...`` dead letters included) travel like any topic.
 * ``$share/<group>/<filter>``: the group subscribes to its ``<filter>``'s subjects; each
   node's group hands a message to one of that node's members (shared subscriptions are
   node-local in this slice of cluster mode).
@@ -43,7 +45,9 @@ from urllib.parse import unquote
 LIVE_PREFIX = "mqttd.t."
 RETAINED_PREFIX = "mqttd.r."
 MAX_SUBJECT_BYTES = 3800  # leaves room in a 4096-byte control line for sid, reply, sizes
-NODE_LOCAL_PREFIX = "$SYS"
+# each node's own: its $SYS tree; delayed publishes (mqttd.delayed), held by the node that
+# took them and exported when they are published to their target topic
+NODE_LOCAL_PREFIXES = ("$SYS", "$delayed")
 
 _NEEDS_ESCAPE = re.compile(r"[%.*>\x00-\x20\x7f]|\s")
 _EDGE_OR_EMPTY = re.compile(r"^/|//|/$")
@@ -68,10 +72,13 @@ def unescape_token(token: str) -> str:
 
 
 def is_node_local(topic: str) -> bool:
-    """``$SYS`` topics and filters: each node's own, never on NATS."""
-    return topic.startswith(NODE_LOCAL_PREFIX) and (
-        len(topic) == len(NODE_LOCAL_PREFIX) or topic[len(NODE_LOCAL_PREFIX)] == "/"
-    )
+    """``$SYS`` and ``$delayed`` topics and filters: each node's own, never on NATS."""
+    if not topic.startswith("$"):
+        return False
+    for prefix in NODE_LOCAL_PREFIXES:
+        if topic.startswith(prefix) and (len(topic) == len(prefix) or topic[len(prefix)] == "/"):
+            return True
+    return False
 
 
 def tokens(topic: str) -> str:

@@ -295,7 +295,7 @@ class Engine(BrokerState):
         return {
             "connections": len(self.connections),
             "sessions": len(self.sessions),
-            "subscriptions": len(self.router.trie),
+            "subscriptions": len(self.router.trie) - self.internal_subscriptions,
             "retained": len(self.retained),
             "messages_received": self.messages_received,
             "messages_sent": self.sent_by_ended_sessions + sent,
@@ -327,6 +327,8 @@ class Engine(BrokerState):
             **self._storage_stats(),
             **self._flow_stats(),
             **self.shares.stats(),
+            **self.work_queues.stats(),
+            **self.delayed.stats(),
         }
 
     def _storage_stats(self) -> dict[str, int]:
@@ -409,6 +411,8 @@ class Engine(BrokerState):
                 topic, v5.restored_message(topic, payload, qos, True, props, expires_at)
             )
         writer.next_message_id = snapshot.next_message_id
+        self.work_queues.restore(snapshot.jobs)
+        self.delayed.restore(snapshot.delayed)
         for session in self.sessions.values():  # 5.0 expiry intervals run on a timer
             if session.expiry_s and session.expiry_s > 0 and session.disconnected_at:
                 sessions.expire_at(self, session.disconnected_at + session.expiry_s)

@@ -66,7 +66,9 @@ def on_publish(state: BrokerState, conn: Connection, packet: Publish) -> None:
             over_rate(state, conn, packet)
             return
     acl = state.acl
-    if acl is not None and not acl.can_publish(conn.client_id, session.username, packet.topic):
+    if acl is not None and not acl.can_publish(
+        conn.client_id, session.username, state.delayed.acl_topic(packet.topic)
+    ):
         publish_denied(state, conn, packet)
         return
     bridge = conn.is_bridge
@@ -174,11 +176,13 @@ def queue_refuses(state: BrokerState, packet: Publish) -> bool:
     if not full:
         return False
     refusing = [
-        target[0] for target in state.router.trie.match(packet.topic)
-        if isinstance(target[0], Session) and target[0].out in full
+        queue for queue in (
+            target[0].out if isinstance(target[0], Session) else target[0]  # (the delayed queue)
+            for target in state.router.trie.match(packet.topic)
+        ) if queue in full
     ]
-    for session in refusing:
-        session.out.count_refused()
+    for queue in refusing:
+        queue.count_refused()
     return bool(refusing)
 
 
@@ -230,22 +234,32 @@ def remember_qos2(session: Session, packet_id: int) -> None:
 
 
 def on_puback(state: BrokerState, conn: Connection, packet: PubAck) -> bool:
-    if conn.session.on_puback(packet.packet_id):  # type: ignore[union-attr]
+    session: Session = conn.session  # type: ignore[assignment]
+    entry = session.on_puback(packet.packet_id)
+    if entry is not None:
+        if session.group_member and entry.share is not None:  # a job: done, or to retry
+            state.work_queues.settled(session, entry, packet.reason_code)
         return True
     log.debug("client %s: PUBACK for unknown packet id %d", conn.name, packet.packet_id)
     return False
 
 
 def on_pubrec(state: BrokerState, conn: Connection, packet: PubRec) -> bool:
+    session: Session = conn.session  # type: ignore[assignment]
     if packet.reason_code >= 0x80:  # 5.0: the client refused it; the exchange ends
-        return conn.session.on_pubrec_refused(packet.packet_id)  # type: ignore[union-attr]
-    code = 0
-    known = conn.session.on_pubrec(packet.packet_id)  # type: ignore[union-attr]
-    if not known:
-        log.debug("client %s: PUBREC for unknown packet id %d", conn.name, packet.packet_id)
-        code = PACKET_IDENTIFIER_NOT_FOUND  # 5.0 says so; 3.x answers PUBREL all the same
-    conn.send(conn.encode_ack(PUBREL, packet.packet_id, code))
-    return known
+        entry = session.on_pubrec_refused(packet.packet_id)
+    else:
+        entry = session.on_pubrec(packet.packet_id)
+        code = 0
+        if entry is None:
+            log.debug("client %s: PUBREC for unknown packet id %d", conn.name, packet.packet_id)
+            code = PACKET_IDENTIFIER_NOT_FOUND  # 5.0 says so; 3.x answers PUBREL all the same
+        conn.send(conn.encode_ack(PUBREL, packet.packet_id, code))
+    if entry is None:
+        return False
+    if session.group_member and entry.share is not None and entry.message is not None:
+        state.work_queues.settled(session, entry, packet.reason_code)
+    return True
 
 
 def on_pubrel(state: BrokerState, conn: Connection, packet: PubRel) -> None:

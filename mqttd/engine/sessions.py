@@ -43,7 +43,7 @@ def detach(state: BrokerState, session: Session) -> None:
     session.detach()
     session_offline(session)
     if taken:
-        state.shares.hand_on(session, taken)
+        state.work_queues.hand_on(session, taken)
 
 
 def session_offline(session: Session) -> None:

@@ -23,6 +23,7 @@ from mqttd.codec import MQTTError, PacketTooLarge
 from mqttd.codec.packets import PROTOCOL_5, ConnAck, Packet, Publish, Will
 from mqttd.config import Config
 from mqttd.connection import BufferAccount, Connection
+from mqttd.delayed import DelayedQueue
 from mqttd.engine.flow import Pacing, gate
 from mqttd.engine.timers import TimerQueue
 from mqttd.outqueue import DropCounters, QueueLimits
@@ -32,6 +33,7 @@ from mqttd.security.gatekeeper import Gatekeeper, LoginRateLimiter
 from mqttd.security.hooks import Authenticator, Authorizer
 from mqttd.session import Session
 from mqttd.share_groups import ShareGroups
+from mqttd.workqueues import WorkQueues
 from persistence import ops
 from persistence.journal import Journal
 
@@ -78,6 +80,9 @@ class BrokerState:
     read_pauses: int = 0
     stalled_disconnects: int = 0
     shares: ShareGroups = attrs.field(init=False)  # $share/<group>/<filter> subscriptions
+    work_queues: WorkQueues = attrs.field(init=False)  # what groups do with their jobs
+    delayed: DelayedQueue = attrs.field(init=False)  # $delayed/<seconds>/<topic>
+    internal_subscriptions: int = attrs.field(init=False, default=0)  # in the trie (delayed)
     # security: hooks given by an embedding program win over the configured files; the
     # files are loaded by load_security() (at open_store, or at the first CONNECT)
     authenticator: Authenticator | None = None
@@ -130,6 +135,9 @@ class BrokerState:
         self.refuse_over_rate = limits.over_publish_rate == "refuse"
         self.receive_maximum = min(limits.max_receive_messages, 65535)
         self.shares = ShareGroups(self.router.trie)
+        self.work_queues = WorkQueues(self, self.shares, self.config.work_queues)
+        self.delayed = DelayedQueue(self, self.config.delayed, self.drops)
+        self.internal_subscriptions = self.delayed.install(self.router.trie)
         self.flow = Pacing(limits.stalled_output_timeout_s, self.notify_progress)
         self.store_gate = gate(Connection(peer="storage", client_id="(store)"))
 
@@ -141,7 +149,7 @@ class BrokerState:
         """Store (if retained) and route a message; returns the number of deliveries.
         ``publisher``: the publishing session (5.0 No Local; with ``bridge`` it gets
         nothing back at all)."""
-        if message.retain:
+        if message.retain and not self.delayed.handles(message.topic):
             writer = self.writer
             if message.payload:
                 self.retained.set(message.topic, message)

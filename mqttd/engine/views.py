@@ -1,6 +1,7 @@
 """What the operator API shows, as JSON-ready values read from the engine in the trio
 thread: clients (paged, filtered by id pattern and connection state), one client with its
-subscriptions, every subscription, retained messages by filter. Read only; no trio here."""
+subscriptions, every subscription, retained messages by filter, consumer groups (work
+queues). Read only; no trio here."""
 
 from __future__ import annotations
 
@@ -126,3 +127,14 @@ def _retained_message(topic: str, message: object) -> dict[str, Any]:
     except UnicodeDecodeError:
         result["payload_base64"] = base64.b64encode(shown).decode()
     return result
+
+
+def groups(engine: Engine, pattern: str | None = None) -> dict[str, Any]:
+    """Every consumer group (``$share/<group>/<filter>``) whose group name matches
+    ``pattern``: members, jobs in progress and queued, retries, dead letters (see
+    mqttd.workqueues), and the delayed-publish queue."""
+    found = [
+        group for group in engine.work_queues.group_stats()
+        if pattern is None or fnmatch.fnmatchcase(group["group"], pattern)
+    ]
+    return {"total": len(found), "groups": found, "delayed": engine.delayed.stats()}

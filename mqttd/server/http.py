@@ -112,7 +112,7 @@ class OpsServer:
             "/metrics": self._metrics, "/healthz": self._healthz, "/readyz": self._readyz,
             "/api/v1/stats": self._stats, "/api/v1/clients": self._clients_page,
             "/api/v1/bridges": self._bridges, "/api/v1/subscriptions": self._subscriptions,
-            "/api/v1/retained": self._retained,
+            "/api/v1/retained": self._retained, "/api/v1/groups": self._groups,
         }
         handler: Route | None = routes.get(path)
         argument: str | None = None
@@ -175,6 +175,9 @@ class OpsServer:
             _number(query, "offset", 0), _number(query, "limit", 100),
         ))
 
+    def _groups(self, query: dict[str, str], _: str | None) -> Response:
+        return _json(200, views.groups(self.broker, query.get("group")))
+
     def _client(self, query: dict[str, str], client_id: str | None) -> tuple[int, str, bytes]:
         detail = views.client_detail(self.broker, client_id or "")
         if detail is None:
@@ -191,6 +194,7 @@ class OpsServer:
                 if fnmatch.fnmatchcase(cid, pattern) and (stats := broker.client_stats(cid))
             }
         text = metrics.render(broker.stats(), broker.bridge_stats(), clients,
+                              groups=broker.work_queues.group_stats(),
                               cluster_nodes=broker.cluster_nodes())
         return 200, PROMETHEUS_TEXT, text.encode()
 

@@ -23,9 +23,7 @@ from mqttd.cluster.jetstream import (
 )
 from mqttd.cluster.nats_client import NatsClient
 from mqttd.cluster.nats_values import NatsError, NoRespondersError
-from tests.cluster.natsharness import NatsCluster, needs_nats_server
-
-pytestmark = needs_nats_server
+from tests.cluster.natsharness import NatsCluster
 
 TIMEOUT_S = 10
 

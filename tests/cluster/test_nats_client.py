@@ -22,9 +22,7 @@ from mqttd.cluster.nats_values import (
     ServerAddress,
     ServerError,
 )
-from tests.cluster.natsharness import NatsCluster, free_ports, nats_servers, needs_nats_server
-
-pytestmark = needs_nats_server
+from tests.cluster.natsharness import NatsCluster, free_ports, nats_servers
 
 TIMEOUT_S = 10
 

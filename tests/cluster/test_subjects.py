@@ -51,7 +51,9 @@ def test_retained_prefix() -> None:
     assert topic_of("mqttd.r.a.%", RETAINED_PREFIX) == "a/"
 
 
-@pytest.mark.parametrize("topic", ["$SYS", "$SYS/broker/uptime", "$SYS/"])
+@pytest.mark.parametrize(
+    "topic", ["$SYS", "$SYS/broker/uptime", "$SYS/", "$delayed/10/a/b", "$delayed"]
+)
 def test_sys_topics_stay_on_the_node(topic: str) -> None:
     assert is_node_local(topic)
     assert subject(LIVE_PREFIX, topic) is None
@@ -86,6 +88,9 @@ def test_topic_of_rejects_other_subjects() -> None:
         ("a b//#", ("mqttd.t.a%20b.%.>", "mqttd.t.a%20b.%")),
         ("$SYS/#", ()),  # each node's own
         ("$SYS/broker/+", ()),
+        ("$delayed/#", ()),  # held by the node that took it, exported when due
+        ("$dead/#", ("mqttd.t.$dead.>", "mqttd.t.$dead")),
+        ("$delayedX/a", ("mqttd.t.$delayedX.a",)),
         ("$share/g/a/#", ("mqttd.t.a.>", "mqttd.t.a")),  # the inner filter
         ("$share/g/+", ("mqttd.t.*",)),
         ("$foo/#", ("mqttd.t.$foo.>", "mqttd.t.$foo")),

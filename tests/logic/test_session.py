@@ -185,8 +185,8 @@ def test_duplicate_and_unknown_puback_return_false_and_change_nothing() -> None:
     assert session.on_puback(p.packet_id)
     (p1,) = sent(conn)
     before_inflight = dict(session.inflight)
-    assert session.on_puback(p.packet_id) is False  # duplicate
-    assert session.on_puback(999) is False  # unknown
+    assert session.on_puback(p.packet_id) is None  # duplicate
+    assert session.on_puback(999) is None  # unknown
     assert session.inflight == before_inflight
     assert conn.data_to_send() == b""
     assert session.on_puback(p1.packet_id)
@@ -220,9 +220,9 @@ def test_pubrec_or_pubcomp_for_a_qos1_message_is_a_protocol_error() -> None:
 
 def test_acks_for_unknown_packet_ids_are_ignored() -> None:
     session, _conn = online()
-    assert session.on_puback(7) is False
-    assert session.on_pubrec(7) is False
-    assert session.on_pubrec_refused(7) is False
+    assert session.on_puback(7) is None
+    assert session.on_pubrec(7) is None
+    assert session.on_pubrec_refused(7) is None
     assert session.on_pubcomp(7) is False
 
 
@@ -263,12 +263,12 @@ def test_duplicate_pubcomp_and_unknown_pubrec_return_false() -> None:
     session, conn = online()
     session.deliver(msg("a", qos=2), 2, False, None)
     (p,) = sent(conn)
-    assert session.on_pubrec(4321) is False
+    assert session.on_pubrec(4321) is None
     assert session.on_pubcomp(4321) is False
     session.on_pubrec(p.packet_id)
     assert session.on_pubcomp(p.packet_id)
     assert session.on_pubcomp(p.packet_id) is False
-    assert session.on_pubrec(p.packet_id) is False  # the id is no longer known at all
+    assert session.on_pubrec(p.packet_id) is None  # the id is no longer known at all
     assert not session.inflight
     assert conn.data_to_send() == b""
 

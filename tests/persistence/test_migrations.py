@@ -27,7 +27,7 @@ def test_schema_1_database_is_migrated_and_keeps_its_data(tmp_path):
         assert store.conn.execute("SELECT max(version) FROM schema_version").fetchone() == (
             SCHEMA_VERSION,
         )
-        assert SCHEMA_VERSION == 3
+        assert SCHEMA_VERSION == 4
         snapshot = store.load(now=3.0)
         assert snapshot.sessions["old-client"].queued == 1
         # the new behaviour: a body goes at the end of the transaction that drops its last

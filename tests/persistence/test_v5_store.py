@@ -137,14 +137,15 @@ def test_schema_2_database_is_migrated_and_keeps_its_data(tmp_path: Path) -> Non
     _build_schema_2_database(path)
     fs = FileStore(path)
     try:
-        assert SCHEMA_VERSION == 3
+        assert SCHEMA_VERSION == 4
         conn = fs.store.conn
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(4,)]
         db = Database(conn)
         assert [(r["migration_set"], r["name"]) for r in db["_sqlite_migrations"].rows] == [
             (MIGRATION_SET, "0001_initial"),
             (MIGRATION_SET, "0002_message_cleanup_at_commit"),
             (MIGRATION_SET, "0003_mqtt5"),
+            (MIGRATION_SET, "0004_work_queues"),
         ]
         assert {"expiry_s"} <= set(db["sessions"].columns_dict)
         assert {"options", "subscription_id"} <= set(db["subscriptions"].columns_dict)
