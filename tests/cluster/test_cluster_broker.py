@@ -27,10 +27,8 @@ from mqttd.codec.packets import (
     Subscription,
 )
 from tests.cluster.brokerharness import MqttdNode, mqttd_nodes, wait_ready
-from tests.cluster.natsharness import NatsCluster, free_ports, needs_nats_server
+from tests.cluster.natsharness import NatsCluster, free_ports
 from tests.rawclient import RawClient
-
-pytestmark = needs_nats_server
 
 TIMEOUT_S = 40
 MESSAGES = 1000
