@@ -258,16 +258,17 @@ class Broker(Engine):
 def api_token(persistence: Persistence) -> str:
     """The operations API's credential when the configuration sets none: generated on the
     first start into ``<data_dir>/api-token`` (mode 0600) and read back afterwards; kept in
-    memory only for a store in memory."""
+    memory only for a store in memory. Hexadecimal: safe in a shell and on a command line
+    (a base64url token may start with '-' and be read as an option)."""
     if persistence.in_memory:
-        return secrets.token_urlsafe(32)
+        return secrets.token_hex(32)
     path = Path(persistence.data_dir) / API_TOKEN_FILE
     try:
         return path.read_text().strip()
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
+    token = secrets.token_hex(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")

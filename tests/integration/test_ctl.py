@@ -426,7 +426,7 @@ async def test_where_the_url_and_the_token_come_from(
             assert f"no {Path('./data') / API_TOKEN_FILE}: pass --token" in err
             code, _, err = await run_ctl(capsys, *at, "--token", "wrong", "kick", "nobody")
             assert code == 1 and "the token sent (from --token) is not the broker's" in err
-            code, _, err = await run_ctl(capsys, *at, "--token", token, "kick", "nobody")
+            code, _, err = await run_ctl(capsys, *at, f"--token={token}", "kick", "nobody")
             assert (code, err) == (1, "mqttd ctl: no connected client 'nobody'\n")  # got in
             code, _, err = await run_ctl(capsys, *at, "--data-dir", str(data_dir), "kick", "x")
             assert (code, err) == (1, "mqttd ctl: no connected client 'x'\n")
