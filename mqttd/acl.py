@@ -30,12 +30,16 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 from collections.abc import Iterable
 
 import attrs
 
-from mqttd.security.hooks import Authorizer, SecurityFileError
+from mqttd.security.hooks import (
+    Authorizer,
+    SecurityFileError,
+    read_security_file,
+    security_file_problems,
+)
 from mqttd.topics import InvalidTopic, matches, split_levels, validate_topic_filter
 
 log = logging.getLogger(__name__)
@@ -118,13 +122,6 @@ class RuleSet:
         )
 
 
-def _read(source: str) -> str:
-    try:
-        return pathlib.Path(source).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        problem = exc.strerror if isinstance(exc, OSError) else str(exc)
-        raise SecurityFileError(source, f"cannot read ACL file: {problem}") from None
-
 
 @attrs.define(eq=False)
 class AclFile:
@@ -140,7 +137,7 @@ class AclFile:
     def load(cls, path: str | os.PathLike[str]) -> AclFile:
         """Raises :class:`SecurityFileError` (the first bad line) if the file is unusable."""
         source = os.fspath(path)
-        return cls.parse(_read(source), source)
+        return cls.parse(read_security_file(source, "ACL file"), source)
 
     @classmethod
     def parse(cls, text: str, source: str = "<acl file>") -> AclFile:
@@ -192,12 +189,7 @@ class AclFile:
     @classmethod
     def problems(cls, path: str | os.PathLike[str]) -> list[SecurityFileError]:
         """Every problem of the file at ``path``: unreadable, or each bad line."""
-        source = os.fspath(path)
-        try:
-            text = _read(source)
-        except SecurityFileError as exc:
-            return [exc]
-        return cls.parse_all(text, source)[1]
+        return security_file_problems(cls.parse_all, path, "ACL file")
 
     def __len__(self) -> int:
         return len(self.anonymous) + sum(map(len, self.users.values())) + len(self.patterns)

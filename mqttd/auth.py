@@ -38,7 +38,11 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from mqttd.security.hooks import SecurityFileError
+from mqttd.security.hooks import (
+    SecurityFileError,
+    read_security_file,
+    security_file_problems,
+)
 
 if TYPE_CHECKING:
     from mqttd.config import Listener
@@ -148,13 +152,6 @@ def _entry_lines(text: str) -> list[tuple[int, str]]:
     return result
 
 
-def _read(source: str) -> str:
-    try:
-        return pathlib.Path(source).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        problem = exc.strerror if isinstance(exc, OSError) else str(exc)
-        raise SecurityFileError(source, f"cannot read password file: {problem}") from None
-
 
 @attrs.define(eq=False)
 class PasswordFile:
@@ -180,7 +177,7 @@ class PasswordFile:
     def load(cls, path: str | os.PathLike[str]) -> PasswordFile:
         """Raises :class:`SecurityFileError` (the first bad line) if the file is unusable."""
         source = os.fspath(path)
-        return cls.parse(_read(source), source)
+        return cls.parse(read_security_file(source, "password file"), source)
 
     @classmethod
     def parse(cls, text: str, source: str = "<password file>") -> PasswordFile:
@@ -210,12 +207,7 @@ class PasswordFile:
     @classmethod
     def problems(cls, path: str | os.PathLike[str]) -> list[SecurityFileError]:
         """Every problem of the file at ``path``: unreadable, or each bad line."""
-        source = os.fspath(path)
-        try:
-            text = _read(source)
-        except SecurityFileError as exc:
-            return [exc]
-        return cls.parse_all(text, source)[1]
+        return security_file_problems(cls.parse_all, path, "password file")
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -1,10 +1,14 @@
 """The interfaces between the broker and the programs or files that decide who may connect
 and what they may do: the hooks an embedding program passes (:class:`Authenticator`,
-:class:`Authorizer`) and the error of an unusable password or ACL file. No trio, no I/O: the
-sans-IO modules (acl, the engine) depend on these, not on the thread hand-off in auth.py."""
+:class:`Authorizer`), the error of an unusable password or ACL file and how both files are
+read. No trio: the sans-IO modules (acl, the engine) depend on these, not on the thread
+hand-off in auth.py."""
 
 from __future__ import annotations
 
+import os
+import pathlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -20,6 +24,28 @@ class SecurityFileError(Exception):
         self.source = source
         self.line = line
         self.problem = problem
+
+
+def read_security_file(source: str, kind: str) -> str:
+    """The text of a password or ACL file (``kind`` names it in the error)."""
+    try:
+        return pathlib.Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise SecurityFileError(source, f"cannot read {kind}: {problem}") from None
+
+
+def security_file_problems(
+    parse_all: Callable[[str, str], tuple[object, list[SecurityFileError]]],
+    path: str | os.PathLike[str], kind: str,
+) -> list[SecurityFileError]:
+    """Every problem of the file at ``path``: unreadable, or each bad line."""
+    source = os.fspath(path)
+    try:
+        text = read_security_file(source, kind)
+    except SecurityFileError as exc:
+        return [exc]
+    return parse_all(text, source)[1]
 
 
 # -- hook interfaces --------------------------------------------------------------------
