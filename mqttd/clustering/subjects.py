@@ -39,10 +39,13 @@ not used: such a topic stays on its node (the caller counts it).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 from urllib.parse import unquote
 
 LIVE_PREFIX = "mqttd.t."
+QUEUE_PREFIX = "mqttd.q."  # + client_key: a persistent session's queue (stream MQTTD_Q)
 RETAINED_PREFIX = "mqttd.r."
 MAX_SUBJECT_BYTES = 3800  # leaves room in a 4096-byte control line for sid, reply, sizes
 # each node's own: its $SYS tree; delayed publishes (mqttd.delayed), held by the node that
@@ -135,3 +138,15 @@ def filter_subjects(topic_filter: str, prefix: str = LIVE_PREFIX) -> tuple[str, 
     if any(len(s.encode()) > MAX_SUBJECT_BYTES for s in subjects):
         return ()
     return subjects
+
+
+def client_key(client_id: str) -> str:
+    """A client id as one short NATS token and KV key: 26 characters of base32 (lower case)
+    of its SHA-256. Client ids may hold any character, keys and tokens may not."""
+    digest = hashlib.sha256(client_id.encode()).digest()
+    return base64.b32encode(digest).decode()[:26].lower()
+
+
+def name_key(name: str) -> str:
+    """Any name (a consumer group, a group and filter) as a key: as :func:`client_key`."""
+    return client_key(name)
