@@ -241,8 +241,15 @@ class LoadQueued(NamedTuple):
     callback: Callable[[list[QueuedRow]], None]
 
 
+class Barrier(NamedTuple):
+    """Writes nothing: its commit tells the broker that what was submitted before it is
+    stored. Cluster mode submits one for a write that goes elsewhere (JetStream) so that
+    the reply to the packet waits for the store's ticket, which the cluster holds back
+    until that write is acknowledged too (mqttd.clustering.gate)."""
+
+
 Op = (
-    SaveSession | DeleteSession | AddSubscription | RemoveSubscription | AddMessage
+    Barrier | SaveSession | DeleteSession | AddSubscription | RemoveSubscription | AddMessage
     | AddDelivery | SetInflight | SetReleased | RemoveDelivery | DropOldestQueued | AddInbound
     | RemoveInbound | SetRetained | DeleteRetained | LoadQueued | AddSharedDelivery | AddJob
     | RemoveJob | AddDelayed | RemoveDelayed

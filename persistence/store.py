@@ -298,6 +298,8 @@ class SqliteStore:
                             for seq, qos, retain, *row in rows
                         ]
                         results.append((op.callback, queued))  # type: ignore[union-attr]
+                elif kind is ops.Barrier:
+                    pass
                 elif kind is ops.DeleteSession:
                     params = [(op[0],) for op in batch[i:j]]
                     for statement in _STATEMENTS[kind]:

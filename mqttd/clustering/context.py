@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from mqttd.clustering.gate import CommitGate
     from mqttd.cluster.jetstream import JetStream
     from mqttd.cluster.nats_client import NatsClient
     from mqttd.config import Cluster
@@ -17,6 +18,7 @@ class NodeContext(Protocol):
     config: Cluster
     client: NatsClient
     js: JetStream
+    gate: CommitGate
     node: str  # the node's name
     boot: int
     origin: str  # "<node> <boot> "

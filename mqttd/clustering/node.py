@@ -49,6 +49,7 @@ from mqttd.cluster.nats_values import (
     Subscription,
 )
 from mqttd.clustering import subjects, wire
+from mqttd.clustering.gate import CommitGate
 from mqttd.clustering.liveness import Liveness
 from mqttd.clustering.retained import RetainedSync
 
@@ -89,6 +90,7 @@ class ClusterNode:
     node: str
     boot: int  # milliseconds since the epoch at start: a restarted node's are larger
     js: JetStream = attrs.field(init=False)
+    gate: CommitGate = attrs.field(init=False)
     retained: RetainedSync = attrs.field(init=False)
     liveness: Liveness = attrs.field(init=False)
     origin: str = attrs.field(init=False)  # "<node> <boot> ", the start of every Mqttd-Msg
@@ -119,6 +121,7 @@ class ClusterNode:
     def __attrs_post_init__(self) -> None:
         self.js = JetStream(self.client, timeout_s=self.config.js_timeout_s)
         self.origin = f"{self.node} {self.boot} "
+        self.gate = CommitGate(self.engine)
         self.retained = RetainedSync(self)
         self.liveness = Liveness(self)
         self._idle.set()
@@ -161,6 +164,7 @@ class ClusterNode:
             self.filter_added(topic_filter)
         trie.watcher = self
         engine.cluster = self
+        self.gate.install()
         self.retained.install()
         self._installed = True
 
@@ -172,6 +176,7 @@ class ClusterNode:
         engine.router.trie.watcher = None
         engine.cluster = None
         self.retained.uninstall()
+        self.gate.uninstall()
 
     async def _setup(self, nursery: trio.Nursery) -> None:
         """The streams and the bucket, tried until they exist; then the tasks that use them."""

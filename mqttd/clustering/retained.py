@@ -43,6 +43,7 @@ from mqttd.cluster import consumer
 from mqttd.cluster.jetstream import PendingPubAck, StoredMsg, StreamConfig, check_applied
 from mqttd.cluster.nats_values import ClientClosedError, NatsError
 from mqttd.clustering import subjects, wire
+from mqttd.clustering.gate import NO_FLOOR
 from mqttd.codec.packets import Publish
 from persistence import ops
 
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("mqttd.cluster")
 
 STREAM = "MQTTD_RET"
-NO_FLOOR = 1 << 62
 
 
 @attrs.define(eq=False)
@@ -77,8 +77,6 @@ class RetainedSync:
     restored: set[str] | None = None
     _unsent: int = 0  # writes with pending None
     _changed: trio.Event = attrs.Factory(trio.Event)
-    _store_committed: int = 0
-    _engine_on_commit: Any = None
     _last_seq: int = 0  # the stream sequence last applied
     # counters
     stored: int = 0
@@ -92,25 +90,18 @@ class RetainedSync:
         self.restored = {
             topic for topic, _ in engine.retained.items() if not subjects.is_node_local(topic)
         }
-        writer = engine.writer
-        if writer is not None:
-            self._engine_on_commit = writer.on_commit  # type: ignore[attr-defined]
-            writer.on_commit = self._on_store_commit  # type: ignore[attr-defined]
+        self.node.gate.sources.append(self._oldest)
 
     def uninstall(self) -> None:
-        writer = self.node.engine.writer
-        if writer is not None and self._engine_on_commit is not None:
-            writer.on_commit = self._engine_on_commit  # type: ignore[attr-defined]
-            self._engine_on_commit = None
+        sources = self.node.gate.sources
+        if self._oldest in sources:
+            sources.remove(self._oldest)
 
-    def _on_store_commit(self, committed: int) -> None:
-        self._store_committed = committed
-        self._release()
+    def _oldest(self) -> int:
+        return self.writes[0].ticket if self.writes else NO_FLOOR
 
     def _release(self) -> None:
-        floor = self.writes[0].ticket - 1 if self.writes else NO_FLOOR
-        if self._engine_on_commit is not None:
-            self._engine_on_commit(min(self._store_committed, floor))
+        self.node.gate.release()
 
     async def ensure_stream(self) -> None:
         config = StreamConfig(

@@ -11,6 +11,7 @@ import attrs
 from mqttd.cluster.jetstream import StoredMsg
 from mqttd.cluster.nats_protocol import decode_headers
 from mqttd.clustering import wire
+from mqttd.clustering.gate import CommitGate
 from mqttd.clustering.retained import RetainedSync
 from mqttd.codec.packets import Publish
 from mqttd.config import Cluster
@@ -34,6 +35,7 @@ class FakeNode:
     config: Cluster = attrs.Factory(Cluster)
     client: Any = None
     js: Any = None
+    gate: Any = None
     node: str = "me"
     boot: int = 100
     origin: str = "me 100 "
@@ -56,7 +58,9 @@ def setup(retained: dict[str, bytes] | None = None) -> tuple[RetainedSync, Engin
     released: list[int] = []
     writer.on_commit = released.append
     engine.writer = writer  # type: ignore[assignment]
-    sync = RetainedSync(FakeNode(engine))  # type: ignore[arg-type]
+    node = FakeNode(engine, gate=CommitGate(engine))
+    node.gate.install()
+    sync = RetainedSync(node)  # type: ignore[arg-type]
     sync.install()
     return sync, engine, released
 
@@ -140,7 +144,7 @@ def test_replies_wait_for_the_oldest_write_not_stored() -> None:
     engine.writer.submit("before")  # type: ignore[union-attr]
     export(sync, engine, "t", b"1")  # ticket 2
     export(sync, engine, "u", b"1")  # ticket 3
-    sync._on_store_commit(3)
+    sync.node.gate._on_store_commit(3)
     assert released == [1]
     sync.writes.popleft()
     sync._release()
