@@ -301,7 +301,7 @@ class SqliteStore:
                 elif kind is ops.Barrier:
                     pass
                 elif kind is ops.DeleteSession:
-                    params = [(op[0],) for op in batch[i:j]]
+                    params = [(op[0],) for op in batch[i:j]]  # type: ignore[misc]
                     for statement in _STATEMENTS[kind]:
                         conn.executemany(statement, params)
                 else:

@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from mqttd.clustering.gate import CommitGate
+    import trio
+
     from mqttd.cluster.jetstream import JetStream
     from mqttd.cluster.nats_client import NatsClient
+    from mqttd.clustering.gate import CommitGate
     from mqttd.config import Cluster
     from mqttd.engine.dispatch import Engine
 
@@ -29,3 +31,10 @@ class NodeContext(Protocol):
     malformed: int
 
     def warn(self, kind: str, message: str, *args: Any) -> None: ...
+
+    @property
+    def nursery(self) -> trio.Nursery | None: ...
+
+    def nodes(self) -> dict[str, bool]:
+        """Every node known: whether it is up (mqttd.clustering.liveness)."""
+        ...

@@ -52,17 +52,22 @@ from mqttd.clustering import subjects, wire
 from mqttd.clustering.gate import CommitGate
 from mqttd.clustering.liveness import Liveness
 from mqttd.clustering.retained import RetainedSync
+from mqttd.clustering.sessions import ROUTING_IMPORT, ROUTING_LOCAL, Claim, ClusterSessions
+from mqttd.codec.errors import MQTTError, ServerUnavailable
 
 if TYPE_CHECKING:
     from mqttd.codec.packets import Publish
     from mqttd.config import Cluster
+    from mqttd.connection import Connection
     from mqttd.engine.dispatch import Engine
+    from mqttd.session import Session
 
 log = logging.getLogger("mqttd.cluster")
 
 SUBJECT_CACHE_SIZE = 16384  # topic -> subject, both ways; cleared when full
 LOG_INTERVAL_S = 10.0  # at most one line per kind of problem per interval
 STOP_TIMEOUT_S = 5.0  # at shutdown: what is queued for NATS, retained writes, farewell
+CLAIM_TIMEOUT_FACTOR = 3  # times js_timeout_s: a claim takes a read, a kick and a write
 
 
 @attrs.define(eq=False)
@@ -93,6 +98,7 @@ class ClusterNode:
     gate: CommitGate = attrs.field(init=False)
     retained: RetainedSync = attrs.field(init=False)
     liveness: Liveness = attrs.field(init=False)
+    sessions: ClusterSessions = attrs.field(init=False)
     origin: str = attrs.field(init=False)  # "<node> <boot> ", the start of every Mqttd-Msg
     seq: int = 0  # the number of the last message exported
     streams_ready: bool = False
@@ -124,6 +130,7 @@ class ClusterNode:
         self.gate = CommitGate(self.engine)
         self.retained = RetainedSync(self)
         self.liveness = Liveness(self)
+        self.sessions = ClusterSessions(self)
         self._idle.set()
 
     @classmethod
@@ -166,6 +173,7 @@ class ClusterNode:
         engine.cluster = self
         self.gate.install()
         self.retained.install()
+        self.sessions.install()
         self._installed = True
 
     def uninstall(self) -> None:
@@ -176,6 +184,7 @@ class ClusterNode:
         engine.router.trie.watcher = None
         engine.cluster = None
         self.retained.uninstall()
+        self.sessions.uninstall()
         self.gate.uninstall()
 
     async def _setup(self, nursery: trio.Nursery) -> None:
@@ -190,6 +199,7 @@ class ClusterNode:
                     self._check_max_payload()
                 await self.retained.ensure_stream()
                 await self.liveness.ensure_bucket()
+                await self.sessions.ensure()
                 break
             except (NatsError, trio.WouldBlock) as exc:
                 if isinstance(exc, ClientClosedError):
@@ -200,8 +210,9 @@ class ClusterNode:
                 backoff = min(2 * backoff, 2.0)
         self.setup_problem = None
         self.streams_ready = True
-        log.info("cluster node %s: JetStream ready (MQTTD_RET, MQTTD_NODES, replicas %d)",
-                 self.node, self.config.replicas)
+        log.info("cluster node %s: JetStream ready (MQTTD_RET, MQTTD_NODES, MQTTD_SESS, "
+                 "MQTTD_Q, replicas %d)", self.node, self.config.replicas)
+        self.sessions.start(nursery)
         nursery.start_soon(self.retained.write_loop)
         nursery.start_soon(self.retained.follow)
         nursery.start_soon(self.liveness.heartbeat_loop)
@@ -240,6 +251,59 @@ class ClusterNode:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    # -- connecting: the client id is claimed cluster-wide -------------------------------------
+
+    def claim(self, conn: Connection, packet: Any, username: str | None, persistent: bool,
+              expiry_s: int | None) -> None:
+        """The engine parked ``conn``; claim its client id (clustering.sessions) and go
+        back to the engine (connect.claim_done)."""
+        from mqttd.engine import connect
+
+        nursery = self._nursery
+        if nursery is None:
+            connect.claim_done(self.engine, conn, packet, username,
+                               ServerUnavailable("cluster mode is not running"))
+            return
+        nursery.start_soon(self._claim, conn, packet, username, persistent, expiry_s)
+
+    async def _claim(self, conn: Connection, packet: Any, username: str | None,
+                     persistent: bool, expiry_s: int | None) -> None:
+        from mqttd.engine import connect
+
+        error: MQTTError | None = None
+        claim: Claim | None = None
+        sessions = self.sessions
+        if not persistent and not (sessions.ready and self.client.is_connected):
+            # NATS out of reach: a clean session is served here alone (no takeover of its
+            # client id on other nodes); a persistent one waits for the cluster, or is
+            # refused (its state lives in JetStream)
+            sessions.claims_local += 1
+            sessions.announce(conn.client_id)
+            connect.claim_done(self.engine, conn, packet, username, None)
+            return
+        try:
+            with trio.fail_after(CLAIM_TIMEOUT_FACTOR * self.config.js_timeout_s):
+                await sessions.ready_event.wait()
+                claim = await sessions.claim(conn, persistent, packet.clean_session, expiry_s,
+                                             username)
+        except ServerUnavailable as exc:
+            error = exc
+        except (NatsError, trio.TooSlowError) as exc:
+            error = ServerUnavailable(f"cluster: cannot claim the client id: {exc!r}")
+        if error is not None:
+            sessions.claim_failures += 1
+            self.warn("claim", "cluster: client %s refused: %s", conn.client_id, error)
+        elif claim is not None and not conn.closing:
+            sessions.claimed(conn, claim, persistent,
+                             self.engine.session_limits(conn.client_id, persistent))
+        connect.claim_done(self.engine, conn, packet, username, error)
+
+    def nodes(self) -> dict[str, bool]:
+        return self.liveness.nodes()
+
+    def new_session(self, client_id: str, **limits: Any) -> Session:
+        return self.sessions.new_session(client_id, **limits)
+
     # -- interest: one NATS subscription per subject the local filters need ------------------
 
     def filter_added(self, filter: str) -> None:
@@ -268,11 +332,28 @@ class ClusterNode:
 
     @property
     def congested(self) -> bool:
-        return bool(self._overflow)
+        return bool(self._overflow) or self.sessions.congested
 
-    def export(self, message: Publish) -> None:
-        """Hand ``message`` to NATS (and to MQTTD_RET when retained). Synchronous: called
-        by BrokerState.publish in the publisher's reader."""
+    @property
+    def nursery(self) -> trio.Nursery | None:
+        return self._nursery
+
+    def publish(self, message: Publish, publisher: Session | None, bridge: bool) -> int:
+        """BrokerState.publish in cluster mode: export, then route locally (a persistent
+        session gets its QoS 1/2 copy through its queue, see clustering.sessions)."""
+        sessions = self.sessions
+        sessions.queued_for.clear()
+        self.export(message, publisher)
+        sessions.routing = ROUTING_LOCAL
+        try:
+            return self.engine.router.route(message, publisher, bridge)
+        finally:
+            sessions.routing = 0
+
+    def export(self, message: Publish, publisher: Session | None = None) -> None:
+        """Hand ``message`` to NATS (and to MQTTD_RET when retained, to MQTTD_Q for the
+        persistent sessions it reaches). Synchronous: called by BrokerState.publish in the
+        publisher's reader."""
         topic = message.topic
         subject = self._subjects.get(topic)
         if subject is None:
@@ -282,8 +363,11 @@ class ClusterNode:
         self.seq = seq = self.seq + 1
         if message.retain:
             self.retained.export(message, seq)
+        sessions = self.sessions
+        if message.qos and sessions.indexed:
+            sessions.export(message, publisher, seq)
         payload = message.payload
-        block = wire.header_block(self.origin, seq, message)
+        block = wire.header_block(self.origin, seq, message, index_rev=sessions.index_rev)
         if len(block) + len(payload) > self.client.max_payload:
             self._too_large(topic, len(payload))
             return
@@ -360,7 +444,7 @@ class ClusterNode:
             self.malformed += 1
             self.warn("malformed", "cluster: not an mqttd message on %s: %s", msg.subject, exc)
             return
-        node, boot, seq, message, _ = received
+        node, boot, seq, message, _, index_rev = received
         if node == self.node:
             if boot != self.boot:
                 self.warn("name", "cluster: another node is named %s (boot %d): node names "
@@ -376,10 +460,15 @@ class ClusterNode:
             self.expired += 1
             return
         self.imported += 1
+        sessions = self.sessions
+        sessions.routing = ROUTING_IMPORT
+        sessions.import_rev = index_rev
         try:
             self.engine.router.route(message)
         except Exception:  # a bug must cost one message, never the NATS connection
             log.exception("cluster: routing a message from node %s on %r failed", node, topic)
+        finally:
+            sessions.routing = 0
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -396,6 +485,8 @@ class ClusterNode:
         problems = []
         if not self.retained.loaded:
             problems.append("reading the retained messages from MQTTD_RET")
+        if not self.sessions.loaded:
+            problems.append("reading the session records from MQTTD_SESS")
         if self._overflow:
             problems.append(f"the output to NATS is full ({len(self._overflow)} messages "
                             "waiting)")
@@ -425,4 +516,5 @@ class ClusterNode:
             "cluster_retained_imported": retained.imported,
             "cluster_nodes_alive": sum(self.liveness.nodes().values()),
             "cluster_heartbeat_failures": self.liveness.failures,
+            **self.sessions.stats(),
         }

@@ -3,12 +3,13 @@
 Every message a node exports is an HPUB whose header block is built once, by hand (the
 values are known to be safe: node names are ``[A-Za-z0-9_-]``, numbers, base64):
 
-``Mqttd-Msg: <node> <boot> <seq> <qos><retain>``
+``Mqttd-Msg: <node> <boot> <seq> <qos><retain> [<index revision>]``
     the origin node, its boot id (milliseconds since the epoch at start: a restarted node
     is told apart), the message's number on that node (1, 2, ... per boot: receivers drop
     a number they have already routed from that boot, which is also how one NATS message
     matched by two of a node's subscriptions is routed once), the publish QoS and the
-    retain flag.
+    retain flag; on live messages, the revision of MQTTD_SESS the sending node's index of
+    persistent subscriptions had applied (:mod:`mqttd.clustering.sessions`).
 ``Mqttd-Props: <base64>`` (5.0 only, when the message has properties)
     the forwarded properties as the store keeps them (an encoded property block:
     payload format, content type, response topic, correlation data, user properties).
@@ -48,15 +49,17 @@ class Received(NamedTuple):
     seq: int
     message: Publish
     deleted: bool = False
+    index_rev: int = 0
 
 
 def header_block(
     origin: str, seq: int, message: Publish, *, msg_id: str | None = None,
-    delete: bool = False,
+    delete: bool = False, index_rev: int | None = None,
 ) -> bytes:
     """The header block of an exported message; ``origin`` is ``"<node> <boot> "``."""
+    rev = "" if index_rev is None else f" {index_rev}"
     head = (
-        f"NATS/1.0\r\n{MSG}: {origin}{seq} {message.qos}{1 if message.retain else 0}\r\n"
+        f"NATS/1.0\r\n{MSG}: {origin}{seq} {message.qos}{1 if message.retain else 0}{rev}\r\n"
     )
     if message.properties is None and message.expires_at is None and msg_id is None and (
         not delete
@@ -97,11 +100,12 @@ def decode(topic: str, payload: bytes, headers: Headers | None) -> Received:
     if meta is None:
         raise ValueError(f"no {MSG} header")
     parts = meta.split(" ")
-    if len(parts) != 4 or len(parts[3]) != 2 or parts[3][0] not in "012" or (
+    if len(parts) not in (4, 5) or len(parts[3]) != 2 or parts[3][0] not in "012" or (
         parts[3][1] not in "01"
     ):
         raise ValueError(f"bad {MSG} header {meta!r}")
     node, boot, seq = parts[0], int(parts[1]), int(parts[2])
+    index_rev = int(parts[4]) if len(parts) == 5 else 0
     qos, retain = int(parts[3][0]), parts[3][1] == "1"
     props_text = _first(headers, PROPS)
     expires_text = _first(headers, EXPIRES)
@@ -114,4 +118,4 @@ def decode(topic: str, payload: bytes, headers: Headers | None) -> Received:
             raise ValueError(f"bad {PROPS} header") from None
         expires_at = float(expires_text) if expires_text is not None else None
         message = v5.restored_message(topic, payload, qos, retain, block, expires_at)
-    return Received(node, boot, seq, message, _first(headers, OP) == OP_DELETE)
+    return Received(node, boot, seq, message, _first(headers, OP) == OP_DELETE, index_rev)

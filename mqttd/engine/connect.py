@@ -81,10 +81,12 @@ def on_connect(state: BrokerState, conn: Connection, packet: Connect) -> None:
 
 
 def accept(
-    state: BrokerState, conn: Connection, packet: Connect, username: str | None
+    state: BrokerState, conn: Connection, packet: Connect, username: str | None,
+    *, claimed: bool = False,
 ) -> None:
     """The client is authenticated: check its will, take over or create its session,
-    answer CONNACK."""
+    answer CONNACK. In cluster mode the client id is claimed cluster-wide first (the
+    connection is parked meanwhile; :func:`claim_done` comes back here)."""
     client_id = conn.client_id
     will = packet.will
     acl = state.acl
@@ -93,15 +95,24 @@ def accept(
     ):
         raise NotAuthorized(f"the ACL does not allow publishing the will to {will.topic!r}")
     persistent, expiry_s = _session_expiry(state, conn, packet)
+    cluster = state.cluster
+    if cluster is not None and not claimed:
+        state.parked[conn] = []
+        cluster.claim(conn, packet, username, persistent, expiry_s)
+        return
     session = _resume_or_end(state, client_id, packet.clean_session)
     session_present = session is not None
     if session is None:
-        session = Session(
-            client_id,
-            persistent=persistent,
-            writer=state.writer if persistent else None,
-            **state.session_limits(client_id, persistent),
-        )
+        limits = state.session_limits(client_id, persistent)
+        if persistent and cluster is not None:
+            session = cluster.new_session(client_id, **limits)
+        else:
+            session = Session(
+                client_id,
+                persistent=persistent,
+                writer=state.writer if persistent else None,
+                **limits,
+            )
         state.sessions[client_id] = session
     _bind_session(state, conn, session, packet, username, expiry_s)
     conn.will = packet.will
@@ -111,6 +122,28 @@ def accept(
     session.attach(conn)
     if state.config.logging.connections:
         _log_connected(conn, session, session_present, username)
+
+
+def claim_done(
+    state: BrokerState, conn: Connection, packet: Connect, username: str | None,
+    error: MQTTError | None,
+) -> None:
+    """Cluster mode: the client id is claimed (or could not be): accept, then handle what
+    arrived meanwhile, or refuse."""
+    pending = state.parked.pop(conn, None)
+    state.notify_progress()
+    if pending is None or conn.closing:
+        return
+    try:
+        if error is not None:
+            raise error
+        accept(state, conn, packet, username, claimed=True)
+        state.dispatch(conn, pending)
+    except MQTTError as exc:
+        state.protocol_error(conn, exc)
+    except Exception:
+        log.exception("client %s: internal error while handling its packets", conn.name)
+        conn.close()
 
 
 def _session_expiry(

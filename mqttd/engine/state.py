@@ -43,13 +43,21 @@ DENIED_LOG_INTERVAL_S = 10.0  # at most one log line per interval for ACL refusa
 
 
 class ClusterLink(Protocol):
-    """Cluster mode's hook (mqttd.clustering): every message this node accepts is handed
-    to ``export`` (synchronously, no await); while ``congested`` clients are not read."""
+    """Cluster mode's hook (mqttd.clustering): every message this node accepts is
+    published through it (exported to the other nodes, then routed here; synchronously,
+    no await); while ``congested`` clients are not read. A CONNECT's client id is claimed
+    cluster-wide (``claim`` parks the connection and ends in ``connect.claim_done``), and
+    its persistent sessions are made by ``new_session``."""
 
     @property
     def congested(self) -> bool: ...
 
-    def export(self, message: Publish) -> None: ...
+    def publish(self, message: Publish, publisher: Session | None, bridge: bool) -> int: ...
+
+    def claim(self, conn: Connection, packet: Any, username: str | None, persistent: bool,
+              expiry_s: int | None) -> None: ...
+
+    def new_session(self, client_id: str, **limits: Any) -> Session: ...
 
 
 @attrs.define(eq=False)
@@ -165,7 +173,7 @@ class BrokerState:
                 writer.submit(ops.DeleteRetained(message.topic))
         cluster = self.cluster
         if cluster is not None:  # to the other nodes (after the store op: see clustering)
-            cluster.export(message)
+            return cluster.publish(message, publisher, bridge)
         return self.router.route(message, publisher, bridge)
 
     def publish_sys(self, topic: str, payload: bytes) -> None:
