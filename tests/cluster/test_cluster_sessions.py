@@ -146,7 +146,7 @@ async def test_takeover_across_nodes_closes_the_old_connection_with_0x8e(
             a, b, _ = nodes
             await wait_ready(nodes)
             old, _ = await connect(a, "gw-5", clean=False, protocol_level=PROTOCOL_5)
-            new, connack = await connect(b, "gw-5", clean=False, protocol_level=PROTOCOL_5)
+            _new, connack = await connect(b, "gw-5", clean=False, protocol_level=PROTOCOL_5)
             assert connack.session_present
             packets = await old.expect_closed(timeout_s=10)
             assert any(isinstance(p, Disconnect) and p.reason_code == 0x8E for p in packets)
