@@ -53,6 +53,29 @@ class MqttdNode:
     http_port: int = 0
     _changed: trio.Event = attrs.Factory(trio.Event)
     exited: bool = False
+    command: list[str] = attrs.Factory(list)
+    nursery: trio.Nursery | None = None
+    kills: int = 0  # times killed with SIGKILL (kill9)
+
+    async def kill9(self) -> None:
+        """SIGKILL, as a crash: nothing is flushed, no farewell."""
+        self.kills += 1
+        self.proc.kill()
+        await self.proc.wait()
+        while not self.exited:  # its stderr drained to the end
+            await self._changed.wait()
+
+    async def restart(self) -> None:
+        """Start the node again (same name, data directory and config) after it ended;
+        returns once its banner is out."""
+        assert self.proc.returncode is not None and self.nursery is not None
+        self.log.clear()
+        self.exited = False
+        self.port = self.http_port = 0
+        self.proc = await _spawn(self.command)
+        self.nursery.start_soon(self._drain)
+        with trio.fail_after(START_TIMEOUT_S):
+            await self.wait_banner()
 
     async def _drain(self) -> None:
         stderr = self.proc.stderr
@@ -115,16 +138,19 @@ async def start_node(
     data_dir.mkdir(parents=True, exist_ok=True)
     config_file = data_dir / "mqttd.yaml"
     config_file.write_text(config)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "mqttd", "-c", str(config_file), "--host", "127.0.0.1",
-         "-p", "0", "--http-port", "0", "--data-dir", str(data_dir),
-         "--cluster", ",".join(urls), "--node-name", name],
-        stderr=subprocess.PIPE, cwd=ROOT, env=env,
-    )
-    node = MqttdNode(name, proc)
+    command = [
+        sys.executable, "-m", "mqttd", "-c", str(config_file), "--host", "127.0.0.1",
+        "-p", "0", "--http-port", "0", "--data-dir", str(data_dir),
+        "--cluster", ",".join(urls), "--node-name", name,
+    ]
+    node = MqttdNode(name, await _spawn(command), command=command, nursery=nursery)
     nursery.start_soon(node._drain)
     return node
+
+
+async def _spawn(command: list[str]) -> trio.Process:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return await trio.lowlevel.open_process(command, stderr=subprocess.PIPE, cwd=ROOT, env=env)
 
 
 @asynccontextmanager
