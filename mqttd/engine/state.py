@@ -44,12 +44,20 @@ DENIED_LOG_INTERVAL_S = 10.0  # at most one log line per interval for ACL refusa
 
 class ClusterLink(Protocol):
     """Cluster mode's hook (mqttd.clustering): every message this node accepts is handed
-    to ``export`` (synchronously, no await); while ``congested`` clients are not read."""
+    to ``export`` (synchronously, no await); while ``congested`` clients are not read.
+    ``will_set`` (every accepted client, with its will or None) and ``will_settled`` (the
+    will published here, discarded or cancelled) keep the wills where the other nodes
+    find them if this node dies."""
 
     @property
     def congested(self) -> bool: ...
 
     def export(self, message: Publish) -> None: ...
+
+    def will_set(self, client_id: str, will: Will | None, username: str | None,
+                 session: Session, clean_start: bool) -> None: ...
+
+    def will_settled(self, client_id: str) -> None: ...
 
 
 @attrs.define(eq=False)
