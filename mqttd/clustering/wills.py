@@ -71,7 +71,7 @@ from mqttd.cluster.jetstream import (
     WrongLastSequenceError,
 )
 from mqttd.cluster.kv import KV_OPERATION, KeyValue, KvEntry
-from mqttd.cluster.nats_values import ClientClosedError, NatsError
+from mqttd.cluster.nats_values import ClientClosedError, MaxPayloadError, NatsError
 from mqttd.clustering import subjects
 from mqttd.codec import MQTTError
 from mqttd.codec.kinds import WILL
@@ -286,10 +286,20 @@ class ClusterWills:
                     if op is None:
                         self._forget(slot)
                         continue
-                    inflight.append((slot, op[0], op[1], await self._send(slot, *op)))
+                    try:
+                        pending = await self._send(slot, *op)
+                    except MaxPayloadError as exc:  # a will as large as max_payload
+                        self.write_failures += 1
+                        self.node.warn("wills-large", "cluster: a will cannot be kept in "
+                                       "%s: %s; it dies with this node", BUCKET, exc)
+                        slot.value = None
+                        self._dirty[slot.key] = None  # (delete what it wrote before)
+                        continue
+                    inflight.append((slot, op[0], op[1], pending))
                     slot.busy = True
                     self._inflight += 1
                 if not inflight:
+                    self._wake()  # (wait_written: nothing left)
                     await self._changed.wait()
                     continue
                 slot, kind, arg, pending = inflight.popleft()

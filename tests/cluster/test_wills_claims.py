@@ -156,10 +156,18 @@ async def test_a_stale_delete_leaves_a_rewritten_key(tmp_path: Path) -> None:
                 assert a.wills.deleted == 0
                 # a will set and settled on a node is deleted (by its revision)
                 a.will_set("dev2", Will("will/dev2", b"bye", 0, False), None, session, True)
+                await wait_until(lambda: a.wills.written == 2 and not a.wills.pending)
+                assert await kv.get(will_key("dev2"), leader=True) is not None
                 a.will_settled("dev2")
-                await wait_until(lambda: not a.wills.pending and not a.wills.slots.get(
-                    will_key("dev2")))
+                await wait_until(lambda: a.wills.deleted == 1 and not a.wills.pending)
                 assert await kv.get(will_key("dev2"), leader=True) is None
+                assert not a.wills.slots
+                # set and settled before the write loop ran: nothing is written
+                a.will_set("dev3", Will("will/dev3", b"bye", 0, False), None, session, True)
+                a.will_settled("dev3")
+                await a.wills.wait_written()
+                assert await kv.entry(will_key("dev3"), leader=True) is None
+                assert a.wills.written == 2
                 assert total(nodes, "published") == 0  # b is alive: nothing claimed
 
 
