@@ -5,7 +5,8 @@ Every ``cluster.heartbeat_s`` a node puts a small JSON snapshot under its key: i
 and a few counters (connections, sessions, messages received, exported, imported). Every
 node watches the bucket; a node whose last heartbeat is older than
 ``cluster.node_dead_after_s``, or that said ``stopped``, is reported down (``$SYS``,
-``/metrics``). Later slices act on it (the wills of a dead node's clients).
+``/metrics``) and its clients' wills are published by another node
+(:mod:`mqttd.clustering.wills`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Liveness:
     peers: dict[str, Peer] = attrs.Factory(dict)
     heartbeats: int = 0
     failures: int = 0
+    loaded: bool = False  # the watch delivered every node's last heartbeat (wills wait)
 
     async def ensure_bucket(self) -> None:
         self.kv = await KeyValue.create_bucket(
@@ -90,6 +92,8 @@ class Liveness:
                     async for entry in entries:
                         if entry is not None:
                             self._seen(entry)
+                        else:
+                            self.loaded = True
             except (ClientClosedError, trio.EndOfChannel):
                 return  # stopping
             except NatsError as exc:

@@ -25,7 +25,9 @@ Live routing (core NATS, at most once between nodes):
   client publishes reaches every other node in the order it was accepted.
 
 Retained messages live in the stream MQTTD_RET (:mod:`mqttd.clustering.retained`); node
-liveness in the bucket MQTTD_NODES (:mod:`mqttd.clustering.liveness`).
+liveness in the bucket MQTTD_NODES (:mod:`mqttd.clustering.liveness`); the wills of the
+clients connected here in the bucket MQTTD_WILLS, whence a surviving node publishes them if
+this node dies (:mod:`mqttd.clustering.wills`).
 """
 
 from __future__ import annotations
@@ -53,10 +55,11 @@ from mqttd.clustering.gate import CommitGate
 from mqttd.clustering.liveness import Liveness
 from mqttd.clustering.retained import RetainedSync
 from mqttd.clustering.sessions import ROUTING_IMPORT, ROUTING_LOCAL, Claim, ClusterSessions
+from mqttd.clustering.wills import ClusterWills
 from mqttd.codec.errors import MQTTError, ServerUnavailable
 
 if TYPE_CHECKING:
-    from mqttd.codec.packets import Publish
+    from mqttd.codec.packets import Publish, Will
     from mqttd.config import Cluster
     from mqttd.connection import Connection
     from mqttd.engine.dispatch import Engine
@@ -99,6 +102,7 @@ class ClusterNode:
     retained: RetainedSync = attrs.field(init=False)
     liveness: Liveness = attrs.field(init=False)
     sessions: ClusterSessions = attrs.field(init=False)
+    wills: ClusterWills = attrs.field(init=False)
     origin: str = attrs.field(init=False)  # "<node> <boot> ", the start of every Mqttd-Msg
     seq: int = 0  # the number of the last message exported
     streams_ready: bool = False
@@ -131,6 +135,7 @@ class ClusterNode:
         self.retained = RetainedSync(self)
         self.liveness = Liveness(self)
         self.sessions = ClusterSessions(self)
+        self.wills = ClusterWills(self, self.liveness)
         self._idle.set()
 
     @classmethod
@@ -200,6 +205,7 @@ class ClusterNode:
                 await self.retained.ensure_stream()
                 await self.liveness.ensure_bucket()
                 await self.sessions.ensure()
+                await self.wills.ensure_bucket()
                 break
             except (NatsError, trio.WouldBlock) as exc:
                 if isinstance(exc, ClientClosedError):
@@ -211,12 +217,13 @@ class ClusterNode:
         self.setup_problem = None
         self.streams_ready = True
         log.info("cluster node %s: JetStream ready (MQTTD_RET, MQTTD_NODES, MQTTD_SESS, "
-                 "MQTTD_Q, replicas %d)", self.node, self.config.replicas)
+                 "MQTTD_Q, MQTTD_WILLS, replicas %d)", self.node, self.config.replicas)
         self.sessions.start(nursery)
         nursery.start_soon(self.retained.write_loop)
         nursery.start_soon(self.retained.follow)
         nursery.start_soon(self.liveness.heartbeat_loop)
         nursery.start_soon(self.liveness.watch_loop)
+        self.wills.start(nursery)
 
     def _check_max_payload(self) -> None:
         limit = self.engine.config.limits.max_packet_size_bytes
@@ -235,6 +242,7 @@ class ClusterNode:
             while self._overflow:
                 await self._idle.wait()
             await self.retained.wait_written()
+            await self.wills.wait_written()  # the wills published at shutdown: deleted
         if self._overflow or self.retained.writes:
             log.error(
                 "cluster: stopping with %d messages not handed to NATS and %d retained "
@@ -428,6 +436,15 @@ class ClusterNode:
             self._idle.set()
             self.engine.notify_progress()
 
+    # -- wills: kept in MQTTD_WILLS (mqttd.clustering.wills) --------------------------------
+
+    def will_set(self, client_id: str, will: Will | None, username: str | None,
+                 session: Session, clean_start: bool) -> None:
+        self.wills.will_set(client_id, will, username, session, clean_start)
+
+    def will_settled(self, client_id: str) -> None:
+        self.wills.will_settled(client_id)
+
     # -- import: messages from the other nodes --------------------------------------------------
 
     def _on_live(self, msg: Msg) -> None:
@@ -517,4 +534,5 @@ class ClusterNode:
             "cluster_nodes_alive": sum(self.liveness.nodes().values()),
             "cluster_heartbeat_failures": self.liveness.failures,
             **self.sessions.stats(),
+            **self.wills.stats(),
         }

@@ -116,6 +116,8 @@ def accept(
         state.sessions[client_id] = session
     _bind_session(state, conn, session, packet, username, expiry_s)
     conn.will = packet.will
+    if state.cluster is not None:  # cluster mode: the will where other nodes find it
+        state.cluster.will_set(client_id, will, username, session, packet.clean_session)
     conn.send_packet(ConnAck(session_present, 0, conn.connack_properties))
     conn.accepted = True
     conn.connected_at = time.time()
@@ -311,6 +313,8 @@ def on_disconnect(state: BrokerState, conn: Connection, packet: Disconnect) -> N
             return
     else:
         conn.end_reason = "client sent DISCONNECT"
+    if conn.will is not None and state.cluster is not None:
+        state.cluster.will_settled(conn.client_id)
     conn.will = None  # a clean DISCONNECT discards the will (MQTT-3.14.4-3)
     conn.close()
 

@@ -31,6 +31,8 @@ def take_over(state: BrokerState, old: Connection, session_ends: bool = True) ->
         detach(state, session)
     old.close(SessionTakenOver("session taken over by a new connection"))
     delayed = will is not None and (will.properties or {}).get("will_delay_interval")
+    if will is not None and state.cluster is not None:  # published below, or cancelled
+        state.cluster.will_settled(old.client_id)
     if will is not None and (session_ends or not delayed):
         # else a delayed will is cancelled: the client is back
         wills.publish_will(state, will, old.client_id, "session taken over")

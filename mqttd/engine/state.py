@@ -47,7 +47,10 @@ class ClusterLink(Protocol):
     published through it (exported to the other nodes, then routed here; synchronously,
     no await); while ``congested`` clients are not read. A CONNECT's client id is claimed
     cluster-wide (``claim`` parks the connection and ends in ``connect.claim_done``), and
-    its persistent sessions are made by ``new_session``."""
+    its persistent sessions are made by ``new_session``. ``will_set`` (every accepted
+    client, with its will or None) and ``will_settled`` (the will published here,
+    discarded or cancelled) keep the wills where the other nodes find them if this node
+    dies."""
 
     @property
     def congested(self) -> bool: ...
@@ -58,6 +61,11 @@ class ClusterLink(Protocol):
               expiry_s: int | None) -> None: ...
 
     def new_session(self, client_id: str, **limits: Any) -> Session: ...
+
+    def will_set(self, client_id: str, will: Will | None, username: str | None,
+                 session: Session, clean_start: bool) -> None: ...
+
+    def will_settled(self, client_id: str) -> None: ...
 
 
 @attrs.define(eq=False)

@@ -21,6 +21,8 @@ def publish_will(state: BrokerState, will: Will, client_id: str, why: str) -> No
         "client %s: will published to %r (%s)", client_id, will.topic, why,
         extra={"event": "will", "client_id": client_id, "topic": will.topic, "reason": why},
     )
+    if state.cluster is not None:  # cluster mode: settled here, not for another node
+        state.cluster.will_settled(client_id)
     state.publish(v5.will_message(will, time.time()))
 
 
@@ -40,6 +42,8 @@ def publish_later(state: BrokerState, client_id: str, delay_s: float, will: Will
 def take_back(state: BrokerState, client_id: str) -> Will | None:
     """The will of ``client_id`` waiting for its delay, no longer waiting (None if none)."""
     entry = state.delayed_wills.pop(client_id, None)
+    if entry is not None and state.cluster is not None:
+        state.cluster.will_settled(client_id)
     return entry[1] if entry is not None else None
 
 
