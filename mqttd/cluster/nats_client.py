@@ -11,7 +11,8 @@ CONNECT, the subscriptions, PING, PONG), then runs three tasks per connection: t
 (parses and dispatches every complete event of each ``receive_some``, never awaiting in
 between), the writer (the only caller of ``send_all``: everything queued since its last
 write goes out in one call) and the pinger (a PING every ``ping_interval_s``; after
-``max_outstanding_pings`` without a PONG the server is taken for dead). When the connection
+``max_outstanding_pings`` without a PONG, and nothing received for an interval, the server
+is taken for dead: a PONG behind a backlog is late, not lost). When the connection
 breaks it reconnects across the server list (the next server first, then rounds with
 exponential backoff and jitter) and sends SUB again for every subscription.
 
@@ -103,6 +104,7 @@ class NatsClient:
     _wake_writer: trio.Event = attrs.field(factory=trio.Event)
     _space: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
     _pongs: collections.deque[PendingReply | None] = attrs.field(factory=collections.deque)
+    _data_at: float = 0.0  # trio clock: when the reader last received bytes
     _state_changed: trio.Event = attrs.field(factory=trio.Event)
     _run_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _server_index: int = 0
@@ -410,6 +412,7 @@ class NatsClient:
             data = await stream.receive_some(READ_SIZE)
             if not data:
                 raise _Lost("the server closed the connection")
+            self._data_at = trio.current_time()
             try:
                 events = parser.feed(data)
             except ProtocolError as exc:
@@ -434,6 +437,10 @@ class NatsClient:
             self._expire_requests()
             outstanding = sum(1 for p in self._pongs if p is None)
             if outstanding >= outstanding_limit:
+                # a PONG behind a backlog the reader is still working through is late, not
+                # missing: the connection is stale only when nothing came for an interval
+                if trio.current_time() - self._data_at < self.options.ping_interval_s:
+                    continue
                 raise _Lost(f"stale connection: {outstanding} PINGs without a PONG")
             self._pongs.append(None)
             self._write(proto.PING)

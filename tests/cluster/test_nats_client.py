@@ -246,6 +246,45 @@ async def test_keepalive_detects_a_stopped_server(nats3: NatsCluster) -> None:
             assert (await sub.next_msg()).payload == b"x"
 
 
+async def test_a_pong_late_behind_a_backlog_is_not_a_dead_server() -> None:
+    """A fake server that keeps sending messages but answers no PING (its PONG waits
+    behind what the client has still to read): the connection stays up for many ping
+    intervals; once it goes silent as well, the client gives it up."""
+    (port,) = free_ports(1)
+    silent = trio.Event()
+    got_sub = trio.Event()
+
+    async def fake_server(stream: trio.SocketStream) -> None:
+        await stream.send_all(proto.encode_info({"headers": True, "max_payload": 1 << 20}))
+        received = bytearray()
+        while b"SUB flood" not in received or b"PING\r\n" not in received:
+            received.extend(await stream.receive_some(65536))
+        await stream.send_all(proto.PONG)  # the handshake's; no other PING is answered
+        got_sub.set()
+        while not silent.is_set():
+            await stream.send_all(b"MSG flood 2 1\r\nx\r\n")
+            await trio.sleep(0.01)
+        await trio.sleep_forever()
+
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+            nursery.start_soon(trio.serve_listeners, fake_server, listeners)
+            nc = NatsClient.create(f"nats://127.0.0.1:{port}", ping_interval_s=0.05,
+                                   max_outstanding_pings=2, wait_for_servers=True,
+                                   reconnect_backoff_s=0.01, reconnect_backoff_max_s=0.05)
+            nursery.start_soon(nc.run)
+            sub = nc.subscribe_nowait("flood", capacity=1 << 20)
+            await got_sub.wait()
+            for _ in range(60):  # 60 x 0.01 s: about 12 ping intervals without a PONG
+                await sub.next_msg()
+            assert nc.stats.reconnects == 0 and nc.is_connected
+            silent.set()
+            while nc.last_error is None or "stale" not in nc.last_error:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+
 async def test_run_as_a_service_in_a_nursery(nats1: NatsCluster) -> None:
     """``run`` is the service form (``nursery.start``); ``close`` ends it."""
     with trio.fail_after(TIMEOUT_S):
