@@ -53,6 +53,7 @@ from mqttd.cluster.nats_values import (
 from mqttd.clustering import subjects, wire
 from mqttd.clustering.gate import CommitGate
 from mqttd.clustering.liveness import Liveness
+from mqttd.clustering.pacing import RemotePacing
 from mqttd.clustering.retained import RetainedSync
 from mqttd.clustering.sessions import ROUTING_IMPORT, ROUTING_LOCAL, Claim, ClusterSessions
 from mqttd.clustering.wills import ClusterWills
@@ -102,6 +103,7 @@ class ClusterNode:
     retained: RetainedSync = attrs.field(init=False)
     liveness: Liveness = attrs.field(init=False)
     sessions: ClusterSessions = attrs.field(init=False)
+    pacing: RemotePacing = attrs.field(init=False)
     wills: ClusterWills = attrs.field(init=False)
     origin: str = attrs.field(init=False)  # "<node> <boot> ", the start of every Mqttd-Msg
     seq: int = 0  # the number of the last message exported
@@ -135,6 +137,7 @@ class ClusterNode:
         self.retained = RetainedSync(self)
         self.liveness = Liveness(self)
         self.sessions = ClusterSessions(self)
+        self.pacing = RemotePacing(self)
         self.wills = ClusterWills(self, self.liveness)
         self._idle.set()
 
@@ -161,6 +164,7 @@ class ClusterNode:
                 nursery.start_soon(self.client.run)
                 self.install()
                 nursery.start_soon(self._drain_overflow)
+                nursery.start_soon(self.pacing.run)
                 nursery.start_soon(self._setup, nursery)
                 log.info("cluster node %s (boot %d): NATS %s, replicas %d", self.node,
                          self.boot, ", ".join(s.url for s in self.client.servers),
@@ -179,6 +183,7 @@ class ClusterNode:
         self.gate.install()
         self.retained.install()
         self.sessions.install()
+        self.pacing.install()
         self._installed = True
 
     def uninstall(self) -> None:
@@ -340,7 +345,7 @@ class ClusterNode:
 
     @property
     def congested(self) -> bool:
-        return bool(self._overflow) or self.sessions.congested
+        return bool(self._overflow) or self.sessions.congested or self.pacing.paused
 
     @property
     def nursery(self) -> trio.Nursery | None:
@@ -480,12 +485,16 @@ class ClusterNode:
         sessions = self.sessions
         sessions.routing = ROUTING_IMPORT
         sessions.import_rev = index_rev
+        flow = self.engine.flow
+        stand_in = flow.current = self.pacing.stand_in(node)  # backlogged subscribers hold it
         try:
             self.engine.router.route(message)
         except Exception:  # a bug must cost one message, never the NATS connection
             log.exception("cluster: routing a message from node %s on %r failed", node, topic)
         finally:
             sessions.routing = 0
+            flow.current = None
+        self.pacing.routed(node, stand_in)
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -534,5 +543,6 @@ class ClusterNode:
             "cluster_nodes_alive": sum(self.liveness.nodes().values()),
             "cluster_heartbeat_failures": self.liveness.failures,
             **self.sessions.stats(),
+            **self.pacing.stats(),
             **self.wills.stats(),
         }

@@ -299,3 +299,47 @@ async def test_one_nats_server_with_replicas_1(tmp_path: Path, nats1: NatsCluste
             await pub.take(PubAck, packet_id=99, timeout_s=TIMEOUT_S)
             assert await metric(a, "mqttd_cluster_retained_pending") == 0
             ns.cancel_scope.cancel()
+
+
+
+async def test_a_slow_subscriber_paces_a_publisher_on_another_node(
+    nats3: NatsCluster, tmp_path: Path
+) -> None:
+    """A clean QoS 1 subscriber on n1 that reads slowly, a publisher on n0 sending faster
+    than that: n1 asks n0 to pause (mqttd.clustering.pacing) instead of overflowing the
+    subscriber's queue (1,000 messages, drop_oldest by default), so every message arrives,
+    in order, and n1 drops nothing."""
+    count = 3000
+    with trio.fail_after(TIMEOUT_S * 2):
+        async with mqttd_nodes(tmp_path, nats3.urls, 3) as nodes, trio.open_nursery() as ns:
+            a, b, _ = nodes
+            await wait_ready(nodes)
+            sub, _ = await RawClient.connected(b.port, "slow")
+            await sub.send(Subscribe(1, (Subscription("flood/#", 1),)))
+            assert isinstance(await sub.expect(SubAck), SubAck)
+            pub, _ = await RawClient.connected(a.port, "fast")
+            while True:  # n1's interest reaches n0's NATS server: QoS 0 probes until one comes
+                await pub.publish("flood/probe", b"probe", qos=0)
+                with trio.move_on_after(0.05):
+                    if isinstance(await sub.recv(timeout_s=TIMEOUT_S), Publish):
+                        break
+            received: list[bytes] = []
+            done = trio.Event()
+
+            async def read_slowly() -> None:
+                while sum(p.startswith(b"f-") for p in received) < count:
+                    packet = await sub.recv(timeout_s=TIMEOUT_S)
+                    if isinstance(packet, Publish):
+                        received.append(packet.payload)
+                        if packet.qos == 1:
+                            await sub.send(PubAck(packet.packet_id))
+                        await trio.sleep(0.002)  # a slow consumer, not a synchronisation
+                done.set()
+
+            ns.start_soon(read_slowly)
+            await publish_many(pub, "flood/x", 1, b"f-", count)
+            await done.wait()
+            assert [p for p in received if p.startswith(b"f-")] == expected(b"f-", count)
+            assert await metric(b, 'mqttd_messages_dropped_total{reason="queue_full"}') == 0
+            assert await metric(a, "mqttd_cluster_paces_received_total") >= 1
+            ns.cancel_scope.cancel()
