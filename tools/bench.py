@@ -742,6 +742,7 @@ def run_benchmark(
         "size": size_name, "parameters": dataclasses.asdict(size),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(), "brokers": {}, "scenarios": {},
+        "loadavg_start": list(os.getloadavg()),  # other programs on the machine, if any
     }
     report["generator"] = gen_info = choose_generator(generator, say)
     binary = gen_info.get("binary")
@@ -805,6 +806,7 @@ def run_benchmark(
         report["scenarios"][scenario] = entry
     report["targets"] = targets(report)
     report["duration_s"] = time.monotonic() - started
+    report["loadavg_end"] = list(os.getloadavg())
     if output:
         os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
         with open(output, "w") as f:
@@ -848,6 +850,10 @@ def markdown(report: dict[str, Any]) -> str:
         "each at its default configuration (see bench/README.md).",
         "Load generator: " + _generator_text(report.get("generator") or {"kind": "python"}),
     ]
+    if report.get("loadavg_start") and report.get("loadavg_end"):
+        lines.append("Load average (1, 5, 15 min) at the start: "
+                     + ", ".join(f"{v:.2f}" for v in report["loadavg_start"]) + "; at the end: "
+                     + ", ".join(f"{v:.2f}" for v in report["loadavg_end"]) + ".")
     main_rows = []
     conn_rows = []
     device_rows = []
