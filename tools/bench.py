@@ -1072,18 +1072,9 @@ def _cluster_notes(report: dict[str, Any]) -> list[str]:
         if not r:
             continue
         if r.get("lost"):
-            why = ""
-            if r.get("subscriber_drops"):
-                why = (
-                    f": node 2 dropped {r['subscriber_drops']:,} for the subscriber's clean "
-                    "session at its queue budget (limits.max_queued_messages, 1,000 by "
-                    "default, drop_oldest). Node 1 acknowledges a QoS 1 PUBLISH without "
-                    "waiting for node 2 and flow control stops at the node (README, Cluster "
-                    "mode), so nothing paces the publishers to a subscriber on another node; "
-                    "msgs/s and CPU per message count what was delivered"
-                )
             notes.append(f"- **mqttd cluster LOST {r['lost']:,} of {r['expected']:,} messages "
-                         f"in {scenario}**{why}.")
+                         f"in {scenario}**{_cluster_loss_text(r)}; msgs/s and CPU per "
+                         "message count what was delivered.")
     if any(s in report["scenarios"] for s in CLUSTER_SCENARIOS) and report.get("cluster"):
         notes.append(
             "- Cluster rows: broker CPU s = utime + stime of both mqttd nodes and the three "
@@ -1095,6 +1086,37 @@ def _cluster_notes(report: dict[str, Any]) -> list[str]:
             "one fresh mqttd (publishers and subscriber on it)."
         )
     return notes
+
+
+def _cluster_loss_text(r: dict[str, Any]) -> str:
+    """Where a cluster row's messages were lost, from the nodes' counters."""
+    counters = r.get("node_counters") or {}
+    n1, n2 = counters.get("n1") or {}, counters.get("n2") or {}
+    parts = []
+    exported, imported = n1.get("exported"), n2.get("imported")
+    if exported is not None and imported is not None and exported > imported:
+        why = ""
+        if n2.get("nats_reconnects"):
+            logs = (r.get("node_logs") or {}).get("n2", "")
+            found = re.search(r"NATS connection to \S+ lost: ([^\n]+)", logs)
+            why = (f" (node 2's NATS connection was lost and made again "
+                   f"{n2['nats_reconnects']} time(s)"
+                   + (f": \"{found.group(1).strip()}\"" if found else "")
+                   + "; core NATS does not resend what was on its way)")
+        parts.append(f"node 1 exported {exported:,} messages to NATS (the cross-node probe "
+                     f"included), node 2 imported {imported:,}{why}")
+    if r.get("acked_msgs_per_s"):
+        parts.append(f"the publishers had {r['acked']:,} PUBACKs from node 1 within "
+                     f"{r['publish_s']:.1f} s ({r['acked_msgs_per_s']:,.0f} msgs/s)")
+    if r.get("subscriber_drops"):
+        parts.append(
+            f"node 2 dropped {r['subscriber_drops']:,} for the subscriber's clean session at "
+            "its queue budget (limits.max_queued_messages, 1,000 by default, drop_oldest): "
+            "node 1 acknowledges a QoS 1 PUBLISH without waiting for node 2 and flow control "
+            "stops at the node (README, Cluster mode), so nothing paces the publishers to a "
+            "subscriber on another node"
+        )
+    return (": " + "; ".join(parts)) if parts else ""
 
 
 def _generator_text(info: dict[str, Any]) -> str:

@@ -472,6 +472,7 @@ COUNTERS = {
     "mqttd_cluster_imported_total": "imported",
     "mqttd_cluster_discarded_bytes_total": "discarded_bytes",
     "mqttd_cluster_not_exported_total": "not_exported",
+    "mqttd_cluster_nats_reconnects_total": "nats_reconnects",
     'mqttd_messages_dropped_total{reason="queue_full"}': "dropped_queue_full",
     'mqttd_messages_dropped_total{reason="qos0_backed_up"}': "dropped_qos0",
 }
@@ -491,6 +492,22 @@ def node_counters(http_port: int) -> dict[str, int]:
             except ValueError:
                 continue
     return out
+
+
+def nats_counters(http_port: int) -> dict[str, Any]:
+    """A nats-server's message counts and slow consumers (``/varz``); {} if it fails."""
+    status, body = http_get(http_port, "/varz")
+    if status != 200:
+        return {}
+    try:
+        varz = json.loads(body)
+    except ValueError:
+        return {}
+    return {
+        "in_msgs": varz.get("in_msgs"), "out_msgs": varz.get("out_msgs"),
+        "slow_consumers": varz.get("slow_consumers", 0),
+        "slow_consumer_stats": varz.get("slow_consumer_stats"),
+    }
 
 
 def _fill(result: dict[str, Any], raw: dict[str, Any], probe: GroupProbe,
@@ -514,6 +531,12 @@ def _fill(result: dict[str, Any], raw: dict[str, Any], probe: GroupProbe,
     for key, cpu in (("broker", broker_cpu), ("mqttd", result["mqttd_cpu_s"]),
                      ("nats", result["nats_cpu_s"])):
         result[f"{key}_cpu_us_per_msg"] = 1e6 * cpu / delivered if delivered else None
+    # the publishers' side (C generator): QoS 1 messages node 1 acknowledged, and how fast;
+    # with losses on the way this says what the publishers saw
+    t_go, t_pub_end = raw.get("t_go_ns"), raw.get("t_pub_end_ns")
+    if raw.get("acked") and t_go and t_pub_end and t_pub_end > t_go:
+        result["publish_s"] = (t_pub_end - t_go) / 1e9
+        result["acked_msgs_per_s"] = raw["acked"] / result["publish_s"]
     result["mqttd_peak_rss_kib"] = sum(rss.get("mqttd", []))
     result["nats_peak_rss_kib"] = sum(rss.get("nats", []))
     result["peak_rss_kib"] = result["mqttd_peak_rss_kib"] + result["nats_peak_rss_kib"]
@@ -585,6 +608,13 @@ def run_cluster(scenario: str, size: bench.Size, binary: str | None, nats: dict[
             result["subscriber_drops"] = sum(
                 c.get("dropped_queue_full", 0) for c in result["node_counters"].values()
             )
+            result["nats_counters"] = {s.name: nats_counters(s.http_port)
+                                       for s in cluster.servers}
+            result["nats_slow_consumers"] = sum(
+                c.get("slow_consumers", 0) for c in result["nats_counters"].values()
+            )
+            if result.get("lost") or result["status"] != "ok":  # what the nodes said
+                result["node_logs"] = {n.node_name: n.log_tail(3000) for n in cluster.nodes}
     except Exception as exc:
         result["status"] = "error"
         result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
