@@ -1107,7 +1107,9 @@ def _cluster_loss_text(r: dict[str, Any]) -> str:
                      f"included), node 2 imported {imported:,}{why}")
     if r.get("acked_msgs_per_s"):
         parts.append(f"the publishers had {r['acked']:,} PUBACKs from node 1 within "
-                     f"{r['publish_s']:.1f} s ({r['acked_msgs_per_s']:,.0f} msgs/s)")
+                     f"{r['publish_s']:.1f} s ({r['acked_msgs_per_s']:,.0f} msgs/s; broker CPU "
+                     f"per acknowledged message {r.get('broker_cpu_us_per_acked') or 0:,.1f} "
+                     "us)")
     if r.get("subscriber_drops"):
         parts.append(
             f"node 2 dropped {r['subscriber_drops']:,} for the subscriber's clean session at "

@@ -537,6 +537,7 @@ def _fill(result: dict[str, Any], raw: dict[str, Any], probe: GroupProbe,
     if raw.get("acked") and t_go and t_pub_end and t_pub_end > t_go:
         result["publish_s"] = (t_pub_end - t_go) / 1e9
         result["acked_msgs_per_s"] = raw["acked"] / result["publish_s"]
+        result["broker_cpu_us_per_acked"] = 1e6 * broker_cpu / raw["acked"]
     result["mqttd_peak_rss_kib"] = sum(rss.get("mqttd", []))
     result["nats_peak_rss_kib"] = sum(rss.get("nats", []))
     result["peak_rss_kib"] = result["mqttd_peak_rss_kib"] + result["nats_peak_rss_kib"]

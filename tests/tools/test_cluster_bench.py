@@ -125,7 +125,8 @@ def test_the_c_generator_puts_the_subscriber_on_its_own_port():
 def test_a_cluster_loss_is_explained_from_the_node_counters():
     row = {
         "lost": 490_260, "expected": 500_000, "acked": 500_000, "publish_s": 6.25,
-        "acked_msgs_per_s": 80_000.0, "subscriber_drops": 377_974,
+        "acked_msgs_per_s": 80_000.0, "broker_cpu_us_per_acked": 31.7,
+        "subscriber_drops": 377_974,
         "node_counters": {"n1": {"exported": 500_001},
                           "n2": {"imported": 387_715, "nats_reconnects": 1}},
         "node_logs": {"n2": "... WARNING mqttd.cluster.nats: NATS connection to "
@@ -135,6 +136,7 @@ def test_a_cluster_loss_is_explained_from_the_node_counters():
     text = bench._cluster_loss_text(row)
     assert "node 1 exported 500,001" in text and "node 2 imported 387,715" in text
     assert '1 time(s): "stale connection: 2 PINGs without a PONG"' in text
-    assert "500,000 PUBACKs from node 1 within 6.2 s (80,000 msgs/s)" in text
+    assert "500,000 PUBACKs from node 1 within 6.2 s (80,000 msgs/s; broker CPU per " \
+        "acknowledged message 31.7 us)" in text
     assert "node 2 dropped 377,974 for the subscriber's clean session" in text
     assert bench._cluster_loss_text({"lost": 0}) == ""
