@@ -1094,7 +1094,8 @@ def _cluster_loss_text(r: dict[str, Any]) -> str:
     n1, n2 = counters.get("n1") or {}, counters.get("n2") or {}
     parts = []
     exported, imported = n1.get("exported"), n2.get("imported")
-    if exported is not None and imported is not None and exported > imported:
+    probes = r.get("cross_probes_sent") or 1  # at least one of them reached node 2
+    if exported is not None and imported is not None and exported - imported > probes - 1:
         why = ""
         if n2.get("nats_reconnects"):
             logs = (r.get("node_logs") or {}).get("n2", "")
@@ -1103,8 +1104,8 @@ def _cluster_loss_text(r: dict[str, Any]) -> str:
                    f"{n2['nats_reconnects']} time(s)"
                    + (f": \"{found.group(1).strip()}\"" if found else "")
                    + "; core NATS does not resend what was on its way)")
-        parts.append(f"node 1 exported {exported:,} messages to NATS (the cross-node probe "
-                     f"included), node 2 imported {imported:,}{why}")
+        parts.append(f"node 1 exported {exported:,} messages to NATS ({probes} cross-node "
+                     f"probe(s) included), node 2 imported {imported:,}{why}")
     if r.get("acked_msgs_per_s"):
         parts.append(f"the publishers had {r['acked']:,} PUBACKs from node 1 within "
                      f"{r['publish_s']:.1f} s ({r['acked_msgs_per_s']:,.0f} msgs/s; broker CPU "

@@ -403,12 +403,12 @@ class GroupProbe(loadgen.Probe):
 
 
 def wait_cross_node(pub_port: int, sub_port: int, timeout_s: float = CROSS_PROBE_TIMEOUT_S,
-                    ) -> float:
+                    ) -> tuple[float, int]:
     """Publish a QoS 0 probe on ``pub_port`` every ``CROSS_PROBE_EVERY_S`` until a
-    subscriber on ``sub_port`` gets one; the seconds it took (TimeoutError after
-    ``timeout_s``). Called after the generator subscribed: the probe subscription reaches
-    NATS after the generator's (one NATS connection per node), so its arrival says the
-    generator's interest is known on the publishers' side too."""
+    subscriber on ``sub_port`` gets one; the seconds it took and the probes published
+    (TimeoutError after ``timeout_s``). Called after the generator subscribed: the probe
+    subscription reaches NATS after the generator's (one NATS connection per node), so its
+    arrival says the generator's interest is known on the publishers' side too."""
     t0 = time.monotonic()
     sub = loadgen.connect_client(sub_port, "bench-cross-sub", subscribe=(CROSS_PROBE_TOPIC, 0))
     try:
@@ -416,8 +416,10 @@ def wait_cross_node(pub_port: int, sub_port: int, timeout_s: float = CROSS_PROBE
         try:
             packet = Publish(CROSS_PROBE_TOPIC, b"probe", 0).encode()
             sub.settimeout(CROSS_PROBE_EVERY_S)
+            sent = 0
             while time.monotonic() - t0 < timeout_s:
                 pub.sendall(packet)
+                sent += 1
                 try:
                     data = sub.recv(4096)
                 except TimeoutError:
@@ -425,7 +427,7 @@ def wait_cross_node(pub_port: int, sub_port: int, timeout_s: float = CROSS_PROBE
                 if not data:
                     raise RuntimeError("the cross-node probe subscriber was disconnected")
                 if data[0] & 0xF0 == 0x30:  # a PUBLISH
-                    return time.monotonic() - t0
+                    return time.monotonic() - t0, sent
             raise TimeoutError(f"no probe message crossed from node 1 to node 2 in "
                                f"{timeout_s:g} s: cluster routing is not working")
         finally:
@@ -599,7 +601,8 @@ def run_cluster(scenario: str, size: bench.Size, binary: str | None, nats: dict[
             pub_node, sub_node = cluster.nodes[0], cluster.nodes[1]
 
             def cross() -> None:
-                result["cross_probe_s"] = wait_cross_node(pub_node.port, sub_node.port)
+                result["cross_probe_s"], result["cross_probes_sent"] = wait_cross_node(
+                    pub_node.port, sub_node.port)
 
             groups = cluster.groups
             probe = GroupProbe(groups, sub_node.pid, before_go=cross)

@@ -65,7 +65,8 @@ def test_cluster_rows_deliver_everything_and_leave_nothing_running(tmp_path):
         assert single["processes"] == {"mqttd": 1, "nats": 0} and single["nats_cpu_s"] == 0
         assert cluster["processes"] == {"mqttd": 2, "nats": 3}
         assert cluster["nats_peak_rss_kib"] > 0 and cluster["mqttd_peak_rss_kib"] > 0
-        assert cluster["cross_probe_s"] >= 0 and cluster["meta_leader"].startswith("nats")
+        assert cluster["cross_probe_s"] >= 0 and cluster["cross_probes_sent"] >= 1
+        assert cluster["meta_leader"].startswith("nats")
         counters = cluster["node_counters"]
         # the probe message and the load: exported by node 1, imported by node 2
         assert counters["n1"]["exported"] >= expected[scenario] + 1
@@ -140,6 +141,11 @@ def test_a_cluster_loss_is_explained_from_the_node_counters():
         "acknowledged message 31.7 us)" in text
     assert "node 2 dropped 377,974 for the subscriber's clean session" in text
     assert bench._cluster_loss_text({"lost": 0}) == ""
+    # two probes published, one reached node 2 before the subscription did: not a loss
+    probes_only = {**row, "cross_probes_sent": 2, "subscriber_drops": 0, "acked": None,
+                   "acked_msgs_per_s": None,
+                   "node_counters": {"n1": {"exported": 4002}, "n2": {"imported": 4001}}}
+    assert bench._cluster_loss_text(probes_only) == ""
 
 
 @pytest.mark.skipif(not os.access(benchcluster.NATS_DEBIAN, os.X_OK),
