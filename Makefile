@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint clean bench bench-quick
+.PHONY: run test lint clean bench bench-quick bench-cluster
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ bench: $(TEST_STAMP)
 
 bench-quick: $(TEST_STAMP)
 	$(PY) -m tools.bench --size quick $(ARGS)
+
+# Only the cluster rows (2 mqttd + 3 nats-server vs 1 mqttd; bench/README.md), full size,
+# to bench/results-cluster.json;
+# ARGS="--size quick" or ARGS="--cluster-persistent"
+bench-cluster: $(TEST_STAMP)
+	$(PY) -m tools.bench --brokers mqttd --scenarios cluster_qos1,cluster_latency \
+	    --output bench/results-cluster.json $(ARGS)
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -39,8 +39,12 @@ from tools import cgen, loadgen, wqgen
 
 SCENARIOS = (
     "fanin_qos0", "fanin_qos1", "durable_qos1", "fanout", "latency", "connections", "constrained",
-    "shared_qos1", "workqueue",
+    "shared_qos1", "workqueue", "cluster_qos1", "cluster_latency",
 )
+# 2 mqttd nodes + 3 nats-server against 1 mqttd, the same load (tools/benchcluster.py):
+# mqttd only, two rows each ("mqttd": one node, "mqttd-cluster"), a table of their own
+CLUSTER_SCENARIOS = ("cluster_qos1", "cluster_latency")
+CLUSTER_ROW = "mqttd-cluster"
 # consumer groups as work queues (tools/wqgen.py): mqttd only, the one compared with itself
 WORK_QUEUE_SCENARIOS = ("shared_qos1", "workqueue")
 WORK_QUEUE_WORKERS = 4
@@ -86,14 +90,16 @@ class Size:
     # enough that the telemetry outlasts the commands (at 20k, mqttd's window-1 commands
     # were still going when the telemetry was over)
     telemetry_messages: int = 100_000
+    # cluster_qos1: publishers x cluster_messages (fanin_qos1's load at the full size)
+    cluster_messages: int = 50_000
 
 
 SIZES = {
     "full": Size(10, 50_000, 32, 1000, 1000, 1000.0, 10.0, 10_000, 120.0, 5),
     "quick": Size(2, 5000, 32, 100, 100, 1000.0, 2.0, 500, 10.0, 1, 2, 2, 2,
-                  telemetry_messages=20_000),
+                  telemetry_messages=20_000, cluster_messages=2000),
     "tiny": Size(2, 200, 16, 10, 20, 1000.0, 0.3, 50, 10.0, 1, 1, 1, 1,
-                 devices=5, device_commands=10, telemetry_messages=200),
+                 devices=5, device_commands=10, telemetry_messages=200, cluster_messages=100),
 }
 
 DESCRIPTIONS = {
@@ -123,6 +129,13 @@ DESCRIPTIONS = {
                  f"{WORK_QUEUE_REJECT_EVERY}th job is rejected once (PUBACK 0x80) and retried by "
                  f"the broker (work_queues.retry_delay_initial_s {WORK_QUEUE_RETRY_S:g} in both "
                  "rows; the jobs count once acknowledged)",
+    "cluster_qos1": "cluster QoS 1: {publishers} publishers x {cluster_messages} msgs x 64 B, "
+                    "window {window} unacked each, on node 1; 1 QoS 1 subscriber on bench/# "
+                    "acking, on node 2 (every message crosses nodes through NATS); against 1 "
+                    "mqttd with the same load",
+    "cluster_latency": "cluster latency: 1 QoS 0 publisher at {latency_rate:.0f} msg/s for "
+                       "{latency_s:g} s on node 1, 1 subscriber on node 2, end to end; "
+                       "against 1 mqttd with the same load",
 }
 
 # what bounds the devices' window on each broker in the constrained scenario
@@ -683,17 +696,41 @@ def choose_generator(
     return {"kind": "c", **built}
 
 
+def _run_cluster_scenario(
+    scenario: str, size: Size, binary: str | None, nats: dict[str, Any], persistent: bool,
+    say: Callable[[str], None],
+) -> dict[str, dict[str, Any]]:
+    """One node, then the cluster, the same load (none if there is no nats-server)."""
+    from tools import benchcluster
+
+    results: dict[str, dict[str, Any]] = {}
+    if nats.get("skipped"):
+        results[CLUSTER_ROW] = benchcluster.run_cluster(scenario, size, binary, nats, persistent)
+        return results
+    for name, run in (
+        ("mqttd", lambda: benchcluster.run_single(scenario, size, binary, persistent)),
+        (CLUSTER_ROW, lambda: benchcluster.run_cluster(scenario, size, binary, nats,
+                                                       persistent)),
+    ):
+        say(f"> {scenario} on {name} ...")
+        results[name] = result = run()
+        say(f">   {result['status']} in {result['wall_s']:.1f} s"
+            + (f": {result['error'].splitlines()[-1]}" if "error" in result else ""))
+    return results
+
+
 def run_benchmark(
     size_name: str = "quick", brokers: tuple[str, ...] = BROKERS,
     scenarios: tuple[str, ...] = SCENARIOS, output: str | None = DEFAULT_OUTPUT,
     echo: Callable[[str], None] | None = print,
     progress: Callable[[str], None] | None = None, amqtt_divisor: int | None = None,
-    generator: str | None = None,
+    generator: str | None = None, cluster_persistent: bool = False,
 ) -> dict[str, Any]:
     """Run ``scenarios`` x ``brokers``; returns the results (and writes them to ``output``
     as JSON, the tables through ``echo`` and progress lines through ``progress``, unless
     None). ``generator``: ``c`` (built now with the machine's compiler), ``python``, or
-    None: ``c`` if a C compiler is found, else ``python``."""
+    None: ``c`` if a C compiler is found, else ``python``. ``cluster_persistent``: the
+    subscriber of cluster_qos1 (both rows) has a persistent session (clean session 0)."""
     size = SIZES[size_name]
     if amqtt_divisor:
         size = dataclasses.replace(size, amqtt_divisor=max(1, amqtt_divisor))
@@ -705,6 +742,7 @@ def run_benchmark(
         "size": size_name, "parameters": dataclasses.asdict(size),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(), "brokers": {}, "scenarios": {},
+        "loadavg_start": list(os.getloadavg()),  # other programs on the machine, if any
     }
     report["generator"] = gen_info = choose_generator(generator, say)
     binary = gen_info.get("binary")
@@ -719,11 +757,45 @@ def run_benchmark(
             say(f"> {why}")
         else:
             runnable.append(name)
+    cluster_nats: dict[str, Any] = {}
+    if any(s in CLUSTER_SCENARIOS for s in scenarios):
+        from tools import benchcluster  # imports this module: only when needed
+
+        cluster_nats = benchcluster.nats_server()
+        report["cluster"] = {
+            "mqttd_nodes": benchcluster.MQTTD_NODES, "nats_servers": benchcluster.NATS_SERVERS,
+            "nats_server": cluster_nats["path"], "nats_version": cluster_nats["version"],
+            "nats_source": cluster_nats["source"], "skipped": cluster_nats["skipped"],
+            "persistent": cluster_persistent,
+        }
+        if cluster_nats["skipped"]:
+            say(f"> {cluster_nats['skipped']}")
+        else:
+            say(f"> cluster scenarios: nats-server {cluster_nats['version']} "
+                f"({cluster_nats['source']}, {cluster_nats['path']})")
     for scenario in scenarios:
         entry: dict[str, Any] = {
             "description": DESCRIPTIONS[scenario].format(**dataclasses.asdict(size)),
             "results": {},
         }
+        if scenario in CLUSTER_SCENARIOS:
+            if scenario == "cluster_qos1" and cluster_persistent:
+                entry["description"] += " (the subscriber: clean session 0, in both rows)"
+            report["scenarios"][scenario] = entry
+            entry["ratios"] = {}
+            if "mqttd" not in runnable:
+                say(f"> {scenario}: mqttd only, not in --brokers: skipped")
+                continue
+            entry["results"] = _run_cluster_scenario(
+                scenario, size, binary, cluster_nats, cluster_persistent and
+                scenario == "cluster_qos1", say,
+            )
+            from tools import benchcluster
+
+            entry["cluster_vs_single"] = benchcluster.compare(
+                entry["results"].get("mqttd"), entry["results"].get(CLUSTER_ROW),
+            )
+            continue
         for name in runnable:
             say(f"> {scenario} on {name} ...")
             entry["results"][name] = result = run_one(scenario, name, size, binary)
@@ -734,6 +806,7 @@ def run_benchmark(
         report["scenarios"][scenario] = entry
     report["targets"] = targets(report)
     report["duration_s"] = time.monotonic() - started
+    report["loadavg_end"] = list(os.getloadavg())
     if output:
         os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
         with open(output, "w") as f:
@@ -777,6 +850,10 @@ def markdown(report: dict[str, Any]) -> str:
         "each at its default configuration (see bench/README.md).",
         "Load generator: " + _generator_text(report.get("generator") or {"kind": "python"}),
     ]
+    if report.get("loadavg_start") and report.get("loadavg_end"):
+        lines.append("Load average (1, 5, 15 min) at the start: "
+                     + ", ".join(f"{v:.2f}" for v in report["loadavg_start"]) + "; at the end: "
+                     + ", ".join(f"{v:.2f}" for v in report["loadavg_end"]) + ".")
     main_rows = []
     conn_rows = []
     device_rows = []
@@ -788,8 +865,8 @@ def markdown(report: dict[str, Any]) -> str:
             if scenario == "constrained":
                 device_rows.append((name, r))
                 continue
-            if scenario in WORK_QUEUE_SCENARIOS:
-                continue  # their own table (_work_queue_lines)
+            if scenario in WORK_QUEUE_SCENARIOS or scenario in CLUSTER_SCENARIOS:
+                continue  # their own tables (_work_queue_lines, _cluster_lines)
             lat = r.get("latency_ms") or {}
             main_rows.append(
                 f"| {scenario} | {name} | {_scale_text(r['scale'])} "
@@ -855,6 +932,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {_num(r.get('wall_s'), 1)} | {r['status']} |"
             )
     lines += _work_queue_lines(report)
+    lines += _cluster_lines(report)
     ratio_rows = [
         (scenario, peer, values)
         for scenario, entry in report["scenarios"].items()
@@ -924,6 +1002,124 @@ def _work_queue_lines(report: dict[str, Any]) -> list[str]:
             "(the Python generator of tools/wqgen.py in both: the C one cannot reject)."
         )]
     return lines
+
+
+def _cluster_lines(report: dict[str, Any]) -> list[str]:
+    """The cluster rows: 2 mqttd nodes + 3 nats-server against 1 mqttd, the same load."""
+    info = report.get("cluster")
+    rows = [(scenario, name, r)
+            for scenario in CLUSTER_SCENARIOS if scenario in report["scenarios"]
+            for name, r in report["scenarios"][scenario]["results"].items()]
+    if not info or not rows:
+        return []
+    cpus = report["machine"]["cpus"]
+    if info.get("skipped"):
+        return ["", f"Cluster scenarios: {info['skipped']}."]
+    lines = [
+        "",
+        f"Cluster (issue 16): {info['mqttd_nodes']} mqttd nodes + {info['nats_servers']} "
+        f"nats-server {info['nats_version']} ({info['nats_source']}: {info['nats_server']}; "
+        "JetStream, a 3-server cluster on 127.0.0.1) against 1 mqttd, the same load: "
+        "publishers on node 1, the subscriber on node 2, so every message crosses nodes "
+        "through NATS. Broker CPU is every server process's (mqttd + nats-server), per "
+        f"message delivered. **All {info['mqttd_nodes'] + info['nats_servers']} server "
+        f"processes and the generator share these {cpus} cores**: the nats-servers compete "
+        "with the mqttd nodes for CPU, so this measures what crossing nodes costs, not how "
+        "a cluster scales."
+        + (" The cluster_qos1 subscriber has a persistent session (clean session 0) in both "
+           "rows." if info.get("persistent") else ""),
+        "",
+        "| scenario | setup | delivered | lost | msgs/s | broker CPU s | mqttd CPU s "
+        "| nats CPU s | broker CPU us/msg | mqttd us/msg | nats us/msg | broker CPU % "
+        "| gen CPU s | p50 ms | p99 ms | max ms | peak RSS MiB | dup | wall s | status |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for scenario, name, r in rows:
+        lat = r.get("latency_ms") or {}
+        lines.append(
+            f"| {scenario} | {r.get('setup', name)} "
+            f"| {_num(r.get('delivered'))}/{_num(r.get('expected'))} | {_num(r.get('lost'))} "
+            f"| {_num(r.get('msgs_per_s'))} | {_num(r.get('broker_cpu_s'), 2)} "
+            f"| {_num(r.get('mqttd_cpu_s'), 2)} | {_num(r.get('nats_cpu_s'), 2)} "
+            f"| {_num(r.get('broker_cpu_us_per_msg'), 1)} "
+            f"| {_num(r.get('mqttd_cpu_us_per_msg'), 1)} "
+            f"| {_num(r.get('nats_cpu_us_per_msg'), 1)} | {_num(r.get('broker_cpu_pct'))} "
+            f"| {_num(r.get('generator_cpu_s'), 2)} | {_num(lat.get('p50'), 2)} "
+            f"| {_num(lat.get('p99'), 2)} | {_num(lat.get('max'), 2)} "
+            f"| {_num(_mib(r.get('peak_rss_kib')), 1)} | {_num(r.get('duplicated'))} "
+            f"| {_num(r.get('wall_s'), 1)} | {r['status']} |"
+        )
+    ratios = [(scenario, report["scenarios"][scenario].get("cluster_vs_single") or {})
+              for scenario in CLUSTER_SCENARIOS if scenario in report["scenarios"]]
+    ratios = [(scenario, v) for scenario, v in ratios if v]
+    if ratios:
+        lines += ["", "Cluster / 1 node (msgs/s: below 1 the cluster is slower; CPU per message "
+                      "and p99: above 1 the cluster costs more):", ""]
+        for scenario, v in ratios:
+            lines.append(
+                f"- {scenario}: msgs/s {_ratio_text(v.get('throughput'))}, broker CPU per "
+                f"message {_ratio_text(v.get('cpu_per_msg'))}, p99 latency "
+                f"{_ratio_text(v.get('p99_latency'))}"
+            )
+    return lines
+
+
+def _cluster_notes(report: dict[str, Any]) -> list[str]:
+    notes = []
+    for scenario in CLUSTER_SCENARIOS:
+        entry = report["scenarios"].get(scenario)
+        r = entry["results"].get(CLUSTER_ROW) if entry else None
+        if not r:
+            continue
+        if r.get("lost"):
+            notes.append(f"- **mqttd cluster LOST {r['lost']:,} of {r['expected']:,} messages "
+                         f"in {scenario}**{_cluster_loss_text(r)}; msgs/s and CPU per "
+                         "message count what was delivered.")
+    if any(s in report["scenarios"] for s in CLUSTER_SCENARIOS) and report.get("cluster"):
+        notes.append(
+            "- Cluster rows: broker CPU s = utime + stime of both mqttd nodes and the three "
+            "nats-servers (`/proc/PID/stat`, the parts in their own columns); us/msg = that "
+            "/ messages delivered. On this machine the five server processes share "
+            f"{report['machine']['cpus']} cores with the generator: a nats-server's CPU is "
+            "CPU an mqttd node did not get, so the cluster's msgs/s is not what separate "
+            "hosts would give. The single-node row runs the same generator and load against "
+            "one fresh mqttd (publishers and subscriber on it)."
+        )
+    return notes
+
+
+def _cluster_loss_text(r: dict[str, Any]) -> str:
+    """Where a cluster row's messages were lost, from the nodes' counters."""
+    counters = r.get("node_counters") or {}
+    n1, n2 = counters.get("n1") or {}, counters.get("n2") or {}
+    parts = []
+    exported, imported = n1.get("exported"), n2.get("imported")
+    probes = r.get("cross_probes_sent") or 1  # at least one of them reached node 2
+    if exported is not None and imported is not None and exported - imported > probes - 1:
+        why = ""
+        if n2.get("nats_reconnects"):
+            logs = (r.get("node_logs") or {}).get("n2", "")
+            found = re.search(r"NATS connection to \S+ lost: ([^\n]+)", logs)
+            why = (f" (node 2's NATS connection was lost and made again "
+                   f"{n2['nats_reconnects']} time(s)"
+                   + (f": \"{found.group(1).strip()}\"" if found else "")
+                   + "; core NATS does not resend what was on its way)")
+        parts.append(f"node 1 exported {exported:,} messages to NATS ({probes} cross-node "
+                     f"probe(s) included), node 2 imported {imported:,}{why}")
+    if r.get("acked_msgs_per_s"):
+        parts.append(f"the publishers had {r['acked']:,} PUBACKs from node 1 within "
+                     f"{r['publish_s']:.1f} s ({r['acked_msgs_per_s']:,.0f} msgs/s; broker CPU "
+                     f"per acknowledged message {r.get('broker_cpu_us_per_acked') or 0:,.1f} "
+                     "us)")
+    if r.get("subscriber_drops"):
+        parts.append(
+            f"node 2 dropped {r['subscriber_drops']:,} for the subscriber's clean session at "
+            "its queue budget (limits.max_queued_messages, 1,000 by default, drop_oldest): "
+            "node 1 acknowledges a QoS 1 PUBLISH without waiting for node 2 and flow control "
+            "stops at the node (README, Cluster mode), so nothing paces the publishers to a "
+            "subscriber on another node"
+        )
+    return (": " + "; ".join(parts)) if parts else ""
 
 
 def _generator_text(info: dict[str, Any]) -> str:
@@ -1014,6 +1210,7 @@ def _notes(report: dict[str, Any]) -> list[str]:
                     f"the {available:.1f} CPU-s available: this row is disturbed."
                 )
     notes += _constrained_notes(report)
+    notes += _cluster_notes(report)
     notes.append(
         "- Latency is publish-to-delivery (send time stamped in the payload, "
         "CLOCK_MONOTONIC); in the throughput scenarios it includes queueing, as the "
@@ -1091,6 +1288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generator", choices=GENERATORS,
                         help="load generator for the fan-in, fan-out and latency scenarios "
                              "(default: c if a C compiler is found, else python)")
+    parser.add_argument("--cluster-persistent", action="store_true",
+                        help="cluster_qos1: the subscriber has a persistent session (clean "
+                             "session 0), in the single-node and the cluster row")
     parser.add_argument("--output", default=DEFAULT_OUTPUT,
                         help="JSON results file ('' for none); default %(default)s")
     args = parser.parse_args(argv)
@@ -1102,7 +1302,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
     run_benchmark(
         args.size, brokers, scenarios, args.output or None, amqtt_divisor=args.amqtt_divisor,
-        generator=args.generator, echo=lambda line: print(line, flush=True),
+        generator=args.generator, cluster_persistent=args.cluster_persistent,
+        echo=lambda line: print(line, flush=True),
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     return 0

@@ -4,7 +4,9 @@ a cache directory, run as one subprocess per scenario.
 ``build()`` compiles ``cloadgen.c`` once per source and compiler (the binary's name
 carries a hash of both) into ``build/`` at the top of the checkout, or a temporary
 directory if that is not writable. ``fan_in``, ``fan_out`` and ``latency`` take the same
-arguments and return the same result keys as their :mod:`tools.loadgen` counterparts:
+arguments and return the same result keys as their :mod:`tools.loadgen` counterparts
+(``sub_port``: the subscriber connects to another port than the publishers, a cluster's
+other node):
 the generator connects and subscribes, prints ``{"ready": ...}``, the probe starts, the
 coordinator writes ``go``, and the generator prints its results as one JSON line.
 """
@@ -135,12 +137,19 @@ def run(binary: str, probe: loadgen.Probe, args: list[str], timeout_s: float) ->
                 stream.close()
 
 
+def _sub_port(sub_port: int | None) -> list[str]:
+    """The subscribers' port when it is not the publishers' (a cluster's other node)."""
+    return ["--sub-port", str(sub_port)] if sub_port else []
+
+
 def fan_in(
     binary: str, port: int, probe: loadgen.Probe, *, publishers: int, messages: int, qos: int,
     window: int = 32, persistent: bool = False, timeout_s: float = 60.0,
+    sub_port: int | None = None,
 ) -> dict[str, Any]:
-    args = ["--mode", "fanin", "--port", str(port), "--publishers", str(publishers),
-            "--messages", str(messages), "--qos", str(qos), "--window", str(window)]
+    args = ["--mode", "fanin", "--port", str(port), *_sub_port(sub_port),
+            "--publishers", str(publishers), "--messages", str(messages), "--qos", str(qos),
+            "--window", str(window)]
     if persistent:
         args.append("--persistent")
     return run(binary, probe, args, timeout_s)
@@ -156,8 +165,8 @@ def fan_out(
 
 def latency(
     binary: str, port: int, probe: loadgen.Probe, *, rate: float, duration_s: float,
-    timeout_s: float = 60.0,
+    timeout_s: float = 60.0, sub_port: int | None = None,
 ) -> dict[str, Any]:
     count = max(1, int(rate * duration_s))
-    return run(binary, probe, ["--mode", "latency", "--port", str(port), "--rate", f"{rate:g}",
-                               "--messages", str(count)], timeout_s)
+    return run(binary, probe, ["--mode", "latency", "--port", str(port), *_sub_port(sub_port),
+                               "--rate", f"{rate:g}", "--messages", str(count)], timeout_s)

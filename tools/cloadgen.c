@@ -1,7 +1,8 @@
 /* cloadgen: the broker benchmark's C load generator (tools/bench.py builds and runs it).
  *
  * One process, two threads: a publisher thread and a subscriber thread, each with its own
- * epoll set over non-blocking MQTT 3.1.1 connections to 127.0.0.1:PORT. Modes:
+ * epoll set over non-blocking MQTT 3.1.1 connections to 127.0.0.1:PORT (the subscribers to
+ * 127.0.0.1:SUB_PORT if --sub-port is given: another node of a cluster). Modes:
  *
  *   fanin    P publishers x M messages to bench/NNNN/t (QoS 0 or 1, window W per
  *            publisher refilled by halves), 1 subscriber on bench/# (clean or persistent)
@@ -61,6 +62,7 @@ enum mode { FANIN, FANOUT, LATENCY };
 static struct {
     enum mode mode;
     int port;
+    int sub_port;        /* subscribers connect here; 0: --port */
     int publishers, subscribers;
     long messages;       /* per publisher */
     int qos, window, persistent;
@@ -70,7 +72,7 @@ static struct {
     long batch_wait_us;  /* subscriber: sleep this long after a pass that read < batch_bytes */
     long batch_bytes;
     int broker_pid;      /* 0: unknown (the settle rule alone ends a lossy run) */
-} opt = {FANIN, 0, 10, 1, 1000, 0, 32, 0, 1000.0, 60.0, 128, 200, 16384, 0};
+} opt = {FANIN, 0, 0, 10, 1, 1000, 0, 32, 0, 1000.0, 60.0, 128, 200, 16384, 0};
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -162,13 +164,13 @@ static size_t encode_handshake(uint8_t *buf, const char *client_id, int clean,
     return out;
 }
 
-static int tcp_connect(void) {
+static int tcp_connect(int port) {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     if (fd < 0) die("socket: %s", strerror(errno));
     struct sockaddr_in addr;
     memset(&addr, 0, sizeof addr);
     addr.sin_family = AF_INET;
-    addr.sin_port = htons((uint16_t)opt.port);
+    addr.sin_port = htons((uint16_t)port);
     addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
@@ -176,7 +178,7 @@ static int tcp_connect(void) {
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     if (connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0)
-        die("connect to 127.0.0.1:%d: %s", opt.port, strerror(errno));
+        die("connect to 127.0.0.1:%d: %s", port, strerror(errno));
     return fd;
 }
 
@@ -578,8 +580,8 @@ static int cmp_i64(const void *a, const void *b) {
 }
 
 static void usage(void) {
-    fputs("usage: cloadgen --mode fanin|fanout|latency --port N [--publishers N] "
-          "[--subscribers N] [--messages N] [--qos 0|1] [--window N] [--persistent] "
+    fputs("usage: cloadgen --mode fanin|fanout|latency --port N [--sub-port N] "
+          "[--publishers N] [--subscribers N] [--messages N] [--qos 0|1] [--window N] [--persistent] "
           "[--rate MSG_PER_S] [--timeout S] [--chunk N] [--batch-wait-us N] [--broker-pid PID]\n", stderr);
     exit(2);
 }
@@ -587,6 +589,7 @@ static void usage(void) {
 static void parse_args(int argc, char **argv) {
     static struct option longopts[] = {
         {"mode", required_argument, 0, 'm'}, {"port", required_argument, 0, 'p'},
+        {"sub-port", required_argument, 0, 's'},
         {"publishers", required_argument, 0, 'P'}, {"subscribers", required_argument, 0, 'S'},
         {"messages", required_argument, 0, 'n'}, {"qos", required_argument, 0, 'q'},
         {"window", required_argument, 0, 'w'}, {"persistent", no_argument, 0, 'd'},
@@ -604,6 +607,7 @@ static void parse_args(int argc, char **argv) {
             else usage();
             break;
         case 'p': opt.port = atoi(optarg); break;
+        case 's': opt.sub_port = atoi(optarg); break;
         case 'P': opt.publishers = atoi(optarg); break;
         case 'S': opt.subscribers = atoi(optarg); break;
         case 'n': opt.messages = atol(optarg); break;
@@ -618,7 +622,9 @@ static void parse_args(int argc, char **argv) {
         default: usage();
         }
     }
-    if (opt.port <= 0 || opt.messages <= 0 || opt.qos < 0 || opt.qos > 1 || opt.chunk <= 0 ||
+    if (!opt.sub_port) opt.sub_port = opt.port;
+    if (opt.port <= 0 || opt.sub_port <= 0 || opt.messages <= 0 || opt.qos < 0 || opt.qos > 1 ||
+        opt.chunk <= 0 ||
         opt.window <= 0 || opt.window > 65535 || opt.rate <= 0)
         usage();
     if (opt.mode != FANIN) { opt.publishers = 1; opt.qos = 0; opt.persistent = 0; }
@@ -646,7 +652,7 @@ int main(int argc, char **argv) {
             char id[64];
             uint8_t hs[640];
             snprintf(id, sizeof id, "bench-sub-%d", i);
-            subs[i].fd = tcp_connect();
+            subs[i].fd = tcp_connect(opt.sub_port);
             subs[i].index = i;
             subs[i].open = 1;
             write_all(subs[i].fd, hs, encode_handshake(hs, id, !opt.persistent, filter, opt.qos));
@@ -661,7 +667,7 @@ int main(int argc, char **argv) {
         snprintf(id, sizeof id, opt.mode == LATENCY ? "bench-pace" : "bench-pub-%d", i);
         if (opt.mode == FANIN) snprintf(topic, sizeof topic, "bench/%04d/t", i);
         else snprintf(topic, sizeof topic, "%s", filter);
-        pubs[i].fd = tcp_connect();
+        pubs[i].fd = tcp_connect(opt.port);
         write_all(pubs[i].fd, hs, encode_handshake(hs, id, 1, NULL, 0));
         finish_handshake(pubs[i].fd, 0, "publisher");
         encode_stream(&pubs[i], topic, i, opt.messages, opt.qos);

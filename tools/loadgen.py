@@ -979,14 +979,16 @@ def _run_pub_sub(
 def fan_in(
     port: int, probe: Probe, *, publishers: int, messages: int, qos: int, window: int = 32,
     persistent: bool = False, timeout_s: float = 60.0, procs: int = 2,
+    sub_port: int | None = None,
 ) -> dict[str, Any]:
     """``publishers`` x ``messages`` to ``bench/NNNN/t``, one subscriber on ``bench/#`` at
-    ``qos`` (``persistent``: clean session 0). Publisher connections are spread over
-    ``procs`` processes; the subscriber has its own."""
+    ``qos`` (``persistent``: clean session 0; ``sub_port``: on that port, another node of a
+    cluster, instead of ``port``). Publisher connections are spread over ``procs``
+    processes; the subscriber has its own."""
     coord = Coordinator(timeout_s)
     try:
-        coord.spawn("sub", subscriber_worker, port, 0, 1, "bench/#", qos, not persistent,
-                    publishers, messages)
+        coord.spawn("sub", subscriber_worker, sub_port or port, 0, 1, "bench/#", qos,
+                    not persistent, publishers, messages)
         pub_names = []
         for k, (first, n) in enumerate(_split(publishers, procs)):
             pub_names.append(f"pub{k}")
@@ -1018,13 +1020,15 @@ def fan_out(
 
 def latency(
     port: int, probe: Probe, *, rate: float, duration_s: float, timeout_s: float = 60.0,
+    sub_port: int | None = None,
 ) -> dict[str, Any]:
-    """One QoS 0 publisher at ``rate`` msg/s for ``duration_s``, one subscriber."""
+    """One QoS 0 publisher at ``rate`` msg/s for ``duration_s``, one subscriber (on
+    ``sub_port`` if given)."""
     count = max(1, int(rate * duration_s))
     coord = Coordinator(timeout_s)
     try:
-        coord.spawn("sub", subscriber_worker, port, 0, 1, "bench/latency", 0, True, 1, count,
-                    0.0)
+        coord.spawn("sub", subscriber_worker, sub_port or port, 0, 1, "bench/latency", 0, True,
+                    1, count, 0.0)
         coord.spawn("pub", paced_publisher_worker, port, rate, duration_s, "bench/latency")
         return _run_pub_sub(coord, probe, ["sub"], ["pub"])
     finally:
