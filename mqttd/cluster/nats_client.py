@@ -39,7 +39,7 @@ import collections
 import logging
 import random
 import secrets
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -105,6 +105,10 @@ class NatsClient:
     _space: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
     _pongs: collections.deque[PendingReply | None] = attrs.field(factory=collections.deque)
     _data_at: float = 0.0  # trio clock: when the reader last received bytes
+    # awaited before each read: the user holds reading back while it is behind (the server
+    # buffers for the connection, up to its max_pending, meanwhile)
+    read_gate: Callable[[], Awaitable[None]] | None = None
+    _gated: bool = False
     _state_changed: trio.Event = attrs.field(factory=trio.Event)
     _run_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _server_index: int = 0
@@ -409,6 +413,14 @@ class NatsClient:
     async def _reader(self, stream: trio.SocketStream) -> None:
         parser = self._parser
         while True:
+            gate = self.read_gate
+            if gate is not None:  # the user is behind: what is unread waits in the server
+                self._gated = True
+                try:
+                    await gate()
+                finally:
+                    self._gated = False
+                self._data_at = trio.current_time()  # (waiting here is not silence)
             data = await stream.receive_some(READ_SIZE)
             if not data:
                 raise _Lost("the server closed the connection")
@@ -439,7 +451,9 @@ class NatsClient:
             if outstanding >= outstanding_limit:
                 # a PONG behind a backlog the reader is still working through is late, not
                 # missing: the connection is stale only when nothing came for an interval
-                if trio.current_time() - self._data_at < self.options.ping_interval_s:
+                if self._gated or (
+                    trio.current_time() - self._data_at < self.options.ping_interval_s
+                ):
                     continue
                 raise _Lost(f"stale connection: {outstanding} PINGs without a PONG")
             self._pongs.append(None)

@@ -4,11 +4,12 @@ them (mqttd.engine.flow, extended over NATS).
 On one node a backlogged subscriber holds the publishers whose messages reach it. A message
 from another node has no publisher here, so each origin node gets a stand-in connection
 while its messages are routed (``flow.current``): a backlogged subscriber holds it as it
-would hold a local publisher. While the stand-in of node X is held, this node tells X so
-on ``mqttd.pace.<X>`` (``<this node> on``, repeated every ``REFRESH_S``), and ``off`` once
-the subscribers it waits for have drained, or stalled (a stalled subscriber stops pacing, as
-on one node: its QoS 0 messages are dropped over its buffer, QoS 1/2 queued within its
-budget, everything counted).
+would hold a local publisher. While the stand-in of node X is held, this node stops reading
+its NATS connection (what other nodes sent waits in its NATS server, which buffers up to
+its ``max_pending`` per connection) and tells X so on ``mqttd.pace.<X>`` (``<this node>
+on``, repeated every ``REFRESH_S``), then ``off`` once the subscribers it waits for have
+drained, or stalled (a stalled subscriber stops pacing, as on one node: its QoS 0 messages
+are dropped over its buffer, QoS 1/2 queued within its budget, everything counted).
 
 Node X, while any node paces it, stops reading its clients' sockets (``congested``: every
 publisher on X, not only those feeding the slow subscriber, which X cannot tell apart), so
@@ -47,12 +48,28 @@ class RemotePacing:
     pacing: dict[str, float] = attrs.Factory(dict)  # origin -> when "on" was last sent
     paced_by: dict[str, float] = attrs.Factory(dict)  # node -> when its pace expires
     _changed: trio.Event = attrs.Factory(trio.Event)
+    _free: trio.Event = attrs.Factory(trio.Event)  # set when no stand-in is held
     # counters
     paces_sent: int = 0  # times this node told another to pause
     paces_received: int = 0  # times another node told this one to pause
 
     def install(self) -> None:
         self.node.client.subscribe_nowait(PREFIX + self.node.node, callback=self._on_pace)
+        self.node.client.read_gate = self.wait_readable
+        self._free.set()
+
+    def blocked(self) -> bool:
+        """Whether a backlogged subscriber here holds some node's stand-in."""
+        stand_ins = self.stand_ins
+        return any(stand_ins[origin].held_by for origin in self.pacing)
+
+    async def wait_readable(self) -> None:
+        """The NATS reader waits here while this node's subscribers are behind on what
+        other nodes sent (it stays in the NATS server meanwhile, and the origin pauses)."""
+        while self.pacing and self.blocked():
+            if self._free.is_set():
+                self._free = trio.Event()
+            await self._free.wait()
 
     # -- as the subscribers' node ------------------------------------------------------------
 
@@ -106,6 +123,8 @@ class RemotePacing:
                 log.info("cluster: node %s's request to pause expired", name)
             if expired:
                 self.node.engine.notify_progress()
+            if not self.blocked():
+                self._free.set()
 
     # -- as the publishers' node --------------------------------------------------------------
 
