@@ -85,6 +85,9 @@ KICK_ALL = KICK_PREFIX + "all"
 TOPIC = "Mqttd-Topic"
 SUB_IDS = "Mqttd-Subs"
 PURGE_INTERVAL_S = 0.1
+# messages an ordered consumer may push ahead of a session's window (a full channel drops,
+# and the consumer is made again from the next sequence: costly)
+FEED_CAPACITY = 4096
 CLAIM_ATTEMPTS = 5
 KICK_TIMEOUT_S = 1.0
 MAX_PENDING_WRITES = 20_000  # queue copies waiting for PubAcks: above, clients are not read
@@ -653,7 +656,7 @@ class ClusterSessions:
                     async with consumer.watch(
                         node.js, STREAM, subject, start_seq=session.fed_upto + 1,
                         heartbeat_s=max(1.0, node.config.heartbeat_s),
-                        capacity=max(64, 4 * session.max_inflight),
+                        capacity=FEED_CAPACITY,
                     ) as messages:
                         backoff = 0.05
                         async for stored in messages:
