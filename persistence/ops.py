@@ -231,6 +231,12 @@ class DelayedRow(NamedTuple):
     expires_at: float | None
 
 
+class Barrier(NamedTuple):
+    """Writes nothing: its ticket lets a reply wait for something stored elsewhere, whose
+    owner holds the commit back until it is stored (cluster mode: a message to a
+    cluster-wide consumer group, stored in JetStream)."""
+
+
 class LoadQueued(NamedTuple):
     """Read (in order with the writes) up to ``limit`` queued deliveries with a ``seq``
     above ``after_seq``; ``callback`` gets the rows in the trio task after the commit."""
@@ -245,5 +251,5 @@ Op = (
     SaveSession | DeleteSession | AddSubscription | RemoveSubscription | AddMessage
     | AddDelivery | SetInflight | SetReleased | RemoveDelivery | DropOldestQueued | AddInbound
     | RemoveInbound | SetRetained | DeleteRetained | LoadQueued | AddSharedDelivery | AddJob
-    | RemoveJob | AddDelayed | RemoveDelayed
+    | RemoveJob | AddDelayed | RemoveDelayed | Barrier
 )

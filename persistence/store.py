@@ -165,6 +165,7 @@ _STATEMENTS: dict[type, tuple[str, ...]] = {
         "VALUES (?, ?, ?, ?, ?)",
     ),
     ops.DeleteRetained: ("DELETE FROM retained WHERE topic = ?",),
+    ops.Barrier: (),
 }
 
 # bodies no delivery refers to any more (partial index messages_unreferenced)
@@ -299,7 +300,7 @@ class SqliteStore:
                         ]
                         results.append((op.callback, queued))  # type: ignore[union-attr]
                 elif kind is ops.DeleteSession:
-                    params = [(op[0],) for op in batch[i:j]]
+                    params = [(op[0],) for op in batch[i:j]]  # type: ignore[misc]
                     for statement in _STATEMENTS[kind]:
                         conn.executemany(statement, params)
                 else:

@@ -17,7 +17,8 @@ Live routing (core NATS, at most once between nodes):
   drain task has handed them on: nothing is dropped, the pauses are counted.
 * **Import.** A message from NATS is decoded in the client's reader task and routed like a
   local publish (``router.route``: the local trie, min(publish QoS, granted QoS), shared
-  groups, ACL, No Local not applicable) but never exported again, so there are no loops. A
+  ACL, No Local not applicable; shared groups get their copies from MQTTD_GQ instead) but
+  never exported again, so there are no loops. A
   node does not receive its own messages (``echo`` off); each message carries
   ``<node> <boot> <seq>``, and a number already routed from that node is dropped, which
   routes a message matched by two of this node's subscriptions once.
@@ -25,7 +26,9 @@ Live routing (core NATS, at most once between nodes):
   client publishes reaches every other node in the order it was accepted.
 
 Retained messages live in the stream MQTTD_RET (:mod:`mqttd.clustering.retained`); node
-liveness in the bucket MQTTD_NODES (:mod:`mqttd.clustering.liveness`).
+liveness in the bucket MQTTD_NODES (:mod:`mqttd.clustering.liveness`); shared subscriptions
+span the nodes through the stream MQTTD_GQ and the bucket MQTTD_GROUPS
+(:mod:`mqttd.clustering.groups`).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from mqttd.cluster.nats_values import (
     Subscription,
 )
 from mqttd.clustering import subjects, wire
+from mqttd.clustering.groups import ClusterGroups
 from mqttd.clustering.liveness import Liveness
 from mqttd.clustering.retained import RetainedSync
 
@@ -90,6 +94,7 @@ class ClusterNode:
     boot: int  # milliseconds since the epoch at start: a restarted node's are larger
     js: JetStream = attrs.field(init=False)
     retained: RetainedSync = attrs.field(init=False)
+    groups: ClusterGroups = attrs.field(init=False)  # shared subscriptions cluster-wide
     liveness: Liveness = attrs.field(init=False)
     origin: str = attrs.field(init=False)  # "<node> <boot> ", the start of every Mqttd-Msg
     seq: int = 0  # the number of the last message exported
@@ -120,6 +125,7 @@ class ClusterNode:
         self.js = JetStream(self.client, timeout_s=self.config.js_timeout_s)
         self.origin = f"{self.node} {self.boot} "
         self.retained = RetainedSync(self)
+        self.groups = ClusterGroups(self)
         self.liveness = Liveness(self)
         self._idle.set()
 
@@ -162,6 +168,7 @@ class ClusterNode:
         trie.watcher = self
         engine.cluster = self
         self.retained.install()
+        self.groups.install()  # after retained: its commit floor wraps retained's
         self._installed = True
 
     def uninstall(self) -> None:
@@ -171,6 +178,7 @@ class ClusterNode:
         engine = self.engine
         engine.router.trie.watcher = None
         engine.cluster = None
+        self.groups.uninstall()
         self.retained.uninstall()
 
     async def _setup(self, nursery: trio.Nursery) -> None:
@@ -185,6 +193,7 @@ class ClusterNode:
                     self._check_max_payload()
                 await self.retained.ensure_stream()
                 await self.liveness.ensure_bucket()
+                await self.groups.ensure_stream()
                 break
             except (NatsError, trio.WouldBlock) as exc:
                 if isinstance(exc, ClientClosedError):
@@ -195,12 +204,14 @@ class ClusterNode:
                 backoff = min(2 * backoff, 2.0)
         self.setup_problem = None
         self.streams_ready = True
-        log.info("cluster node %s: JetStream ready (MQTTD_RET, MQTTD_NODES, replicas %d)",
+        log.info("cluster node %s: JetStream ready (MQTTD_RET, MQTTD_NODES, MQTTD_GQ, "
+                 "MQTTD_GROUPS, replicas %d)",
                  self.node, self.config.replicas)
         nursery.start_soon(self.retained.write_loop)
         nursery.start_soon(self.retained.follow)
         nursery.start_soon(self.liveness.heartbeat_loop)
         nursery.start_soon(self.liveness.watch_loop)
+        nursery.start_soon(self.groups.run)
 
     def _check_max_payload(self) -> None:
         limit = self.engine.config.limits.max_packet_size_bytes
@@ -219,6 +230,10 @@ class ClusterNode:
             while self._overflow:
                 await self._idle.wait()
             await self.retained.wait_written()
+            await self.groups.wait_written()
+        if self.groups.writes:
+            log.error("cluster: stopping with %d messages for groups not stored in MQTTD_GQ "
+                      "(their QoS 1/2 PUBLISHes were not acknowledged)", len(self.groups.writes))
         if self._overflow or self.retained.writes:
             log.error(
                 "cluster: stopping with %d messages not handed to NATS and %d retained "
@@ -263,11 +278,13 @@ class ClusterNode:
 
     @property
     def congested(self) -> bool:
-        return bool(self._overflow)
+        return bool(self._overflow) or self.groups.congested
 
     def export(self, message: Publish) -> None:
         """Hand ``message`` to NATS (and to MQTTD_RET when retained). Synchronous: called
         by BrokerState.publish in the publisher's reader."""
+        if self.groups.known:  # a copy for each matching group of the cluster (MQTTD_GQ)
+            self.groups.export(message)
         topic = message.topic
         subject = self._subjects.get(topic)
         if subject is None:
@@ -391,6 +408,8 @@ class ClusterNode:
         problems = []
         if not self.retained.loaded:
             problems.append("reading the retained messages from MQTTD_RET")
+        if not self.groups.loaded:
+            problems.append("reading the shared subscriptions of the cluster from MQTTD_GROUPS")
         if self._overflow:
             problems.append(f"the output to NATS is full ({len(self._overflow)} messages "
                             "waiting)")
@@ -420,4 +439,5 @@ class ClusterNode:
             "cluster_retained_imported": retained.imported,
             "cluster_nodes_alive": sum(self.liveness.nodes().values()),
             "cluster_heartbeat_failures": self.liveness.failures,
+            **self.groups.stats(),
         }

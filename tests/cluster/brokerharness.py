@@ -41,7 +41,7 @@ cluster:
   heartbeat_s: 0.25
   node_dead_after_s: 2
   js_timeout_s: 2
-"""
+{cluster_options}{extra}"""
 
 
 @attrs.define(eq=False)
@@ -53,6 +53,7 @@ class MqttdNode:
     http_port: int = 0
     _changed: trio.Event = attrs.Factory(trio.Event)
     exited: bool = False
+    killed: bool = False  # by the test (kill -9): its exit status is not checked
 
     async def _drain(self) -> None:
         stderr = self.proc.stderr
@@ -98,6 +99,12 @@ class MqttdNode:
         while (await self.get("/readyz"))[0] != 200:
             await trio.sleep(READY_POLL_S)
 
+    async def kill(self) -> None:
+        """``kill -9`` and wait for the process to be gone."""
+        self.killed = True
+        self.proc.kill()
+        await self.proc.wait()
+
     async def stop(self) -> None:
         proc = self.proc
         if proc.returncode is None:
@@ -130,11 +137,14 @@ async def start_node(
 @asynccontextmanager
 async def mqttd_nodes(
     tmp_path: Path, nats_urls: Sequence[str], count: int, *, replicas: int | None = None,
+    cluster_options: str = "", extra: str = "",
 ) -> AsyncIterator[list[MqttdNode]]:
     """``count`` nodes n0, n1, ...; node i lists NATS server i first. Yields once every
-    banner is out (the ports are known), not necessarily ready (``wait_ready``)."""
+    banner is out (the ports are known), not necessarily ready (``wait_ready``).
+    ``cluster_options``: more lines of the ``cluster:`` section (indented two spaces);
+    ``extra``: more top-level sections of the configuration."""
     replicas = replicas if replicas is not None else min(3, len(nats_urls))
-    config = CONFIG.format(replicas=replicas)
+    config = CONFIG.format(replicas=replicas, cluster_options=cluster_options, extra=extra)
     nodes: list[MqttdNode] = []
     async with trio.open_nursery() as nursery:
         try:
@@ -154,7 +164,8 @@ async def mqttd_nodes(
                 raise
             for node in nodes:  # an ordered stop exits 0, NATS reachable or not
                 await node.stop()
-                assert node.proc.returncode == 0, node.log.decode(errors="replace")[-4000:]
+                assert node.killed or node.proc.returncode == 0, (
+                    node.log.decode(errors="replace")[-4000:])
         finally:
             with trio.CancelScope(shield=True):
                 for node in nodes:
