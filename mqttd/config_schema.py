@@ -646,8 +646,15 @@ class Cluster:
     )
     # output to NATS waiting to be sent; above it, clients' publishes are not read
     max_pending_bytes: int = attrs.field(default=8_388_608, validator=_at_least(65536))
+    # shared subscriptions: a job a member's node holds unacknowledged this long (its node
+    # died) goes to another member (JetStream's ack wait); live nodes renew it meanwhile
+    group_ack_wait_s: float = attrs.field(
+        default=10.0, converter=_to_float, validator=_checked(float, _positive)
+    )
 
     def __attrs_post_init__(self) -> None:
+        if self.group_ack_wait_s < 0.5:
+            raise _Invalid("group_ack_wait_s", f"must be at least 0.5, got {self.group_ack_wait_s}")
         if self.node_dead_after_s < 2 * self.heartbeat_s:
             raise _Invalid("node_dead_after_s", (
                 f"must be at least twice heartbeat_s ({self.heartbeat_s}), got "

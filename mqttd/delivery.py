@@ -33,6 +33,26 @@ class Attempt:
     superseded: bool = False
 
 
+class JobOwner(Protocol):
+    """Where the queue of a :class:`RemoteJob` lives (cluster mode: mqttd.clustering.groups)."""
+
+    def settled(self, job: RemoteJob, session: Any, message: Publish, reason_code: int) -> None:
+        """The member acknowledged (``reason_code`` below 0x80) or rejected the job."""
+
+    def given_back(self, job: RemoteJob, session: Any, message: Publish, sent: bool) -> None:
+        """The member's connection ended with the job unacknowledged (``sent``: in flight)."""
+
+
+@attrs.define(eq=False, slots=True)
+class RemoteJob(Attempt):
+    """A job of a cluster-wide consumer group (cluster mode): its queue is not this node's
+    work queues' but JetStream's, so what the member answers goes to ``owner``; ``token``
+    is the owner's handle of the job (its JetStream ack subject)."""
+
+    owner: JobOwner | None = None
+    token: str = ""
+
+
 Share = str | Attempt
 """What a delivery through a shared subscription carries: its ``$share/...`` name, or an
 :class:`Attempt` of a work queue."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mqttd.topics import parse_shared
 
@@ -41,6 +41,19 @@ if TYPE_CHECKING:
     Member = tuple[Session, int, SubOptions | None]
     Watch = Callable[["ShareGroup", Member, Publish, str], Share]
 
+
+class ClusterGroups(Protocol):
+    """Cluster mode's hook (mqttd.clustering.groups): groups span the nodes, and their
+    messages reach a member through JetStream, not through the local router."""
+
+    def group_added(self, group: ShareGroup) -> None: ...
+
+    def group_removed(self, group: ShareGroup) -> None: ...
+
+    def node_local(self, topic: str) -> bool:
+        """Whether a topic's messages stay on this node (``$SYS``): delivered here."""
+        ...
+
 log = logging.getLogger(__name__)
 
 # Trie key of a group: U+0000 cannot occur in an MQTT string, so no client id equals it.
@@ -52,6 +65,7 @@ class ShareGroup:
 
     __slots__ = (
         "_cursor",
+        "cluster",
         "delivered",
         "dropped",
         "filter",
@@ -75,6 +89,8 @@ class ShareGroup:
         # set by the work queues when the group has an ack deadline: called for each
         # delivery, it returns what the delivery carries (an Attempt it watches)
         self.watch: Watch | None = None
+        # cluster mode: the messages come through JetStream (see ClusterGroups)
+        self.cluster: ClusterGroups | None = None
 
     def pick(
         self, qos: int, exclude: Session | None = None, connected: bool = False
@@ -114,6 +130,9 @@ class ShareGroup:
     ) -> None:
         """The router's entry point (the group is in the trie with QoS 2, so ``qos`` is the
         message's own)."""
+        cluster = self.cluster
+        if cluster is not None and not cluster.node_local(message.topic):
+            return  # cluster mode: it comes to a member through JetStream
         entry = self.pick(qos)
         if entry is None:
             self.dropped += 1
@@ -152,6 +171,8 @@ class ShareGroups:
         self.lost = 0  # messages given back by a member no other member could take
         # called for each new group (the work queues set its ack deadline watch)
         self.on_new: Callable[[ShareGroup], None] | None = None
+        # cluster mode (mqttd.clustering.groups): told of every group made and gone
+        self.cluster: ClusterGroups | None = None
 
     def add(
         self, topic_filter: str, session: Session, qos: int, options: SubOptions | None = None
@@ -165,6 +186,9 @@ class ShareGroups:
             self.trie.add(inner, _KEY_PREFIX + topic_filter, group, 2)
             if self.on_new is not None:
                 self.on_new(group)
+            if self.cluster is not None:
+                group.cluster = self.cluster
+                self.cluster.group_added(group)
         new = session.client_id not in group.members
         group.members[session.client_id] = (session, qos, options)
         session.group_member = True
@@ -177,6 +201,8 @@ class ShareGroups:
         if not group.members:
             del self.groups[topic_filter]
             self.trie.remove(group.filter, _KEY_PREFIX + topic_filter)
+            if self.cluster is not None:
+                self.cluster.group_removed(group)
         return True
 
     def stats(self) -> dict[str, int]:

@@ -53,7 +53,15 @@ import attrs
 from mqttd import v5
 from mqttd.codec.packets import Publish
 from mqttd.config import WorkQueues as WorkQueuesConfig
-from mqttd.delivery import STORED_ID, Attempt, Delivery, Share, new_fanout, share_name
+from mqttd.delivery import (
+    STORED_ID,
+    Attempt,
+    Delivery,
+    RemoteJob,
+    Share,
+    new_fanout,
+    share_name,
+)
 from mqttd.share_groups import ShareGroup, ShareGroups, deliver_to
 from mqttd.topics import parse_shared
 from persistence import ops
@@ -155,6 +163,9 @@ class WorkQueues:
         """A member acknowledged (``reason_code`` below 0x80) or rejected a delivery that
         came through a group (``entry.share`` is set). QoS 2: at PUBREC."""
         share: Share = entry.share  # type: ignore[assignment]
+        if share.__class__ is RemoteJob:  # a cluster-wide group's job: JetStream's queue
+            share.owner.settled(share, session, entry.message, reason_code)  # type: ignore[union-attr,arg-type]
+            return
         attempt = share if share.__class__ is Attempt else None
         name = share_name(share)
         counts = self._count(name)
@@ -182,6 +193,9 @@ class WorkQueues:
         handed = 0
         now = time.time()
         for message, qos, share, sent in taken:
+            if share.__class__ is RemoteJob:  # a cluster-wide group's job: JetStream's queue
+                share.owner.given_back(share, session, message, sent)  # type: ignore[union-attr]
+                continue
             name = share_name(share)
             attempt = share if share.__class__ is Attempt else None
             if attempt is not None:
@@ -231,10 +245,7 @@ class WorkQueues:
         if v5.expired(message, now):
             self._count(name).expired += 1
             return
-        delay = min(settings.retry_delay_max_s,
-                    settings.retry_delay_initial_s
-                    * settings.retry_delay_multiplier ** (deliveries - 1))
-        delay *= 1.0 - settings.retry_delay_jitter * self.rng.random()
+        delay = self.retry_delay(name, deliveries)
         job_id = self.next_job_id
         self.next_job_id = job_id + 1
         message_id = 0
@@ -248,6 +259,27 @@ class WorkQueues:
                                      now + delay, reason, member.client_id))
         self._wait(Job(job_id, name, message, message_id, deliveries, first_failure,
                        now + delay, reason, member.client_id))
+
+    def retry_delay(self, name: str, deliveries: int) -> float:
+        """How long a job of the group ``name`` that failed its ``deliveries``-th delivery
+        waits for the next (the backoff, with its jitter)."""
+        settings = self.settings(name)
+        delay = min(settings.retry_delay_max_s,
+                    settings.retry_delay_initial_s
+                    * settings.retry_delay_multiplier ** (deliveries - 1))
+        return delay * (1.0 - settings.retry_delay_jitter * self.rng.random())
+
+    def dead_letter(
+        self, name: str, message: Publish, deliveries: int, first_failure: float, reason: str,
+        reason_code: int | None = None,
+    ) -> None:
+        """Publish a job of the group ``name`` to its dead-letter topic (cluster mode's
+        groups call this too)."""
+        self._dead_letter(name, message, deliveries, first_failure, reason, reason_code)
+
+    def counts(self, name: str) -> GroupCounters:
+        """The counters of the group ``name`` (made when missing)."""
+        return self._count(name)
 
     def _wait(self, job: Job) -> None:
         self.waiting[job.job_id] = job

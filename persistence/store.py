@@ -165,6 +165,7 @@ _STATEMENTS: dict[type, tuple[str, ...]] = {
         "VALUES (?, ?, ?, ?, ?)",
     ),
     ops.DeleteRetained: ("DELETE FROM retained WHERE topic = ?",),
+    ops.Barrier: (),
 }
 
 # bodies no delivery refers to any more (partial index messages_unreferenced)

@@ -30,12 +30,13 @@ def test_every_cluster_key_is_read() -> None:
         "  heartbeat_s: 0.5\n"
         "  node_dead_after_s: 3\n"
         "  max_pending_bytes: 65536\n"
+        "  group_ack_wait_s: 4\n"
     )
     assert config.cluster == Cluster(
         enabled=True, node_name="n-1_a",
         nats_servers=("nats://10.0.0.1:4222", "nats://u:p@10.0.0.2", "10.0.0.3:4223"),
         replicas=1, user="mqttd", password="secret", js_timeout_s=2.0, heartbeat_s=0.5,
-        node_dead_after_s=3.0, max_pending_bytes=65536,
+        node_dead_after_s=3.0, max_pending_bytes=65536, group_ack_wait_s=4.0,
     )
     assert config.cluster.node == "n-1_a"
     assert parse_config("cluster: {token: t}").cluster.token == "t"
@@ -65,6 +66,9 @@ def test_every_cluster_key_is_read() -> None:
         ("cluster: {max_pending_bytes: 10}", "cluster.max_pending_bytes: must be at least "
          "65536"),
         ("cluster: {enabled: 1}", "cluster.enabled: expected true or false, got 1"),
+        ("cluster: {group_ack_wait_s: 0}", "cluster.group_ack_wait_s: must be greater than 0"),
+        ("cluster: {group_ack_wait_s: 0.2}", "cluster.group_ack_wait_s: must be at least 0.5, "
+         "got 0.2"),
         ("cluster: {node: x}", "cluster.node: unknown key (did you mean node_name?)"),
     ],
 )

@@ -17,7 +17,8 @@ Live routing (core NATS, at most once between nodes):
   drain task has handed them on: nothing is dropped, the pauses are counted.
 * **Import.** A message from NATS is decoded in the client's reader task and routed like a
   local publish (``router.route``: the local trie, min(publish QoS, granted QoS), shared
-  groups, ACL, No Local not applicable) but never exported again, so there are no loops. A
+  ACL, No Local not applicable; shared groups get their copies from MQTTD_GQ instead) but
+  never exported again, so there are no loops. A
   node does not receive its own messages (``echo`` off); each message carries
   ``<node> <boot> <seq>``, and a number already routed from that node is dropped, which
   routes a message matched by two of this node's subscriptions once.
@@ -27,7 +28,9 @@ Live routing (core NATS, at most once between nodes):
 Retained messages live in the stream MQTTD_RET (:mod:`mqttd.clustering.retained`); node
 liveness in the bucket MQTTD_NODES (:mod:`mqttd.clustering.liveness`); the wills of the
 clients connected here in the bucket MQTTD_WILLS, whence a surviving node publishes them if
-this node dies (:mod:`mqttd.clustering.wills`).
+this node dies (:mod:`mqttd.clustering.wills`); persistent sessions in MQTTD_SESS and
+MQTTD_Q (:mod:`mqttd.clustering.sessions`); shared subscriptions span the nodes through the
+stream MQTTD_GQ and the bucket MQTTD_GROUPS (:mod:`mqttd.clustering.groups`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from mqttd.cluster.nats_values import (
 )
 from mqttd.clustering import subjects, wire
 from mqttd.clustering.gate import CommitGate
+from mqttd.clustering.groups import ClusterGroups
 from mqttd.clustering.liveness import Liveness
 from mqttd.clustering.pacing import RemotePacing
 from mqttd.clustering.retained import RetainedSync
@@ -101,6 +105,7 @@ class ClusterNode:
     js: JetStream = attrs.field(init=False)
     gate: CommitGate = attrs.field(init=False)
     retained: RetainedSync = attrs.field(init=False)
+    groups: ClusterGroups = attrs.field(init=False)  # shared subscriptions cluster-wide
     liveness: Liveness = attrs.field(init=False)
     sessions: ClusterSessions = attrs.field(init=False)
     pacing: RemotePacing = attrs.field(init=False)
@@ -135,6 +140,7 @@ class ClusterNode:
         self.origin = f"{self.node} {self.boot} "
         self.gate = CommitGate(self.engine)
         self.retained = RetainedSync(self)
+        self.groups = ClusterGroups(self)
         self.liveness = Liveness(self)
         self.sessions = ClusterSessions(self)
         self.pacing = RemotePacing(self)
@@ -184,6 +190,7 @@ class ClusterNode:
         self.retained.install()
         self.sessions.install()
         self.pacing.install()
+        self.groups.install()  # after retained: its commit floor wraps retained's
         self._installed = True
 
     def uninstall(self) -> None:
@@ -193,6 +200,7 @@ class ClusterNode:
         engine = self.engine
         engine.router.trie.watcher = None
         engine.cluster = None
+        self.groups.uninstall()
         self.retained.uninstall()
         self.sessions.uninstall()
         self.gate.uninstall()
@@ -211,6 +219,7 @@ class ClusterNode:
                 await self.liveness.ensure_bucket()
                 await self.sessions.ensure()
                 await self.wills.ensure_bucket()
+                await self.groups.ensure_stream()
                 break
             except (NatsError, trio.WouldBlock) as exc:
                 if isinstance(exc, ClientClosedError):
@@ -222,13 +231,15 @@ class ClusterNode:
         self.setup_problem = None
         self.streams_ready = True
         log.info("cluster node %s: JetStream ready (MQTTD_RET, MQTTD_NODES, MQTTD_SESS, "
-                 "MQTTD_Q, MQTTD_WILLS, replicas %d)", self.node, self.config.replicas)
+                 "MQTTD_Q, MQTTD_WILLS, MQTTD_GQ, MQTTD_GROUPS, replicas %d)", self.node,
+                 self.config.replicas)
         self.sessions.start(nursery)
         nursery.start_soon(self.retained.write_loop)
         nursery.start_soon(self.retained.follow)
         nursery.start_soon(self.liveness.heartbeat_loop)
         nursery.start_soon(self.liveness.watch_loop)
         self.wills.start(nursery)
+        nursery.start_soon(self.groups.run)
 
     def _check_max_payload(self) -> None:
         limit = self.engine.config.limits.max_packet_size_bytes
@@ -248,6 +259,10 @@ class ClusterNode:
                 await self._idle.wait()
             await self.retained.wait_written()
             await self.wills.wait_written()  # the wills published at shutdown: deleted
+            await self.groups.wait_written()
+        if self.groups.writes:
+            log.error("cluster: stopping with %d messages for groups not stored in MQTTD_GQ "
+                      "(their QoS 1/2 PUBLISHes were not acknowledged)", len(self.groups.writes))
         if self._overflow or self.retained.writes:
             log.error(
                 "cluster: stopping with %d messages not handed to NATS and %d retained "
@@ -345,7 +360,8 @@ class ClusterNode:
 
     @property
     def congested(self) -> bool:
-        return bool(self._overflow) or self.sessions.congested or self.pacing.paused
+        return (bool(self._overflow) or self.sessions.congested or self.pacing.paused
+                or self.groups.congested)
 
     @property
     def nursery(self) -> trio.Nursery | None:
@@ -365,8 +381,10 @@ class ClusterNode:
 
     def export(self, message: Publish, publisher: Session | None = None) -> None:
         """Hand ``message`` to NATS (and to MQTTD_RET when retained, to MQTTD_Q for the
-        persistent sessions it reaches). Synchronous: called by BrokerState.publish in the
-        publisher's reader."""
+        persistent sessions it reaches, to MQTTD_GQ for the groups). Synchronous: called
+        by BrokerState.publish in the publisher's reader."""
+        if self.groups.known:  # a copy for each matching group of the cluster (MQTTD_GQ)
+            self.groups.export(message)
         topic = message.topic
         subject = self._subjects.get(topic)
         if subject is None:
@@ -513,6 +531,8 @@ class ClusterNode:
             problems.append("reading the retained messages from MQTTD_RET")
         if not self.sessions.loaded:
             problems.append("reading the session records from MQTTD_SESS")
+        if not self.groups.loaded:
+            problems.append("reading the shared subscriptions of the cluster from MQTTD_GROUPS")
         if self._overflow:
             problems.append(f"the output to NATS is full ({len(self._overflow)} messages "
                             "waiting)")
@@ -545,4 +565,5 @@ class ClusterNode:
             **self.sessions.stats(),
             **self.pacing.stats(),
             **self.wills.stats(),
+            **self.groups.stats(),
         }

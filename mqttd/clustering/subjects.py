@@ -24,9 +24,9 @@ What stays on the node:
   subscribes to nothing there. So are delayed publishes (``$delayed/<seconds>/<topic>``):
   the node that took one holds it and exports it when it publishes it to ``<topic>``.
   Other ``$`` topics (``$dead/...`` dead letters included) travel like any topic.
-* ``$share/<group>/<filter>``: the group subscribes to its ``<filter>``'s subjects; each
-  node's group hands a message to one of that node's members (shared subscriptions are
-  node-local in this slice of cluster mode).
+* ``$share/<group>/<filter>``: the group subscribes to its ``<filter>``'s subjects, but
+  its messages come through the stream MQTTD_GQ (``mqttd.g.<name_key>``,
+  :mod:`mqttd.clustering.groups`), one copy per group cluster-wide.
 
 NATS wildcards are not MQTT's ``$``-rule: ``mqttd.t.>`` also matches ``mqttd.t.$foo``. The
 subjects only have to cover what a node's filters match; the receiving node matches every

@@ -41,7 +41,7 @@ cluster:
   heartbeat_s: 0.25
   node_dead_after_s: 2
   js_timeout_s: 2
-"""
+{cluster_options}{extra}"""
 
 
 @attrs.define(eq=False)
@@ -164,11 +164,14 @@ async def _spawn(command: list[str]) -> trio.Process:
 @asynccontextmanager
 async def mqttd_nodes(
     tmp_path: Path, nats_urls: Sequence[str], count: int, *, replicas: int | None = None,
+    cluster_options: str = "", extra: str = "",
 ) -> AsyncIterator[list[MqttdNode]]:
     """``count`` nodes n0, n1, ...; node i lists NATS server i first. Yields once every
-    banner is out (the ports are known), not necessarily ready (``wait_ready``)."""
+    banner is out (the ports are known), not necessarily ready (``wait_ready``).
+    ``cluster_options``: more lines of the ``cluster:`` section (indented two spaces);
+    ``extra``: more top-level sections of the configuration."""
     replicas = replicas if replicas is not None else min(3, len(nats_urls))
-    config = CONFIG.format(replicas=replicas)
+    config = CONFIG.format(replicas=replicas, cluster_options=cluster_options, extra=extra)
     nodes: list[MqttdNode] = []
     async with trio.open_nursery() as nursery:
         try:
