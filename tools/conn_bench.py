@@ -175,7 +175,7 @@ def run_once(args: argparse.Namespace) -> dict:
             if args.profile:
                 prof = subprocess.Popen(
                     ["py-spy", "record", "--pid", str(broker.pid), "--rate", "500", "--format",
-                     args.profile_format, "-o", args.profile],
+                     args.profile_format, "-o", args.profile, *(["--nonblocking"] if os.environ.get("PYSPY_NONBLOCKING") else [])],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )
                 time.sleep(1.0)
