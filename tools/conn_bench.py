@@ -12,6 +12,12 @@ repeat (a fresh broker each): connects/s (go to the last CONNACK), the broker's 
 in that window and per connection, and its VmRSS before and after (KiB per connection).
 Held connections need two fds each on one machine (the broker's and the client's): the
 broker's hard RLIMIT_NOFILE bounds what can be held (printed).
+
+Probes, by environment: BROKER_CALLGRIND=1 (instructions per connection, below);
+BROKER_PREFIX="script.py" runs the broker as ``python script.py -m mqttd ...`` (e.g. a
+tracemalloc or cProfile wrapper) and BROKER_SIGNALS=S sends it SIGUSR1 before the go signal
+and SIGUSR2 once every CONNACK is in, then waits S seconds; PYSPY_NONBLOCKING=1 with
+--profile.
 """
 
 from __future__ import annotations
@@ -173,9 +179,10 @@ def run_once(args: argparse.Namespace) -> dict:
                     time.sleep(0.05)
             time.sleep(0.3)
             if args.profile:
+                nonblocking = ["--nonblocking"] if os.environ.get("PYSPY_NONBLOCKING") else []
                 prof = subprocess.Popen(
                     ["py-spy", "record", "--pid", str(broker.pid), "--rate", "500", "--format",
-                     args.profile_format, "-o", args.profile, *(["--nonblocking"] if os.environ.get("PYSPY_NONBLOCKING") else [])],
+                     args.profile_format, "-o", args.profile, *nonblocking],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )
                 time.sleep(1.0)
