@@ -11,6 +11,7 @@ file, the ACL file and TLS certificates; SIGINT and SIGTERM stop in order."""
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -98,6 +99,9 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+GC_YOUNG_THRESHOLD = 10_000
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["passwd"]:
@@ -140,6 +144,13 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
+    # the cyclic GC (collecting is not needed for correctness: reference counting frees
+    # nearly everything): young collections every GC_YOUNG_THRESHOLD allocations, not 700,
+    # and what exists once the broker serves (modules, configuration, restored sessions) is
+    # frozen out of the full collections (run below). With the defaults, 10,000 clients
+    # connecting spent 2.2 s of their 2.8 CPU s collecting, 78% of it in full collections
+    # re-scanning the ~150,000 objects of the start-up.
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     try:
         trio.run(run, config, args.config)
     except (OSError, StoreError, BaseExceptionGroup) as exc:
@@ -177,6 +188,8 @@ async def run(config: Config, source: str | None = None) -> None:
                 watchdog.start_soon(notifier.watchdog)  # from the start: restoring may be long
                 async with trio.open_nursery() as nursery:
                     await nursery.start(broker.serve)
+                    gc.collect()
+                    gc.freeze()  # (see serve)
                     _announce(broker, source)
                     notifier.ready(_status(broker))
                     async for signum in signals:

@@ -10,9 +10,10 @@ whatever its kind, with its reader and writer (:mod:`mqttd.server.stream_task`).
 
 from __future__ import annotations
 
-import errno
+import functools
 import logging
 import math
+import socket
 import ssl
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,8 @@ from mqttd.codec.reason import (
 )
 from mqttd.config import Listener
 from mqttd.server.bind import format_address, open_listeners
-from mqttd.server.stream_task import RECEIVE_SIZE, ClientHandler
+from mqttd.server.stream_task import RECEIVE_SIZE, ClientHandler, OutputFlush
+from mqttd.server.tcp import TCPStream, accept_batches, listening_socket
 from mqttd.server.tls import TLSSetupError, certificate_cn, handshake, server_context
 from mqttd.server.websocket import accept_websocket
 
@@ -40,8 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# accept() errors that mean "out of resources, try again shortly" (as trio's serve_listeners)
-_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 # refused connections are logged at most this often per limit (a flood must not flood the log)
 REFUSAL_LOG_INTERVAL_S = 10.0
 
@@ -51,6 +51,10 @@ SCHEMES = {
     ("websockets", False): "ws",
     ("websockets", True): "wss",
 }
+
+
+def _capacity_error(exc: OSError) -> None:
+    log.error("accept failed (%s); retrying in 100 ms", exc)
 
 
 MAX_REFUSALS = 64  # connections over a limit answered at once; more are closed unanswered
@@ -129,7 +133,7 @@ class BoundListener:
     config: Listener
     index: int
     ssl_context: ssl.SSLContext | None = None
-    sockets: list[trio.SocketListener] = attrs.Factory(list)
+    sockets: list[socket.socket] = attrs.Factory(list)  # listening, non-blocking
     addresses: list[tuple[str, int]] = attrs.Factory(list)
     connections: int = 0  # open now, from the accept (TLS/WebSocket handshakes included)
     accepted: int = 0
@@ -205,6 +209,7 @@ class TCPServer:
         self._handlers_nursery: trio.Nursery | None = None
         self._stopping = False
         self._all_closed = trio.Event()
+        self.flush = OutputFlush()  # the connections' direct writes (plain TCP)
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Bind every listener and serve. Reports ``[(host, port), ...]`` (in listener order)
@@ -221,15 +226,14 @@ class TCPServer:
             for bound in self.listeners:
                 cfg = bound.config
                 name = f"listeners[{bound.index}]"
-                bound.sockets = await open_listeners(name, cfg.host, cfg.port)
-                bound.addresses = [
-                    tuple(ls.socket.getsockname()[:2])  # type: ignore[misc]
-                    for ls in bound.sockets
+                bound.sockets = [
+                    listening_socket(ls) for ls in await open_listeners(name, cfg.host, cfg.port)
                 ]
+                bound.addresses = [tuple(ls.getsockname()[:2]) for ls in bound.sockets]
         except OSError:
             for bound in self.listeners:
-                for socket_listener in bound.sockets:
-                    await socket_listener.aclose()
+                for listening in bound.sockets:
+                    listening.close()
             raise
         addresses = []
         for bound in self.listeners:
@@ -241,49 +245,46 @@ class TCPServer:
             async with trio.open_nursery() as accepting:
                 self._accept_scope = accepting.cancel_scope
                 for bound in self.listeners:
-                    for socket_listener in bound.sockets:
-                        accepting.start_soon(self._accept_loop, bound, socket_listener)
+                    for listening in bound.sockets:
+                        accepting.start_soon(
+                            accept_batches, listening, functools.partial(self._accepted, bound),
+                            _capacity_error,
+                        )
                 task_status.started(addresses)
             # listeners are closed; handlers run until shutdown() closes them
 
-    async def _accept_loop(
-        self, bound: BoundListener, socket_listener: trio.SocketListener
-    ) -> None:
+    def _accepted(self, bound: BoundListener, sock: socket.socket) -> None:
+        """A connection was accepted on ``bound``: refused over a limit, else served by a
+        handler task. Plain MQTT gets the lean TCPStream, TLS and WebSocket trio's."""
+        stream: trio.abc.HalfCloseableStream
+        if bound.scheme == "mqtt":
+            stream = TCPStream(sock)
+        else:
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         max_connections = self.broker.config.limits.max_connections
+        if 0 <= max_connections <= self.connections:
+            self.refused += 1
+            self._count_limit("connections")
+            self._refusals.refused()
+            self._refuse(stream, bound, SERVER_BUSY)
+            return
         listener_max = bound.config.max_connections
-        handlers: trio.Nursery = self._handlers_nursery  # type: ignore[assignment]
-        async with socket_listener:
-            while True:
-                try:
-                    stream = await socket_listener.accept()
-                except OSError as exc:
-                    if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
-                        log.error("accept failed (%s); retrying in 100 ms", exc)
-                        await trio.sleep(0.1)
-                        continue
-                    raise
-                if 0 <= max_connections <= self.connections:
-                    self.refused += 1
-                    self._count_limit("connections")
-                    self._refusals.refused()
-                    self._refuse(stream, bound, SERVER_BUSY)
-                    continue
-                if 0 <= listener_max <= bound.connections:
-                    bound.refuse()
-                    self._count_limit("listener_connections")
-                    self._refuse(stream, bound, SERVER_BUSY)
-                    continue
-                if self._rate.over(trio.current_time()):
-                    self._count_limit("connection_rate")
-                    self._rate_refusals.refused()
-                    self._refuse(stream, bound, CONNECTION_RATE_EXCEEDED)
-                    continue
-                self.connections += 1
-                bound.connections += 1
-                bound.accepted += 1
-                handlers.start_soon(self._handle, stream, bound)
+        if 0 <= listener_max <= bound.connections:
+            bound.refuse()
+            self._count_limit("listener_connections")
+            self._refuse(stream, bound, SERVER_BUSY)
+            return
+        if self._rate.rate >= 0 and self._rate.over(trio.current_time()):
+            self._count_limit("connection_rate")
+            self._rate_refusals.refused()
+            self._refuse(stream, bound, CONNECTION_RATE_EXCEEDED)
+            return
+        self.connections += 1
+        bound.connections += 1
+        bound.accepted += 1
+        self._handlers_nursery.start_soon(self._handle, stream, bound)  # type: ignore[union-attr]
 
-    def _refuse(self, stream: trio.SocketStream, bound: BoundListener, code: int) -> None:
+    def _refuse(self, stream: trio.abc.Stream, bound: BoundListener, code: int) -> None:
         """Over a connection limit: on a plain MQTT listener, read the CONNECT briefly and
         answer CONNACK with ``code`` (5.0; 3.1.1 gets 0x03 Server unavailable), at most
         MAX_REFUSALS at a time; otherwise close at once."""
@@ -293,7 +294,7 @@ class TCPServer:
         self.refusing += 1
         self._handlers_nursery.start_soon(self._answer_refusal, stream, code)  # type: ignore[union-attr]
 
-    async def _answer_refusal(self, stream: trio.SocketStream, code: int) -> None:
+    async def _answer_refusal(self, stream: trio.abc.Stream, code: int) -> None:
         try:
             with trio.move_on_after(REFUSAL_READ_TIMEOUT_S):
                 await answer_connack(stream, code)
@@ -307,7 +308,7 @@ class TCPServer:
         exceeded = self.broker.limits_exceeded
         exceeded[name] = exceeded.get(name, 0) + 1
 
-    async def _handle(self, stream: trio.SocketStream, bound: BoundListener) -> None:
+    async def _handle(self, stream: Any, bound: BoundListener) -> None:
         deadline = trio.current_time() + self.broker.config.limits.connect_timeout_s
         try:
             host, port = stream.socket.getpeername()[:2]
@@ -336,8 +337,13 @@ class TCPServer:
                         return
             if bound.config.protocol == "websockets":
                 await self._serve_websocket(transport, peer, bound, identity, deadline)
-            else:
-                await self._serve_client(transport, peer, bound, identity, deadline)
+            elif (handler := self._client_handler(transport, peer, bound, identity)) is not None:
+                # served here, not in another coroutine: an idle connection's task holds
+                # one frame less
+                try:
+                    await handler.run(deadline)
+                finally:
+                    self._handler_done(handler)
         finally:
             self.connections -= 1
             bound.connections -= 1
@@ -371,20 +377,33 @@ class TCPServer:
         identity: str | None,
         deadline: float,
     ) -> None:
-        if self._stopping:  # a handshake that finished after shutdown began
+        handler = self._client_handler(stream, peer, bound, identity)
+        if handler is None:
             await trio.aclose_forcefully(stream)
             return
-        handler = ClientHandler(
-            self.broker, self.pauses, stream, peer, self._handlers_nursery,  # type: ignore[arg-type]
-            bound.config, identity,
-        )
-        self.handlers.add(handler)
         try:
             await handler.run(deadline)
         finally:
-            self.handlers.discard(handler)
-            if self._stopping and not self.handlers:
-                self._all_closed.set()
+            self._handler_done(handler)
+
+    def _client_handler(
+        self, stream: trio.abc.Stream, peer: str, bound: BoundListener, identity: str | None
+    ) -> ClientHandler | None:
+        """The handler of a new client connection (None: shutdown has begun, the caller
+        closes the stream)."""
+        if self._stopping:  # a handshake that finished after shutdown began
+            return None
+        handler = ClientHandler(
+            self.broker, self.pauses, stream, peer, self._handlers_nursery,  # type: ignore[arg-type]
+            bound.config, identity, self.flush,
+        )
+        self.handlers.add(handler)
+        return handler
+
+    def _handler_done(self, handler: ClientHandler) -> None:
+        self.handlers.discard(handler)
+        if self._stopping and not self.handlers:
+            self._all_closed.set()
 
     def reload_certificates(self) -> bool:
         """Reload every TLS listener's certificate, key and CA files (SIGHUP). Connections

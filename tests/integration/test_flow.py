@@ -35,8 +35,9 @@ async def test_receive_window_holds_a_flooding_publisher_without_losing_anything
 
 
 async def test_broker_buffer_limit_pauses_and_resumes_publishers():
-    """A tiny max_buffered_bytes: the publisher is paused while output is pending and
-    resumed as the subscriber's writer drains it; every QoS 0 message arrives."""
+    """A tiny max_buffered_bytes: the publisher is paused while output is pending (the
+    subscriber reads nothing until it is) and resumed as the subscriber's output drains;
+    every QoS 0 message arrives."""
     count = 2000
     config = make_config(max_buffered_bytes=20_000, qos0_buffer_bytes=10_000_000)
     with trio.fail_after(30):
@@ -54,6 +55,8 @@ async def test_broker_buffer_limit_pauses_and_resumes_publishers():
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(send_all)
+                # (output that the socket takes at once is not pending: wait for a pause)
+                await wait_until(lambda: broker.stats()["read_pauses"] > 0)
                 received = [int((await sub.expect(Publish)).payload[:6]) for _ in range(count)]
             assert received == list(range(count))
             assert broker.stats()["dropped_qos0"] == 0
