@@ -204,6 +204,7 @@ class ClusterSessions:
     ready_event: trio.Event = attrs.Factory(trio.Event)
     index: SubscriptionTrie = attrs.Factory(SubscriptionTrie)
     indexed: dict[str, dict[str, tuple[int, int, int]]] = attrs.Factory(dict)
+    indexed_keys: dict[str, str] = attrs.Factory(dict)  # client key -> client id
     index_rev: int = 0  # the revision of MQTTD_SESS the index has applied
     loaded: bool = False  # the first read of MQTTD_SESS is done
     # this node's records: client id -> [revision, Record]
@@ -292,7 +293,9 @@ class ClusterSessions:
         old = self.indexed.get(client_id, {})
         if new == old and client_id in self.indexed:
             return
-        entry = Indexed(client_id, subjects.client_key(client_id), username)
+        key = subjects.client_key(client_id)
+        entry = Indexed(client_id, key, username)
+        self.indexed_keys[key] = client_id
         trie = self.index
         for topic_filter in old:
             if topic_filter not in new:
@@ -304,6 +307,7 @@ class ClusterSessions:
         self.indexed[client_id] = new
 
     def index_remove(self, client_id: str) -> None:
+        self.indexed_keys.pop(subjects.client_key(client_id), None)
         old = self.indexed.pop(client_id, None)
         if old:
             self.index.remove_client(client_id, list(old))
@@ -347,11 +351,7 @@ class ClusterSessions:
         self.index_put(record.client_id, record.subs, record.username)
 
     def _client_of_key(self, key: str) -> str | None:
-        wanted = key[2:]
-        for client_id in self.indexed:
-            if subjects.client_key(client_id) == wanted:
-                return client_id
-        return None
+        return self.indexed_keys.get(key[2:])
 
     # -- writing a message to the queues of the persistent sessions it reaches -----------------
 
