@@ -121,6 +121,33 @@ async def ensure_durable(js: JetStream, stream: str, config: DurableConfig) -> d
     return info
 
 
+async def create_ephemeral(
+    js: JetStream, stream: str, filter_subject: str, *, start_seq: int = 0,
+    inactive_s: float = 30.0, max_ack_pending: int = 65_536,
+) -> str:
+    """An ephemeral pull consumer (R1, in memory, gone after ``inactive_s`` without a
+    fetch) on one subject, from ``start_seq`` (0: the first message), with cumulative acks
+    (``+ACK`` of a message acknowledges every one before it) and an ack wait of a day (the
+    reader acknowledges when it is done; nothing is redelivered meanwhile). Its name."""
+    config: dict[str, Any] = {
+        "filter_subject": filter_subject,
+        "ack_policy": "all",
+        "ack_wait": 86_400 * NS,
+        "max_ack_pending": max_ack_pending,
+        "max_waiting": 4,
+        "replay_policy": "instant",
+        "inactive_threshold": round(inactive_s * NS),
+        "mem_storage": True,
+        "num_replicas": 1,
+    }
+    if start_seq > 1:
+        config.update(deliver_policy="by_start_sequence", opt_start_seq=start_seq)
+    else:
+        config["deliver_policy"] = "all"
+    data = await js.api(f"CONSUMER.CREATE.{stream}", {"stream_name": stream, "config": config})
+    return str(data["name"])
+
+
 async def delete_consumer(js: JetStream, stream: str, name: str) -> None:
     await js.api(f"CONSUMER.DELETE.{stream}.{name}")
 

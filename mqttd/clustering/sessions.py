@@ -51,11 +51,10 @@ import attrs
 import trio
 
 from mqttd import v5
-from mqttd.cluster import consumer
+from mqttd.cluster import pull
 from mqttd.cluster.jetstream import (
     MaxMsgsPerSubjectError,
     PendingPubAck,
-    StoredMsg,
     StreamConfig,
     WrongLastSequenceError,
 )
@@ -85,9 +84,7 @@ KICK_ALL = KICK_PREFIX + "all"
 TOPIC = "Mqttd-Topic"
 SUB_IDS = "Mqttd-Subs"
 PURGE_INTERVAL_S = 0.1
-# messages an ordered consumer may push ahead of a session's window (a full channel drops,
-# and the consumer is made again from the next sequence: costly)
-FEED_CAPACITY = 4096
+FETCH_EXPIRES_S = 30.0  # a feeder's pull request waits this long for messages
 CLAIM_ATTEMPTS = 5
 KICK_TIMEOUT_S = 1.0
 MAX_PENDING_WRITES = 20_000  # queue copies waiting for PubAcks: above, clients are not read
@@ -624,6 +621,9 @@ class ClusterSessions:
                 floor = session.floor
                 if floor <= session.purged or session.writer is None:
                     continue
+                reply, session.floor_ack = session.floor_ack, None
+                if reply is not None:  # the feeder's consumer: done up to here
+                    pull.ack(js, reply)
                 try:
                     await js.purge(STREAM, subjects.QUEUE_PREFIX + session.key, seq=floor + 1)
                     session.purged = floor
@@ -647,23 +647,52 @@ class ClusterSessions:
         nursery.start_soon(self._feed, session, scope)
 
     async def _feed(self, session: StreamSession, scope: trio.CancelScope) -> None:
+        """Read the session's queue in order through an ephemeral pull consumer, asking for
+        as many messages as its inflight window has room for (the backlog stays in
+        JetStream); a message whose packet id is still in flight waits for it."""
         node = self.node
+        js = node.js
         subject = subjects.QUEUE_PREFIX + session.key
+        heartbeat_s = max(1.0, node.config.heartbeat_s)
+        waiting: collections.deque[tuple[int, Msg]] = collections.deque()
         backoff = 0.05
+
+        def on_message(msg: Msg) -> None:  # in the NATS client's reader task
+            info = pull.delivery_of(msg.reply or "")
+            if info is None or info.stream_seq <= session.fed_upto or (waiting and (
+                info.stream_seq <= waiting[-1][0]
+            )):
+                return
+            session.ack_subjects[info.stream_seq] = msg.reply  # type: ignore[assignment]
+            if not waiting and session.has_room(info.stream_seq):
+                self._hand(session, info.stream_seq, msg)
+            else:
+                waiting.append((info.stream_seq, msg))
+
         with scope:
             while True:
+                name = None
                 try:
-                    async with consumer.watch(
-                        node.js, STREAM, subject, start_seq=session.fed_upto + 1,
-                        heartbeat_s=max(1.0, node.config.heartbeat_s),
-                        capacity=FEED_CAPACITY,
-                    ) as messages:
-                        backoff = 0.05
-                        async for stored in messages:
-                            if stored is None or stored.seq <= session.fed_upto:
-                                continue
-                            await session.wait_room(stored.seq)
-                            self._hand(session, stored)
+                    start = (waiting[-1][0] if waiting else session.fed_upto) + 1
+                    name = await pull.create_ephemeral(js, STREAM, subject, start_seq=start)
+                    session.consumer = name
+                    puller = pull.PullConsumer(js, STREAM, name, on_message)
+                    backoff = 0.05
+                    try:
+                        while True:
+                            while waiting:
+                                seq, msg = waiting[0]
+                                await session.wait_room(seq)
+                                waiting.popleft()
+                                self._hand(session, seq, msg)
+                            await session.wait_window()
+                            room = session.max_inflight - len(session.inflight)
+                            await puller.fetch(room, FETCH_EXPIRES_S, heartbeat_s)
+                            if puller.ended_by in (pull.LOST, pull.STATUS_NO_RESPONDERS,
+                                                   pull.STATUS_CONFLICT):
+                                break  # the consumer is gone (its server, a reconnect)
+                    finally:
+                        puller.close()
                 except (ClientClosedError, trio.EndOfChannel):
                     return
                 except NatsError as exc:
@@ -671,29 +700,43 @@ class ClusterSessions:
                               "again", session.client_id, exc)
                     await trio.sleep(backoff)
                     backoff = min(2 * backoff, 2.0)
+                finally:
+                    if name is not None:
+                        session.consumer = None
+                        self._delete_consumer(name)
 
-    def _hand(self, session: StreamSession, stored: StoredMsg) -> None:
+    def _delete_consumer(self, name: str) -> None:
+        client = self.node.client
+        if client.closed:
+            return
+        try:  # no answer wanted: the server deletes it, or its inactive threshold does
+            client.publish_nowait(f"{self.node.js.prefix}.CONSUMER.DELETE.{STREAM}.{name}")
+        except (trio.WouldBlock, NatsError):
+            pass
+
+    def _hand(self, session: StreamSession, seq: int, msg: Msg) -> None:
+        headers = msg.headers or {}
         try:
-            topic_text = stored.header(TOPIC)
+            topic_text = wire.first(headers, TOPIC)
             if topic_text is None:
                 raise ValueError(f"no {TOPIC} header")
             topic = base64.b64decode(topic_text, validate=True).decode()
-            received = wire.decode(topic, stored.payload, stored.headers)
-            ids_text = stored.header(SUB_IDS)
+            received = wire.decode(topic, msg.payload, headers)
+            ids_text = wire.first(headers, SUB_IDS)
             sub_ids = tuple(int(i) for i in ids_text.split(",")) if ids_text else None
         except (ValueError, UnicodeDecodeError) as exc:
             self.node.malformed += 1
             self.node.warn("malformed", "cluster: not an mqttd message in %s at %d: %s",
-                           STREAM, stored.seq, exc)
-            session.skipped(stored.seq)
+                           STREAM, seq, exc)
+            session.skipped(seq)
             return
         message = received.message
         if message.expires_at is not None and message.expires_at <= time.time():
             self.expired += 1
             session.out.expired += 1
-            session.skipped(stored.seq)
+            session.skipped(seq)
             return
-        if session.feed(message, message.qos, message.retain, sub_ids, stored.seq):
+        if session.feed(message, message.qos, message.retain, sub_ids, seq):
             self.delivered += 1
 
     # -- claiming a client id when it connects --------------------------------------------------

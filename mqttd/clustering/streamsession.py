@@ -57,6 +57,11 @@ class StreamSession(Session):
     purged: int = 0  # the subject is purged up to here
     dup_budget: int = 0  # resumed from another node: its first deliveries are sent DUP
     feeder: trio.CancelScope | None = None
+    consumer: str | None = None  # the feeder's pull consumer (its name)
+    # the ack subjects of what was fed and not yet below the floor; the floor's one is
+    # acknowledged (cumulatively) with the next purge
+    ack_subjects: dict[int, str] = attrs.Factory(dict)
+    floor_ack: str | None = None
     room: trio.Event = attrs.Factory(trio.Event)
     _unacked: deque[int] = attrs.Factory(deque)  # fed, in order
     _acked: set[int] = attrs.Factory(set)  # acknowledged above the first unacknowledged
@@ -85,15 +90,22 @@ class StreamSession(Session):
         finally:
             self.writer = writer
 
-    def has_room(self, seq: int) -> bool:
-        """Whether the feeder may hand over the message at ``seq`` now."""
+    def window_open(self) -> bool:
         return (
             self.connection is not None
             and len(self.inflight) < self.max_inflight
             and not self.out.ram
             and self._held is None
-            and packet_id_of(seq) not in self.inflight
         )
+
+    def has_room(self, seq: int) -> bool:
+        """Whether the feeder may hand over the message at ``seq`` now."""
+        return self.window_open() and packet_id_of(seq) not in self.inflight
+
+    async def wait_window(self) -> None:
+        while not self.window_open():
+            await self.room.wait()
+            self.room = trio.Event()
 
     async def wait_room(self, seq: int) -> None:
         while not self.has_room(seq):
@@ -147,12 +159,17 @@ class StreamSession(Session):
         if seq != unacked[0]:
             self._acked.add(seq)
             return
+        ack_subjects = self.ack_subjects
         floor = unacked.popleft()
+        reply = ack_subjects.pop(floor, None)
         acked = self._acked
         while unacked and unacked[0] in acked:
             floor = unacked.popleft()
             acked.discard(floor)
+            reply = ack_subjects.pop(floor, None) or reply
         self.floor = floor
+        if reply is not None:
+            self.floor_ack = reply
         if self.cluster is not None:
             self.cluster.acked(self)
 

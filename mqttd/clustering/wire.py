@@ -87,7 +87,8 @@ def hpub(subject: str, block: bytes, payload: bytes) -> bytes:
     ))
 
 
-def _first(headers: Headers, key: str) -> str | None:
+def first(headers: Headers, key: str) -> str | None:
+    """The first value of a header (None when absent)."""
     values = headers.get(key)
     return values[0] if values else None
 
@@ -96,7 +97,7 @@ def decode(topic: str, payload: bytes, headers: Headers | None) -> Received:
     """The message a node exported (ValueError when the headers are not mqttd's)."""
     if not headers:
         raise ValueError("no mqttd headers")
-    meta = _first(headers, MSG)
+    meta = first(headers, MSG)
     if meta is None:
         raise ValueError(f"no {MSG} header")
     parts = meta.split(" ")
@@ -107,8 +108,8 @@ def decode(topic: str, payload: bytes, headers: Headers | None) -> Received:
     node, boot, seq = parts[0], int(parts[1]), int(parts[2])
     index_rev = int(parts[4]) if len(parts) == 5 else 0
     qos, retain = int(parts[3][0]), parts[3][1] == "1"
-    props_text = _first(headers, PROPS)
-    expires_text = _first(headers, EXPIRES)
+    props_text = first(headers, PROPS)
+    expires_text = first(headers, EXPIRES)
     if props_text is None and expires_text is None:
         message = Publish(topic, payload, qos, retain)
     else:
@@ -118,4 +119,4 @@ def decode(topic: str, payload: bytes, headers: Headers | None) -> Received:
             raise ValueError(f"bad {PROPS} header") from None
         expires_at = float(expires_text) if expires_text is not None else None
         message = v5.restored_message(topic, payload, qos, retain, block, expires_at)
-    return Received(node, boot, seq, message, _first(headers, OP) == OP_DELETE, index_rev)
+    return Received(node, boot, seq, message, first(headers, OP) == OP_DELETE, index_rev)
