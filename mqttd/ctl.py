@@ -4,8 +4,9 @@
 
 Commands: ``clients``, ``client ID``, ``kick ID``, ``session rm ID``, ``subscriptions``,
 ``retained ls [FILTER]``, ``retained rm TOPIC``, ``bridges``, ``stats [--watch [S]]``,
-``health``. Tables for people, ``--json`` (the API's own documents) for scripts. Standard
-library only (urllib); a configuration given with ``-c`` is read with mqttd.config.
+``health``, ``cluster``. Tables for people, ``--json`` (the API's own documents) for
+scripts. Standard library only (urllib); a configuration given with ``-c`` is read with
+mqttd.config.
 
 Exit status: 0 done; 1 the API refused or answered an error (its message on stderr); 2 a
 usage error; 3 the broker cannot be reached.
@@ -479,6 +480,45 @@ def _stats_block(stats: Mapping[str, Any], rates: Mapping[str, float]) -> str:
     return _fields(lines)
 
 
+CLUSTER_COLUMNS = (  # (header, counter) of ``mqttd ctl cluster``
+    ("CONN", "connections"), ("SESSIONS", "sessions"), ("MSGS IN", "messages_received"),
+    ("MSGS OUT", "messages_sent"), ("QUEUED", "queued"), ("DROPPED", "dropped"),
+    ("RETAINED", "retained"),
+)
+
+
+def cmd_cluster(api: Api, args: argparse.Namespace) -> int:
+    """Every node of the cluster (as the heartbeats say) and the totals over those up."""
+    document = api.get("cluster")
+    if args.json:
+        _json_out(document)
+        return EXIT_OK
+    print(cluster_table(document))
+    return EXIT_OK
+
+
+def cluster_table(document: Mapping[str, Any]) -> str:
+    """The nodes, one a line (this node marked ``*``), then a TOTAL line over those up."""
+    this = document["node"]
+    rows: list[list[object]] = []
+    for node in document["nodes"]:
+        counters = node["counters"]
+        rows.append([
+            node["node"] + (" *" if node["node"] == this else ""),
+            "up" if node["up"] else "down", node["state"],
+            f"{node['heartbeat_age_s']:.1f}s",
+            *(counters.get(key) for _, key in CLUSTER_COLUMNS),
+        ])
+    totals = document["totals"]
+    rows.append([f"TOTAL ({document['nodes_up']} up)", "", "", "",
+                 *(totals.get(key) for _, key in CLUSTER_COLUMNS)])
+    headers = ("NODE", "UP", "STATE", "HEARTBEAT", *(header for header, _ in CLUSTER_COLUMNS))
+    numbers = range(3, len(headers))
+    return (table(headers, rows, right=numbers) + "\n"
+            f"(* the node answering: {this}; totals over the nodes up, from their last "
+            "heartbeats; RETAINED total: the largest, each node holds the cluster's set)")
+
+
 def cmd_health(api: Api, args: argparse.Namespace) -> int:
     _, healthz = api.call("GET", "/healthz")
     status, readyz = api.call("GET", "/readyz", ok=(200, 503))
@@ -590,6 +630,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--count", metavar="N", type=_positive(int),
                      help="with --watch: stop after N refreshes")
     command("health", cmd_health, "liveness (/healthz) and readiness (/readyz)")
+    command("cluster", cmd_cluster, "cluster mode: every node (up or down, its counters) "
+            "and the totals")
     return parser
 
 

@@ -12,6 +12,8 @@ import resource
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from mqttd import cluster_view
+
 # name, type, help, the stats key (or a function of the stats)
 _BROKER: tuple[tuple[str, str, str, str], ...] = (
     ("mqttd_connections", "gauge", "Client connections open now.", "connections"),
@@ -295,6 +297,21 @@ class _Writer:
             self.lines.append(f"{name}{_labels(labels)} {number}")
 
 
+def _cluster_nodes(out: _Writer, cluster: Mapping[str, Any]) -> None:
+    """``mqttd_cluster_node_<counter>{node=...}``: each node's counters as its last
+    heartbeat carried them (gauges: a node's values go back to 0 when it restarts, and the
+    same series are on every node's /metrics)."""
+    nodes = cluster.get("nodes", ())
+    out.family("mqttd_cluster_node_heartbeat_age_seconds", "gauge",
+               "Age of the node's last heartbeat in MQTTD_NODES, per node known.",
+               [({"node": n["node"]}, float(n["heartbeat_age_s"])) for n in nodes])
+    for name, help_text in cluster_view.COUNTERS:
+        out.family(f"mqttd_cluster_node_{name}", "gauge",
+                   f"{help_text} As its last heartbeat said, per node known.",
+                   [({"node": n["node"]}, n["counters"][name]) for n in nodes
+                    if n["counters"].get(name) is not None])
+
+
 def process_metrics() -> dict[str, float]:
     """CPU seconds, resident bytes and open file descriptors of this process."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -315,9 +332,11 @@ def render(
     process: Mapping[str, float] | None = None,
     groups: Iterable[Mapping[str, Any]] = (),
     cluster_nodes: Mapping[str, bool] | None = None,
+    cluster: Mapping[str, Any] | None = None,
 ) -> str:
     """The exposition text: broker-wide families, per-bridge, per-consumer-group and
-    (opt-in) per-client series, in cluster mode the node's and one per node known, and the
+    (opt-in) per-client series, in cluster mode the node's and one per node known (with
+    ``cluster``, mqttd.cluster_view's overview: every node's heartbeat counters), and the
     standard process metrics."""
     out = _Writer()
     for name, kind, help_text, key in (*_BROKER, *_DELAYED):
@@ -328,6 +347,8 @@ def render(
         out.family("mqttd_cluster_node_up", "gauge",
                    "1 while the node's heartbeat in MQTTD_NODES is recent, per node known.",
                    [({"node": n}, int(up)) for n, up in sorted((cluster_nodes or {}).items())])
+        if cluster is not None:
+            _cluster_nodes(out, cluster)
     groups = list(groups)
     for name, kind, help_text, key in _GROUP:
         out.family(name, kind, help_text,

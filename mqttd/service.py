@@ -231,6 +231,12 @@ class Broker(Engine):
         node = self.cluster_node
         return node.liveness.nodes() if node is not None else {}
 
+    def cluster_overview(self) -> dict[str, Any] | None:
+        """Cluster mode: every node known, its last heartbeat's counters, and the totals
+        over the nodes up (mqttd.cluster_view); None when not in cluster mode."""
+        node = self.cluster_node
+        return node.liveness.overview() if node is not None else None
+
     def not_ready(self) -> list[str]:
         """Why the broker cannot serve now (empty when it can): for /readyz."""
         problems = []

@@ -2,8 +2,11 @@
 
 Every ``cluster.heartbeat_s`` a node puts a small JSON snapshot under its key: its boot id,
 ``state`` (``alive``; ``stopped`` when it shuts down in order), the time (epoch seconds)
-and a few counters (connections, sessions, messages received, exported, imported). Every
-node watches the bucket; a node whose last heartbeat is older than
+and the counters an operator sums over the nodes (:data:`mqttd.cluster_view.COUNTERS`:
+connections, sessions, messages and bytes received and sent, retained, queued, dropped,
+exported, imported): one JSON document of about 300 bytes. Every node watches the bucket
+(``peers``), which gives the cluster-wide view (:meth:`Liveness.overview`); a node whose
+last heartbeat is older than
 ``cluster.node_dead_after_s``, or that said ``stopped``, is reported down (``$SYS``,
 ``/metrics``) and its clients' wills are published by another node
 (:mod:`mqttd.clustering.wills`).
@@ -19,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from mqttd import cluster_view
 from mqttd.cluster.kv import KeyValue, KvEntry
 from mqttd.cluster.nats_values import ClientClosedError, NatsError
+from mqttd.clustering.subjects import NODE_LOCAL_PREFIXES
 
 if TYPE_CHECKING:
     from mqttd.clustering.context import NodeContext
@@ -53,14 +58,18 @@ class Liveness:
         )
 
     def snapshot(self, state: str = "alive") -> bytes:
+        return json.dumps(self.snapshot_data(state), separators=(",", ":")).encode()
+
+    def snapshot_data(self, state: str = "alive") -> dict[str, Any]:
         node = self.node
         engine = node.engine
-        return json.dumps({
+        retained = engine.retained
+        shared = len(retained) - sum(len(retained.match(prefix + "/#"))
+                                     for prefix in NODE_LOCAL_PREFIXES)
+        return {
             "node": node.node, "boot": node.boot, "state": state, "time": time.time(),
-            "connections": len(engine.connections), "sessions": len(engine.sessions),
-            "messages_received": engine.messages_received, "exported": node.exported,
-            "imported": node.imported,
-        }, separators=(",", ":")).encode()
+            **cluster_view.counters(engine.stats(), shared, node.exported, node.imported),
+        }
 
     async def heartbeat_loop(self) -> None:
         assert self.kv is not None
@@ -120,8 +129,23 @@ class Liveness:
         now = trio.current_time()
         dead_after = self.node.config.node_dead_after_s
         result = {
-            name: peer.state == "alive" and now - peer.seen_at < dead_after
+            name: cluster_view.is_up(peer.state, now - peer.seen_at, dead_after)
             for name, peer in self.peers.items()
         }
         result[self.node.node] = True
         return result
+
+    def overview(self) -> dict[str, Any]:
+        """The cluster-wide view (:func:`mqttd.cluster_view.overview`) from the last
+        heartbeat of every node known; this node's own until the watch brings back the
+        one of this boot is a snapshot taken now."""
+        node = self.node
+        now = trio.current_time()
+        beats = [cluster_view.Heartbeat(name, now - peer.seen_at, peer.data)
+                 for name, peer in self.peers.items() if name != node.node]
+        own = self.peers.get(node.node)
+        if own is not None and own.data.get("boot") == node.boot:
+            beats.append(cluster_view.Heartbeat(node.node, now - own.seen_at, own.data))
+        else:
+            beats.append(cluster_view.Heartbeat(node.node, 0.0, self.snapshot_data()))
+        return cluster_view.overview(node.node, beats, node.config.node_dead_after_s)

@@ -202,6 +202,11 @@ class BrokerState:
         """Cluster mode: every node known and whether it is up (the service knows)."""
         return {}
 
+    def cluster_overview(self) -> dict[str, Any] | None:
+        """Cluster mode: every node known with its last heartbeat's counters, and the
+        totals (mqttd.cluster_view.overview; the service knows); None on a single node."""
+        return None
+
     def needs_store(self, message: Publish, publisher: Session) -> bool:
         """Whether accepting this QoS 1/2 message writes to the store: it is retained, it
         is QoS 2 from a persistent session (its packet id is kept), or it reaches a

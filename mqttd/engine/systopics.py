@@ -3,8 +3,9 @@
 dashboards and exporters work), plus mqttd's own under ``$SYS/broker/mqttd/``.
 
 In cluster mode each node publishes its own tree (``$SYS`` topics never leave a node), with
-``$SYS/broker/mqttd/cluster/...``: its name, its cluster counters and ``nodes/<node>`` (up
-or down) for every node it knows.
+``$SYS/broker/mqttd/cluster/...``: its name, its cluster counters, ``nodes/<node>`` (up
+or down) for every node it knows, and ``total/<counter>``: the cluster's totals over the
+nodes up, from their heartbeats (mqttd.cluster_view; the same on every node).
 
 Values are published retained at QoS 0 when they change (the version and the uptime every
 time), kept in memory only: they are rebuilt after a restart, never written to the store.
@@ -141,4 +142,9 @@ class SysTopics:
                     values[f"mqttd/cluster/{key[8:]}"] = value
             for name, up in engine.cluster_nodes().items():
                 values[f"mqttd/cluster/nodes/{name}"] = "up" if up else "down"
+            overview = engine.cluster_overview()
+            if overview is not None:  # the cluster's totals, from every node's heartbeat
+                values["mqttd/cluster/total/nodes_up"] = overview["nodes_up"]
+                for key, value in overview["totals"].items():
+                    values[f"mqttd/cluster/total/{key}"] = value
         return {PREFIX + topic: str(value) for topic, value in values.items()}

@@ -113,6 +113,7 @@ class OpsServer:
             "/api/v1/stats": self._stats, "/api/v1/clients": self._clients_page,
             "/api/v1/bridges": self._bridges, "/api/v1/subscriptions": self._subscriptions,
             "/api/v1/retained": self._retained, "/api/v1/groups": self._groups,
+            "/api/v1/cluster": self._cluster,
         }
         handler: Route | None = routes.get(path)
         argument: str | None = None
@@ -178,6 +179,13 @@ class OpsServer:
     def _groups(self, query: dict[str, str], _: str | None) -> Response:
         return _json(200, views.groups(self.broker, query.get("group")))
 
+    def _cluster(self, query: dict[str, str], _: str | None) -> Response:
+        overview = self.broker.cluster_overview()
+        if overview is None:
+            return _json(404, {"error": "not in cluster mode (cluster.enabled is false): "
+                               "this broker is a single node"})
+        return _json(200, overview)
+
     def _client(self, query: dict[str, str], client_id: str | None) -> tuple[int, str, bytes]:
         detail = views.client_detail(self.broker, client_id or "")
         if detail is None:
@@ -195,7 +203,8 @@ class OpsServer:
             }
         text = metrics.render(broker.stats(), broker.bridge_stats(), clients,
                               groups=broker.work_queues.group_stats(),
-                              cluster_nodes=broker.cluster_nodes())
+                              cluster_nodes=broker.cluster_nodes(),
+                              cluster=broker.cluster_overview())
         return 200, PROMETHEUS_TEXT, text.encode()
 
     def _dashboard(self, query: dict[str, str], path: str | None) -> Response:

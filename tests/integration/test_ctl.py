@@ -15,7 +15,7 @@ import attrs
 import pytest
 import trio
 
-from mqttd import ctl
+from mqttd import cluster_view, ctl
 from mqttd.broker import Broker, running
 from mqttd.codec.packets import PROTOCOL_5, PROTOCOL_311, Disconnect, Publish
 from mqttd.config import Config, Http
@@ -403,6 +403,43 @@ async def test_health_ready_and_not(tmp_path: Path, capsys) -> None:
             code, out, _ = await mqttd_ctl("--json", "health")
             assert code == 1 and json.loads(out)["readyz"]["status"] == "not ready"
             writer.accepting = True
+
+
+async def test_cluster_on_a_single_node_is_an_api_error(tmp_path: Path, capsys) -> None:
+    """Not in cluster mode: the API answers 404 with why, ctl exits 1 with it."""
+    async with running(ops_config(tmp_path)) as broker:
+        with trio.fail_after(TIMEOUT_S):
+            mqttd_ctl = make_ctl(broker, tmp_path, capsys)
+            for argv in (("cluster",), ("cluster", "--json")):
+                code, out, err = await mqttd_ctl(*argv)
+                assert (code, out) == (1, "")
+                assert err == ("mqttd ctl: not in cluster mode (cluster.enabled is false): "
+                               "this broker is a single node\n")
+
+
+def test_cluster_table_lists_the_nodes_and_the_totals() -> None:
+    """The table of ``mqttd ctl cluster`` (end to end: tests/cluster/test_cluster_view_e2e.py)."""
+    view = cluster_view.overview("n0", [
+        cluster_view.Heartbeat("n0", 0.2, {"state": "alive", "boot": 1, "connections": 2,
+                                           "sessions": 2, "messages_received": 10,
+                                           "messages_sent": 20, "queued": 0, "dropped": 0,
+                                           "retained": 3}),
+        cluster_view.Heartbeat("n1", 9.0, {"state": "alive", "boot": 1, "connections": 5}),
+        cluster_view.Heartbeat("n2", 0.1, {"state": "alive", "boot": 2, "connections": 1,
+                                           "sessions": 1, "messages_received": 1,
+                                           "messages_sent": 0, "queued": 4, "dropped": 1,
+                                           "retained": 3}),
+    ], 2.0)
+    out = ctl.cluster_table(view)
+    assert cells(out)[:5] == [
+        ["NODE", "UP", "STATE", "HEARTBEAT", "CONN", "SESSIONS", "MSGS IN", "MSGS OUT",
+         "QUEUED", "DROPPED", "RETAINED"],
+        ["n0 *", "up", "alive", "0.2s", "2", "2", "10", "20", "0", "0", "3"],
+        ["n1", "down", "alive", "9.0s", "5", "-", "-", "-", "-", "-", "-"],
+        ["n2", "up", "alive", "0.1s", "1", "1", "1", "0", "4", "1", "3"],
+        ["TOTAL (2 up)", "3", "3", "11", "20", "4", "1", "3"],
+    ]
+    assert out.splitlines()[-1].startswith("(* the node answering: n0;")
 
 
 async def test_where_the_url_and_the_token_come_from(

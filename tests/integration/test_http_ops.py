@@ -141,6 +141,10 @@ async def test_open_reads_need_a_loopback_host_name() -> None:
                 assert got == expected, name
             assert await trio.to_thread.run_sync(
                 status, "/api/v1/stats", "evil.example", token) == 200
+            # /api/v1/cluster: the same rules (404 here: a single node)
+            assert await trio.to_thread.run_sync(status, "/api/v1/cluster", "evil.example") == 401
+            assert await trio.to_thread.run_sync(
+                status, "/api/v1/cluster", "evil.example", token) == 404
             for path in ("/", "/healthz", "/readyz"):  # no data: open to probes and pages
                 assert await trio.to_thread.run_sync(status, path, "evil.example") == 200
 
@@ -235,6 +239,8 @@ async def test_the_read_only_admin_api() -> None:
             assert status == 200 and json.loads(body)["messages_received"] == 1
             status, _, body = await get(broker, "/api/v1/bridges")
             assert (status, json.loads(body)) == (200, {"bridges": []})
+            status, _, body = await get(broker, "/api/v1/cluster")  # not in cluster mode
+            assert status == 404 and "not in cluster mode" in json.loads(body)["error"]
             for client in (*sensors, pub):
                 await client.aclose()
 

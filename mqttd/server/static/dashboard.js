@@ -263,6 +263,32 @@
     $("bridges-empty").hidden = rows.length > 0;
   }
 
+  // -- cluster (cluster mode only) -------------------------------------------------------
+
+  function renderCluster(view) {
+    $("cluster-section").hidden = view === null;
+    if (view === null) return;
+    setText("cluster-node", `this node: ${view.node}, ${view.nodes_up} of ${view.nodes_known} up`);
+    const row = (name, up, label, counters, age) => {
+      const tr = el("tr");
+      tr.append(
+        el("td", "", name), el("td", `state ${up ? "" : "off"}`, label),
+        el("td", "num", count(counters.connections)),
+        el("td", "num", count(counters.messages_received)),
+        el("td", "num", count(counters.messages_sent)),
+        el("td", "num", age === null ? "" : `${age.toFixed(1)} s`),
+      );
+      return tr;
+    };
+    const rows = view.nodes.map((node) => row(
+      node.node, node.up, node.up ? "up" : `down (${node.state})`, node.counters,
+      node.heartbeat_age_s,
+    ));
+    const total = row("total", true, "", view.totals, null);
+    total.className = "total";
+    $("cluster").tBodies[0].replaceChildren(...rows, total);
+  }
+
   // -- retained messages ---------------------------------------------------------------
 
   function retainedQuery() {
@@ -359,7 +385,10 @@
       api("/api/v1/stats"), api(sysQuery), api(clientQuery()), api("/api/v1/bridges"),
       api(retainedQuery()),
     ]);
+    // cluster mode only (the stats have cluster_* keys then): no 404 on a single node
+    const cluster = "cluster_ready" in stats ? await api("/api/v1/cluster") : null;
     renderStats(stats, now);
+    renderCluster(cluster);
     renderSys(sys);
     renderClients(clients, now);
     renderBridges(bridges);
