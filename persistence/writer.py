@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from persistence.ops import AddMessage, Op
+from persistence.ops import AddMessage, Barrier, Op
 from persistence.store import SqliteStore, StorageFull, Usage
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,13 @@ class GroupCommitWriter:
                     continue  # looked at the disk again (not accepting)
             batch, self._pending = self._pending, []
             upto = self.ticket
+            if batch[0].__class__ is Barrier and all(op.__class__ is Barrier for op in batch):
+                # only tickets for writes stored elsewhere (cluster mode): no transaction
+                self.committed = upto
+                self.on_commit(upto)
+                self._progress.set()
+                self._progress = trio.Event()
+                continue
             started = trio.current_time()
             try:
                 # not cancellable: a transaction that started is finished

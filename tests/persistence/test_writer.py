@@ -140,6 +140,30 @@ async def test_on_commit_tickets_increase_to_the_last(store: SqliteStore) -> Non
             nursery.cancel_scope.cancel()
 
 
+async def test_a_batch_of_barriers_only_is_committed_without_a_transaction(
+    store: SqliteStore,
+) -> None:
+    """Cluster mode's tickets for writes stored elsewhere (ops.Barrier): a batch of nothing
+    else is passed on to on_commit without touching the database; mixed with real ops it is
+    one transaction as usual."""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            writer = GroupCommitWriter(store)
+            seen: list[int] = []
+            writer.on_commit = seen.append
+            await nursery.start(writer.run)
+            writer.submit(ops.Barrier())
+            writer.submit(ops.Barrier())
+            await writer.flush()
+            assert seen == [2] and writer.commits == 0 and writer.committed == 2
+            writer.submit(ops.Barrier())
+            writer.submit(SaveSession("s", None))
+            await writer.flush()
+            assert seen == [2, 4] and writer.commits == 1
+            assert store.table_counts()["sessions"] == 1
+            nursery.cancel_scope.cancel()
+
+
 async def test_ops_submitted_during_a_commit_go_into_the_next_batch(store: SqliteStore) -> None:
     recording = RecordingStore(store, block_first=True)
     with trio.fail_after(TIMEOUT):
