@@ -1115,10 +1115,13 @@ def _cluster_loss_text(r: dict[str, Any]) -> str:
         parts.append(
             f"node 2 dropped {r['subscriber_drops']:,} for the subscriber's clean session at "
             "its queue budget (limits.max_queued_messages, 1,000 by default, drop_oldest): "
-            "node 1 acknowledges a QoS 1 PUBLISH without waiting for node 2 and flow control "
-            "stops at the node (README, Cluster mode), so nothing paces the publishers to a "
-            "subscriber on another node"
+            "node 1 acknowledges a QoS 1 PUBLISH without waiting for node 2, and what it "
+            "exported before node 2 asked it to pause (README, Cluster mode, flow control "
+            "across nodes) overran the subscriber's queue"
         )
+    if r.get("timed_out") or r.get("status", "").startswith("timed out"):
+        parts.append("the row ran into its time bound: \"lost\" counts what had not been "
+                     "delivered by then, including messages the publishers had not sent yet")
     return (": " + "; ".join(parts)) if parts else ""
 
 
