@@ -102,13 +102,17 @@ class Record:
     disconnected_at: float | None = None
     subs: dict[str, list[int]] = attrs.Factory(dict)  # filter -> [qos, options, sub id]
     username: str | None = None
+    # QoS 2: packet ids of PUBLISHes received and not released yet (exactly once inbound),
+    # and the queue sequences of deliveries whose PUBREC came (PUBREL, never PUBLISH again)
+    inbound: list[int] = attrs.Factory(list)
+    released: list[int] = attrs.Factory(list)
 
     def encode(self) -> bytes:
         return json.dumps({
             "client_id": self.client_id, "owner": self.owner, "boot": self.boot,
             "epoch": self.epoch, "expiry_s": self.expiry_s,
             "disconnected_at": self.disconnected_at, "subs": self.subs,
-            "username": self.username,
+            "username": self.username, "inbound": self.inbound, "released": self.released,
         }, separators=(",", ":")).encode()
 
     @classmethod
@@ -122,6 +126,8 @@ class Record:
                 str(value["client_id"]), str(value["owner"]), int(value["boot"]),
                 int(value["epoch"]), None if expiry is None else int(expiry),
                 None if left is None else float(left), subs, value.get("username"),
+                [int(i) for i in value.get("inbound", ())],
+                [int(i) for i in value.get("released", ())],
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"not a session record: {exc}") from None
@@ -511,6 +517,21 @@ class ClusterSessions:
             entry[1].subs.pop(topic_filter, None)
             self.index_put(client_id, entry[1].subs, entry[1].username)
             self._dirty(client_id)
+        elif kind is ops.AddInbound or kind is ops.RemoveInbound or kind is ops.SetReleased:
+            pair: tuple[str, int] = op  # type: ignore[assignment]
+            client_id, number = pair
+            entry = self.records.get(client_id)
+            if entry is None:
+                return
+            record = entry[1]
+            if kind is ops.AddInbound:
+                record.inbound.append(number)
+            elif kind is ops.RemoveInbound:
+                if number in record.inbound:
+                    record.inbound.remove(number)
+            else:
+                record.released.append(number)
+            self._dirty(client_id)
         elif kind is ops.DeleteSession:
             client_id = op.client_id  # type: ignore[union-attr]
             if client_id not in self.records:
@@ -559,6 +580,10 @@ class ClusterSessions:
                     self.records.pop(client_id, None)
                     self.deleting.discard(client_id)
                 else:
+                    session = self.node.engine.sessions.get(client_id)
+                    if isinstance(session, StreamSession) and record.released:
+                        # released deliveries acknowledged since (under the floor) are done
+                        record.released = [s for s in record.released if s > session.floor]
                     entry[0] = written = await self.kv.update(key, record.encode(), revision)
                     session = self.node.engine.sessions.get(client_id)
                     if isinstance(session, StreamSession) and client_id not in self.dirty:
@@ -736,6 +761,9 @@ class ClusterSessions:
             session.out.expired += 1
             session.skipped(seq)
             return
+        if seq in session.released_seqs:  # PUBREC came on an earlier connection: PUBREL
+            session.feed_released(seq)
+            return
         if session.feed(message, message.qos, message.retain, sub_ids, seq):
             self.delivered += 1
 
@@ -871,6 +899,8 @@ class ClusterSessions:
         session.disconnected_at = record.disconnected_at
         session.live_until_rev = claim.read_rev
         session.dup_budget = session.max_inflight
+        session.inbound_qos2 = set(record.inbound)
+        session.released_seqs = set(record.released)
         for topic_filter, (qos, options, sub_id) in record.subs.items():
             session.subscriptions[topic_filter] = qos
             if options or sub_id:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from mqttd.codec.packets import Publish
+from mqttd.codec.packets import Publish, PubRel
 from mqttd.delivery import Delivery, Fanout, Share, encode_delivery, encode_resend
 from mqttd.session import _PACKET_ID_BYTES, Session
 
@@ -62,6 +62,8 @@ class StreamSession(Session):
     # acknowledged (cumulatively) with the next purge
     ack_subjects: dict[int, str] = attrs.Factory(dict)
     floor_ack: str | None = None
+    # resumed from a record: deliveries whose PUBREC came before (PUBREL is sent for them)
+    released_seqs: set[int] = attrs.Factory(set)
     room: trio.Event = attrs.Factory(trio.Event)
     _unacked: deque[int] = attrs.Factory(deque)  # fed, in order
     _acked: set[int] = attrs.Factory(set)  # acknowledged above the first unacknowledged
@@ -138,6 +140,18 @@ class StreamSession(Session):
         conn.send_parts(encoded[0], _PACKET_ID_BYTES[packet_id], encoded[1])
         self.sent += 1
         return True
+
+    def feed_released(self, seq: int) -> None:
+        """A QoS 2 delivery read from the stream whose PUBREC an earlier connection sent:
+        in flight again as released, and PUBREL sent (its PUBLISH never again)."""
+        conn = self.connection
+        assert conn is not None
+        self.released_seqs.discard(seq)
+        self.fed_upto = seq
+        self._unacked.append(seq)
+        packet_id = packet_id_of(seq)
+        self.inflight[packet_id] = Delivery(None, 2, False, seq, None, None)
+        conn.send_packet(PubRel(packet_id))
 
     def skipped(self, seq: int) -> None:
         """A message of the stream not delivered (expired): done with, as if acknowledged."""

@@ -19,7 +19,10 @@ from mqttd.codec.packets import (
     Connect,
     Disconnect,
     PubAck,
+    PubComp,
     Publish,
+    PubRec,
+    PubRel,
     SubAck,
     Subscribe,
     Subscription,
@@ -156,3 +159,62 @@ async def test_takeover_across_nodes_closes_the_old_connection_with_0x8e(
             await clean_old.expect_closed(timeout_s=10)
             await clean_new.send(Publish("ping", b"", 1, False, False, 1))
             assert isinstance(await clean_new.expect(PubAck), PubAck)
+
+
+async def test_qos2_state_moves_with_the_session(nats3: NatsCluster, tmp_path: Path) -> None:
+    """Exactly once across a takeover. Inbound: a PUBLISH QoS 2 acknowledged (PUBREC) on n0
+    and sent again (DUP) on n1 after the client moved is not routed a second time.
+    Outbound: a delivery whose PUBREC came on n0 is continued on n1 with PUBREL, never a
+    second PUBLISH."""
+    with trio.fail_after(TIMEOUT_S):
+        async with mqttd_nodes(tmp_path, nats3.urls, 3) as nodes, trio.open_nursery() as ns:
+            a, b, c = nodes
+            await wait_ready(nodes)
+            watcher, _ = await RawClient.connected(c.port, "watcher")
+            await watcher.send(Subscribe(1, (Subscription("once/#", 2),)))
+            assert isinstance(await watcher.expect(SubAck), SubAck)
+            seen = Collector(watcher)
+            ns.start_soon(seen.run)
+            # the receiving side: a persistent QoS 2 subscriber on n0
+            rx, _ = await connect(a, "rx", clean=False)
+            await rx.send(Subscribe(1, (Subscription("once/#", 2),)))
+            assert isinstance(await rx.expect(SubAck), SubAck)
+            await indexed_everywhere(nodes, 1)
+
+            # inbound: PUBLISH on n0, PUBREC, the client leaves before PUBREL
+            tx, _ = await connect(a, "tx", clean=False)
+            await tx.send(Publish("once/x", b"one", 2, False, False, 7))
+            await tx.take(PubRec, packet_id=7)
+            await tx.aclose()
+            await seen.wait_for(lambda ms: any(m.payload == b"one" for m in ms))
+
+            # outbound: rx gets it, PUBREC, PUBREL comes, rx leaves before PUBCOMP
+            first = await rx.expect(Publish)
+            assert isinstance(first, Publish) and first.payload == b"one" and first.qos == 2
+            await rx.send(PubRec(first.packet_id))
+            await rx.take(PubRel, packet_id=first.packet_id)
+            await rx.aclose()
+
+            # both clients come back on n1
+            tx, connack = await connect(b, "tx", clean=False)
+            assert connack.session_present
+            await tx.send(Publish("once/x", b"one", 2, True, False, 7))  # DUP
+            await tx.take(PubRec, packet_id=7)
+            await tx.send(PubRel(7))
+            await tx.take(PubComp, packet_id=7)
+            rx, connack = await connect(b, "rx", clean=False)
+            assert connack.session_present
+            again = await rx.recv()
+            assert isinstance(again, PubRel) and again.packet_id == first.packet_id, again
+            await rx.send(PubComp(first.packet_id))
+
+            # a marker through the same path: the watcher and rx got "one" exactly once
+            await tx.send(Publish("once/x", b"marker", 2, False, False, 8))
+            await tx.take(PubRec, packet_id=8)
+            await tx.send(PubRel(8))
+            await tx.take(PubComp, packet_id=8)
+            await seen.wait_for(lambda ms: any(m.payload == b"marker" for m in ms))
+            assert [m.payload for m in seen.messages] == [b"one", b"marker"]
+            marker = await rx.expect(Publish)
+            assert isinstance(marker, Publish) and marker.payload == b"marker", marker
+            ns.cancel_scope.cancel()

@@ -14,7 +14,7 @@ from mqttd.connection import Connection
 
 def test_a_record_survives_its_encoding() -> None:
     record = Record("dev/1 ä", "n2", 1700000000123, 7, 3600, 1700000001.5,
-                    {"cmd/#": [1, 4, 0], "a/+/b": [2, 8, 42]}, "alice")
+                    {"cmd/#": [1, 4, 0], "a/+/b": [2, 8, 42]}, "alice", [7, 9], [1024])
     assert Record.decode(record.encode()) == record
     empty = Record("x", "n0", 1, 1)
     assert Record.decode(empty.encode()) == empty
