@@ -38,3 +38,7 @@ class NodeContext(Protocol):
     def nodes(self) -> dict[str, bool]:
         """Every node known: whether it is up (mqttd.clustering.liveness)."""
         ...
+
+    def nodes_loaded(self) -> bool:
+        """Whether every node's last heartbeat has been read once."""
+        ...

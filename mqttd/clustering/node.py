@@ -329,6 +329,9 @@ class ClusterNode:
     def nodes(self) -> dict[str, bool]:
         return self.liveness.nodes()
 
+    def nodes_loaded(self) -> bool:
+        return self.liveness.loaded
+
     def new_session(self, client_id: str, **limits: Any) -> Session:
         return self.sessions.new_session(client_id, **limits)
 

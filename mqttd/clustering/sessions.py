@@ -45,6 +45,7 @@ import collections
 import json
 import logging
 import time
+import zlib
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -212,6 +213,9 @@ class ClusterSessions:
     loaded: bool = False  # the first read of MQTTD_SESS is done
     # this node's records: client id -> [revision, Record]
     records: dict[str, list[Any]] = attrs.Factory(dict)
+    # the other records (the watch): client id -> (revision, Record), to adopt the sessions
+    # of dead nodes
+    others: dict[str, tuple[int, Record]] = attrs.Factory(dict)
     dirty: dict[str, int] = attrs.Factory(dict)  # client id -> first ticket not written
     writing: dict[str, int] = attrs.Factory(dict)  # client id -> ticket being written
     deleting: set[str] = attrs.Factory(set)
@@ -235,6 +239,7 @@ class ClusterSessions:
     kicks_sent: int = 0
     kicks_received: int = 0
     fenced: int = 0
+    adopted: int = 0  # sessions of dead nodes (or of this node's earlier boot) taken over
     record_writes: int = 0
     purges: int = 0
 
@@ -273,6 +278,7 @@ class ClusterSessions:
         nursery.start_soon(self.write_loop)
         nursery.start_soon(self.record_loop)
         nursery.start_soon(self.purge_loop)
+        nursery.start_soon(self.adopt_loop)
         self._writes_changed.set()
         self._dirty_added.set()
 
@@ -341,8 +347,10 @@ class ClusterSessions:
         self.index_rev = max(self.index_rev, entry.revision)
         if entry.operation != "PUT":
             client_id = self._client_of_key(entry.key)
-            if client_id is not None and client_id not in self.records:
-                self.index_remove(client_id)
+            if client_id is not None:
+                self.others.pop(client_id, None)
+                if client_id not in self.records:
+                    self.index_remove(client_id)
             return
         try:
             record = Record.decode(entry.value)
@@ -351,6 +359,7 @@ class ClusterSessions:
             return
         if record.client_id in self.records:
             return  # this node's own: the index has it already (and maybe newer)
+        self.others[record.client_id] = (entry.revision, record)
         self.index_put(record.client_id, record.subs, record.username)
 
     def _client_of_key(self, key: str) -> str | None:
@@ -631,6 +640,77 @@ class ClusterSessions:
             engine_sessions.take_over(engine, conn, session_ends=not persistent_here)  # type: ignore[arg-type]
         engine_sessions.discard(engine, session)
 
+    # -- sessions whose node died while their client was away -----------------------------------
+
+    def orphans(self) -> list[tuple[int, Record]]:
+        """The records this node should adopt now: their owner is down (or is this node's
+        earlier boot), and this node is the one of the live nodes chosen by the client key
+        (so one node adopts each)."""
+        node = self.node
+        if not self.loaded or not node.nodes_loaded():
+            return []
+        nodes = node.nodes()
+        alive = sorted(name for name, up in nodes.items() if up)
+        if node.node not in alive:
+            return []
+        chosen = []
+        for revision, record in self.others.values():
+            mine_before = record.owner == node.node and record.boot != node.boot
+            if not mine_before and nodes.get(record.owner, False):
+                continue
+            key = subjects.client_key(record.client_id)
+            if mine_before or alive[zlib.crc32(key.encode()) % len(alive)] == node.node:
+                chosen.append((revision, record))
+        return chosen
+
+    async def adopt_loop(self) -> None:
+        """Adopt the sessions of dead nodes, so that they expire (and their queues go) in
+        time even if their clients never come back."""
+        interval = max(1.0, self.node.config.heartbeat_s)
+        while True:
+            await trio.sleep(interval)
+            try:
+                await self._adopt_orphans()
+            except ClientClosedError:
+                return
+            except Exception:  # a bug must not take the node down
+                log.exception("cluster: adopting the sessions of dead nodes failed")
+
+    async def _adopt_orphans(self) -> None:
+        for revision, record in self.orphans():
+            if record.client_id in self.node.engine.sessions:
+                continue
+            try:
+                await self._adopt(revision, record)
+            except WrongLastSequenceError:
+                continue  # its client came back somewhere, or another node adopted it
+            except ClientClosedError:
+                raise
+            except NatsError as exc:
+                self.node.warn("adopt", "cluster: adopting the session of %s failed: %s",
+                               record.client_id, exc)
+
+    async def _adopt(self, revision: int, record: Record) -> None:
+        assert self.kv is not None
+        node = self.node
+        client_id = record.client_id
+        left = record.disconnected_at if record.disconnected_at is not None else time.time()
+        new = attrs.evolve(record, owner=node.node, boot=node.boot, epoch=record.epoch + 1,
+                           disconnected_at=left)
+        written = await self.kv.update("s." + subjects.client_key(client_id), new.encode(),
+                                       revision)
+        engine = node.engine
+        if client_id in engine.sessions:  # a client connected here meanwhile: it won
+            return
+        self.others.pop(client_id, None)
+        self.records[client_id] = [written, new]
+        limits = engine.session_limits(client_id, True)
+        session = self.restored(client_id, new, new.epoch, written, limits)
+        session.disconnected_at = left
+        self.adopted += 1
+        log.info("cluster: adopted the session of %s (its node %s is gone): it expires here "
+                 "unless its client comes back", client_id, record.owner)
+
     # -- acknowledgements: purging ---------------------------------------------------------------
 
     def acked(self, session: StreamSession) -> None:
@@ -690,7 +770,11 @@ class ClusterSessions:
                 return
             session.ack_subjects[info.stream_seq] = msg.reply  # type: ignore[assignment]
             if not waiting and session.has_room(info.stream_seq):
-                self._hand(session, info.stream_seq, msg)
+                try:
+                    self._hand(session, info.stream_seq, msg)
+                except Exception:  # a bug must cost one message, never the NATS connection
+                    log.exception("cluster: handing message %d to %s failed",
+                                  info.stream_seq, session.client_id)
             else:
                 waiting.append((info.stream_seq, msg))
 
@@ -812,6 +896,7 @@ class ClusterSessions:
                     await node.js.purge(STREAM, subjects.QUEUE_PREFIX + record_key(client_id))
                 self.claims += 1
                 self.records[client_id] = [written, new]
+                self.others.pop(client_id, None)
                 self.index_put(client_id, new.subs, username)
                 return Claim(resume, revision, written, epoch)
             except WrongLastSequenceError:
@@ -844,7 +929,10 @@ class ClusterSessions:
             client_id = msg.payload.decode()
         except UnicodeDecodeError:
             return
-        self.let_go(client_id, "session taken over on another node")
+        try:
+            self.let_go(client_id, "session taken over on another node")
+        except Exception:  # (in the NATS client's reader: never take it down)
+            log.exception("cluster: closing client %s for another node failed", client_id)
         if msg.reply:
             try:
                 self.node.client.publish_nowait(msg.reply, b"ok")
@@ -865,7 +953,10 @@ class ClusterSessions:
         conn = session.connection
         if conn is not None and getattr(conn, "connected_at", 0.0) <= at:
             self.kicks_received += 1
-            self.let_go(client_id, "session taken over on another node")
+            try:
+                self.let_go(client_id, "session taken over on another node")
+            except Exception:  # (in the NATS client's reader: never take it down)
+                log.exception("cluster: closing client %s for another node failed", client_id)
 
     def claimed(self, conn: Connection, claim: Claim, persistent: bool, limits: dict[str, Any]
                 ) -> None:
@@ -892,12 +983,20 @@ class ClusterSessions:
         if claim.resume is None or not persistent:
             return
         # resumed from the record (another node's, or an earlier boot's)
-        record = claim.resume
+        self.restored(client_id, claim.resume, claim.epoch, claim.read_rev, limits)
+
+    def restored(self, client_id: str, record: Record, epoch: int, live_until_rev: int,
+                 limits: dict[str, Any]) -> StreamSession:
+        """A session made here from its record, in the engine (subscriptions in the local
+        trie), offline until its client attaches."""
+        from mqttd.engine import sessions as engine_sessions
+
+        engine = self.node.engine
         session = self.new_session(client_id, **limits)
-        session.epoch = claim.epoch
+        session.epoch = epoch
         session.expiry_s = record.expiry_s
         session.disconnected_at = record.disconnected_at
-        session.live_until_rev = claim.read_rev
+        session.live_until_rev = live_until_rev
         session.dup_budget = session.max_inflight
         session.inbound_qos2 = set(record.inbound)
         session.released_seqs = set(record.released)
@@ -911,6 +1010,7 @@ class ClusterSessions:
             )
         engine.sessions[client_id] = session
         self.index_put(client_id, record.subs, record.username)
+        return session
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -930,6 +1030,7 @@ class ClusterSessions:
             "cluster_kicks_sent": self.kicks_sent,
             "cluster_kicks_received": self.kicks_received,
             "cluster_sessions_fenced": self.fenced,
+            "cluster_sessions_adopted": self.adopted,
             "cluster_record_writes": self.record_writes,
             "cluster_queue_purges": self.purges,
         }

@@ -218,3 +218,34 @@ async def test_qos2_state_moves_with_the_session(nats3: NatsCluster, tmp_path: P
             marker = await rx.expect(Publish)
             assert isinstance(marker, Publish) and marker.payload == b"marker", marker
             ns.cancel_scope.cancel()
+
+
+async def test_the_session_of_a_dead_node_is_adopted_and_expires(
+    nats3: NatsCluster, tmp_path: Path
+) -> None:
+    """A 5.0 persistent session (expiry 3 s) leaves n1, and n1 is killed (kill -9) before it
+    could expire it: another node adopts the record and expires the session in time, so
+    its record leaves every node's index and its queue is purged."""
+    with trio.fail_after(TIMEOUT_S):
+        async with mqttd_nodes(tmp_path, nats3.urls, 3,
+                               extra="persistence: {expiry_check_interval_s: 0.5}\n") as nodes:
+            a, b, c = nodes
+            await wait_ready(nodes)
+            client = await RawClient.open(b.port)
+            client.protocol_level = client.decoder.protocol_level = PROTOCOL_5
+            await client.send(Connect("short-lived", False, 60, PROTOCOL_5, None,
+                                      properties={"session_expiry_interval": 3}))
+            assert isinstance(await client.expect(ConnAck), ConnAck)
+            await client.send(Subscribe(1, (Subscription("gone/#", 1),)))
+            assert isinstance(await client.expect(SubAck), SubAck)
+            await indexed_everywhere(nodes, 1)
+            await client.send(Disconnect())
+            await client.expect_closed()
+            await b.kill9()
+            while (await metric(a, "mqttd_cluster_sessions_adopted_total")
+                   + await metric(c, "mqttd_cluster_sessions_adopted_total")) < 1:
+                await trio.sleep(0.05)
+            for node in (a, c):
+                while await metric(node, "mqttd_cluster_sessions_indexed") != 0:
+                    await trio.sleep(0.05)
+            await b.restart()  # (the harness stops every node in order)
