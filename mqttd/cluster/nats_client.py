@@ -104,7 +104,7 @@ class NatsClient:
     _wake_writer: trio.Event = attrs.field(factory=trio.Event)
     _space: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
     _pongs: collections.deque[PendingReply | None] = attrs.field(factory=collections.deque)
-    _data_at: float = 0.0  # trio clock: when the reader last received bytes
+    _fresh: bool = False  # bytes came since the pinger last looked
     # awaited before each read: the user holds reading back while it is behind (the server
     # buffers for the connection, up to its max_pending, meanwhile)
     read_gate: Callable[[], Awaitable[None]] | None = None
@@ -416,15 +416,17 @@ class NatsClient:
             gate = self.read_gate
             if gate is not None:  # the user is behind: what is unread waits in the server
                 self._gated = True
+                began = trio.current_time()
                 try:
                     await gate()
                 finally:
                     self._gated = False
-                self._data_at = trio.current_time()  # (waiting here is not silence)
+                if trio.current_time() > began:
+                    self._fresh = True  # (waiting here is not silence)
             data = await stream.receive_some(READ_SIZE)
             if not data:
                 raise _Lost("the server closed the connection")
-            self._data_at = trio.current_time()
+            self._fresh = True
             try:
                 events = parser.feed(data)
             except ProtocolError as exc:
@@ -451,9 +453,8 @@ class NatsClient:
             if outstanding >= outstanding_limit:
                 # a PONG behind a backlog the reader is still working through is late, not
                 # missing: the connection is stale only when nothing came for an interval
-                if self._gated or (
-                    trio.current_time() - self._data_at < self.options.ping_interval_s
-                ):
+                if self._gated or self._fresh:
+                    self._fresh = False  # data came during this interval: late, not lost
                     continue
                 raise _Lost(f"stale connection: {outstanding} PINGs without a PONG")
             self._pongs.append(None)

@@ -253,6 +253,7 @@ async def test_a_pong_late_behind_a_backlog_is_not_a_dead_server() -> None:
     (port,) = free_ports(1)
     silent = trio.Event()
     got_sub = trio.Event()
+    interval_s = 0.2
 
     async def fake_server(stream: trio.SocketStream) -> None:
         await stream.send_all(proto.encode_info({"headers": True, "max_payload": 1 << 20}))
@@ -263,22 +264,24 @@ async def test_a_pong_late_behind_a_backlog_is_not_a_dead_server() -> None:
         got_sub.set()
         while not silent.is_set():
             await stream.send_all(b"MSG flood 2 1\r\nx\r\n")
-            await trio.sleep(0.01)
+            await trio.sleep(0.005)
         await trio.sleep_forever()
 
     with trio.fail_after(TIMEOUT_S):
         async with trio.open_nursery() as nursery:
             listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
             nursery.start_soon(trio.serve_listeners, fake_server, listeners)
-            nc = NatsClient.create(f"nats://127.0.0.1:{port}", ping_interval_s=0.05,
+            nc = NatsClient.create(f"nats://127.0.0.1:{port}", ping_interval_s=interval_s,
                                    max_outstanding_pings=2, wait_for_servers=True,
                                    reconnect_backoff_s=0.01, reconnect_backoff_max_s=0.05)
             nursery.start_soon(nc.run)
             sub = nc.subscribe_nowait("flood", capacity=1 << 20)
             await got_sub.wait()
-            for _ in range(60):  # 60 x 0.01 s: about 12 ping intervals without a PONG
+            start = trio.current_time()
+            while trio.current_time() - start < 8 * interval_s:  # PINGs go unanswered
                 await sub.next_msg()
-            assert nc.stats.reconnects == 0 and nc.is_connected
+            assert len(nc._pongs) == 2  # the limit of outstanding PINGs was reached ...
+            assert nc.stats.reconnects == 0 and nc.is_connected  # ... and it is still up
             silent.set()
             while nc.last_error is None or "stale" not in nc.last_error:
                 await trio.sleep(0.01)
