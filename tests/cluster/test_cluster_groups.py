@@ -97,13 +97,22 @@ async def test_each_message_reaches_one_member_of_the_cluster(
                 everything = [p for ps in by_member.values() for p in ps]
                 assert len(everything) == len(set(everything)) == MESSAGES
                 assert set(everything) == payloads(b"j", MESSAGES)
-                assert set(by_member) == {"m-a", "m-b"}, {k: len(v) for k, v in by_member.items()}
+                # both nodes' members take part (which one gets what is up to the nodes'
+                # pull requests: on a loaded machine one node may be late for a whole
+                # batch, so more come, one at a time, until the other took one)
+                extra = 0
+                while set(by_member) != {"m-a", "m-b"}:
+                    assert extra < 200, {k: len(v) for k, v in by_member.items()}
+                    await publish_many(pub, "jobs/x", qos, b"k%d-" % extra, 1)
+                    name, message = await bounded_get(got, WAIT_S)
+                    by_member.setdefault(name, []).append(message.payload)
+                    extra += 1
                 # settled in the stream, nothing more to come
                 for node in (a, b):
                     await wait_metric(node, "mqttd_cluster_groups_acked_total",
                                       len(by_member["m-a" if node is a else "m-b"]))
                 acked = sum([await metric(n, "mqttd_cluster_groups_acked_total") for n in (a, b)])
-                assert acked == MESSAGES
+                assert acked == MESSAGES + extra
                 assert await metric(a, "mqttd_cluster_groups_redelivered_total") == 0
                 assert await metric(b, "mqttd_cluster_groups_redelivered_total") == 0
                 assert got.empty()
@@ -160,13 +169,17 @@ async def test_jobs_of_a_member_that_drops_reach_the_other(
                 took = trio.current_time() - started
                 assert sorted(by_member["m-b"]) == sorted(held)
                 print(f"{how}: {held_count} held jobs reached the other member in {took:.2f} s")
-                if how == "disconnect":
-                    assert took < ACK_WAIT_S  # given back at once, not after the ack wait
+                if how == "disconnect":  # given back at once (nak), not after the ack wait
                     await wait_metric(a, "mqttd_cluster_groups_nacked_total", held_count)
                 await wait_metric(b, "mqttd_cluster_groups_redelivered_total", held_count)
                 await wait_metric(b, "mqttd_cluster_groups_acked_total", held_count)
-                # and nothing more
+                # and nothing more but, on a loaded machine, a held job redelivered once
+                # more (an ack that came after the ack wait: QoS 1 allows the duplicate)
                 await publish_many(pub, "jobs/after", 1, b"after", 1)
-                name, message = await bounded_get(got, WAIT_S)
-                assert (name, message.payload) == ("m-b", b"after0")
+                while True:
+                    name, message = await bounded_get(got, WAIT_S)
+                    if message.payload == b"after0":
+                        break
+                    assert message.payload in set(held), message
+                assert name == "m-b"
                 assert got.empty()
