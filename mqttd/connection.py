@@ -237,6 +237,21 @@ class Connection:
         if first:
             self.on_output()
 
+    def send_pair(self, head: bytes, tail: bytes) -> None:
+        """Queue one packet given as two parts (a shared QoS 0 PUBLISH: its head, then the
+        shared payload)."""
+        if self.sealed:
+            return
+        outbox = self.outbox
+        first = not outbox
+        outbox.append(head)
+        outbox.append(tail)
+        size = len(head) + len(tail)
+        self.outbox_bytes += size
+        self.account.bytes += size
+        if first:
+            self.on_output()
+
     def send_packet(self, packet: Packet) -> None:
         self.send(packet.encode(self.protocol_level))
 
