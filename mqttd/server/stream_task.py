@@ -255,7 +255,9 @@ class StreamTask:
                     scope.deadline = math.inf
                     await trio.sleep(delay)
             if conn.session is not None and not conn.closing:
-                scope.deadline = self._read_deadline()
+                deadline = self._read_deadline()
+                if deadline != scope.deadline:  # (no keepalive: inf, and inf already)
+                    scope.deadline = deadline
 
     async def _writer(self, data: bytes = b"", sent: int = 0) -> None:
         """Send the outbox until it is empty. ``data``: taken from it before, of which the
