@@ -51,14 +51,8 @@ from mqttd.codec.packets import (
     Will,
     _Ack,
     _new_object,
-    _set_dup,
-    _set_packet_id,
-    _set_payload,
-    _set_properties,
-    _set_qos,
-    _set_retain,
-    _set_topic,
     _slot_setters,
+    _WirePublish,
 )
 from mqttd.codec.wire import Buffer
 from mqttd.codec.wire import expect_flags as _expect_flags
@@ -318,15 +312,16 @@ class Decoder:
                 raise ProtocolError("PUBLISH with packet identifier 0")
             i += 2
         # packets.wire_publish, inlined (once per PUBLISH received)
-        packet = _new_object(Publish)
-        _set_topic(packet, topic)
-        _set_payload(packet, bytes(data[i:end]))
-        _set_qos(packet, qos)
-        _set_retain(packet, flags & 1 != 0)
-        _set_dup(packet, dup)
-        _set_packet_id(packet, packet_id)
-        _set_properties(packet, None)
-        return packet
+        packet = _new_object(_WirePublish)
+        packet.topic = topic
+        packet.payload = bytes(data[i:end])
+        packet.qos = qos
+        packet.retain = flags & 1 != 0
+        packet.dup = dup
+        packet.packet_id = packet_id
+        packet.properties = None
+        packet.__class__ = Publish  # type: ignore[assignment]
+        return packet  # type: ignore[return-value]
 
     def _ack_id(self, flags: int, expected: int, data: Buffer, i: int, end: int, name: str) -> int:
         _expect_flags(flags, expected, name)
