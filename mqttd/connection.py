@@ -10,6 +10,7 @@ appended to the outbox by ``send``/``send_packet``; the I/O layer drains it with
 from __future__ import annotations
 
 import enum
+import operator
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from mqttd.session import Session
 
 _SERVER_ONLY = frozenset({CONNACK, SUBACK, UNSUBACK, PINGRESP})
+_CHECKED = frozenset({CONNECT, DISCONNECT, *_SERVER_ONLY})  # what _check_connected looks for
+_type_of = operator.attrgetter("TYPE")
 
 
 class State(enum.Enum):
@@ -198,6 +201,8 @@ class Connection:
         return self._check_connected(packets, 1)
 
     def _check_connected(self, packets: list[Packet], start: int) -> list[Packet]:
+        if not start and _CHECKED.isdisjoint(map(_type_of, packets)):
+            return packets  # the common batch: nothing to check (one pass in C)
         for index in range(start, len(packets)):
             kind = packets[index].TYPE
             if kind == CONNECT or kind in _SERVER_ONLY:
@@ -232,6 +237,21 @@ class Connection:
         first = not self.outbox
         self.outbox += (head, middle, tail)
         size = len(head) + len(middle) + len(tail)
+        self.outbox_bytes += size
+        self.account.bytes += size
+        if first:
+            self.on_output()
+
+    def send_pair(self, head: bytes, tail: bytes) -> None:
+        """Queue one packet given as two parts (a shared QoS 0 PUBLISH: its head, then the
+        shared payload)."""
+        if self.sealed:
+            return
+        outbox = self.outbox
+        first = not outbox
+        outbox.append(head)
+        outbox.append(tail)
+        size = len(head) + len(tail)
         self.outbox_bytes += size
         self.account.bytes += size
         if first:

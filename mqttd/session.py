@@ -21,7 +21,7 @@ import attrs
 
 from mqttd import v5
 from mqttd.codec.errors import ProtocolError, QuotaExceeded
-from mqttd.codec.packets import Publish, PubRel
+from mqttd.codec.packets import PROTOCOL_5, Publish, PubRel, encode_publish_parts
 from mqttd.delivery import (
     STORED_ID,
     Attempt,
@@ -61,6 +61,8 @@ class Peer(Recipient, Protocol):
     def on_fed(self, conn: Any) -> None: ...
 
     def send_parts(self, head: bytes, middle: bytes, tail: bytes) -> None: ...
+
+    def send_pair(self, head: bytes, tail: bytes) -> None: ...
 
     def send_packet(self, packet: Any) -> None: ...
 
@@ -215,12 +217,19 @@ class Session:
                 elif conn.outbox_bytes > self.qos0_buffer_bytes:
                     self.out.count_qos0_drop()
                     return
-            encoded = encode_delivery(conn, message, 0, retain, fanout, sub_ids)
-            if encoded is None:
-                self.too_large += 1
-                return
-            head, tail = encoded
-            conn.send_parts(head, b"", tail)
+            if fanout is not None and conn.protocol_level != PROTOCOL_5:
+                # 3.1.1, shared (encode_delivery's common case, without its call)
+                encoded = fanout[0]
+                if encoded is None:
+                    encoded = fanout[0] = encode_publish_parts(
+                        message.topic, message.payload, 0, retain
+                    )
+            else:
+                encoded = encode_delivery(conn, message, 0, retain, fanout, sub_ids)
+                if encoded is None:
+                    self.too_large += 1
+                    return
+            conn.send_pair(encoded[0], encoded[1])
             self.sent += 1
             return
         out = self.out

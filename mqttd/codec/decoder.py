@@ -40,6 +40,7 @@ from mqttd.codec.packets import (
     PingResp,
     PubAck,
     PubComp,
+    Publish,
     PubRec,
     PubRel,
     SubAck,
@@ -48,7 +49,10 @@ from mqttd.codec.packets import (
     UnsubAck,
     Unsubscribe,
     Will,
-    wire_publish,
+    _Ack,
+    _new_object,
+    _slot_setters,
+    _WirePublish,
 )
 from mqttd.codec.wire import Buffer
 from mqttd.codec.wire import expect_flags as _expect_flags
@@ -59,6 +63,9 @@ from mqttd.codec.wire import read_u16 as _read_u16
 MAX_REMAINING_LENGTH = 268_435_455
 MAX_PACKET_SIZE = MAX_REMAINING_LENGTH + 5
 
+_set_ack_id, _set_ack_code, _set_ack_properties = _slot_setters(
+    _Ack, "packet_id", "reason_code", "properties"
+)
 _PINGREQ = PingReq()
 _PINGRESP = PingResp()
 _DISCONNECT = Disconnect()
@@ -282,7 +289,7 @@ class Decoder:
         qos = (flags >> 1) & 0x03
         if qos == 3:
             raise MalformedPacket("PUBLISH with QoS 3")
-        dup = bool(flags & 0x08)
+        dup = flags & 0x08 != 0
         if dup and not qos:
             raise MalformedPacket("DUP set on a QoS 0 PUBLISH")
         if i + 2 > end:
@@ -304,7 +311,17 @@ class Decoder:
             if not packet_id:
                 raise ProtocolError("PUBLISH with packet identifier 0")
             i += 2
-        return wire_publish(topic, bytes(data[i:end]), qos, bool(flags & 1), dup, packet_id)
+        # packets.wire_publish, inlined (once per PUBLISH received)
+        packet = _new_object(_WirePublish)
+        packet.topic = topic
+        packet.payload = bytes(data[i:end])
+        packet.qos = qos
+        packet.retain = flags & 1 != 0
+        packet.dup = dup
+        packet.packet_id = packet_id
+        packet.properties = None
+        packet.__class__ = Publish  # type: ignore[assignment]
+        return packet  # type: ignore[return-value]
 
     def _ack_id(self, flags: int, expected: int, data: Buffer, i: int, end: int, name: str) -> int:
         _expect_flags(flags, expected, name)
@@ -316,7 +333,17 @@ class Decoder:
         return packet_id
 
     def _puback(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
-        return PubAck(self._ack_id(flags, 0, data, i, end, "PUBACK"))
+        if flags or end - i != 2:
+            return PubAck(self._ack_id(flags, 0, data, i, end, "PUBACK"))  # raises
+        packet_id = (data[i] << 8) | data[i + 1]
+        if not packet_id:
+            raise ProtocolError("PUBACK with packet identifier 0")
+        # PubAck(packet_id), as wire_publish builds a Publish (once per QoS 1 delivery)
+        packet = _new_object(PubAck)
+        _set_ack_id(packet, packet_id)
+        _set_ack_code(packet, 0)
+        _set_ack_properties(packet, None)
+        return packet
 
     def _pubrec(self, flags: int, data: Buffer, i: int, end: int) -> Packet:
         return PubRec(self._ack_id(flags, 0, data, i, end, "PUBREC"))

@@ -119,7 +119,7 @@ class ConnAck:
         return bytes((CONNACK << 4, 2, present, self.return_code))
 
 
-@attrs.frozen
+@attrs.frozen(weakref_slot=False)  # (no __weakref__ slot: see _WirePublish)
 class Publish:
     """A PUBLISH packet; also the broker's message value (one per publish, shared by all
     deliveries)."""
@@ -163,28 +163,42 @@ def _slot_setters(cls: type, *names: str) -> tuple[Callable[[Any, Any], None], .
     return tuple(cls.__dict__[name].__set__ for name in names)
 
 
-(_set_topic, _set_payload, _set_qos, _set_retain, _set_dup, _set_packet_id,
- _set_properties) = _slot_setters(
-    Publish, "topic", "payload", "qos", "retain", "dup", "packet_id", "properties"
-)
 _new_object = object.__new__
+
+
+class _WirePublish:
+    """The same slots as :class:`Publish` and nothing else: the decoder makes one, sets its
+    slots with plain attribute stores (one bytecode each, where the frozen class's slot
+    setters cost a call each) and turns it into a Publish (``__class__`` assignment, which
+    CPython allows between classes of the same slots; Publish has no ``__weakref__`` slot,
+    with which CPython would refuse). Never seen outside :func:`wire_publish`."""
+
+    __slots__ = Publish.__slots__  # type: ignore[attr-defined]
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    dup: bool
+    packet_id: int
+    properties: Properties | None
 
 
 def wire_publish(
     topic: str, payload: bytes, qos: int, retain: bool, dup: bool, packet_id: int
 ) -> Publish:
     """``Publish(topic, payload, qos, retain, dup, packet_id)`` as the decoder builds it,
-    once per PUBLISH received: the slots are set directly, skipping the frozen class's
-    per-field ``object.__setattr__`` (~0.5 µs; Publish has no validators or converters)."""
-    packet = _new_object(Publish)
-    _set_topic(packet, topic)
-    _set_payload(packet, payload)
-    _set_qos(packet, qos)
-    _set_retain(packet, retain)
-    _set_dup(packet, dup)
-    _set_packet_id(packet, packet_id)
-    _set_properties(packet, None)
-    return packet
+    once per PUBLISH received, without the frozen class's per-field ``object.__setattr__``
+    (Publish has no validators or converters); see _WirePublish."""
+    packet = _new_object(_WirePublish)
+    packet.topic = topic
+    packet.payload = payload
+    packet.qos = qos
+    packet.retain = retain
+    packet.dup = dup
+    packet.packet_id = packet_id
+    packet.properties = None
+    packet.__class__ = Publish  # type: ignore[assignment]
+    return packet  # type: ignore[return-value]
 
 
 # Heads of 3.1.1 PUBLISHes by (topic, first byte, payload size): a device publishes to the

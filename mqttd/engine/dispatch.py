@@ -33,6 +33,7 @@ from mqttd.codec.packets import (
     CONNECT,
     DISCONNECT,
     PINGREQ,
+    PROTOCOL_5,
     PUBACK,
     PUBCOMP,
     PUBLISH,
@@ -42,6 +43,7 @@ from mqttd.codec.packets import (
     UNSUBSCRIBE,
     Packet,
     PingReq,
+    Publish,
 )
 from mqttd.config import Listener
 from mqttd.connection import Connection
@@ -143,13 +145,29 @@ class Engine(BrokerState):
         writer = self.writer
         flow = self.flow
         flow.current = conn  # the publisher its subscribers may hold
+        # publish.on_publish's QoS 0 case, decided once per batch: a 3.1.1 client (not a
+        # bridge) and none of topic limits, a publish rate, an ACL or a cluster: a QoS 0
+        # PUBLISH that is not retained is counted and routed, nothing else
+        session = conn.session
+        route = self.router.route if (
+            session is not None and conn.protocol_level != PROTOCOL_5 and not conn.is_bridge
+            and not self.check_topic_limits and not self.publish_rate and self.acl is None
+            and self.cluster is None
+        ) else None
         try:
             for index, packet in enumerate(packets):
                 if conn.closing:
                     return
                 if writer is not None:
                     self.packet_ticket = writer.ticket  # see BrokerState.reply
-                handlers[packet.TYPE](conn, packet)
+                if (
+                    route is not None and packet.__class__ is Publish
+                    and not packet.qos and not packet.retain  # type: ignore[attr-defined]
+                ):
+                    self.messages_received += 1
+                    route(packet, session, False)  # type: ignore[arg-type]
+                else:
+                    handlers[packet.TYPE](conn, packet)
                 if conn.held_by or conn.publish_tokens < 0:
                     # held (a backlogged subscriber, the store), or over the publish rate
                     # (the reader waits for tokens): the rest waits

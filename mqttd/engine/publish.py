@@ -21,7 +21,7 @@ from mqttd.codec.reason import (
 )
 from mqttd.connection import Connection
 from mqttd.engine.state import BrokerState
-from mqttd.session import Session
+from mqttd.session import _PACKET_ID_BYTES, Session
 from persistence import ops
 
 log = logging.getLogger("mqttd.broker")
@@ -88,7 +88,7 @@ def on_publish(state: BrokerState, conn: Connection, packet: Publish) -> None:
             reason = QUEUE_FULL if routed else ""
             state.reply(conn, conn.encode_ack(PUBACK, packet_id, code, reason), puback=True)
         else:
-            state.reply(conn, bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF)), puback=True)
+            state.reply(conn, b"\x40\x02" + _PACKET_ID_BYTES[packet_id], puback=True)
         return
     on_publish_qos2(state, conn, packet, session, bridge)
 

@@ -248,13 +248,16 @@ class StreamTask:
                 log.exception("client %s: internal error while handling its packets", conn.name)
                 conn.close()
                 return
-            delay = engine.publish_rate_delay(conn, trio.current_time())
-            if delay and not conn.closing:
-                # over max_publish_rate_per_s: stop reading until the rate is back under it
-                scope.deadline = math.inf
-                await trio.sleep(delay)
+            if engine.publish_rate:
+                delay = engine.publish_rate_delay(conn, trio.current_time())
+                if delay and not conn.closing:
+                    # over max_publish_rate_per_s: stop reading until the rate is under it
+                    scope.deadline = math.inf
+                    await trio.sleep(delay)
             if conn.session is not None and not conn.closing:
-                scope.deadline = self._read_deadline()
+                deadline = self._read_deadline()
+                if deadline != scope.deadline:  # (no keepalive: inf, and inf already)
+                    scope.deadline = deadline
 
     async def _writer(self, data: bytes = b"", sent: int = 0) -> None:
         """Send the outbox until it is empty. ``data``: taken from it before, of which the

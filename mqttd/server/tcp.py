@@ -46,7 +46,7 @@ class TCPStream(trio.abc.HalfCloseableStream):
     ``OSError`` as its cause, ``ClosedResourceError`` once closed); ``try_send`` sends what
     the socket takes now, without waiting."""
 
-    __slots__ = ("socket",)
+    __slots__ = ("_drained", "socket")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -59,6 +59,8 @@ class TCPStream(trio.abc.HalfCloseableStream):
         except OSError:
             pass
         self.socket = sock
+        # the last receive took less than it asked for: the socket was empty then
+        self._drained = False
 
     def try_send(self, data: bytes) -> int:
         """Send what the socket takes without blocking; how many bytes it took."""
@@ -104,6 +106,13 @@ class TCPStream(trio.abc.HalfCloseableStream):
         sock = self.socket
         size = max_bytes or 65536
         waited = False
+        if self._drained:
+            # it was empty after the last receive: wait for data before calling recv(),
+            # rather than after a recv() that fails (at low rates, one per message)
+            if sock.fileno() < 0:
+                raise trio.ClosedResourceError("the stream is closed")
+            await wait_readable(sock)
+            waited = True
         while True:
             try:
                 data = sock.recv(size)
@@ -117,6 +126,7 @@ class TCPStream(trio.abc.HalfCloseableStream):
             # and its traceback alive while it waits)
             await wait_readable(sock)
             waited = True
+        self._drained = len(data) < size
         if not waited:
             await checkpoint()
         return data

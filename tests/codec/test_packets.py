@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 
+import attrs
 import pytest
 
 from mqttd.codec import Decoder, PacketTooLarge, encode_publish_parts
@@ -562,3 +563,16 @@ def test_bridge_flag_on_the_protocol_level_is_kept_and_decoded_at_the_plain_leve
     assert isinstance(connect, Connect) and connect.protocol_level == 0x84
     assert connect.client_id == "bridge-1" and isinstance(ping, PingReq)
     assert decoder.protocol_level == 4
+
+
+def test_decoded_publish_is_a_frozen_publish() -> None:
+    """The decoder builds a Publish through a twin class of the same slots (see
+    packets._WirePublish): what comes out is a Publish in every way, frozen like one."""
+    sent = Publish("a/b", b"payload", 1, True, True, 7)
+    (got,) = Decoder(protocol_level=4).feed(sent.encode())
+    assert type(got) is Publish
+    assert got == sent and hash(got) == hash(sent)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        got.topic = "c"  # type: ignore[misc]
+    (qos0,) = Decoder(protocol_level=4).feed(Publish("t", b"").encode())
+    assert qos0 == Publish("t", b"") and type(qos0) is Publish
