@@ -105,6 +105,7 @@ class NatsClient:
     _space: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
     _pongs: collections.deque[PendingReply | None] = attrs.field(factory=collections.deque)
     _fresh: bool = False  # bytes came since the pinger last looked
+    caught_up: bool = True  # the last read was short: nothing more was waiting
     # awaited before each read: the user holds reading back while it is behind (the server
     # buffers for the connection, up to its max_pending, meanwhile)
     read_gate: Callable[[], Awaitable[None]] | None = None
@@ -427,6 +428,8 @@ class NatsClient:
             if not data:
                 raise _Lost("the server closed the connection")
             self._fresh = True
+            # a short read: what the server had queued for us is read (we are caught up)
+            self.caught_up = len(data) < READ_SIZE
             try:
                 events = parser.feed(data)
             except ProtocolError as exc:

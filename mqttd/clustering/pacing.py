@@ -8,8 +8,11 @@ would hold a local publisher. While the stand-in of node X is held, this node st
 its NATS connection (what other nodes sent waits in its NATS server, which buffers up to
 its ``max_pending`` per connection) and tells X so on ``mqttd.pace.<X>`` (``<this node>
 on``, repeated every ``REFRESH_S``), then ``off`` once the subscribers it waits for have
-drained, or stalled (a stalled subscriber stops pacing, as on one node: its QoS 0 messages
-are dropped over its buffer, QoS 1/2 queued within its budget, everything counted).
+drained and it has read what its NATS server had queued for it (a short read: else the
+origin would add to that backlog again at once, until the server cut the connection as a
+slow consumer), or stalled (a stalled subscriber stops pacing, as on one node: its QoS 0
+messages are dropped over its buffer, QoS 1/2 queued within its budget, everything
+counted).
 
 Node X, while any node paces it, stops reading its clients' sockets (``congested``: every
 publisher on X, not only those feeding the slow subscriber, which X cannot tell apart), so
@@ -59,7 +62,8 @@ class RemotePacing:
         self._free.set()
 
     def blocked(self) -> bool:
-        """Whether a backlogged subscriber here holds some node's stand-in."""
+        """Whether a backlogged subscriber here holds some node's stand-in (the NATS
+        reader waits then; the pace stays on after that until the reader caught up)."""
         stand_ins = self.stand_ins
         return any(stand_ins[origin].held_by for origin in self.pacing)
 
@@ -108,11 +112,14 @@ class RemotePacing:
                 continue
             await trio.sleep(CHECK_S)
             now = trio.current_time()
+            caught_up = self.node.client.caught_up
             for origin in list(self.pacing):
                 conn = self.stand_ins[origin]
                 if conn.held_by:
                     flow.release_stalled(conn, time.monotonic())
-                if not conn.held_by:
+                if not conn.held_by and caught_up:
+                    # drained, and what the NATS server had queued for this node is read:
+                    # else the origin would add to that backlog again at once
                     del self.pacing[origin]
                     self._send(origin, "off")
                 elif now - self.pacing[origin] >= REFRESH_S:
