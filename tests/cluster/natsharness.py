@@ -309,7 +309,13 @@ async def nats_servers(
                     await cluster.stop_all()
             else:
                 raise RuntimeError(f"nats-server: ports taken {START_ATTEMPTS} times in a row")
-            yield cluster
+            try:
+                yield cluster
+            except BaseException:
+                for s in cluster.servers:  # pytest shows this output with the failure
+                    print(f"--- nats-server {s.name}, end of its log:")
+                    print(s.log[-4000:].decode(errors="replace"))
+                raise
         finally:
             with trio.CancelScope(shield=True):
                 await cluster.stop_all()
