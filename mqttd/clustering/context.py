@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
+
+from mqttd.cluster.jetstream import PendingPubAck
 
 if TYPE_CHECKING:
     import trio
@@ -42,3 +45,30 @@ class NodeContext(Protocol):
     def nodes_loaded(self) -> bool:
         """Whether every node's last heartbeat has been read once."""
         ...
+
+
+class PipelinedWrite(Protocol):
+    subject: str
+    payload: bytes
+    block: bytes  # the header block
+    pending: PendingPubAck | None  # None: not sent yet (or to be sent again)
+
+
+class PipelinedWrites:
+    """What the writers of retained messages, queue copies and group copies share: their
+    writes are pipelined, each to be sent (again) while its ``pending`` is None."""
+
+    node: NodeContext
+    writes: Sequence[PipelinedWrite]
+    _unsent: int  # writes with pending None
+
+    async def _send_unsent(self) -> None:
+        """Send, in order, the writes not sent yet (or to be sent again)."""
+        client = self.node.client
+        timeout_s = self.node.config.js_timeout_s
+        for write in list(self.writes):
+            if write.pending is None:
+                reply = await client.request_start(write.subject, write.payload, write.block,
+                                                   timeout_s)
+                write.pending = PendingPubAck(reply)
+                self._unsent -= 1

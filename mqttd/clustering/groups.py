@@ -61,6 +61,7 @@ from mqttd.cluster.kv import KeyValue, KvEntry
 from mqttd.cluster.nats_protocol import Msg
 from mqttd.cluster.nats_values import ClientClosedError, NatsError
 from mqttd.clustering import subjects, wire
+from mqttd.clustering.context import PipelinedWrites
 from mqttd.clustering.gate import NO_FLOOR
 from mqttd.delivery import RemoteJob
 from mqttd.share_groups import ShareGroup, deliver_to
@@ -125,7 +126,7 @@ def group_key(name: str) -> str:
 
 
 @attrs.define(eq=False)
-class ClusterGroups:
+class ClusterGroups(PipelinedWrites):
     node: NodeContext
     known: dict[str, KnownGroup] = attrs.Factory(dict)  # by key
     index: SubscriptionTrie = attrs.Factory(SubscriptionTrie)
@@ -318,15 +319,6 @@ class ClusterGroups:
                 self.node.engine.notify_progress()
             self._wake()
 
-    async def _send_unsent(self) -> None:
-        client = self.node.client
-        timeout_s = self.node.config.js_timeout_s
-        for write in list(self.writes):
-            if write.pending is None:
-                reply = await client.request_start(write.subject, write.payload, write.block,
-                                                   timeout_s)
-                write.pending = PendingPubAck(reply)
-                self._unsent -= 1
 
     # -- the registry and the index ---------------------------------------------------------
 

@@ -43,6 +43,7 @@ from mqttd.cluster import consumer
 from mqttd.cluster.jetstream import PendingPubAck, StoredMsg, StreamConfig, check_applied
 from mqttd.cluster.nats_values import ClientClosedError, NatsError
 from mqttd.clustering import subjects, wire
+from mqttd.clustering.context import PipelinedWrites
 from mqttd.clustering.gate import NO_FLOOR
 from mqttd.codec.packets import Publish
 from persistence import ops
@@ -67,7 +68,7 @@ class RetainedWrite:
 
 
 @attrs.define(eq=False)
-class RetainedSync:
+class RetainedSync(PipelinedWrites):
     node: NodeContext
     writes: collections.deque[RetainedWrite] = attrs.Factory(collections.deque)
     loaded: bool = False  # the first replay of the stream is done
@@ -183,15 +184,6 @@ class RetainedSync:
             self._release()
             self._wake()
 
-    async def _send_unsent(self) -> None:
-        client = self.node.client
-        timeout_s = self.node.config.js_timeout_s
-        for write in list(self.writes):
-            if write.pending is None:
-                reply = await client.request_start(write.subject, write.payload, write.block,
-                                                   timeout_s)
-                write.pending = PendingPubAck(reply)
-                self._unsent -= 1
 
     def _superseded(self, write: RetainedWrite) -> bool:
         """A later write to the same topic is queued: it wins, this one need not be stored."""

@@ -63,6 +63,7 @@ from mqttd.cluster.kv import KeyValue, KvEntry
 from mqttd.cluster.nats_protocol import Msg
 from mqttd.cluster.nats_values import ClientClosedError, NatsError
 from mqttd.clustering import subjects, wire
+from mqttd.clustering.context import PipelinedWrites
 from mqttd.clustering.gate import NO_FLOOR
 from mqttd.clustering.streamsession import StreamSession
 from mqttd.codec.errors import ServerUnavailable
@@ -200,7 +201,7 @@ class ClusterJournal:
 
 
 @attrs.define(eq=False)
-class ClusterSessions:
+class ClusterSessions(PipelinedWrites):
     node: NodeContext
     journal: ClusterJournal = attrs.field(init=False)
     kv: KeyValue | None = None
@@ -476,15 +477,6 @@ class ClusterSessions:
             if not writes:
                 node.engine.notify_progress()
 
-    async def _send_unsent(self) -> None:
-        client = self.node.client
-        timeout_s = self.node.config.js_timeout_s
-        for write in list(self.writes):
-            if write.pending is None:
-                reply = await client.request_start(write.subject, write.payload, write.block,
-                                                   timeout_s)
-                write.pending = PendingPubAck(reply)
-                self._unsent -= 1
 
     # -- which deliveries the stream brings ----------------------------------------------------
 
