@@ -1,11 +1,13 @@
 """Listeners (TCP, TLS, WebSocket, WebSocket over TLS): bind, accept, connection limits,
 TLS handshakes and WebSocket upgrades, certificate reloads, the ordered stop.
 
-Each accepted socket gets one handler task in the handlers nursery. A TLS listener does the
+A plain MQTT connection is served by the :class:`~mqttd.server.reactor.Reactor`, which
+serves every plain TCP connection in one task (on Linux; elsewhere as the others). Every
+other accepted socket gets one handler task in the handlers nursery: a TLS listener does the
 handshake there, and a WebSocket listener the HTTP upgrade, before the MQTT connection starts
 (both within the CONNECT timeout, counted from the accept); then a
-:class:`~mqttd.server.stream_task.ClientHandler` serves the resulting trio ``Stream``,
-whatever its kind, with its reader and writer (:mod:`mqttd.server.stream_task`).
+:class:`~mqttd.server.stream_task.ClientHandler` serves the resulting trio ``Stream`` with its
+reader and writer (:mod:`mqttd.server.stream_task`).
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from mqttd.codec.reason import (
 )
 from mqttd.config import Listener
 from mqttd.server.bind import format_address, open_listeners
-from mqttd.server.stream_task import RECEIVE_SIZE, ClientHandler, OutputFlush
-from mqttd.server.tcp import TCPStream, accept_batches, listening_socket
+from mqttd.server.reactor import HAVE_EPOLL, Reactor
+from mqttd.server.stream_task import RECEIVE_SIZE, ClientHandler
+from mqttd.server.tcp import accept_batches, listening_socket
 from mqttd.server.tls import TLSSetupError, certificate_cn, handshake, server_context
 from mqttd.server.websocket import accept_websocket
 
@@ -209,7 +212,8 @@ class TCPServer:
         self._handlers_nursery: trio.Nursery | None = None
         self._stopping = False
         self._all_closed = trio.Event()
-        self.flush = OutputFlush()  # the connections' direct writes (plain TCP)
+        # plain TCP connections (None: no epoll here; they get handler tasks too)
+        self.reactor = Reactor(broker, pauses) if HAVE_EPOLL else None
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Bind every listener and serve. Reports ``[(host, port), ...]`` (in listener order)
@@ -242,6 +246,11 @@ class TCPServer:
                 addresses.append((host, port))
         async with trio.open_nursery() as handlers:
             self._handlers_nursery = handlers
+            reactor = self.reactor
+            if reactor is not None:
+                handlers.start_soon(reactor.run)
+                handlers.start_soon(reactor.flusher)
+                handlers.start_soon(reactor.timers)
             async with trio.open_nursery() as accepting:
                 self._accept_scope = accepting.cancel_scope
                 for bound in self.listeners:
@@ -253,44 +262,60 @@ class TCPServer:
                 task_status.started(addresses)
             # listeners are closed; handlers run until shutdown() closes them
 
-    def _accepted(self, bound: BoundListener, sock: socket.socket) -> None:
-        """A connection was accepted on ``bound``: refused over a limit, else served by a
-        handler task. Plain MQTT gets the lean TCPStream, TLS and WebSocket trio's."""
-        stream: trio.abc.HalfCloseableStream
-        if bound.scheme == "mqtt":
-            stream = TCPStream(sock)
-        else:
-            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    def _accepted(self, bound: BoundListener, sock: socket.socket, address: Any) -> None:
+        """A connection was accepted on ``bound``: refused over a limit, else served (plain
+        MQTT by the reactor, the others by a handler task)."""
         max_connections = self.broker.config.limits.max_connections
         if 0 <= max_connections <= self.connections:
             self.refused += 1
             self._count_limit("connections")
             self._refusals.refused()
-            self._refuse(stream, bound, SERVER_BUSY)
+            self._refuse(sock, bound, SERVER_BUSY)
             return
         listener_max = bound.config.max_connections
         if 0 <= listener_max <= bound.connections:
             bound.refuse()
             self._count_limit("listener_connections")
-            self._refuse(stream, bound, SERVER_BUSY)
+            self._refuse(sock, bound, SERVER_BUSY)
             return
-        if self._rate.rate >= 0 and self._rate.over(trio.current_time()):
+        now = trio.current_time()
+        if self._rate.rate >= 0 and self._rate.over(now):
             self._count_limit("connection_rate")
             self._rate_refusals.refused()
-            self._refuse(stream, bound, CONNECTION_RATE_EXCEEDED)
+            self._refuse(sock, bound, CONNECTION_RATE_EXCEEDED)
             return
         self.connections += 1
         bound.connections += 1
         bound.accepted += 1
+        reactor = self.reactor
+        if reactor is not None and bound.scheme == "mqtt":
+            try:
+                peer = format_address(*address[:2])
+            except (TypeError, ValueError):
+                peer = "?"
+            reactor.add(
+                sock, peer, bound.config, functools.partial(self._client_done, bound),
+                now + self.broker.config.limits.connect_timeout_s,
+            )
+            return
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         self._handlers_nursery.start_soon(self._handle, stream, bound)  # type: ignore[union-attr]
 
-    def _refuse(self, stream: trio.abc.Stream, bound: BoundListener, code: int) -> None:
+    def _client_done(self, bound: BoundListener) -> None:
+        """A connection served by the reactor ended."""
+        self.connections -= 1
+        bound.connections -= 1
+        if self._stopping and not self.handlers and not self._reactor_clients():
+            self._all_closed.set()
+
+    def _refuse(self, sock: socket.socket, bound: BoundListener, code: int) -> None:
         """Over a connection limit: on a plain MQTT listener, read the CONNECT briefly and
         answer CONNACK with ``code`` (5.0; 3.1.1 gets 0x03 Server unavailable), at most
         MAX_REFUSALS at a time; otherwise close at once."""
         if bound.scheme != "mqtt" or self.refusing >= MAX_REFUSALS or self._stopping:
-            self._handlers_nursery.start_soon(trio.aclose_forcefully, stream)  # type: ignore[union-attr]
+            sock.close()
             return
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         self.refusing += 1
         self._handlers_nursery.start_soon(self._answer_refusal, stream, code)  # type: ignore[union-attr]
 
@@ -395,15 +420,18 @@ class TCPServer:
             return None
         handler = ClientHandler(
             self.broker, self.pauses, stream, peer, self._handlers_nursery,  # type: ignore[arg-type]
-            bound.config, identity, self.flush,
+            bound.config, identity,
         )
         self.handlers.add(handler)
         return handler
 
     def _handler_done(self, handler: ClientHandler) -> None:
         self.handlers.discard(handler)
-        if self._stopping and not self.handlers:
+        if self._stopping and not self.handlers and not self._reactor_clients():
             self._all_closed.set()
+
+    def _reactor_clients(self) -> int:
+        return len(self.reactor.clients) if self.reactor is not None else 0
 
     def reload_certificates(self) -> bool:
         """Reload every TLS listener's certificate, key and CA files (SIGHUP). Connections
@@ -439,7 +467,7 @@ class TCPServer:
             self._accept_scope.cancel()
         self._stopping = True
         self.broker.close_all_connections(ServerShuttingDown("server shutting down"))
-        if self.handlers:
+        if self.handlers or self._reactor_clients():
             with trio.move_on_after(timeout_s):
                 await self._all_closed.wait()
         if self._handlers_nursery is not None:

@@ -6,6 +6,7 @@ commit finished. Used by the client connections and the bridges' links alike."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -19,12 +20,20 @@ class ReadPauses:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._progress = trio.Event()
+        self._listeners: list[Callable[[], None]] = []
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Also call ``listener`` at every :meth:`notify` while readers are paused (the
+        reactor's paused connections: mqttd.server.reactor)."""
+        self._listeners.append(listener)
 
     def notify(self) -> None:
         """Output was sent or a commit finished: paused readers look again."""
         if self.engine.paused_readers:
             self._progress.set()
             self._progress = trio.Event()
+            for listener in self._listeners:
+                listener()
 
     async def wait_readable(self, conn: Connection) -> None:
         """Wait until reading from ``conn`` may go on (Engine.reading_paused); while it waits

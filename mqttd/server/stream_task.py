@@ -39,40 +39,6 @@ CLOSE_FLUSH_TIMEOUT_S = 5.0
 StreamError = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
-class OutputFlush:
-    """Output written by the reader that caused it, without a writer task: while a reader
-    handles received bytes (``active``), a connection whose outbox becomes non-empty and
-    whose stream can send without awaiting (``try_send``: plain TCP) is put in ``pending``
-    instead of starting its writer; the reader then sends each one's output once
-    (:meth:`run`): one send per connection per read, as a writer task would make, without
-    the task. What the socket does not take goes to a writer task (which waits until it is
-    writable). One per listener set: the reader tasks take turns, none awaits while
-    ``active``."""
-
-    __slots__ = ("active", "pending")
-
-    def __init__(self) -> None:
-        self.active = False
-        self.pending: list[StreamTask] = []
-
-    def run(self) -> None:
-        """Send the pending connections' output (and output queued meanwhile, e.g. by
-        ``output_sent`` releasing a publisher)."""
-        pending = self.pending
-        self.active = True
-        index = 0
-        try:
-            while index < len(pending):
-                task = pending[index]
-                index += 1
-                task.send_now()
-        finally:
-            self.active = False
-            for task in pending[index:]:  # only after an unexpected error
-                task.start_writer_task()
-            pending.clear()
-
-
 class StreamTask:
     """Serve one Connection on one stream until it ends (:meth:`serve`). What ended it is
     recorded for the caller: ``failure`` (a failed receive or send, or the MQTTError of a
@@ -83,7 +49,7 @@ class StreamTask:
     none without one). The writer runs in ``nursery``."""
 
     __slots__ = (
-        "_flush", "_nursery", "_scope", "_try_send", "_writing", "conn", "engine", "failure",
+        "_nursery", "_scope", "_writing", "conn", "engine", "failure",
         "handle_data", "idle_timeout_s", "pauses", "peer_closed", "stream",
     )
 
@@ -97,7 +63,6 @@ class StreamTask:
         *,
         handle_data: Callable[[Connection, bytes], None] | None = None,
         idle_timeout_s: float | None = None,
-        flush: OutputFlush | None = None,
     ) -> None:
         self.engine = engine
         self.pauses = pauses
@@ -111,10 +76,7 @@ class StreamTask:
         conn.on_close = self._close_requested
         self._nursery = nursery
         self._scope = trio.CancelScope()
-        self._writing = False  # a writer task runs, or the output is pending in ``flush``
-        # direct writes (OutputFlush): streams that can send without awaiting
-        self._try_send: Callable[[bytes], int] | None = getattr(stream, "try_send", None)
-        self._flush = flush if self._try_send is not None else None
+        self._writing = False  # a writer task runs
 
     # -- what ended the stream (the listeners' ClientHandler logs and answers) ----------
 
@@ -147,38 +109,7 @@ class StreamTask:
     def _start_writer(self) -> None:
         if not self._writing:
             self._writing = True
-            flush = self._flush
-            if flush is not None and flush.active:
-                flush.pending.append(self)  # sent by the reader at hand, after its data
-            else:
-                self._nursery.start_soon(self._writer)
-
-    def start_writer_task(self) -> None:
-        """(OutputFlush) the output pending in the flush goes to a writer task instead."""
-        self._nursery.start_soon(self._writer)
-
-    def send_now(self) -> None:
-        """(OutputFlush) send what is queued without awaiting; what the socket does not
-        take goes to a writer task."""
-        conn = self.conn
-        data = conn.data_to_send()
-        if data:
-            try:
-                sent = self._try_send(data)  # type: ignore[misc]
-            except StreamError as exc:
-                self._writing = False
-                self.send_failed(exc)
-                self._scope.cancel()
-                return
-            if sent < len(data):
-                # the rest once the socket is writable; all of it reported sent then, as
-                # when a writer's send_all returns
-                self._nursery.start_soon(self._writer, data, sent)
-                return
-            self.engine.output_sent(conn, sent)
-        self._writing = False
-        if conn.closing:
-            self._scope.cancel()
+            self._nursery.start_soon(self._writer)
 
     def _close_requested(self) -> None:
         if self.conn.flush_before_close and (self._writing or self.conn.outbox):
@@ -222,24 +153,11 @@ class StreamTask:
                 if not data:
                     self.peer_closed = True
                     return
-            flush = self._flush
             try:
-                if flush is None:
-                    if data:
-                        handle_data(conn, data)
-                    else:
-                        engine.resume(conn)
+                if data:
+                    handle_data(conn, data)
                 else:
-                    flush.active = True
-                    try:
-                        if data:
-                            handle_data(conn, data)
-                        else:
-                            engine.resume(conn)
-                    finally:
-                        flush.active = False
-                        if flush.pending:
-                            flush.run()
+                    engine.resume(conn)
             except MQTTError as exc:
                 self.protocol_error(exc)
                 return
@@ -259,22 +177,19 @@ class StreamTask:
                 if deadline != scope.deadline:  # (no keepalive: inf, and inf already)
                     scope.deadline = deadline
 
-    async def _writer(self, data: bytes = b"", sent: int = 0) -> None:
-        """Send the outbox until it is empty. ``data``: taken from it before, of which the
-        first ``sent`` bytes are sent (OutputFlush)."""
+    async def _writer(self) -> None:
+        """Send the outbox until it is empty."""
         conn = self.conn
         engine = self.engine
         send_all = self.stream.send_all
         try:
-            if not data:
-                data = conn.data_to_send()
+            data = conn.data_to_send()
             while data:
                 conn.send_blocked_since = trio.current_time()
-                await send_all(memoryview(data)[sent:] if sent else data)
+                await send_all(data)
                 conn.send_blocked_since = None
                 engine.output_sent(conn, len(data))
                 data = conn.data_to_send()
-                sent = 0
         except StreamError as exc:
             self.send_failed(exc)
             self._scope.cancel()
@@ -300,10 +215,9 @@ class ClientHandler(StreamTask):
         nursery: trio.Nursery,
         listener: Listener | None = None,
         tls_identity: str | None = None,
-        flush: OutputFlush | None = None,
     ) -> None:
         conn = engine.new_connection(peer, listener, tls_identity)
-        super().__init__(engine, pauses, stream, conn, nursery, flush=flush)
+        super().__init__(engine, pauses, stream, conn, nursery)
 
     # what ended the connection goes in its disconnect line (Engine.connection_lost)
 
