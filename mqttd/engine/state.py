@@ -95,6 +95,8 @@ class BrokerState:
     receive_maximum: int = attrs.field(init=False)  # 5.0, announced in CONNACK
     read_pauses: int = 0
     stalled_disconnects: int = 0
+    # session_limits() by persistence, while no client_overrides make them per client id
+    _session_limits: dict[bool, dict[str, Any]] = attrs.field(init=False, factory=dict)
     shares: ShareGroups = attrs.field(init=False)  # $share/<group>/<filter> subscriptions
     work_queues: WorkQueues = attrs.field(init=False)  # what groups do with their jobs
     delayed: DelayedQueue = attrs.field(init=False)  # $delayed/<seconds>/<topic>
@@ -304,9 +306,13 @@ class BrokerState:
             )
 
     def session_limits(self, client_id: str, persistent: bool) -> dict[str, Any]:
-        """The queue and window limits of a new or restored session of ``client_id``."""
+        """The queue and window limits of a new or restored session of ``client_id``
+        (shared: not to be changed)."""
+        shared = not self.config.client_overrides
+        if shared and (cached := self._session_limits.get(persistent)) is not None:
+            return cached
         limits = self.config.limits_for(client_id, persistent)
-        return {
+        values = {
             "max_inflight": limits.max_inflight_messages,
             "queue_limits": QueueLimits(
                 limits.max_queued_messages, limits.max_queued_bytes, limits.overflow_policy,
@@ -315,6 +321,9 @@ class BrokerState:
             "qos0_buffer_bytes": self.config.limits.qos0_buffer_bytes,
             "counters": self.drops,
         }
+        if shared:
+            self._session_limits[persistent] = values
+        return values
 
     # -- timers ------------------------------------------------------------------------
 

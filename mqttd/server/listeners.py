@@ -12,6 +12,7 @@ reader and writer (:mod:`mqttd.server.stream_task`).
 
 from __future__ import annotations
 
+import _socket
 import functools
 import logging
 import math
@@ -256,33 +257,36 @@ class TCPServer:
                 for bound in self.listeners:
                     for listening in bound.sockets:
                         accepting.start_soon(
-                            accept_batches, listening, functools.partial(self._accepted, bound),
+                            accept_batches, listening,
+                            functools.partial(self._accepted, bound, int(listening.family)),
                             _capacity_error,
                         )
                 task_status.started(addresses)
             # listeners are closed; handlers run until shutdown() closes them
 
-    def _accepted(self, bound: BoundListener, sock: socket.socket, address: Any) -> None:
-        """A connection was accepted on ``bound``: refused over a limit, else served (plain
-        MQTT by the reactor, the others by a handler task)."""
+    def _accepted(self, bound: BoundListener, family: int, fd: int, address: Any) -> None:
+        """A connection (file descriptor ``fd``) was accepted on ``bound``: refused over a
+        limit, else served (plain MQTT by the reactor, the others by a handler task)."""
         max_connections = self.broker.config.limits.max_connections
         if 0 <= max_connections <= self.connections:
             self.refused += 1
             self._count_limit("connections")
             self._refusals.refused()
-            self._refuse(sock, bound, SERVER_BUSY)
+            self._refuse(socket.socket(family, socket.SOCK_STREAM, 0, fd), bound, SERVER_BUSY)
             return
         listener_max = bound.config.max_connections
         if 0 <= listener_max <= bound.connections:
             bound.refuse()
             self._count_limit("listener_connections")
-            self._refuse(sock, bound, SERVER_BUSY)
+            self._refuse(socket.socket(family, socket.SOCK_STREAM, 0, fd), bound, SERVER_BUSY)
             return
         now = trio.current_time()
         if self._rate.rate >= 0 and self._rate.over(now):
             self._count_limit("connection_rate")
             self._rate_refusals.refused()
-            self._refuse(sock, bound, CONNECTION_RATE_EXCEEDED)
+            self._refuse(
+                socket.socket(family, socket.SOCK_STREAM, 0, fd), bound, CONNECTION_RATE_EXCEEDED
+            )
             return
         self.connections += 1
         bound.connections += 1
@@ -294,12 +298,16 @@ class TCPServer:
             except (TypeError, ValueError):
                 peer = "?"
             reactor.add(
-                sock, peer, bound.config, functools.partial(self._client_done, bound),
+                # (the C socket type: all the reactor uses, and cheaper than socket.socket)
+                _socket.socket(family, socket.SOCK_STREAM, 0, fd),
+                peer, bound.config, functools.partial(self._client_done, bound),
                 now + self.broker.config.limits.connect_timeout_s,
             )
             return
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-        self._handlers_nursery.start_soon(self._handle, stream, bound)  # type: ignore[union-attr]
+        sock = trio.socket.from_stdlib_socket(socket.socket(family, socket.SOCK_STREAM, 0, fd))
+        self._handlers_nursery.start_soon(  # type: ignore[union-attr]
+            self._handle, trio.SocketStream(sock), bound
+        )
 
     def _client_done(self, bound: BoundListener) -> None:
         """A connection served by the reactor ended."""

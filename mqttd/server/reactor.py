@@ -30,6 +30,7 @@ TLS and WebSocket connections, and the bridges' links, keep their stream task
 
 from __future__ import annotations
 
+import _socket
 import heapq
 import logging
 import math
@@ -80,7 +81,7 @@ class Client:
     )
 
     def __init__(
-        self, sock: socket.socket, conn: Connection, done: Callable[[], None],
+        self, sock: _socket.socket, conn: Connection, done: Callable[[], None],
         connect_by: float,
     ) -> None:
         self.sock = sock
@@ -125,7 +126,7 @@ class Reactor:
     # -- the listeners' side --------------------------------------------------------------
 
     def add(
-        self, sock: socket.socket, peer: str, listener: Listener | None,
+        self, sock: _socket.socket, peer: str, listener: Listener | None,
         done: Callable[[], None], connect_deadline: float,
     ) -> None:
         """Serve the accepted ``sock`` (its CONNECT due by ``connect_deadline``)."""
