@@ -194,7 +194,7 @@ def _bind_session(
     saving the terms if it is persistent."""
     client_id = conn.client_id
     session.expiry_s = expiry_s
-    window = state.config.limits_for(client_id).max_inflight_messages
+    window = state.session_limits(client_id, False)["max_inflight"]
     session.max_inflight = min(window, (packet.properties or {}).get("receive_maximum", window))
     # pace before the queue budget drops anything (mqttd.engine.flow)
     high = state.config.limits.queue_high_watermark_messages
@@ -218,6 +218,8 @@ def protocol_name(conn: Connection) -> str:
 def _log_connected(
     conn: Connection, session: Session, session_present: bool, username: str | None
 ) -> None:
+    if not conn_log.isEnabledFor(logging.INFO):
+        return
     protocol = protocol_name(conn)
     kind = "persistent" if session.persistent else "clean"
     conn_log.info(
