@@ -635,6 +635,9 @@ def run_one(scenario: str, name: str, size: Size, binary: str | None = None) -> 
             result["window_s"] = window_s
             result["broker_cpu_s"] = broker_cpu
             result["broker_cpu_pct"] = 100 * broker_cpu / window_s if window_s > 0 else None
+            # the broker, not the generator, was the limit (None: too short a window to say)
+            result["broker_cpu_bound"] = (None if window_s < 0.5 or not result["broker_cpu_pct"]
+                                          else result["broker_cpu_pct"] >= CPU_BOUND_PCT)
             result["generator_cpu_pct"] = 100 * gen_cpu / elapsed if elapsed > 0 else None
             # busy CPU on the machine that was neither the broker nor the generator (other
             # programs, kernel threads): high values mean a disturbed measurement
