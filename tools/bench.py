@@ -817,7 +817,8 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     def per_cpu(name: str, mine: str, theirs: str, goal: float) -> None:
         a = _value(report, mine, "mqttd", "msgs_per_cpu_s")
         b = _value(report, theirs, "mosquitto", "msgs_per_cpu_s")
-        value = a / b if a is not None and b else None
+        # rounded: equal CPU tick counts are 1.0x, not 0.9999999x
+        value = round(a / b, 4) if a is not None and b else None
         detail = (f"mqttd {a:,.0f} ({mine}), mosquitto {b:,.0f} ({theirs}) msgs per broker "
                   "CPU-s" if value is not None else "")
         add(name, value, f">= {goal:g}x", value is not None and value >= goal, "x", detail)
@@ -1238,7 +1239,7 @@ def markdown(report: dict[str, Any]) -> str:
 def _target_value(t: dict[str, Any]) -> str:
     unit, value = t.get("unit", ""), t["value"]
     if unit == "x":
-        return f"{value:.2f}x"
+        return f"{value:.3f}x"
     if unit == "/s":
         return f"{value:,.0f}/s"
     if unit == "KiB":

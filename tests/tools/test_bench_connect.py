@@ -162,6 +162,7 @@ def test_targets_are_issue_18s_goals_from_the_median_rows():
     }
     got = {t["target"]: (t["value"], t["goal"], t["met"]) for t in bench.targets(report)}
     assert got["fan-in QoS 0, msgs per broker CPU-s vs mosquitto"] == (1.05, ">= 1x", True)
+    assert bench._target_value({"unit": "x", "value": 1.05}) == "1.050x"
     assert got["fan-in QoS 1, msgs per broker CPU-s vs mosquitto"] == (0.75, ">= 0.8x", False)
     durable = next(v for k, v in got.items() if k.startswith("durable QoS 1"))
     assert durable[1:] == (">= 0.5x", True)  # 21 / mosquitto's non-durable 40
@@ -195,3 +196,12 @@ def test_repeats_interleave_the_brokers_and_keep_every_run():
     started = [line for line in lines if line.startswith("> connections on")]
     assert started == [f"> connections on {name} (run {k}/2) ..."
                        for k in (1, 2) for name in brokers]
+
+
+def test_a_ratio_of_equal_cpu_ticks_meets_a_1x_goal():
+    """10,000 messages in 7 CPU ticks each: 1.0x, not 0.9999999x and "NO"."""
+    report = {"parameters": {"latency_rate": 1000.0}, "scenarios": {"fanin_qos0": {"results": {
+        "mqttd": _run(msgs_per_cpu_s=10_000 / (0.01 * 7)),
+        "mosquitto": _run(msgs_per_cpu_s=10_000 / 0.07)}}}}
+    goal = bench.targets(report)[0]
+    assert goal["value"] == 1.0 and goal["met"] is True
