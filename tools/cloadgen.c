@@ -622,7 +622,7 @@ static long nofile_limit;
 static void raise_nofile(void) {
     struct rlimit rl;
     getrlimit(RLIMIT_NOFILE, &rl);
-    if (opt.nofile > 0) {
+    if (opt.nofile > 0 && rl.rlim_cur != RLIM_INFINITY && (rlim_t)opt.nofile > rl.rlim_cur) {
         struct rlimit want = {(rlim_t)opt.nofile, (rlim_t)opt.nofile};
         if (want.rlim_max < rl.rlim_max) want.rlim_max = rl.rlim_max;
         if (setrlimit(RLIMIT_NOFILE, &want) == 0) {

@@ -110,7 +110,7 @@ def raise_fd_limit(want: int | None = None) -> int:
     limit needs CAP_SYS_RESOURCE), else up to the hard limit (10k clients need more than
     1024 fds); returns the soft limit now (-1: unlimited)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if want and (hard == resource.RLIM_INFINITY or want > soft):
+    if want and soft != resource.RLIM_INFINITY and want > soft:
         wanted_hard = hard if hard == resource.RLIM_INFINITY else max(hard, want)
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, wanted_hard))
