@@ -1493,12 +1493,16 @@ def _notes(report: dict[str, Any]) -> list[str]:
             notes.append(f"- {scenario}: mosquitto was CPU-bound ({usage}): the generator "
                          "was not the limit.")
         elif scenario == "connections":
+            count = theirs.get("connected") or 0
+            per_conn = (f"; per connection: mosquitto {1e6 * broker / count:.1f} us, the "
+                        f"generator {1e6 * gen / count:.1f} us of CPU" if count else "")
             notes.append(
                 f"- {scenario}: mosquitto was NOT CPU-bound ({usage}, "
                 f"{theirs.get('generator_procs', '?')} generator process(es), "
                 f"{theirs.get('pending', loadgen.MAX_PENDING_CONNECTS)} handshakes in "
-                "flight): the generator, or the handshakes' round trips on the shared "
-                "cores, were the limit, not mosquitto."
+                f"flight{per_conn}): the generator, or the handshakes' round trips on the "
+                "shared cores, were the limit, not mosquitto (on loopback the connecting "
+                "side's system calls run most of both ends' TCP handshake)."
             )
         elif "qos1" in scenario:
             notes.append(
