@@ -140,6 +140,13 @@ def test_median_row_never_hides_a_failed_or_lossy_run():
     assert lost["value"] == 5 and lost["met"] is False
 
 
+def test_median_row_of_a_peer_losing_at_its_defaults_names_no_other_run():
+    runs = [_run(f"ok (lost {n})", msgs_per_cpu_s=float(n), lost=n) for n in (5, 7, 6)]
+    row = bench.median_row("fanin_qos1", runs)
+    assert row["status"] == "ok (lost 6)"
+    assert row["lost_any_run"] == 7
+
+
 def test_targets_are_issue_18s_goals_from_the_median_rows():
     def rows(mine, theirs):
         return {"description": "", "ratios": {}, "results": {"mqttd": mine, "mosquitto": theirs}}
