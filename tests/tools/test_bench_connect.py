@@ -213,3 +213,15 @@ def test_a_ratio_of_equal_cpu_ticks_meets_a_1x_goal():
         "mosquitto": _run(msgs_per_cpu_s=10_000 / 0.06)}}}}
     goal = bench.targets(report)[0]
     assert goal["value"] == 1.0 and goal["met"] is True
+
+
+def test_connections_max_status_says_when_the_fd_limit_stopped_it():
+    status = bench._connections_max_status
+    assert status({"connected": 100, "expected": 100, "broker_nofile_limit": 20_000}) == "ok"
+    assert status({"connected": 19_988, "expected": 100_000, "broker_nofile_limit": 20_000}) == (
+        "limited: held 19,988 of 100,000 (broker fd limit 20,000)")
+    # far below its limit: something else stopped it
+    assert status({"connected": 5_000, "expected": 100_000,
+                   "broker_nofile_limit": 20_000}).startswith("incomplete")
+    assert status({"connected": 5_000, "expected": 100_000, "broker_nofile_limit": 20_000,
+                   "timed_out": True}) == "incomplete (timed out)"
