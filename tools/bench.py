@@ -825,20 +825,30 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"target": name, "value": value, "goal": goal, "unit": unit,
                     "met": None if value is None else met, "detail": detail})
 
-    def per_cpu(name: str, mine: str, theirs: str, goal: float) -> None:
+    def per_cpu(name: str, mine: str, theirs: str, goal: float, goal_text: str) -> None:
         a = _value(report, mine, "mqttd", "msgs_per_cpu_s")
         b = _value(report, theirs, "mosquitto", "msgs_per_cpu_s")
         # rounded: equal CPU tick counts are 1.0x, not 0.9999999x
         value = round(a / b, 4) if a is not None and b else None
-        detail = (f"mqttd {a:,.0f} ({mine}), mosquitto {b:,.0f} ({theirs}) msgs per broker "
-                  "CPU-s" if value is not None else "")
-        add(name, value, f">= {goal:g}x", value is not None and value >= goal, "x", detail)
+        detail = ""
+        if value is not None:
+            detail = (f"mqttd {a:,.0f} ({mine}), mosquitto {b:,.0f} ({theirs}) msgs per "
+                      "broker CPU-s")
+            speed = _ratio(_value(report, mine, "mqttd", "msgs_per_s"),
+                           _value(report, theirs, "mosquitto", "msgs_per_s"))
+            if speed is not None:
+                detail += f"; msgs/s {speed:.2f}x"
+        add(name, value, goal_text, value is not None and value >= goal, "x", detail)
 
-    per_cpu("fan-in QoS 0, msgs per broker CPU-s vs mosquitto", "fanin_qos0", "fanin_qos0", 1.0)
-    per_cpu("fan-in QoS 1, msgs per broker CPU-s vs mosquitto", "fanin_qos1", "fanin_qos1", 0.8)
+    per_cpu("fan-in QoS 0, msgs per broker CPU-s vs mosquitto", "fanin_qos0", "fanin_qos0", 1.0,
+            ">= 1.0x")
+    per_cpu("fan-in QoS 1, msgs per broker CPU-s vs mosquitto", "fanin_qos1", "fanin_qos1", 0.8,
+            ">= 0.8x")
     per_cpu("durable QoS 1 (persistent subscriber, commit before PUBACK), msgs per broker "
-            "CPU-s vs mosquitto's non-durable QoS 1", "durable_qos1", "fanin_qos1", 0.5)
-    per_cpu("fan-out, deliveries per broker CPU-s vs mosquitto", "fanout", "fanout", 4.0)
+            "CPU-s vs mosquitto's non-durable QoS 1", "durable_qos1", "fanin_qos1", 0.5,
+            ">= 0.5x")
+    per_cpu("fan-out, deliveries per broker CPU-s vs mosquitto", "fanout", "fanout", 4.0,
+            ">= 4x")
     conns = _row(report, "connections", "mqttd")
     count = f"{conns['connected']:,}" if conns and conns.get("connected") else "10,000"
     rate = _value(report, "connections", "mqttd", "connects_per_s")
