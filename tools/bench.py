@@ -2,15 +2,17 @@
 
     python -m tools.bench [--size full|quick|tiny] [--brokers mqttd,mosquitto,amqtt]
                             [--scenarios fanin_qos0,...] [--generator c|python]
-                            [--output bench/results.json]
+                            [--repeats N] [--output bench/results.json]
 
 Each (scenario, broker) pair gets a fresh broker process at its default configuration
 (its own temporary directory, config file and free port), a load generator (the C one of
 ``tools/cloadgen.c``, built by ``tools/cgen.py``, for the message scenarios when a C
-compiler exists; else, and for the connection and device scenarios, ``tools/loadgen.py``
-in several worker processes), and a SIGTERM (then SIGKILL) at the end; brokers run one at
-a time so they never compete for the cores. Prints Markdown tables and writes the results
-as JSON. See ``bench/README.md`` for the columns and what each broker promises.
+compiler exists, for the message and connection scenarios; else, and for the device
+scenarios, ``tools/loadgen.py`` in several worker processes), and a SIGTERM (then SIGKILL)
+at the end; brokers run one at a time so they never compete for the cores. The scenarios
+of issue 18's goals run ``--repeats`` times (3 at the full size), the brokers interleaved,
+and each row is the median run. Prints Markdown tables and writes the results as JSON
+(every run kept). See ``bench/README.md`` for the columns and what each broker promises.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import getpass
 import importlib.metadata
 import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -38,9 +42,30 @@ from typing import Any
 from tools import cgen, loadgen, wqgen
 
 SCENARIOS = (
-    "fanin_qos0", "fanin_qos1", "durable_qos1", "fanout", "latency", "connections", "constrained",
-    "shared_qos1", "workqueue", "cluster_qos1", "cluster_latency",
+    "fanin_qos0", "fanin_qos1", "durable_qos1", "fanout", "latency", "connections",
+    "connections_max", "constrained", "shared_qos1", "workqueue", "cluster_qos1",
+    "cluster_latency",
 )
+# the scenarios of issue 18's goals: run ``repeats`` times per broker (interleaved: mqttd,
+# mosquitto, amqtt, then again), each row the median run by MEDIAN_KEYS; the others once
+REPEATED_SCENARIOS = (
+    "fanin_qos0", "fanin_qos1", "durable_qos1", "fanout", "latency", "connections",
+    "connections_max",
+)
+THROUGHPUT_SCENARIOS = ("fanin_qos0", "fanin_qos1", "durable_qos1", "fanout")
+CONNECTION_SCENARIOS = ("connections", "connections_max")
+# (key, higher is better) the median run is chosen by; connections: RSS per connection is
+# the median over the runs as well (``MEDIAN_ALSO``)
+MEDIAN_KEYS = {
+    **dict.fromkeys(THROUGHPUT_SCENARIOS, ("msgs_per_cpu_s", True)),
+    "latency": ("p99_ms", False),
+    "connections": ("connects_per_s", True),
+    "connections_max": ("connected", True),
+}
+MEDIAN_ALSO = {"connections": ("rss_per_conn_kib",), "connections_max": ("rss_per_conn_kib",)}
+# connections_max: the broker's RLIMIT_NOFILE asked for is the target plus this (its own
+# files, listeners, database)
+NOFILE_HEADROOM = 1024
 # 2 mqttd nodes + 3 nats-server against 1 mqttd, the same load (tools/benchcluster.py):
 # mqttd only, two rows each ("mqttd": one node, "mqttd-cluster"), a table of their own
 CLUSTER_SCENARIOS = ("cluster_qos1", "cluster_latency")
@@ -58,6 +83,10 @@ GENERATORS = ("c", "python")
 MOSQUITTO_DEFAULT_INFLIGHT = 20  # mosquitto 2.0's max_inflight_messages (global)
 MOSQUITTO_DEFAULT_QUEUED = 1000  # and max_queued_messages: it drops beyond that
 CPU_BOUND_PCT = 95.0  # a peer at this % of a core or more is the limit, not the generator
+# a window shorter than this cannot say whether the broker was CPU-bound: its CPU time comes
+# in 10 ms ticks, sampled every 10 ms (about +-7% of a core at 0.3 s; 10,000 connections
+# to mosquitto take 0.3-0.6 s)
+CPU_BOUND_MIN_S = 0.3
 START_TIMEOUT_S = 30.0
 # constrained scenario: the devices of devices/constrained.py; mqttd gives them a window of
 # DEVICE_WINDOW through client_overrides, the other brokers have no per-client window
@@ -92,14 +121,19 @@ class Size:
     telemetry_messages: int = 100_000
     # cluster_qos1: publishers x cluster_messages (fanin_qos1's load at the full size)
     cluster_messages: int = 50_000
+    # connections_max: idle connections tried (issue 18: 100,000 held), as many held as
+    # the broker's fd limit allows
+    max_connections: int = 100_000
+    repeats: int = 1  # runs of each REPEATED_SCENARIOS row per broker (the median is shown)
 
 
 SIZES = {
-    "full": Size(10, 50_000, 32, 1000, 1000, 1000.0, 10.0, 10_000, 120.0, 5),
+    "full": Size(10, 50_000, 32, 1000, 1000, 1000.0, 10.0, 10_000, 120.0, 5, repeats=3),
     "quick": Size(2, 5000, 32, 100, 100, 1000.0, 2.0, 500, 10.0, 1, 2, 2, 2,
                   telemetry_messages=20_000, cluster_messages=2000),
     "tiny": Size(2, 200, 16, 10, 20, 1000.0, 0.3, 50, 10.0, 1, 1, 1, 1,
-                 devices=5, device_commands=10, telemetry_messages=200, cluster_messages=100),
+                 devices=5, device_commands=10, telemetry_messages=200, cluster_messages=100,
+                 max_connections=100),
 }
 
 DESCRIPTIONS = {
@@ -115,6 +149,9 @@ DESCRIPTIONS = {
                "1 subscriber, end to end",
     "connections": "connections: {connections} idle clients (keepalive 0), connect rate and "
                    "broker RSS per connection",
+    "connections_max": "most idle connections: {max_connections} idle clients (keepalive 0) "
+                       "tried, as many held as the broker's fd limit (RLIMIT_NOFILE, raised as "
+                       "far as allowed) lets it; broker RSS per held connection",
     "constrained": "constrained devices: {devices} devices (`devices/constrained-N`, acks one "
                    f"at a time {DEVICE_ACK_DELAY_S * 1000:g} ms after each PUBLISH, SO_RCVBUF "
                    f"{DEVICE_RCVBUF}, window {DEVICE_WINDOW} where the broker can set one per "
@@ -176,6 +213,27 @@ def status_kib(pid: int, key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def nofile_limit(pid: int) -> int | None:
+    """A process's soft RLIMIT_NOFILE (``Max open files`` in /proc/PID/limits; -1:
+    unlimited)."""
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    soft = line.split()[3]
+                    return -1 if soft == "unlimited" else int(soft)
+    except OSError:
+        return None
+    return None
+
+
+def open_fds(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
 
 
 def listening_port(pid: int) -> int | None:
@@ -244,8 +302,9 @@ class Broker:
     """One broker process in its own directory; ``with`` starts and always stops it."""
 
     def __init__(self, name: str, workdir: str, durable: bool, devices: bool = False,
-                 work_queue: bool = False) -> None:
+                 work_queue: bool = False, nofile: int | None = None) -> None:
         self.name = name
+        self.nofile = nofile  # RLIMIT_NOFILE to ask for (else: up to the hard limit)
         self.workdir = workdir
         self.durable = durable
         self.devices = devices  # mqttd: a client_overrides window for the constrained devices
@@ -322,7 +381,8 @@ class Broker:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.workdir, preexec_fn=loadgen.prepare_child, env=env,
+                cwd=self.workdir, preexec_fn=functools.partial(loadgen.prepare_child, self.nofile),
+                env=env,
             )
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -501,11 +561,27 @@ def run_scenario(
             port, probe, rate=size.latency_rate, duration_s=size.latency_s,
             timeout_s=max(size.timeout_s, size.latency_s + 10.0),
         )
-    if scenario == "connections":
-        return loadgen.connections(
-            port, probe, clients=size.connections, timeout_s=size.timeout_s,
-            procs=size.connection_procs, measure=lambda: status_kib(broker.pid, "VmRSS"),
-        )
+    if scenario in CONNECTION_SCENARIOS:
+        held: dict[str, int | None] = {}
+
+        def measure() -> int:  # the broker's RSS, and its open fds while they are held
+            held["broker_fds"] = open_fds(broker.pid)
+            return status_kib(broker.pid, "VmRSS")
+
+        clients = size.connections if scenario == "connections" else size.max_connections
+        if binary:
+            result = cgen.connections(
+                binary, port, probe, clients=clients, timeout_s=size.timeout_s,
+                measure=measure, nofile=broker.nofile,
+            )
+        elif scenario == "connections":
+            result = loadgen.connections(
+                port, probe, clients=clients, timeout_s=size.timeout_s,
+                procs=size.connection_procs, measure=measure,
+            )
+        else:
+            raise ValueError("connections_max needs the C generator")
+        return {**result, **held}
     if scenario in WORK_QUEUE_SCENARIOS:
         return wqgen.work_queue(
             port, probe, publishers=size.publishers, messages=max(1, size.messages // divisor),
@@ -528,19 +604,32 @@ def run_scenario(
 
 def run_one(scenario: str, name: str, size: Size, binary: str | None = None) -> dict[str, Any]:
     """One scenario against one fresh broker; never raises (errors become the result)."""
-    divisor = 1 if scenario in ("latency", "connections") else _scaled(size, name)
+    divisor = 1 if scenario in ("latency", *CONNECTION_SCENARIOS) else _scaled(size, name)
     result: dict[str, Any] = {"status": "ok", "scale": 1 / divisor}
     if scenario in WORK_QUEUE_SCENARIOS and name != "mqttd":
         return {**result, "status": "skipped", "wall_s": 0.0,
                 "error": f"{scenario}: mqttd only (it compares mqttd's work queues with its "
                          "plain shared subscriptions)"}
+    if scenario == "connections_max" and name == "amqtt":
+        return {**result, "status": "skipped", "wall_s": 0.0, "expected": size.max_connections,
+                "skip_reason": "too slow here (~600 connects/s, ~50 KiB each)",
+                "error": "connections_max: amqtt skipped, too slow and too big for it here "
+                         "(about 600 connects/s and 50 KiB per idle connection in the "
+                         "connections row: ~20,000 would take ~35 s and ~1 GiB)"}
+    if scenario == "connections_max" and not binary:
+        return {**result, "status": "skipped", "wall_s": 0.0, "expected": size.max_connections,
+                "skip_reason": "needs the C generator",
+                "error": "connections_max: needs the C generator (several processes, source "
+                         "addresses, a broker at its fd limit)"}
     t0 = time.monotonic()
     workdir = tempfile.mkdtemp(prefix=f"bench-{name}-")
+    nofile = size.max_connections + NOFILE_HEADROOM if scenario == "connections_max" else None
     try:
         with Broker(name, workdir, durable=scenario == "durable_qos1",
                     devices=scenario == "constrained",
-                    work_queue=scenario in WORK_QUEUE_SCENARIOS) as broker:
+                    work_queue=scenario in WORK_QUEUE_SCENARIOS, nofile=nofile) as broker:
             probe = BrokerProbe(broker.pid)
+            result["broker_nofile_limit"] = nofile_limit(broker.pid)
             raw = run_scenario(scenario, broker, probe, size, divisor, binary)
             result.update(raw)
             result.setdefault("generator", "python")
@@ -552,6 +641,10 @@ def run_one(scenario: str, name: str, size: Size, binary: str | None = None) -> 
             result["window_s"] = window_s
             result["broker_cpu_s"] = broker_cpu
             result["broker_cpu_pct"] = 100 * broker_cpu / window_s if window_s > 0 else None
+            # the broker, not the generator, was the limit (None: too short a window to say)
+            result["broker_cpu_bound"] = (None if window_s < CPU_BOUND_MIN_S
+                                          or not result["broker_cpu_pct"]
+                                          else result["broker_cpu_pct"] >= CPU_BOUND_PCT)
             result["generator_cpu_pct"] = 100 * gen_cpu / elapsed if elapsed > 0 else None
             # busy CPU on the machine that was neither the broker nor the generator (other
             # programs, kernel threads): high values mean a disturbed measurement
@@ -561,7 +654,8 @@ def run_one(scenario: str, name: str, size: Size, binary: str | None = None) -> 
             result["msgs_per_cpu_s"] = count / broker_cpu if broker_cpu > 0 else None
             if scenario in WORK_QUEUE_SCENARIOS and count:
                 result["broker_cpu_us_per_job"] = 1e6 * broker_cpu / count
-            result["status"] = _status(name, raw)
+            result["status"] = (_connections_max_status(result) if scenario == "connections_max"
+                                else _status(name, raw))
     except Exception as exc:  # a broker that breaks is a result, not the end of the run
         result["status"] = "error"
         result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
@@ -585,6 +679,18 @@ def _status(name: str, raw: dict[str, Any]) -> str:
     if lost:
         return f"incomplete (LOST {lost:,})" if name == "mqttd" else f"ok (lost {lost:,})"
     return "ok"
+
+
+def _connections_max_status(result: dict[str, Any]) -> str:
+    """``ok`` if every connection was held; ``limited`` if the broker's fd limit is what
+    stopped it (the row says how many it held); else as ``_status``."""
+    connected, expected = result.get("connected") or 0, result.get("expected") or 0
+    limit = result.get("broker_nofile_limit")
+    if connected >= expected:
+        return "ok"
+    if limit is not None and 0 <= limit < expected + 2 and connected >= 0.95 * (limit - 64):
+        return f"limited: held {connected:,} of {expected:,} (broker fd limit {limit:,})"
+    return "incomplete" + (" (timed out)" if result.get("timed_out") else "")
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -615,6 +721,90 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | No
     return out
 
 
+def metric(result: dict[str, Any], key: str) -> float | None:
+    """A row's value for ``key``; ``p99_ms``: its latency p99."""
+    if key == "p99_ms":
+        return (result.get("latency_ms") or {}).get("p99")
+    value = result.get(key)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _median_index(values: list[float], higher_is_better: bool) -> int:
+    """The index of the median of ``values``: an actual run, of an even count the worse
+    of the two middle ones (the same rule for every broker)."""
+    order = sorted(range(len(values)), key=lambda i: values[i], reverse=not higher_is_better)
+    return order[(len(order) - 1) // 2]
+
+
+def median_row(scenario: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One broker's row from its runs of ``scenario``: the run with the median of
+    ``MEDIAN_KEYS[scenario]`` (a run that failed or measured nothing does not count), with
+    ``repeats``, ``median_of``, ``median_run`` (0-based) and ``run_values`` (that key and
+    the ``MEDIAN_ALSO`` ones in every run); a ``MEDIAN_ALSO`` key (RSS per connection) is
+    replaced by its median over the runs. The status says if another run was not ok (an
+    mqttd run that lost messages is never hidden by the median)."""
+    if len(runs) == 1:
+        return runs[0]
+    key, higher = MEDIAN_KEYS.get(scenario, ("msgs_per_s", True))
+    if key == "msgs_per_cpu_s" and any(metric(r, key) is None for r in runs):
+        key = "msgs_per_s"  # a window too short for the CPU ticks: by throughput
+    counted = [i for i, r in enumerate(runs)
+               if r["status"] not in ("error", "skipped") and metric(r, key) is not None]
+    if not counted:
+        chosen = 0
+    else:
+        chosen = counted[_median_index([metric(runs[i], key) or 0.0 for i in counted], higher)]
+    row = dict(runs[chosen])
+    row.update(repeats=len(runs), median_of=key, median_run=chosen)
+    row["run_values"] = {k: [metric(r, k) for r in runs]
+                         for k in (key, *MEDIAN_ALSO.get(scenario, ()))}
+    for also in MEDIAN_ALSO.get(scenario, ()):
+        values = [v for v in (metric(runs[i], also) for i in counted) if v is not None]
+        if values:
+            row[also] = sorted(values)[(len(values) - 1) // 2]
+    def same_kind(a: str, b: str) -> bool:  # a peer's losses at its defaults vary by run
+        return a == b or (a.startswith("ok (lost ") and b.startswith("ok (lost "))
+
+    others = [f"run {i + 1}: {r['status']}" for i, r in enumerate(runs)
+              if i != chosen and r["status"] != "ok" and not same_kind(r["status"],
+                                                                        row["status"])]
+    if others:
+        row["status"] = f"{row['status']}; " + "; ".join(others)
+    row["lost_any_run"] = max((r.get("lost") or 0) + ((r.get("telemetry") or {}).get("lost")
+                                                      or 0) for r in runs)
+    return row
+
+
+def nofile_info(wanted: int, got: int) -> dict[str, Any]:
+    """What RLIMIT_NOFILE this benchmark could get for connections_max, and why not more."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    info: dict[str, Any] = {
+        "wanted": wanted, "soft": got,
+        "hard": -1 if hard == resource.RLIM_INFINITY else int(hard), "why": None,
+    }
+    if 0 <= got < wanted:
+        cap = _has_cap_sys_resource()
+        info["why"] = (
+            f"RLIMIT_NOFILE could not be raised above its hard limit ({info['hard']:,}): "
+            "that needs "
+            "CAP_SYS_RESOURCE" + (", which this process does not have (a container without "
+                                  "it: run with --ulimit nofile=... or as a host root)"
+                                  if cap is False else "")
+        )
+    return info
+
+
+def _has_cap_sys_resource() -> bool | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 24 & 1)  # CAP_SYS_RESOURCE = 24
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def _value(report: dict[str, Any], scenario: str, broker: str, key: str) -> float | None:
     result = report["scenarios"].get(scenario, {}).get("results", {}).get(broker)
     if not result or result["status"] == "error":
@@ -626,37 +816,83 @@ def _value(report: dict[str, Any], scenario: str, broker: str, key: str) -> floa
 
 
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 5's targets, each with mqttd's value, the goal, and whether it is met (None:
-    not measured in this run)."""
-    out = []
+    """Issue 18's goals, each with mqttd's value (from the median rows: the ratios are of
+    medians), the goal, whether it is met (None: not measured in this run) and a detail."""
+    out: list[dict[str, Any]] = []
 
-    def ratio(name: str, mine: tuple[str, str], theirs: tuple[str, str], goal: float) -> None:
-        a = _value(report, mine[0], "mqttd", mine[1])
-        b = _value(report, theirs[0], theirs[1].split(":")[0], theirs[1].split(":")[1])
-        value = a / b if a is not None and b else None
-        out.append({"target": name, "value": value, "goal": f">= {goal:g}x",
-                    "met": None if value is None else value >= goal})
+    def add(name: str, value: float | None, goal: str, met: bool | None, unit: str,
+            detail: str = "") -> None:
+        out.append({"target": name, "value": value, "goal": goal, "unit": unit,
+                    "met": None if value is None else met, "detail": detail})
 
-    def limit(name: str, scenario: str, key: str, goal: float, unit: str) -> None:
-        value = _value(report, scenario, "mqttd", key)
-        out.append({"target": name, "value": value, "goal": f"<= {goal:g} {unit}",
-                    "met": None if value is None else value <= goal})
+    def per_cpu(name: str, mine: str, theirs: str, goal: float, goal_text: str) -> None:
+        a = _value(report, mine, "mqttd", "msgs_per_cpu_s")
+        b = _value(report, theirs, "mosquitto", "msgs_per_cpu_s")
+        # rounded: equal CPU tick counts are 1.0x, not 0.9999999x
+        value = round(a / b, 4) if a is not None and b else None
+        detail = ""
+        if value is not None:
+            detail = (f"mqttd {a:,.0f} ({mine}), mosquitto {b:,.0f} ({theirs}) msgs per "
+                      "broker CPU-s")
+            speed = _ratio(_value(report, mine, "mqttd", "msgs_per_s"),
+                           _value(report, theirs, "mosquitto", "msgs_per_s"))
+            if speed is not None:
+                detail += f"; msgs/s {speed:.2f}x"
+        add(name, value, goal_text, value is not None and value >= goal, "x", detail)
 
-    ratio("fan-in QoS 0 msgs/s vs mosquitto", ("fanin_qos0", "msgs_per_s"),
-          ("fanin_qos0", "mosquitto:msgs_per_s"), 0.5)
-    ratio("fan-in QoS 0 msgs per broker-CPU-s vs mosquitto (issue 14)",
-          ("fanin_qos0", "msgs_per_cpu_s"), ("fanin_qos0", "mosquitto:msgs_per_cpu_s"), 0.6)
-    ratio("fan-in QoS 0 msgs/s vs amqtt", ("fanin_qos0", "msgs_per_s"),
-          ("fanin_qos0", "amqtt:msgs_per_s"), 10)
-    ratio("fan-in QoS 1 msgs/s vs mosquitto", ("fanin_qos1", "msgs_per_s"),
-          ("fanin_qos1", "mosquitto:msgs_per_s"), 0.5)
-    ratio("durable QoS 1 msgs/s vs mosquitto's non-durable QoS 1", ("durable_qos1", "msgs_per_s"),
-          ("fanin_qos1", "mosquitto:msgs_per_s"), 0.3)
-    ratio("fan-out deliveries/s vs mosquitto", ("fanout", "msgs_per_s"),
-          ("fanout", "mosquitto:msgs_per_s"), 0.5)
-    limit("latency p99 at 1k msg/s", "latency", "p99", 1.0, "ms")
-    limit("idle connection RSS", "connections", "rss_per_conn_kib", 10.0, "KiB")
+    per_cpu("fan-in QoS 0, msgs per broker CPU-s vs mosquitto", "fanin_qos0", "fanin_qos0", 1.0,
+            ">= 1.0x")
+    per_cpu("fan-in QoS 1, msgs per broker CPU-s vs mosquitto", "fanin_qos1", "fanin_qos1", 0.8,
+            ">= 0.8x")
+    per_cpu("durable QoS 1 (persistent subscriber, commit before PUBACK), msgs per broker "
+            "CPU-s vs mosquitto's non-durable QoS 1", "durable_qos1", "fanin_qos1", 0.5,
+            ">= 0.5x")
+    per_cpu("fan-out, deliveries per broker CPU-s vs mosquitto", "fanout", "fanout", 4.0,
+            ">= 4x")
+    conns = _row(report, "connections", "mqttd")
+    count = f"{conns['connected']:,}" if conns and conns.get("connected") else "10,000"
+    rate = _value(report, "connections", "mqttd", "connects_per_s")
+    add(f"connect rate at {count} connections", rate, ">= 15,000/s",
+        rate is not None and rate >= 15_000, "/s")
+    rss = _value(report, "connections", "mqttd", "rss_per_conn_kib")
+    add(f"RSS per idle connection at {count} connections", rss, "<= 4 KB",
+        rss is not None and rss <= 4.0, "KiB", "VmRSS after - before, / connections")
+    p99 = _value(report, "latency", "mqttd", "p99")
+    rate_text = f"{report['parameters']['latency_rate']:,.0f}"
+    add(f"latency p99 at {rate_text} msg/s", None if p99 is None else p99 * 1000,
+        "<= 100 us", p99 is not None and p99 * 1000 <= 100, "us")
+    most = _row(report, "connections_max", "mqttd")
+    if most and most.get("status") != "skipped":
+        held, target = most.get("connected"), most.get("expected") or 0
+        why = (report.get("nofile") or {}).get("why")
+        detail = (f"held {held or 0:,} of {target:,} tried; broker RSS "
+                  f"{_num(_mib(most.get('rss_after_kib')), 1)} MiB, "
+                  f"{_num(most.get('rss_per_conn_kib'), 2)} KiB per connection; broker fd "
+                  f"limit {_num(most.get('broker_nofile_limit'))}")
+        if held is not None and held < target:
+            detail += (f": {target:,} not reachable on this machine"
+                       + (f" ({why})" if why else ""))
+        add(f"idle connections held (of {target:,} tried)", held, f">= {target:,}",
+            held is not None and held >= target, "", detail)
+    lost = 0
+    measured = False
+    for entry in report["scenarios"].values():
+        rows = (entry.get("runs") or {}).get("mqttd") or (
+            [entry["results"]["mqttd"]] if "mqttd" in entry["results"] else [])
+        for r in rows:
+            if r.get("status") in ("error", "skipped") or "lost" not in r:
+                continue
+            measured = True
+            lost += (r.get("lost") or 0) + ((r.get("telemetry") or {}).get("lost") or 0)
+    add("messages lost by mqttd (every row, every run)", lost if measured else None, "= 0",
+        lost == 0, "")
     return out
+
+
+def _row(report: dict[str, Any], scenario: str, broker: str) -> dict[str, Any] | None:
+    result: dict[str, Any] | None = (
+        report["scenarios"].get(scenario, {}).get("results", {}).get(broker))
+    return result
 
 
 def machine() -> dict[str, Any]:
@@ -724,17 +960,22 @@ def run_benchmark(
     scenarios: tuple[str, ...] = SCENARIOS, output: str | None = DEFAULT_OUTPUT,
     echo: Callable[[str], None] | None = print,
     progress: Callable[[str], None] | None = None, amqtt_divisor: int | None = None,
-    generator: str | None = None, cluster_persistent: bool = False,
+    generator: str | None = None, cluster_persistent: bool = False, repeats: int | None = None,
 ) -> dict[str, Any]:
     """Run ``scenarios`` x ``brokers``; returns the results (and writes them to ``output``
     as JSON, the tables through ``echo`` and progress lines through ``progress``, unless
     None). ``generator``: ``c`` (built now with the machine's compiler), ``python``, or
     None: ``c`` if a C compiler is found, else ``python``. ``cluster_persistent``: the
-    subscriber of cluster_qos1 (both rows) has a persistent session (clean session 0)."""
+    subscriber of cluster_qos1 (both rows) has a persistent session (clean session 0).
+    ``repeats``: runs per broker of each REPEATED_SCENARIOS row (default: the size's)."""
     size = SIZES[size_name]
     if amqtt_divisor:
         size = dataclasses.replace(size, amqtt_divisor=max(1, amqtt_divisor))
-    loadgen.raise_fd_limit()
+    if repeats:
+        size = dataclasses.replace(size, repeats=max(1, repeats))
+    # as far as allowed: what the generator processes (children) and connections_max's
+    # broker can then get
+    nofile = loadgen.raise_fd_limit(size.max_connections + NOFILE_HEADROOM)
     say = progress or (lambda _line: None)
     show = echo or (lambda _line: None)
     started = time.monotonic()
@@ -743,6 +984,8 @@ def run_benchmark(
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(), "brokers": {}, "scenarios": {},
         "loadavg_start": list(os.getloadavg()),  # other programs on the machine, if any
+        "repeats": size.repeats, "repeated_scenarios": list(REPEATED_SCENARIOS),
+        "nofile": nofile_info(size.max_connections + NOFILE_HEADROOM, nofile),
     }
     report["generator"] = gen_info = choose_generator(generator, say)
     binary = gen_info.get("binary")
@@ -796,11 +1039,19 @@ def run_benchmark(
                 entry["results"].get("mqttd"), entry["results"].get(CLUSTER_ROW),
             )
             continue
+        repeats = size.repeats if scenario in REPEATED_SCENARIOS else 1
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in runnable}
+        for run in range(repeats):  # interleaved: the brokers share the machine's noise
+            for name in runnable:
+                of = f" (run {run + 1}/{repeats})" if repeats > 1 else ""
+                say(f"> {scenario} on {name}{of} ...")
+                runs[name].append(result := run_one(scenario, name, size, binary))
+                say(f">   {result['status']} in {result['wall_s']:.1f} s"
+                    + (f": {result['error'].splitlines()[-1]}" if "error" in result else ""))
         for name in runnable:
-            say(f"> {scenario} on {name} ...")
-            entry["results"][name] = result = run_one(scenario, name, size, binary)
-            say(f">   {result['status']} in {result['wall_s']:.1f} s"
-                + (f": {result['error'].splitlines()[-1]}" if "error" in result else ""))
+            entry["results"][name] = median_row(scenario, runs[name])
+        if repeats > 1:
+            entry["runs"] = runs
         # constrained: its rows are about the devices, not a throughput to compare
         entry["ratios"] = {} if scenario == "constrained" else ratios(entry["results"])
         report["scenarios"][scenario] = entry
@@ -854,13 +1105,26 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("Load average (1, 5, 15 min) at the start: "
                      + ", ".join(f"{v:.2f}" for v in report["loadavg_start"]) + "; at the end: "
                      + ", ".join(f"{v:.2f}" for v in report["loadavg_end"]) + ".")
+    if report.get("repeats", 1) > 1:
+        lines.append(
+            f"Medians of {report['repeats']}: each of "
+            + ", ".join(f"`{s}`" for s in report.get("repeated_scenarios", ()))
+            + f" ran {report['repeats']} times per broker, the brokers interleaved; a row is "
+            "the run with the median msgs/broker-CPU-s (latency: p99; connections: "
+            "connects/s, with RSS/conn the median over the runs), and **runs** lists that "
+            "value in every run. The ratios and targets are of the medians; the JSON keeps "
+            "every run. The other scenarios ran once.")
     main_rows = []
     conn_rows = []
+    max_rows = []
     device_rows = []
     for scenario, entry in report["scenarios"].items():
         for name, r in entry["results"].items():
             if scenario == "connections":
                 conn_rows.append((name, r))
+                continue
+            if scenario == "connections_max":
+                max_rows.append((name, r))
                 continue
             if scenario == "constrained":
                 device_rows.append((name, r))
@@ -878,34 +1142,59 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {_num(lat.get('p50'), 2)} | {_num(lat.get('p99'), 2)} "
                 f"| {_num(lat.get('max'), 2) if scenario == 'latency' else '-'} "
                 f"| {_num(_mib(r.get('peak_rss_kib')), 1)} "
-                f"| {_num(r.get('duplicated'))} | {_num(r.get('wall_s'), 1)} | {r['status']} |"
+                f"| {_num(r.get('duplicated'))} | {_runs_text(r)} "
+                f"| {_num(r.get('wall_s'), 1)} | {r['status']} |"
             )
     if main_rows:
         lines += [
             "",
             "| scenario | broker | scale | delivered | lost | msgs/s | msgs/broker-CPU-s "
             "| broker CPU s | broker CPU % | gen CPU s | gen CPU % | p50 ms | p99 ms | max ms "
-            "| peak RSS MiB | dup | wall s | status |",
-            "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+            "| peak RSS MiB | dup | runs | wall s | status |",
+            "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|---|",
             *main_rows,
         ]
     if conn_rows:
         lines += [
             "",
             "| connections | broker | connected | connects/s | connects/broker-CPU-s "
-            "| broker CPU s | gen CPU s | RSS before MiB | RSS after MiB | RSS/conn KiB "
-            "| failed | wall s | status |",
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+            "| broker CPU s | broker CPU % | gen CPU s | gen CPU % | gen procs "
+            "| RSS before MiB | RSS held MiB | RSS/conn KiB | failed | runs | wall s | status |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|---|",
         ]
         for name, r in conn_rows:
             lines.append(
                 f"| {_num(r.get('expected'))} | {name} | {_num(r.get('connected'))} "
                 f"| {_num(r.get('connects_per_s'))} | {_num(r.get('msgs_per_cpu_s'))} "
-                f"| {_num(r.get('broker_cpu_s'), 2)} | {_num(r.get('generator_cpu_s'), 2)} "
+                f"| {_num(r.get('broker_cpu_s'), 2)} | {_num(r.get('broker_cpu_pct'))} "
+                f"| {_num(r.get('generator_cpu_s'), 2)} | {_num(r.get('generator_cpu_pct'))} "
+                f"| {_gen_procs(r)} "
                 f"| {_num(_mib(r.get('rss_before_kib')), 1)} "
                 f"| {_num(_mib(r.get('rss_after_kib')), 1)} "
-                f"| {_num(r.get('rss_per_conn_kib'), 1)} | {_num(r.get('failed'))} "
-                f"| {_num(r.get('wall_s'), 1)} | {r['status']} |"
+                f"| {_num(r.get('rss_per_conn_kib'), 2)} | {_num(r.get('failed'))} "
+                f"| {_runs_text(r)} | {_num(r.get('wall_s'), 1)} | {r['status']} |"
+            )
+    if max_rows:
+        lines += [
+            "",
+            "| connections_max | broker | tried | held | broker fd limit | broker fds "
+            "| connects/s | broker CPU s | gen CPU s | gen procs | RSS before MiB "
+            "| RSS held MiB | RSS/conn KiB | refused/failed | unanswered | runs | wall s "
+            "| status |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|---|",
+        ]
+        for name, r in max_rows:
+            lines.append(
+                f"| {_num(r.get('expected'))} | {name} | {_num(r.get('expected'))} "
+                f"| {_num(r.get('connected'))} | {_num(r.get('broker_nofile_limit'))} "
+                f"| {_num(r.get('broker_fds'))} | {_num(r.get('connects_per_s'))} "
+                f"| {_num(r.get('broker_cpu_s'), 2)} | {_num(r.get('generator_cpu_s'), 2)} "
+                f"| {_gen_procs(r)} | {_num(_mib(r.get('rss_before_kib')), 1)} "
+                f"| {_num(_mib(r.get('rss_after_kib')), 1)} "
+                f"| {_num(r.get('rss_per_conn_kib'), 2)} | {_num(r.get('failed'))} "
+                f"| {_num(r.get('unanswered'))} | {_runs_text(r)} "
+                f"| {_num(r.get('wall_s'), 1)} | {r['status']}"
+                + (f": {r['skip_reason']}" if r.get("skip_reason") else "") + " |"
             )
     if device_rows:
         lines += [
@@ -955,17 +1244,46 @@ def markdown(report: dict[str, Any]) -> str:
             )
     goals = [t for t in report.get("targets", []) if t["met"] is not None]
     if goals:
-        lines += ["", "Targets (issues 5 and 14; mqttd):", "", "| target | mqttd | goal | met |",
-                  "|---|--:|---|---|"]
+        medians = " (medians)" if report.get("repeats", 1) > 1 else ""
+        lines += ["", f"Issue 18's goals, mqttd, every broker at its default configuration"
+                      f"{medians}:", "", "| goal | mqttd | target | met | detail |",
+                  "|---|--:|---|---|---|"]
         for t in goals:
-            unit = "x" if t["goal"].endswith("x") else ""
-            lines.append(f"| {t['target']} | {t['value']:.2f}{unit} | {t['goal']} "
-                         f"| {'yes' if t['met'] else 'NO'} |")
+            lines.append(f"| {t['target']} | {_target_value(t)} | {t['goal']} "
+                         f"| {'yes' if t['met'] else 'NO'} | {t.get('detail', '')} |")
     lines += ["", "Scenarios:"]
     for scenario, entry in report["scenarios"].items():
         lines.append(f"- `{scenario}`: {entry['description']}")
     lines += _notes(report)
     return "\n".join(lines)
+
+
+def _target_value(t: dict[str, Any]) -> str:
+    unit, value = t.get("unit", ""), t["value"]
+    if unit == "x":
+        return f"{value:.3f}x"
+    if unit == "/s":
+        return f"{value:,.0f}/s"
+    if unit == "KiB":
+        return f"{value:.2f} KiB"
+    if unit == "us":
+        return f"{value:,.0f} us"
+    return _num(value)
+
+
+def _runs_text(r: dict[str, Any]) -> str:
+    """The median key's value in every run ("-" for a single run)."""
+    values = next(iter((r.get("run_values") or {}).values()), None)
+    if not values or len(values) < 2 or all(v is None for v in values):
+        return "-"
+    digits = 2 if r.get("median_of") == "p99_ms" else 0
+    return " / ".join(_num(v, digits) for v in values)
+
+
+def _gen_procs(r: dict[str, Any]) -> str:
+    if "generator_procs" not in r:
+        return "-"
+    return f"{r['generator_procs']} ({'C' if r.get('generator') == 'c' else 'py'})"
 
 
 def _work_queue_lines(report: dict[str, Any]) -> list[str]:
@@ -1127,10 +1445,12 @@ def _cluster_loss_text(r: dict[str, Any]) -> str:
 
 def _generator_text(info: dict[str, Any]) -> str:
     if info.get("kind") == "c":
-        return (f"C (`tools/cloadgen.c`, one process, a publisher and a subscriber thread; "
-                f"{info.get('compiler', 'cc')} {info.get('cflags', '')}) for the fan-in, "
-                "fan-out and latency scenarios; the Python one (`tools/loadgen.py`) for "
-                "connections and constrained. gen CPU is its own (getrusage).")
+        return (f"C (`tools/cloadgen.c`, {info.get('compiler', 'cc')} "
+                f"{info.get('cflags', '')}): one process with a publisher and a subscriber "
+                "thread for the fan-in, fan-out and latency scenarios, with 2 connecting "
+                "threads for connections (and as many processes as the fd limit needs for "
+                "connections_max); the Python one (`tools/loadgen.py`) for constrained. gen "
+                "CPU is its own (getrusage).")
     why = " (the C one could not be built)" if info.get("c_build_error") else ""
     return f"Python (`tools/loadgen.py`, worker processes){why}."
 
@@ -1142,10 +1462,13 @@ def _mib(kib: float | None) -> float | None:
 def _notes(report: dict[str, Any]) -> list[str]:
     notes = ["", "Notes:"]
     for scenario, entry in report["scenarios"].items():
-        mine = entry["results"].get("mqttd")
-        if mine and mine.get("lost"):
-            notes.append(f"- **mqttd LOST {mine['lost']:,} messages in {scenario}**: at its "
-                         "default configuration it must lose none.")
+        runs = (entry.get("runs") or {}).get("mqttd") or (
+            [entry["results"]["mqttd"]] if "mqttd" in entry["results"] else [])
+        for k, mine in enumerate(runs):
+            if mine.get("lost"):
+                of = f" (run {k + 1} of {len(runs)})" if len(runs) > 1 else ""
+                notes.append(f"- **mqttd LOST {mine['lost']:,} messages in {scenario}{of}**: "
+                             "at its default configuration it must lose none.")
     for scenario, entry in report["scenarios"].items():
         for name, r in entry["results"].items():
             if name != "mqttd" and r.get("lost") and r["status"].startswith("ok"):
@@ -1176,22 +1499,34 @@ def _notes(report: dict[str, Any]) -> list[str]:
                 notes.append(f"- {scenario} on {name} failed: {r['error'].splitlines()[-1]}")
     # headroom: a throughput row measures the broker only if the broker, not the
     # generator, was the limit: the peer at >= CPU_BOUND_PCT of a core says so
-    for scenario in ("fanin_qos0", "fanin_qos1", "durable_qos1", "fanout"):
+    for scenario in (*THROUGHPUT_SCENARIOS, "connections"):
         entry = report["scenarios"].get(scenario)
         theirs = entry["results"].get("mosquitto") if entry else None
-        if not theirs or "msgs_per_s" not in theirs:
+        if not theirs or ("msgs_per_s" not in theirs and "connects_per_s" not in theirs):
             continue
         gen, broker = theirs.get("generator_cpu_s", 0.0), theirs.get("broker_cpu_s", 0.0)
         elapsed = theirs.get("elapsed_s") or 0.0
         pct = theirs.get("broker_cpu_pct") or 0.0
         usage = (f"mosquitto {broker:.2f} CPU-s = {pct:.0f}% of a core, generator "
                  f"{gen:.2f} CPU-s, in {elapsed:.2f} s")
-        if elapsed < 0.5:
+        if elapsed < CPU_BOUND_MIN_S:
             notes.append(f"- {scenario}: the window is too short to tell whether mosquitto "
                          f"was CPU-bound ({usage}).")
         elif pct >= CPU_BOUND_PCT:
             notes.append(f"- {scenario}: mosquitto was CPU-bound ({usage}): the generator "
                          "was not the limit.")
+        elif scenario == "connections":
+            count = theirs.get("connected") or 0
+            per_conn = (f"; per connection: mosquitto {1e6 * broker / count:.1f} us, the "
+                        f"generator {1e6 * gen / count:.1f} us of CPU" if count else "")
+            notes.append(
+                f"- {scenario}: mosquitto was NOT CPU-bound ({usage}, "
+                f"{theirs.get('generator_procs', '?')} generator process(es), "
+                f"{theirs.get('pending', loadgen.MAX_PENDING_CONNECTS)} handshakes in "
+                f"flight{per_conn}): the generator, or the handshakes' round trips on the "
+                "shared cores, were the limit, not mosquitto (on loopback the connecting "
+                "side's system calls run most of both ends' TCP handshake)."
+            )
         elif "qos1" in scenario:
             notes.append(
                 f"- {scenario}: mosquitto was not CPU-bound ({usage}): at QoS 1 the "
@@ -1212,6 +1547,7 @@ def _notes(report: dict[str, Any]) -> list[str]:
                     f"- {scenario} on {name}: other programs used {r['other_cpu_s']:.1f} of "
                     f"the {available:.1f} CPU-s available: this row is disturbed."
                 )
+    notes += _connections_max_notes(report)
     notes += _constrained_notes(report)
     notes += _cluster_notes(report)
     notes.append(
@@ -1222,6 +1558,35 @@ def _notes(report: dict[str, Any]) -> list[str]:
     notes.append("- Durable QoS 1, what each broker promises:")
     for name, info in report["brokers"].items():
         notes.append(f"  - {name}: {info['durable_promise']}.")
+    return notes
+
+
+def _connections_max_notes(report: dict[str, Any]) -> list[str]:
+    entry = report["scenarios"].get("connections_max")
+    if not entry or not entry["results"]:
+        return []
+    info = report.get("nofile") or {}
+    notes = [
+        f"- connections_max: {report['parameters']['max_connections']:,} idle connections "
+        "tried; each held connection takes one fd in the broker (and one in the generator, "
+        "whose processes each have their own limit: it runs as many as it needs). The "
+        f"benchmark asked for RLIMIT_NOFILE {info.get('wanted', 0):,} for every broker and "
+        f"generator process and got {info.get('soft', 0):,} (hard limit "
+        f"{info.get('hard', 0):,}). A broker stops at its limit: mosquitto closes what it "
+        "cannot keep, mqttd leaves it in the listen backlog; the generator gives up after "
+        f"{cgen.STALL_S:g} s without a CONNACK (**unanswered**). RSS held: VmRSS with every "
+        f"connection held for {loadgen.HOLD_S:g} s."
+    ]
+    for name, r in entry["results"].items():
+        if r["status"] == "skipped":
+            notes.append(f"- connections_max on {name}: {r.get('error', 'skipped')}.")
+        elif (r.get("connected") or 0) < (r.get("expected") or 0):
+            why = info.get("why") or "see its status"
+            notes.append(
+                f"- connections_max on {name}: **{r['expected']:,} were not reachable here**: "
+                f"it held {r.get('connected') or 0:,} with an fd limit of "
+                f"{_num(r.get('broker_nofile_limit'))}; {why}."
+            )
     return notes
 
 
@@ -1294,6 +1659,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster-persistent", action="store_true",
                         help="cluster_qos1: the subscriber has a persistent session (clean "
                              "session 0), in the single-node and the cluster row")
+    parser.add_argument("--repeats", type=int, metavar="N",
+                        help="runs per broker of each scenario of issue 18's goals, the "
+                             "median shown (default: 3 for --size full, else 1)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT,
                         help="JSON results file ('' for none); default %(default)s")
     args = parser.parse_args(argv)
@@ -1306,7 +1674,7 @@ def main(argv: list[str] | None = None) -> int:
     run_benchmark(
         args.size, brokers, scenarios, args.output or None, amqtt_divisor=args.amqtt_divisor,
         generator=args.generator, cluster_persistent=args.cluster_persistent,
-        echo=lambda line: print(line, flush=True),
+        repeats=args.repeats, echo=lambda line: print(line, flush=True),
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     return 0

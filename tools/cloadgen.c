@@ -8,6 +8,14 @@
  *            publisher refilled by halves), 1 subscriber on bench/# (clean or persistent)
  *   fanout   1 QoS 0 publisher x M messages to bench/fanout, S subscribers on it
  *   latency  1 QoS 0 publisher at RATE msg/s (open loop) for M messages, 1 subscriber
+ *   connect  N idle clients (3.1.1, keepalive 0, clean session) connecting as fast as the
+ *            broker answers, at most PENDING handshakes in flight over T threads; the
+ *            source addresses spread over 127.0.0.1..127.0.0.S (IP_BIND_ADDRESS_NO_PORT: the
+ *            port is picked at connect, per destination) so that no address runs out of
+ *            ephemeral ports. Measures go -> last CONNACK; then holds every connection
+ *            until a line "close" (or EOF) on stdin, closes them and exits. A run where no
+ *            CONNACK came for --stall seconds while handshakes were in flight stops there
+ *            (the broker is at its fd limit): what was connected is held and reported.
  *
  * The run ends when every message has arrived (and, QoS 1, every PUBACK is in), at the
  * timeout, or when the publishers are done, nothing has arrived for 3 s and the broker
@@ -31,6 +39,7 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <netinet/in.h>
+#include <netinet/ip.h>
 #include <netinet/tcp.h>
 #include <arpa/inet.h>
 #include <pthread.h>
@@ -57,7 +66,11 @@
 #define HANDSHAKE_BATCH 64 /* connections whose CONNECT is in flight at once at setup */
 #define MAX_EVENTS 256
 
-enum mode { FANIN, FANOUT, LATENCY };
+#ifndef IP_BIND_ADDRESS_NO_PORT
+#define IP_BIND_ADDRESS_NO_PORT 24
+#endif
+
+enum mode { FANIN, FANOUT, LATENCY, CONNECT };
 
 static struct {
     enum mode mode;
@@ -72,7 +85,16 @@ static struct {
     long batch_wait_us;  /* subscriber: sleep this long after a pass that read < batch_bytes */
     long batch_bytes;
     int broker_pid;      /* 0: unknown (the settle rule alone ends a lossy run) */
-} opt = {FANIN, 0, 0, 10, 1, 1000, 0, 32, 0, 1000.0, 60.0, 128, 200, 16384, 0};
+    /* connect mode */
+    long clients;        /* connections to open */
+    int pending;         /* handshakes in flight at once, over all threads */
+    int sources;         /* source addresses 127.0.0.1 .. 127.0.0.SOURCES */
+    int threads;
+    long first_id;       /* client ids bench-idle-FIRST_ID .. (unique over processes) */
+    double stall_s;      /* no CONNACK for this long with handshakes in flight: stop */
+    long nofile;         /* RLIMIT_NOFILE wanted (else as high as the hard limit allows) */
+} opt = {FANIN, 0, 0, 10, 1, 1000, 0, 32, 0, 1000.0, 60.0, 128, 200, 16384, 0,
+         1000, 64, 4, 2, 0, 3.0, 0};
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -572,6 +594,298 @@ static void *subscriber_thread(void *arg) {
     return NULL;
 }
 
+/* -- connect mode ----------------------------------------------------------------- */
+
+enum { C_FREE, C_CONNECTING, C_WAITING, C_HELD };
+
+typedef struct {
+    int fd;
+    uint8_t state;
+    uint8_t got;        /* CONNACK bytes read so far */
+} idleconn;
+
+#define ERRNO_SLOTS 134 /* counts per errno; slot 0: refused by CONNACK or closed */
+
+typedef struct {
+    long first, n;      /* connections [first, first + n) of this process */
+    int pending_max;
+    idleconn *conns;
+    long connected, failed, unanswered;
+    long errors[ERRNO_SLOTS];
+    int64_t t_last;
+    int stalled, timed_out, fd_limited;
+} connthread;
+
+static long nofile_limit;
+
+/* Soft RLIMIT_NOFILE to opt.nofile if allowed, else as high as the hard limit. */
+static void raise_nofile(void) {
+    struct rlimit rl;
+    getrlimit(RLIMIT_NOFILE, &rl);
+    if (opt.nofile > 0 && rl.rlim_cur != RLIM_INFINITY && (rlim_t)opt.nofile > rl.rlim_cur) {
+        struct rlimit want = {(rlim_t)opt.nofile, (rlim_t)opt.nofile};
+        if (want.rlim_max < rl.rlim_max) want.rlim_max = rl.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &want) == 0) {
+            nofile_limit = opt.nofile;
+            return;
+        }
+    }
+    if (rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+    getrlimit(RLIMIT_NOFILE, &rl);
+    nofile_limit = rl.rlim_cur == RLIM_INFINITY ? -1 : (long)rl.rlim_cur;
+}
+
+static void conn_error(connthread *t, int err) {
+    t->failed++;
+    t->errors[err > 0 && err < ERRNO_SLOTS ? err : 0]++;
+}
+
+static void conn_drop(connthread *t, int ep, idleconn *c, int err) {
+    epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    c->fd = -1;
+    c->state = C_FREE;
+    conn_error(t, err);
+}
+
+/* Start connection k's handshake: 0 if it is in flight, else the errno. */
+static int conn_open(int ep, idleconn *c, long k) {
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    if (fd < 0) return errno;
+    struct sockaddr_in src, dst;
+    memset(&src, 0, sizeof src);
+    src.sin_family = AF_INET;
+    src.sin_addr.s_addr = htonl(INADDR_LOOPBACK + (uint32_t)(k % opt.sources));
+    int one = 1;
+    if (opt.sources > 1 &&
+        (setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one) < 0 ||
+         bind(fd, (struct sockaddr *)&src, sizeof src) < 0)) {
+        int err = errno;
+        close(fd);
+        return err;
+    }
+    memset(&dst, 0, sizeof dst);
+    dst.sin_family = AF_INET;
+    dst.sin_port = htons((uint16_t)opt.port);
+    dst.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(fd, (struct sockaddr *)&dst, sizeof dst) < 0 && errno != EINPROGRESS) {
+        int err = errno;
+        close(fd);
+        return err;
+    }
+    c->fd = fd;
+    c->got = 0;
+    /* On loopback the TCP handshake is usually over when connect returns: the CONNECT
+     * goes out at once (else once the socket is writable) */
+    uint8_t pkt[64];
+    char id[40];
+    snprintf(id, sizeof id, "bench-idle-%ld", k);
+    size_t size = encode_handshake(pkt, id, 1, NULL, 0);
+    ssize_t w = write(fd, pkt, size);
+    if (w > 0 && w != (ssize_t)size) {
+        close(fd);
+        return EIO;
+    }
+    c->state = w > 0 ? C_WAITING : C_CONNECTING;
+    /* EPOLLIN one-shot: a held connection leaves the set's ready list by itself */
+    struct epoll_event ev = {.events = w > 0 ? EPOLLIN | EPOLLONESHOT : EPOLLOUT,
+                             .data.u64 = (uint64_t)k};
+    epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
+    return 0;
+}
+
+static void *connect_thread(void *arg) {
+    connthread *t = arg;
+    int ep = epoll_create1(0);
+    struct epoll_event ev, events[MAX_EVENTS];
+    int64_t stall_ns = (int64_t)(opt.stall_s * 1e9), progress = now_ns();
+    long next = 0, pending = 0;
+    while (t->connected + t->failed + t->unanswered < t->n) {
+        while (pending < t->pending_max && next < t->n && !t->fd_limited) {
+            int err = conn_open(ep, &t->conns[next], t->first + next);
+            if (err == EMFILE || err == ENFILE) {
+                t->fd_limited = 1; /* this process's own limit: the rest is not tried */
+                t->unanswered += t->n - next;
+                break;
+            }
+            if (err) conn_error(t, err);
+            else pending++;
+            next++;
+        }
+        if (pending == 0) break;
+        int64_t now = now_ns();
+        if (now > deadline_ns) { t->timed_out = 1; break; }
+        if (now - progress > stall_ns) { t->stalled = 1; break; }
+        int n = epoll_wait(ep, events, MAX_EVENTS, 50);
+        for (int e = 0; e < n; e++) {
+            long k = (long)events[e].data.u64 - t->first;
+            idleconn *c = &t->conns[k];
+            if (c->state == C_CONNECTING) {
+                int err = 0;
+                socklen_t len = sizeof err;
+                getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+                if (err) { conn_drop(t, ep, c, err); pending--; progress = now_ns(); continue; }
+                uint8_t pkt[64];
+                char id[40];
+                snprintf(id, sizeof id, "bench-idle-%ld", t->first + k);
+                size_t size = encode_handshake(pkt, id, 1, NULL, 0);
+                ssize_t w = write(c->fd, pkt, size);
+                if (w != (ssize_t)size) {
+                    conn_drop(t, ep, c, w < 0 ? errno : EIO);
+                    pending--;
+                    continue;
+                }
+                c->state = C_WAITING;
+                ev.events = EPOLLIN | EPOLLONESHOT;
+                ev.data.u64 = events[e].data.u64;
+                epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
+            } else if (c->state == C_WAITING) {
+                uint8_t buf[16];
+                ssize_t r = read(c->fd, buf, sizeof buf - c->got);
+                if (r < 0 && (errno == EAGAIN || errno == EINTR)) { /* nothing yet: re-arm */
+                    ev.events = EPOLLIN | EPOLLONESHOT;
+                    ev.data.u64 = events[e].data.u64;
+                    epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
+                    continue;
+                }
+                int ok = r > 0;
+                for (ssize_t i = 0; ok && i < r; i++, c->got++) {
+                    /* CONNACK: 0x20 0x02 flags 0x00 */
+                    if ((c->got == 0 && buf[i] != 0x20) || (c->got == 1 && buf[i] != 0x02) ||
+                        (c->got == 3 && buf[i] != 0x00) || c->got > 3)
+                        ok = 0;
+                }
+                if (!ok) {
+                    conn_drop(t, ep, c, r < 0 ? errno : 0);
+                    pending--;
+                    progress = now_ns();
+                    continue;
+                }
+                if (c->got < 4) { /* part of a CONNACK: wait for the rest */
+                    ev.events = EPOLLIN | EPOLLONESHOT;
+                    ev.data.u64 = events[e].data.u64;
+                    epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
+                } else {
+                    c->state = C_HELD; /* stays in the epoll set, disarmed */
+                    t->connected++;
+                    pending--;
+                    t->t_last = progress = now_ns();
+                }
+            }
+        }
+    }
+    /* what is still in flight is given up (the broker did not answer it) */
+    for (long k = 0; k < next; k++) {
+        idleconn *c = &t->conns[k];
+        if (c->state == C_CONNECTING || c->state == C_WAITING) {
+            close(c->fd);
+            c->fd = -1;
+            c->state = C_FREE;
+            t->unanswered++;
+        }
+    }
+    close(ep);
+    return NULL;
+}
+
+static const char *errno_name(int err) {
+    switch (err) {
+    case 0: return "refused";
+    case ECONNREFUSED: return "ECONNREFUSED";
+    case ECONNRESET: return "ECONNRESET";
+    case ETIMEDOUT: return "ETIMEDOUT";
+    case EADDRNOTAVAIL: return "EADDRNOTAVAIL";
+    case EADDRINUSE: return "EADDRINUSE";
+    case EPIPE: return "EPIPE";
+    case ENOBUFS: return "ENOBUFS";
+    case ENOMEM: return "ENOMEM";
+    case EIO: return "EIO";
+    default: return NULL;
+    }
+}
+
+static int connect_main(void) {
+    raise_nofile();
+    int nthreads = opt.threads;
+    if (nthreads > opt.clients) nthreads = (int)opt.clients;
+    if (nthreads > opt.pending) nthreads = opt.pending;
+    connthread *threads = xcalloc((size_t)nthreads, sizeof *threads);
+    idleconn *conns = xcalloc((size_t)opt.clients, sizeof *conns);
+    long first = 0;
+    for (int i = 0; i < nthreads; i++) {
+        connthread *t = &threads[i];
+        t->n = opt.clients / nthreads + (i < opt.clients % nthreads ? 1 : 0);
+        t->first = opt.first_id + first;
+        t->conns = conns + first;
+        t->pending_max = opt.pending / nthreads + (i < opt.pending % nthreads ? 1 : 0);
+        first += t->n;
+    }
+    printf("{\"ready\": true, \"clients\": %ld, \"threads\": %d, \"nofile_limit\": %ld}\n",
+           opt.clients, nthreads, nofile_limit);
+    fflush(stdout);
+
+    char line[64];
+    if (!fgets(line, sizeof line, stdin) || strncmp(line, "go", 2)) return 1;
+    double cpu0 = cpu_s();
+    t_go = now_ns();
+    deadline_ns = t_go + (int64_t)(opt.timeout_s * 1e9);
+    pthread_t *ids = xcalloc((size_t)nthreads, sizeof *ids);
+    for (int i = 0; i < nthreads; i++)
+        if (pthread_create(&ids[i], NULL, connect_thread, &threads[i]))
+            die("pthread_create failed");
+    for (int i = 0; i < nthreads; i++) pthread_join(ids[i], NULL);
+    double cpu = cpu_s() - cpu0;
+
+    long connected = 0, failed = 0, unanswered = 0, errors[ERRNO_SLOTS] = {0};
+    int64_t t_last = 0;
+    int stalled = 0, timed = 0, fd_limited = 0;
+    for (int i = 0; i < nthreads; i++) {
+        connthread *t = &threads[i];
+        connected += t->connected;
+        failed += t->failed;
+        unanswered += t->unanswered;
+        if (t->t_last > t_last) t_last = t->t_last;
+        stalled |= t->stalled;
+        timed |= t->timed_out;
+        fd_limited |= t->fd_limited;
+        for (int e = 0; e < ERRNO_SLOTS; e++) errors[e] += t->errors[e];
+    }
+    double elapsed = t_last ? (t_last - t_go) / 1e9 : 0.0;
+    printf("{\"expected\": %ld, \"connected\": %ld, \"failed\": %ld, \"unanswered\": %ld, "
+           "\"stalled\": %s, \"timed_out\": %s, \"generator_fd_limited\": %s, "
+           "\"elapsed_s\": %.6f, \"connects_per_s\": %.1f, \"generator_cpu_s\": %.4f, "
+           "\"generator_procs\": 1, \"generator_threads\": %d, \"nofile_limit\": %ld, "
+           "\"t_go_ns\": %lld, \"t_last_ns\": %lld, \"errors\": {",
+           opt.clients, connected, failed, unanswered, stalled ? "true" : "false",
+           timed ? "true" : "false", fd_limited ? "true" : "false", elapsed,
+           elapsed > 0 ? connected / elapsed : 0.0, cpu, nthreads, nofile_limit,
+           (long long)t_go, (long long)t_last);
+    const char *sep = "";
+    for (int e = 0; e < ERRNO_SLOTS; e++) {
+        if (!errors[e]) continue;
+        const char *name = errno_name(e);
+        if (name) printf("%s\"%s\": %ld", sep, name, errors[e]);
+        else printf("%s\"errno %d\": %ld", sep, e, errors[e]);
+        sep = ", ";
+    }
+    printf("}, \"error\": null}\n");
+    fflush(stdout);
+
+    /* hold the connections (the caller measures the broker) until "close" or EOF; then
+     * reset them (SO_LINGER 0): no TIME_WAIT left behind for the next row's ports */
+    while (fgets(line, sizeof line, stdin) && strncmp(line, "close", 5)) {}
+    struct linger reset = {1, 0};
+    for (long k = 0; k < opt.clients; k++) {
+        if (conns[k].state != C_HELD) continue;
+        setsockopt(conns[k].fd, SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
+        close(conns[k].fd);
+    }
+    return 0;
+}
+
 /* -- main ------------------------------------------------------------------------- */
 
 static int cmp_i64(const void *a, const void *b) {
@@ -580,9 +894,11 @@ static int cmp_i64(const void *a, const void *b) {
 }
 
 static void usage(void) {
-    fputs("usage: cloadgen --mode fanin|fanout|latency --port N [--sub-port N] "
+    fputs("usage: cloadgen --mode fanin|fanout|latency|connect --port N [--sub-port N] "
           "[--publishers N] [--subscribers N] [--messages N] [--qos 0|1] [--window N] [--persistent] "
-          "[--rate MSG_PER_S] [--timeout S] [--chunk N] [--batch-wait-us N] [--broker-pid PID]\n", stderr);
+          "[--rate MSG_PER_S] [--timeout S] [--chunk N] [--batch-wait-us N] [--broker-pid PID]\n"
+          "       connect mode: [--clients N] [--pending N] [--sources N] [--threads N] "
+          "[--first-id N] [--stall S] [--nofile N]\n", stderr);
     exit(2);
 }
 
@@ -596,6 +912,10 @@ static void parse_args(int argc, char **argv) {
         {"rate", required_argument, 0, 'r'}, {"timeout", required_argument, 0, 't'},
         {"chunk", required_argument, 0, 'c'}, {"batch-wait-us", required_argument, 0, 'b'},
         {"broker-pid", required_argument, 0, 'B'},
+        {"clients", required_argument, 0, 'C'}, {"pending", required_argument, 0, 'K'},
+        {"sources", required_argument, 0, 'A'}, {"threads", required_argument, 0, 'T'},
+        {"first-id", required_argument, 0, 'F'}, {"stall", required_argument, 0, 'Z'},
+        {"nofile", required_argument, 0, 'N'},
         {0, 0, 0, 0}};
     int ch;
     while ((ch = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -604,6 +924,7 @@ static void parse_args(int argc, char **argv) {
             if (!strcmp(optarg, "fanin")) opt.mode = FANIN;
             else if (!strcmp(optarg, "fanout")) opt.mode = FANOUT;
             else if (!strcmp(optarg, "latency")) opt.mode = LATENCY;
+            else if (!strcmp(optarg, "connect")) opt.mode = CONNECT;
             else usage();
             break;
         case 'p': opt.port = atoi(optarg); break;
@@ -619,6 +940,13 @@ static void parse_args(int argc, char **argv) {
         case 'c': opt.chunk = atoi(optarg); break;
         case 'b': opt.batch_wait_us = atol(optarg); break;
         case 'B': opt.broker_pid = atoi(optarg); break;
+        case 'C': opt.clients = atol(optarg); break;
+        case 'K': opt.pending = atoi(optarg); break;
+        case 'A': opt.sources = atoi(optarg); break;
+        case 'T': opt.threads = atoi(optarg); break;
+        case 'F': opt.first_id = atol(optarg); break;
+        case 'Z': opt.stall_s = atof(optarg); break;
+        case 'N': opt.nofile = atol(optarg); break;
         default: usage();
         }
     }
@@ -627,6 +955,12 @@ static void parse_args(int argc, char **argv) {
         opt.chunk <= 0 ||
         opt.window <= 0 || opt.window > 65535 || opt.rate <= 0)
         usage();
+    if (opt.mode == CONNECT) {
+        if (opt.clients <= 0 || opt.pending <= 0 || opt.threads <= 0 || opt.sources <= 0 ||
+            opt.sources > 254 || opt.first_id < 0 || opt.stall_s <= 0)
+            usage();
+        return;
+    }
     if (opt.mode != FANIN) { opt.publishers = 1; opt.qos = 0; opt.persistent = 0; }
     if (opt.mode != FANOUT) opt.subscribers = 1;
     if (opt.mode == LATENCY) opt.batch_wait_us = 0;
@@ -636,6 +970,7 @@ static void parse_args(int argc, char **argv) {
 int main(int argc, char **argv) {
     parse_args(argc, argv);
     signal(SIGPIPE, SIG_IGN);
+    if (opt.mode == CONNECT) return connect_main();
     const char *filter = opt.mode == FANIN ? "bench/#"
                          : opt.mode == FANOUT ? "bench/fanout" : "bench/latency";
 

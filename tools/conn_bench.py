@@ -6,8 +6,11 @@ idle connection, for comparing two trees (issue 18's connection goals)::
 Starts ``python -m mqttd`` from ``--tree`` (default: this checkout; default configuration with
 logging at warning, a free port on 127.0.0.1) with its soft RLIMIT_NOFILE raised to the
 hard limit, then opens ``--clients`` idle MQTT 3.1.1 connections (keepalive 0) from
-``--procs`` worker processes, each with ``--pending`` CONNECTs in flight, spreading the
-source addresses over 127.0.0.1-127.0.0.N so that no address runs out of ports. Reports, per
+``--procs`` worker processes (``--generator python``) or threads of the C generator's
+connect mode (``--generator c``, the default when a C compiler exists: ``tools/cloadgen.c``,
+which the Python workers could not keep up with), each with ``--pending`` CONNECTs in
+flight, spreading the source addresses over 127.0.0.1-127.0.0.N so that no address runs
+out of ports. Reports, per
 repeat (a fresh broker each): connects/s (go to the last CONNACK), the broker's CPU seconds
 in that window and per connection, and its VmRSS before and after (KiB per connection).
 Held connections need two fds each on one machine (the broker's and the client's): the
@@ -38,6 +41,8 @@ from typing import Any
 
 CONNECT_HEAD = bytes([0x10])
 TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if TREE not in sys.path:  # run as a script: tools/ is on the path, the checkout is not
+    sys.path.insert(0, TREE)
 
 
 def connect_packet(client_id: str) -> bytes:
@@ -186,6 +191,8 @@ def run_once(args: argparse.Namespace) -> dict:
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )
                 time.sleep(1.0)
+            if args.generator == "c":
+                return _run_c(args, broker.pid, port)
             go, stop = mp.Event(), mp.Event()
             out: mp.Queue = mp.Queue()
             procs = []
@@ -198,11 +205,7 @@ def run_once(args: argparse.Namespace) -> dict:
                 p.start()
                 procs.append(p)
             time.sleep(0.5)
-            if os.environ.get("BROKER_SIGNALS"):  # a probe's baseline (tracemalloc etc.)
-                os.kill(broker.pid, signal.SIGUSR1)
-                time.sleep(3)
-            if CALLGRIND:
-                callgrind_dump(broker.pid)  # the start-up, not counted
+            _before_go(broker.pid)
             cpu0, rss0 = proc_stat(broker.pid)
             t0 = time.monotonic_ns()
             go.set()
@@ -226,6 +229,7 @@ def run_once(args: argparse.Namespace) -> dict:
             cpu = user + system
             elapsed = (max(r[2] for r in reports) - t0) / 1e9
             return {
+                "generator": "python",
                 "connected": connected,
                 "failed": sum(r[1] for r in reports),
                 "connects_per_s": round(connected / elapsed),
@@ -250,6 +254,64 @@ def run_once(args: argparse.Namespace) -> dict:
                 broker.wait()
 
 
+def _before_go(pid: int) -> None:
+    if os.environ.get("BROKER_SIGNALS"):  # a probe's baseline (tracemalloc etc.)
+        os.kill(pid, signal.SIGUSR1)
+        time.sleep(3)
+    if CALLGRIND:
+        callgrind_dump(pid)  # the start-up, not counted
+
+
+def _run_c(args: argparse.Namespace, pid: int, port: int) -> dict:
+    """The same measurement with the C generator (``cgen.connections``): ``--procs``
+    threads in one process, ``--pending`` handshakes in flight each."""
+    from tools import cgen, loadgen
+
+    binary = cgen.build()["binary"]
+    marks: dict[str, Any] = {}
+
+    class Marks(loadgen.Probe):
+        def start(self) -> None:
+            _before_go(pid)
+            marks["cpu0"] = proc_stat(pid)[0]
+
+        def stop(self) -> None:
+            marks["cpu1"] = proc_stat(pid)[0]
+            marks["instructions"] = callgrind_dump(pid) if CALLGRIND else None
+            if os.environ.get("BROKER_SIGNALS"):
+                os.kill(pid, signal.SIGUSR2)
+                time.sleep(float(os.environ["BROKER_SIGNALS"]))
+
+    r = cgen.connections(
+        binary, port, Marks(), clients=args.clients, timeout_s=args.timeout,
+        measure=lambda: proc_stat(pid)[1], threads=args.procs,
+        pending=args.pending * args.procs, sources=args.sources,
+    )
+    connected = r["connected"]
+    (u0, s0), (u1, s1) = marks["cpu0"], marks["cpu1"]
+    user, system = u1 - u0, s1 - s0
+    cpu = user + system
+    instructions = marks.get("instructions")
+    return {
+        "generator": "c",
+        "connected": connected,
+        "failed": r["failed"] + r["unanswered"],
+        "connects_per_s": round(r["connects_per_s"]),
+        "broker_cpu_s": round(cpu, 3),
+        "broker_user_s": round(user, 3),
+        "broker_sys_s": round(system, 3),
+        "broker_us_per_conn": round(cpu / connected * 1e6, 1) if connected else None,
+        "connects_per_broker_cpu_s": round(connected / cpu) if cpu > 0 else None,
+        "generator_cpu_s": round(r["generator_cpu_s"], 3),
+        "rss_before_kib": r["rss_before_kib"],
+        "rss_after_kib": r["rss_after_kib"],
+        "rss_per_conn_kib": round(r["rss_per_conn_kib"], 2) if connected else None,
+        "load": os.getloadavg()[0],
+        **({"instructions_per_conn": instructions // connected}
+           if instructions and connected else {}),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -259,11 +321,18 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--pending", type=int, default=64, help="CONNECTs in flight per proc")
     parser.add_argument("--sources", type=int, default=4, help="127.0.0.1..N as sources")
+    parser.add_argument("--generator", choices=("c", "python"), default=None,
+                        help="c (tools/cloadgen.c; the default when a C compiler exists: "
+                             "--procs threads) or python (--procs worker processes)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--profile", default="", help="py-spy record the broker into this file")
     parser.add_argument("--profile-format", default="raw")
     args = parser.parse_args()
+    if args.generator is None:
+        from tools import cgen
+
+        args.generator = "c" if cgen.compiler() else "python"
     print(f"RLIMIT_NOFILE hard limit: {raise_nofile()}", file=sys.stderr)
     for _ in range(args.repeats):
         print(json.dumps(run_once(args)), flush=True)

@@ -68,6 +68,9 @@ PUBACK_HEAD = b"\x40\x02"
 # below the smallest listen backlog (mosquitto and amqtt use 100), so that no SYN is
 # dropped and retried a second later (which would measure TCP's retry timer).
 MAX_PENDING_CONNECTS = 64
+# the broker's RSS with the idle connections is read once they have been held this long
+# (after the last CONNACK), not while it may still be finishing their setup
+HOLD_S = 0.5
 
 
 class WorkerError(RuntimeError):
@@ -95,17 +98,32 @@ def die_with_parent() -> None:
         pass
 
 
-def prepare_child() -> None:
-    """For a broker subprocess (``preexec_fn``) or a worker: fd limit up, die with parent."""
-    raise_fd_limit()
+def prepare_child(nofile: int | None = None) -> None:
+    """For a broker subprocess (``preexec_fn``) or a worker: fd limit up (to ``nofile`` if
+    allowed, else to the hard limit), die with parent."""
+    raise_fd_limit(nofile)
     die_with_parent()
 
 
-def raise_fd_limit() -> None:
-    """Soft RLIMIT_NOFILE up to the hard limit (10k clients need more than 1024 fds)."""
+def raise_fd_limit(want: int | None = None) -> int:
+    """Soft RLIMIT_NOFILE to ``want`` (soft and hard) if this process may (raising the hard
+    limit needs CAP_SYS_RESOURCE), else up to the hard limit (10k clients need more than
+    1024 fds); returns the soft limit now (-1: unlimited)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if want and soft != resource.RLIM_INFINITY and want > soft:
+        wanted_hard = hard if hard == resource.RLIM_INFINITY else max(hard, want)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, wanted_hard))
+        except (ValueError, OSError):
+            pass  # above the hard limit without CAP_SYS_RESOURCE: as far as allowed below
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return -1 if soft == resource.RLIM_INFINITY else int(soft)
 
 
 # -- packets -----------------------------------------------------------------------
@@ -1054,6 +1072,7 @@ def connections(
         coord.start(probe)
         reports = coord.collect(names, "done", time.monotonic() + timeout_s + GRACE_S)
         probe.stop()
+        time.sleep(HOLD_S)
         rss_after = measure() if measure else 0
         connected = sum(r["connected"] for r in reports.values())
         t_last = max(r["t_last_ns"] for r in reports.values())

@@ -12,7 +12,8 @@ from mqttd.config import load_config, parse_config
 from tools import bench, cgen, loadgen
 
 BROKERS = ("mqttd",) + (("mosquitto",) if bench.mosquitto_path() else ())
-SCENARIOS = ("fanin_qos0", "durable_qos1", "fanout", "latency", "connections", "constrained")
+SCENARIOS = ("fanin_qos0", "durable_qos1", "fanout", "latency", "connections",
+             "connections_max", "constrained")
 MESSAGE_SCENARIOS = ("fanin_qos0", "durable_qos1", "fanout", "latency")
 
 
@@ -36,8 +37,9 @@ def test_default_generator_is_c_when_a_compiler_exists(report):
     for scenario in MESSAGE_SCENARIOS:
         for name, result in report["scenarios"][scenario]["results"].items():
             assert result["generator"] == expected, (scenario, name)
-    for name, result in report["scenarios"]["connections"]["results"].items():
-        assert result["generator"] == "python", name
+    for scenario in ("connections", "connections_max"):
+        for name, result in report["scenarios"][scenario]["results"].items():
+            assert result["generator"] == expected, (scenario, name)
 
 
 @pytest.mark.parametrize("scenario", MESSAGE_SCENARIOS)
@@ -84,6 +86,25 @@ def test_connections_scenario_counts_clients_and_memory(report):
         assert result["failed"] == 0, (name, result["errors"])
         assert result["rss_after_kib"] > 0
         assert result["rss_per_conn_kib"] is not None
+        assert result["broker_cpu_pct"] is None or result["broker_cpu_pct"] >= 0
+        assert result["broker_fds"] >= result["connected"]
+
+
+def test_connections_max_holds_the_target_within_the_fd_limit(report):
+    """At the tiny size the target (100) is far below any fd limit: all are held, and the
+    row says which limit the broker had (asked for: the target plus headroom)."""
+    size = bench.SIZES["tiny"]
+    for name, result in report["scenarios"]["connections_max"]["results"].items():
+        if result["status"] == "skipped":  # without the C generator
+            assert cgen.compiler() is None
+            continue
+        assert result["connected"] == result["expected"] == size.max_connections, name
+        assert result["broker_nofile_limit"] >= size.max_connections
+        assert result["broker_fds"] >= size.max_connections
+        assert result["rss_per_conn_kib"] is not None
+    assert report["nofile"]["soft"] >= size.max_connections + bench.NOFILE_HEADROOM
+    held = next(t for t in report["targets"] if t["target"].startswith("idle connections"))
+    assert held["met"] is True
 
 
 def test_constrained_devices_get_every_command_in_order(report):
@@ -156,6 +177,8 @@ def test_ratios_and_markdown(report):
     table = bench.markdown(report)
     assert "| fanin_qos0 | mqttd |" in table
     assert "| 50 | mqttd |" in table  # the connections table
+    assert "| 100 | mqttd | 100 | 100 |" in table  # connections_max
+    assert "Issue 18's goals" in table
     assert "| mqttd | 1 (client_overrides, devices only) | 50/50 | yes | 0 | 1 | 0 |" in table
     assert "| constrained | mqttd |" not in table  # not in the throughput table
     assert "Durable QoS 1, what each broker promises" in table
