@@ -67,9 +67,12 @@ def on_pingreq(state: BrokerState, conn: Connection, packet: PingReq) -> None:
 @attrs.define(eq=False)
 class Engine(BrokerState):
     _handlers: dict[int, Callable[[Connection, Any], None]] = attrs.field(init=False)
+    # every connection's on_fed: one bound method, not one per connection
+    _on_fed: Callable[[Connection], None] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        self._on_fed = self.flow.fed
         # bound to this engine as methods are (cheaper to call than functools.partial)
         self._handlers = {
             kind: types.MethodType(handler, self)
@@ -101,7 +104,7 @@ class Engine(BrokerState):
             account=self.buffers,
             pace_bytes=self.config.limits.output_high_watermark_bytes,
             pace_messages=self.config.limits.queue_high_watermark_messages,
-            on_fed=self.flow.fed,
+            on_fed=self._on_fed,
             publish_tokens=max(self.publish_rate, 1.0),  # the bucket starts full
             trace=tracing(),  # decided once per connection: the hot path tests a flag
         )

@@ -214,7 +214,7 @@ class TCPServer:
         self._stopping = False
         self._all_closed = trio.Event()
         # plain TCP connections (None: no epoll here; they get handler tasks too)
-        self.reactor = Reactor(broker, pauses) if HAVE_EPOLL else None
+        self.reactor = Reactor(broker, pauses, self._client_done) if HAVE_EPOLL else None
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Bind every listener and serve. Reports ``[(host, port), ...]`` (in listener order)
@@ -300,8 +300,7 @@ class TCPServer:
             reactor.add(
                 # (the C socket type: all the reactor uses, and cheaper than socket.socket)
                 _socket.socket(family, socket.SOCK_STREAM, 0, fd),
-                peer, bound.config, functools.partial(self._client_done, bound),
-                now + self.broker.config.limits.connect_timeout_s,
+                peer, bound.config, bound, now + self.broker.config.limits.connect_timeout_s,
             )
             return
         sock = trio.socket.from_stdlib_socket(socket.socket(family, socket.SOCK_STREAM, 0, fd))
@@ -309,8 +308,8 @@ class TCPServer:
             self._handle, trio.SocketStream(sock), bound
         )
 
-    def _client_done(self, bound: BoundListener) -> None:
-        """A connection served by the reactor ended."""
+    def _client_done(self, bound: Any) -> None:
+        """A connection served by the reactor ended (``bound``: its listener)."""
         self.connections -= 1
         bound.connections -= 1
         if self._stopping and not self.handlers and not self._reactor_clients():

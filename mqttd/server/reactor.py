@@ -76,19 +76,20 @@ class Client:
     """One plain TCP connection in the reactor."""
 
     __slots__ = (
-        "conn", "connect_by", "done", "fd", "queued", "registered", "sock", "state",
+        "conn", "connect_by", "fd", "queued", "reactor", "registered", "sock", "state", "tag",
         "timer_at", "timer_entry_at", "timer_gen", "unsent", "unsent_from",
     )
 
     def __init__(
-        self, sock: _socket.socket, conn: Connection, done: Callable[[], None],
+        self, reactor: Reactor, sock: _socket.socket, conn: Connection, tag: object,
         connect_by: float,
     ) -> None:
+        self.reactor = reactor
         self.sock = sock
         self.connect_by = connect_by  # when its CONNECT must have come by
         self.fd = sock.fileno()
         self.conn = conn
-        self.done = done  # told once when the connection has ended (listener counters)
+        self.tag = tag  # given to the reactor's ``ended`` callback (the listener)
         self.state = READING
         self.registered = 0  # the epoll events it is registered for (0: not in the set)
         self.queued = False  # in the reactor's list of connections with output to send
@@ -101,14 +102,28 @@ class Client:
         self.timer_entry_at = math.inf
         self.timer_gen = 0
 
+    # (the connection's callbacks: bound methods of the client, not closures, for fewer
+    # objects per connection for the garbage collector to track)
+
+    def output_ready(self) -> None:
+        """(Connection.on_output) the outbox went from empty to non-empty."""
+        self.reactor._output(self)
+
+    def close_requested(self) -> None:
+        """(Connection.on_close) the engine ends the connection."""
+        self.reactor._close_requested(self)
+
 
 class Reactor:
     """Every plain TCP client connection of the listeners (see the module's docstring).
     :meth:`run` serves them until cancelled, then ends the ones left."""
 
-    def __init__(self, engine: Engine, pauses: ReadPauses) -> None:
+    def __init__(
+        self, engine: Engine, pauses: ReadPauses, ended: Callable[[object], None]
+    ) -> None:
         self.engine = engine
         self.pauses = pauses
+        self._ended = ended  # told each ended connection's tag
         self.clients: dict[int, Client] = {}  # by fd
         self._epoll = select.epoll()
         self._pending: list[Client] = []  # output to send at the end of the turn
@@ -126,10 +141,11 @@ class Reactor:
     # -- the listeners' side --------------------------------------------------------------
 
     def add(
-        self, sock: _socket.socket, peer: str, listener: Listener | None,
-        done: Callable[[], None], connect_deadline: float,
+        self, sock: _socket.socket, peer: str, listener: Listener | None, tag: object,
+        connect_deadline: float,
     ) -> None:
-        """Serve the accepted ``sock`` (its CONNECT due by ``connect_deadline``)."""
+        """Serve the accepted ``sock`` (its CONNECT due by ``connect_deadline``); ``tag``
+        is given to ``ended`` when it ends."""
         sock.setblocking(False)
         try:
             # as trio's SocketStream: no Nagle delay, at most 16 KiB unsent in the kernel
@@ -139,9 +155,9 @@ class Reactor:
         except OSError:
             pass
         conn = self.engine.new_connection(peer, listener)
-        client = Client(sock, conn, done, connect_deadline)
-        conn.on_output = lambda: self._output(client)
-        conn.on_close = lambda: self._close_requested(client)
+        client = Client(self, sock, conn, tag, connect_deadline)
+        conn.on_output = client.output_ready
+        conn.on_close = client.close_requested
         self.clients[client.fd] = client
         self._register(client, EPOLLIN)
         self._set_timer(client, connect_deadline)
@@ -529,7 +545,7 @@ class Reactor:
             self.engine.connection_lost(conn)
         finally:
             client.sock.close()
-            client.done()
+            self._ended(client.tag)
 
     def _abandon(self, client: Client) -> None:
         try:
