@@ -50,6 +50,8 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+_CONNECTED = State.CONNECTED  # (a global load on the hot path, not a global and an attribute)
+
 def _noop() -> None:
     pass
 
@@ -107,8 +109,10 @@ class Connection:
     # when the I/O layer's current send started (None while it is not sending)
     send_blocked_since: float | None = None
     on_output: Callable[[], None] = _noop
-    # replies held back until the store commits what they acknowledge: (ticket, bytes, puback)
-    _deferred: deque[tuple[int, bytes, bool]] | None = None
+    # replies held back until the store commits what they acknowledge: (ticket, bytes,
+    # puback), oldest first; an empty tuple until the first one. A plain attribute, not a
+    # property: it is read once per read (Engine.reading_paused) and once per reply
+    deferred: deque[tuple[int, bytes, bool]] | tuple[()] = attrs.field(default=(), init=False)
     # set by the broker to end the connection: the I/O layer flushes (if asked) and closes
     closing: bool = False
     close_reason: MQTTError | None = None
@@ -145,20 +149,15 @@ class Connection:
     def __attrs_post_init__(self) -> None:
         self.decoder = Decoder(self.max_packet_size, accept_v5=True)
 
-    @property
-    def deferred(self) -> deque[tuple[int, bytes, bool]] | tuple[()]:
-        """Replies held back until the store commits: (ticket, bytes, is a PUBACK), oldest
-        first."""
-        return self._deferred if self._deferred is not None else ()
-
     def defer(self, ticket: int, data: bytes, puback: bool = False) -> None:
-        if self._deferred is None:
-            self._deferred = deque()
-        self._deferred.append((ticket, data, puback))
+        deferred = self.deferred
+        if isinstance(deferred, tuple):  # the first one
+            deferred = self.deferred = deque()
+        deferred.append((ticket, data, puback))
 
     def release_deferred(self, committed: int) -> bool:
         """Send the held replies whose ticket is committed; True when none are left."""
-        deferred = self._deferred
+        deferred = self.deferred
         if not deferred:
             return True
         while deferred and deferred[0][0] <= committed:
@@ -184,6 +183,11 @@ class Connection:
             raise
         if self.trace:
             trace_received(self.client_id, self.peer, packets)
+        if self.state is _CONNECTED:  # _check's common case, without its two calls
+            self.packets_received += len(packets)
+            if _CHECKED.isdisjoint(map(_type_of, packets)):
+                return packets
+            return self._check_connected(packets, 0)
         return self._check(packets)
 
     def _check(self, packets: list[Packet]) -> list[Packet]:
@@ -249,8 +253,7 @@ class Connection:
             return
         outbox = self.outbox
         first = not outbox
-        outbox.append(head)
-        outbox.append(tail)
+        outbox += (head, tail)  # (one in-place extend, not two append calls)
         size = len(head) + len(tail)
         self.outbox_bytes += size
         self.account.bytes += size
@@ -289,6 +292,7 @@ class Connection:
         return data
 
     def sent(self, size: int) -> None:
+        # (Engine.output_sent has a copy of this, inlined)
         if self.output_discarded:
             return  # already taken off the account when the connection ended
         self.outbox_bytes -= size

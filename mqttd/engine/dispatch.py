@@ -191,7 +191,9 @@ class Engine(BrokerState):
 
     def output_sent(self, conn: Connection, size: int) -> None:
         """The I/O layer wrote ``size`` bytes of ``conn``'s output."""
-        conn.sent(size)
+        if not conn.output_discarded:  # conn.sent(size), inlined (once per send)
+            conn.outbox_bytes -= size
+            conn.account.bytes -= size
         self.bytes_sent += size
         if conn.backlogged or conn.stalled:
             self.flow.sent(conn, time.monotonic())
