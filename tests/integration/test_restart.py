@@ -6,6 +6,7 @@ import logging
 import sqlite3
 import time
 
+import attrs
 import pytest
 import trio
 
@@ -75,8 +76,8 @@ async def test_queued_messages_subscriptions_and_retained_survive_a_restart(tmp_
 async def test_offline_backlog_stays_on_disk_and_streams_back_in_pages(tmp_path):
     count, page = 2000, 50
     cfg = config(tmp_path, max_queued_messages=100_000)
-    cfg = type(cfg)(
-        listeners=cfg.listeners, limits=cfg.limits, logging=cfg.logging,
+    cfg = attrs.evolve(  # (keeps the rest: no HTTP listener, no fixed port)
+        cfg,
         persistence=type(cfg.persistence)(data_dir=str(tmp_path), queue_page_messages=page),
     )
     with trio.fail_after(60):
@@ -183,8 +184,8 @@ async def test_clean_sessions_never_touch_the_disk(tmp_path):
 
 async def test_expired_sessions_are_deleted_on_a_timer(tmp_path):
     cfg = config(tmp_path)
-    cfg = type(cfg)(
-        listeners=cfg.listeners, limits=cfg.limits, logging=cfg.logging,
+    cfg = attrs.evolve(  # (keeps the rest: no HTTP listener, no fixed port)
+        cfg,
         persistence=type(cfg.persistence)(
             data_dir=str(tmp_path), session_expiry_s=1, expiry_check_interval_s=0.1
         ),
@@ -209,8 +210,8 @@ async def test_expired_sessions_are_deleted_at_startup(tmp_path):
     ])
     store.close()
     cfg = config(tmp_path)
-    cfg = type(cfg)(
-        listeners=cfg.listeners, limits=cfg.limits, logging=cfg.logging,
+    cfg = attrs.evolve(  # (keeps the rest: no HTTP listener, no fixed port)
+        cfg,
         persistence=type(cfg.persistence)(data_dir=str(tmp_path), session_expiry_s=600),
     )
     with trio.fail_after(10):
@@ -253,8 +254,8 @@ async def test_queue_budget_drops_the_oldest_across_ram_and_disk(tmp_path, resta
     newest 30 (70 dropped and counted), whether they are in RAM or on disk."""
     cfg = config(tmp_path, persistent_max_queued_messages=30,
                  persistent_overflow_policy="drop_oldest")
-    cfg = type(cfg)(
-        listeners=cfg.listeners, limits=cfg.limits, logging=cfg.logging,
+    cfg = attrs.evolve(  # (keeps the rest: no HTTP listener, no fixed port)
+        cfg,
         persistence=type(cfg.persistence)(data_dir=str(tmp_path), queue_page_messages=10),
     )
     with trio.fail_after(30):
