@@ -139,9 +139,12 @@ class Decoder:
         decoder must not be used again (the connection is closed).
         """
         buf: Buffer
-        if self._buf:
-            self._buf += data
-            buf = self._buf
+        held = self._buf
+        if held:
+            # the bytes of an unfinished packet, then ``data``: joined as bytes, whose
+            # slices (the topics and payloads below) are bytes without another copy, as
+            # a bytearray's are not
+            buf = bytes(held) + data
         else:
             buf = data
         n = len(buf)
@@ -192,14 +195,10 @@ class Decoder:
             exc.packets_before = out
             self._buf = bytearray()
             raise
-        if pos >= n:
-            if buf is self._buf:
-                self._buf = bytearray()
-        elif buf is self._buf:
-            if pos:
-                del self._buf[:pos]
-        else:
+        if pos < n:
             self._buf = bytearray(buf[pos:])
+        elif held:
+            self._buf = bytearray()
         return out
 
     # -- one method per packet type: (flags, buffer, body start, body end) -> packet --

@@ -304,8 +304,8 @@ class Reactor:
                 return
             if conn.closing:
                 return
-            now = trio.current_time()
             if engine.publish_rate:
+                now = trio.current_time()
                 delay = engine.publish_rate_delay(conn, now)
                 if delay:
                     # over max_publish_rate_per_s: stop reading until the rate is under it
@@ -316,9 +316,9 @@ class Reactor:
             if conn.held_packets is None or engine.reading_paused(conn):
                 break
             data = b""  # held back by the publish rate, which allows more now
-        self._go_on(client, now)
+        self._go_on(client)
 
-    def _go_on(self, client: Client, now: float) -> None:
+    def _go_on(self, client: Client) -> None:
         """Read on (its deadline moved), or pause for the engine's flow control."""
         conn = client.conn
         if self.engine.reading_paused(conn):
@@ -334,7 +334,7 @@ class Reactor:
             return
         keepalive_s = conn.keepalive_s
         if keepalive_s:
-            at = now + 1.5 * keepalive_s
+            at = trio.current_time() + 1.5 * keepalive_s
             client.timer_at = at
             if at < client.timer_entry_at:
                 self._push_timer(client, at)
@@ -376,7 +376,6 @@ class Reactor:
 
     def _resume_released(self) -> None:
         engine = self.engine
-        now = trio.current_time()
         for client in list(self._paused):
             conn = client.conn
             if client.state != PAUSED or conn.closing or engine.reading_paused(conn):
@@ -386,7 +385,7 @@ class Reactor:
             if conn.held_packets is not None:  # released: first what it sent before
                 self._handle(client, b"")
             else:
-                self._go_on(client, now)
+                self._go_on(client)
 
     # -- timers -----------------------------------------------------------------------------
 
@@ -438,7 +437,7 @@ class Reactor:
             if conn.held_packets is not None:
                 self._handle(client, b"")
             else:
-                self._go_on(client, now)
+                self._go_on(client)
         elif state == CLOSING:
             self._end(client)
 
