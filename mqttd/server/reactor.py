@@ -204,7 +204,10 @@ class Reactor:
                         self._push_timer(client, client.timer_at)
                         continue
                     client.timer_at = math.inf
-                    self._timer_due(client, now)
+                    try:
+                        self._timer_due(client, now)
+                    except Exception:
+                        self._failed(client)
             finally:
                 self._after_turn()
 
@@ -224,9 +227,7 @@ class Reactor:
                     if flags & EPOLLIN_OR_ERROR and client.state == READING:
                         self._read(client)
                 except Exception:
-                    # a bug must cost one connection, never the broker
-                    log.exception("client %s: internal error; closing", client.conn.name)
-                    self._abandon(client)
+                    self._failed(client)
         finally:
             self._after_turn()
 
@@ -242,13 +243,19 @@ class Reactor:
                     client = pending[index]
                     index += 1
                     client.queued = False
-                    self._send(client)
+                    try:
+                        self._send(client)
+                    except Exception:
+                        self._failed(client)
                 pending.clear()
                 if closing:
                     batch = closing[:]
                     closing.clear()
                     for client in batch:
-                        self._close(client)
+                        try:
+                            self._close(client)
+                        except Exception:
+                            self._failed(client)
                 if self._recheck:
                     self._recheck = False
                     self._resume_released()
@@ -382,10 +389,13 @@ class Reactor:
                 continue
             self._unpause(client)
             client.state = WAITING  # (neither reading nor paused, for _go_on)
-            if conn.held_packets is not None:  # released: first what it sent before
-                self._handle(client, b"")
-            else:
-                self._go_on(client)
+            try:
+                if conn.held_packets is not None:  # released: first what it sent before
+                    self._handle(client, b"")
+                else:
+                    self._go_on(client)
+            except Exception:
+                self._failed(client)
 
     # -- timers -----------------------------------------------------------------------------
 
@@ -545,6 +555,12 @@ class Reactor:
         finally:
             client.sock.close()
             self._ended(client.tag)
+
+    def _failed(self, client: Client) -> None:
+        """An unexpected error while serving ``client``: a bug must cost one connection,
+        never the broker."""
+        log.exception("client %s: internal error; closing", client.conn.name)
+        self._abandon(client)
 
     def _abandon(self, client: Client) -> None:
         try:

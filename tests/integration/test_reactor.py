@@ -7,7 +7,7 @@ from __future__ import annotations
 import trio
 
 from mqttd.broker import running
-from mqttd.codec.packets import PingReq, PingResp, Publish, Will
+from mqttd.codec.packets import ConnAck, Connect, PingReq, PingResp, Publish, Will
 from tests.conftest import make_config
 from tests.integration.test_broker_tcp import wait_until
 from tests.rawclient import RawClient
@@ -129,3 +129,27 @@ async def test_many_connections_at_once_are_all_served(broker):
         for client in clients:
             await trio.aclose_forcefully(client.stream)
         await wait_until(lambda: not any(f"many-{i}" in broker.sessions for i in range(count)))
+
+
+async def test_an_internal_error_costs_one_connection(broker, monkeypatch, caplog):
+    """A bug met while serving one client (here: the engine raising when that client's
+    output was sent) closes that connection and is logged; the others go on."""
+    output_sent = type(broker).output_sent
+
+    def failing(self, conn, size):
+        if conn.client_id == "victim":
+            raise RuntimeError("a bug")
+        output_sent(self, conn, size)
+
+    monkeypatch.setattr(type(broker), "output_sent", failing)
+    with trio.fail_after(10):
+        other = await RawClient.open(broker.port)
+        await other.send(Connect("other", True, 60))
+        assert (await other.expect(ConnAck)).return_code == 0
+        victim = await RawClient.open(broker.port)
+        await victim.send(Connect("victim", True, 60))
+        # closed (the CONNACK had gone to the socket when the engine raised)
+        assert [type(p) for p in await victim.expect_closed()] == [ConnAck]
+        await other.send(PingReq())
+        assert await other.expect(PingResp) == PingResp()
+    assert "client victim" in caplog.text and "internal error" in caplog.text
