@@ -35,7 +35,6 @@ import heapq
 import logging
 import math
 import select
-import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -46,7 +45,6 @@ from trio.lowlevel import ParkingLot, wait_readable
 from mqttd.codec import MQTTError
 from mqttd.codec.errors import KeepAliveTimeout
 from mqttd.server.stream_task import CLOSE_FLUSH_TIMEOUT_S, RECEIVE_SIZE
-from mqttd.server.tcp import NOTSENT_LOWAT_BYTES, TCP_NOTSENT_LOWAT
 
 if TYPE_CHECKING:
     from mqttd.config import Listener
@@ -146,14 +144,8 @@ class Reactor:
     ) -> None:
         """Serve the accepted ``sock`` (its CONNECT due by ``connect_deadline``); ``tag``
         is given to ``ended`` when it ends."""
+        # (TCP_NODELAY and TCP_NOTSENT_LOWAT come from the listening socket: tcp.py)
         sock.setblocking(False)
-        try:
-            # as trio's SocketStream: no Nagle delay, at most 16 KiB unsent in the kernel
-            # (what a slow reader has not taken stays counted in the broker's buffers)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
-        except OSError:
-            pass
         conn = self.engine.new_connection(peer, listener)
         client = Client(self, sock, conn, tag, connect_deadline)
         conn.on_output = client.output_ready

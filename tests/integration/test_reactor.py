@@ -4,10 +4,13 @@ hangs up, output larger than the socket takes, many connections in one turn."""
 
 from __future__ import annotations
 
+import socket
+
 import trio
 
 from mqttd.broker import running
 from mqttd.codec.packets import ConnAck, Connect, PingReq, PingResp, Publish, Will
+from mqttd.server.tcp import NOTSENT_LOWAT_BYTES, TCP_NOTSENT_LOWAT
 from tests.conftest import make_config
 from tests.integration.test_broker_tcp import wait_until
 from tests.rawclient import RawClient
@@ -153,3 +156,17 @@ async def test_an_internal_error_costs_one_connection(broker, monkeypatch, caplo
         await other.send(PingReq())
         assert await other.expect(PingResp) == PingResp()
     assert "client victim" in caplog.text and "internal error" in caplog.text
+
+
+async def test_connections_have_no_nagle_delay_and_a_small_unsent_limit(broker):
+    """Each accepted connection has TCP_NODELAY (no Nagle delay on small replies) and
+    TCP_NOTSENT_LOWAT 16 KiB (what a slow reader has not taken stays in the broker's
+    counted buffers), inherited from the listening socket."""
+    with trio.fail_after(10):
+        client, _ = await RawClient.connected(broker.port, "opts")
+        (served,) = broker.server.reactor.clients.values()
+        sock = served.sock
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT) == NOTSENT_LOWAT_BYTES
+        await client.send(PingReq())
+        assert await client.expect(PingResp) == PingResp()
