@@ -34,7 +34,7 @@ $(TEST_STAMP): $(BUILD_INPUTS) | $(PY)
 $(PURE_STAMP): pyproject.toml setup.py | $(PY)
 	rm -f $(STAMP) $(TEST_STAMP)
 	MQTTD_PURE_PYTHON=1 $(PY) -m pip install --quiet -e '.[test]'
-	@$(SAY_BUILD)
+	@MQTTD_PURE_PYTHON=1 $(SAY_BUILD)
 	touch $@
 
 run: $(STAMP)

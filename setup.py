@@ -22,6 +22,7 @@ import os
 import runpy
 import sys
 import traceback
+import warnings
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -41,9 +42,10 @@ def pure_requested() -> bool:
 
 
 def warn(message: str) -> None:
-    bar = "*" * 78
-    print(f"\n{bar}\nmqttd: {message}\nmqttd: installing the pure-Python build.\n{bar}\n",
-          file=sys.stderr, flush=True)
+    message = f"mqttd: {message}; installing the pure-Python build"
+    print(f"\n{'*' * 78}\n{message}\n{'*' * 78}\n", file=sys.stderr, flush=True)
+    # pip shows the backend's output only with -v, but a UserWarning always (pip >= 25.1)
+    warnings.warn(message, UserWarning, stacklevel=2)
 
 
 def remove_compiled(root: str) -> None:
@@ -76,7 +78,7 @@ def mypyc_extensions() -> list[Extension]:
         return list(mypycify(paths, opt_level="3", group_name=GROUP))
     except (Exception, SystemExit):  # mypyc reports type errors with sys.exit
         traceback.print_exc()
-        warn("mypyc could not compile the hot-path modules (see above)")
+        warn("mypyc could not compile the hot-path modules; pip install -v shows why")
         return []
 
 
@@ -89,19 +91,27 @@ class BuildPy(build_py):
 class BuildExt(build_ext):
     extensions: list[Extension]
 
-    def finalize_options(self) -> None:
-        if self.distribution.ext_modules == [PLACEHOLDER]:
-            self.distribution.ext_modules = mypyc_extensions()
-        super().finalize_options()
-
     def run(self) -> None:
+        if self.extensions == [PLACEHOLDER]:
+            # mypyc runs here, not in finalize_options: the metadata steps finalize build_ext
+            # too (for the manifest) and need not pay for its type check and code generation.
+            # The command is initialized and finalized again, for the real extensions.
+            self.distribution.ext_modules = mypyc_extensions()
+            editable_mode, inplace = self.editable_mode, self.inplace
+            cmd = self.distribution.reinitialize_command("build_ext")  # (this object, today)
+            cmd.editable_mode, cmd.inplace = editable_mode, inplace  # type: ignore[attr-defined]
+            cmd.ensure_finalized()
+            if cmd is not self:
+                cmd.run()
+                return
         if not self.extensions:
             return
         try:
             super().run()
         except Exception as exc:  # no compiler, no Python.h, a link error: stay pure Python
             traceback.print_exc()
-            warn(f"compiling the mypyc modules failed ({type(exc).__name__}: {exc})")
+            warn(f"compiling the mypyc modules failed ({type(exc).__name__}: {str(exc)[:160]}); "
+                 "pip install -v shows why")
             remove_compiled(self.build_lib)  # no partial set of extension modules
             remove_compiled(HERE)
             self.extensions = []
@@ -109,7 +119,7 @@ class BuildExt(build_ext):
         write_hashes(HERE if self.inplace else self.build_lib)
 
     def get_outputs(self) -> list[str]:
-        return super().get_outputs() if self.extensions else []
+        return super().get_outputs() if self.extensions != [PLACEHOLDER] else []
 
 
 if pure_requested():
