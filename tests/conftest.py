@@ -38,7 +38,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     stale = build_info.stale()
     if stale:
         pytest.exit(
-            f"compiled modules older than their source: {', '.join(stale)}; rebuild them "
+            f"compiled modules built from an older source: {', '.join(stale)}; rebuild them "
             "(make test does), or install the pure-Python build (make test-pure)",
             returncode=3,
         )
