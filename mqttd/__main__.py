@@ -18,6 +18,7 @@ import sys
 
 import trio
 
+from mqttd import build_info
 from mqttd.broker import Broker
 from mqttd.config import Config, ConfigError, load_config
 from mqttd.engine.systopics import version
@@ -46,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="With no command, mqttd serves: `mqttd -c FILE` is `mqttd serve -c FILE`. "
         "`mqttd COMMAND --help` describes a command.",
     )
-    parser.add_argument("--version", action="version", version=f"mqttd {version()}")
+    parser.add_argument(
+        "--version", action="version", version=f"mqttd {version()} ({build_info.describe()})"
+    )
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     serve = commands.add_parser(
         "serve", prog="mqttd serve", help="run the broker (the default command)",
@@ -214,6 +217,7 @@ def _announce(broker: Broker, source: str | None) -> None:
     log.info(
         "%s", banner.banner(broker.config, source, listeners, broker.http_addresses, version())
     )
+    log.info("build: %s", build_info.describe())
     for warning in banner.warnings(broker.config, listeners):
         log.warning("%s", warning)
 

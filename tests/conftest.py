@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from mqttd import build_info
 from mqttd.broker import Broker, running
 from mqttd.config import Config, Http, Limits, Listener, Persistence
 
@@ -26,6 +27,21 @@ def make_config(data_dir: Path | str | None = None, **limits: object) -> Config:
         persistence=persistence,
         http=NO_HTTP,
     )
+
+
+def pytest_report_header() -> str:
+    return f"mqttd build: {build_info.describe()}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # an extension module built from an older source would be tested instead of the source
+    stale = build_info.stale()
+    if stale:
+        pytest.exit(
+            f"compiled modules built from an older source: {', '.join(stale)}; rebuild them "
+            "(make test does), or install the pure-Python build (make test-pure)",
+            returncode=3,
+        )
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ after it in the same read. A level-5 CONNECT is refused (UnsupportedProtocolVers
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 from mqttd.codec import decoder5 as v5
 from mqttd.codec.decoder5 import decode_connect_v5
@@ -101,8 +102,8 @@ class Decoder:
     """Turns a byte stream into packets. One per connection."""
 
     __slots__ = ("_buf", "_decoders", "_level", "accept_v5", "max_packet_size")
-    _DECODERS: tuple[Callable[[Decoder, int, Buffer, int, int], Packet], ...]
-    _DECODERS_V5: tuple[Callable[[Decoder, int, Buffer, int, int], Packet], ...]
+    _DECODERS: ClassVar[tuple[Callable[[Decoder, int, Buffer, int, int], Packet], ...]]
+    _DECODERS_V5: ClassVar[tuple[Callable[[Decoder, int, Buffer, int, int], Packet], ...]]
 
     def __init__(
         self,

@@ -38,7 +38,7 @@ from mqttd.codec.kinds import (
     WILL,
 )
 from mqttd.codec.properties import Properties, encode_properties
-from mqttd.codec.wire import encode_bin, encode_str, encode_varint
+from mqttd.codec.wire import encode_bin, encode_publish_parts, encode_str, encode_varint
 
 
 def _packet(first_byte: int, body: bytes) -> bytes:
@@ -199,31 +199,6 @@ def wire_publish(
     packet.properties = None
     packet.__class__ = Publish  # type: ignore[assignment]
     return packet  # type: ignore[return-value]
-
-
-# Heads of 3.1.1 PUBLISHes by (topic, first byte, payload size): a device publishes to the
-# same topic with payloads of the same size again and again, so the head is built once.
-_HEADS: dict[tuple[str, int, int], bytes] = {}
-_MAX_HEADS = 4096
-
-
-def encode_publish_parts(
-    topic: str, payload: bytes, qos: int, retain: bool, dup: bool = False
-) -> tuple[bytes, bytes]:
-    """Encode a PUBLISH once as ``(head, tail)``; the packet is ``head + packet_id + tail``
-    for QoS > 0 (two bytes) and ``head + tail`` for QoS 0. The parts are shared by every
-    subscriber the message goes to; only the packet id differs."""
-    first = 0x30 | (qos << 1) | (1 if retain else 0) | (8 if dup else 0)
-    key = (topic, first, len(payload))
-    head = _HEADS.get(key)
-    if head is None:
-        t = topic.encode("utf-8")
-        remaining = 2 + len(t) + len(payload) + (2 if qos else 0)
-        head = bytes((first,)) + encode_varint(remaining) + len(t).to_bytes(2, "big") + t
-        if len(_HEADS) >= _MAX_HEADS:
-            _HEADS.clear()
-        _HEADS[key] = head
-    return head, payload
 
 
 def encode_publish_parts_v5(

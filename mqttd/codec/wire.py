@@ -1,5 +1,7 @@
 """Wire primitives shared by the encoders and decoders: Variable Byte Integers, two-byte
-integers, UTF-8 strings and binary data (5.0 section 1.5, 3.1.1 section 1.5)."""
+integers, UTF-8 strings and binary data (5.0 section 1.5, 3.1.1 section 1.5); and the 3.1.1
+PUBLISH encoder of the delivery path (here, and not with the packets, because this module is
+compiled with mypyc and the packets' module is not: see mqttd.build_info)."""
 
 from __future__ import annotations
 
@@ -77,3 +79,28 @@ def read_str(data: Buffer, i: int, end: int, what: str) -> tuple[str, int]:
 def expect_flags(flags: int, expected: int, name: str) -> None:
     if flags != expected:
         raise MalformedPacket(f"{name} with reserved flags {flags:#06b}")
+
+
+# Heads of 3.1.1 PUBLISHes by (topic, first byte, payload size): a device publishes to the
+# same topic with payloads of the same size again and again, so the head is built once.
+_HEADS: dict[tuple[str, int, int], bytes] = {}
+_MAX_HEADS = 4096
+
+
+def encode_publish_parts(
+    topic: str, payload: bytes, qos: int, retain: bool, dup: bool = False
+) -> tuple[bytes, bytes]:
+    """Encode a PUBLISH once as ``(head, tail)``; the packet is ``head + packet_id + tail``
+    for QoS > 0 (two bytes) and ``head + tail`` for QoS 0. The parts are shared by every
+    subscriber the message goes to; only the packet id differs."""
+    first = 0x30 | (qos << 1) | (1 if retain else 0) | (8 if dup else 0)
+    key = (topic, first, len(payload))
+    head = _HEADS.get(key)
+    if head is None:
+        t = topic.encode("utf-8")
+        remaining = 2 + len(t) + len(payload) + (2 if qos else 0)
+        head = bytes((first,)) + encode_varint(remaining) + len(t).to_bytes(2, "big") + t
+        if len(_HEADS) >= _MAX_HEADS:
+            _HEADS.clear()
+        _HEADS[key] = head
+    return head, payload
