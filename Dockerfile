@@ -15,11 +15,14 @@ RUN groupadd --system --gid 1883 mqttd \
     && install -d -o mqttd -g mqttd -m 0750 /data
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY mqttd ./mqttd
 COPY persistence ./persistence
 COPY devices ./devices
-RUN pip install . && rm -rf /src
+# the compiled build (docs/COMPILED.md): a C compiler for the install only
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install . \
+    && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/* /src
 COPY deploy/docker.yaml /etc/mqttd/mqttd.yaml
 
 USER mqttd
