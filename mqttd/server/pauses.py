@@ -41,19 +41,30 @@ class ReadPauses:
         engine = self.engine
         engine.read_pauses += 1
         engine.paused_readers += 1
-        timeout_s = engine.config.limits.stalled_output_timeout_s
-        flow = engine.flow
         try:
             while engine.reading_paused(conn) and not conn.closing:
-                # held by subscribers it feeds: look again when the first of them would
-                # count as stalled (mqttd.engine.flow)
-                deadline = flow.stall_deadline(conn)
-                wait_s = timeout_s if deadline is None else deadline - time.monotonic()
-                with trio.move_on_after(max(wait_s, 0.0)):
+                with trio.move_on_after(self.stall_wait_s(conn)):
                     await self._progress.wait()
                     continue
-                if deadline is not None:
-                    flow.release_stalled(conn, time.monotonic())
-                engine.disconnect_stalled_clients(trio.current_time())
+                self.stall_check(conn)
         finally:
             engine.paused_readers -= 1
+
+    # (the reactor's paused connections wait on its timers with these two)
+
+    def stall_wait_s(self, conn: Connection) -> float:
+        """How long the paused reader of ``conn`` waits for progress before it looks at
+        what holds it: held by subscribers it feeds, until the first of them would count
+        as stalled (mqttd.engine.flow); else ``stalled_output_timeout_s``."""
+        deadline = self.engine.flow.stall_deadline(conn)
+        if deadline is None:
+            return self.engine.config.limits.stalled_output_timeout_s
+        return max(deadline - time.monotonic(), 0.0)
+
+    def stall_check(self, conn: Connection) -> None:
+        """That wait ran out: the subscribers holding ``conn`` whose output has not moved
+        count as stalled (releasing it), and stalled clients are disconnected while the
+        broker is over its buffer limit."""
+        engine = self.engine
+        engine.flow.release_stalled(conn, time.monotonic())
+        engine.disconnect_stalled_clients(trio.current_time())

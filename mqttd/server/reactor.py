@@ -35,7 +35,6 @@ import heapq
 import logging
 import math
 import select
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -350,17 +349,7 @@ class Reactor:
             engine.paused_readers += 1
             self._paused.add(client)
             self._update(client)
-        self._set_timer(client, self._stall_check_at(client))
-
-    def _stall_check_at(self, client: Client) -> float:
-        """When a paused connection looks at its holders again (see ReadPauses)."""
-        engine = self.engine
-        deadline = engine.flow.stall_deadline(client.conn)
-        if deadline is None:
-            wait_s = engine.config.limits.stalled_output_timeout_s
-        else:
-            wait_s = max(deadline - time.monotonic(), 0.0)
-        return trio.current_time() + wait_s
+        self._set_timer(client, trio.current_time() + self.pauses.stall_wait_s(client.conn))
 
     def _unpause(self, client: Client) -> None:
         if client.state == PAUSED:
@@ -426,13 +415,10 @@ class Reactor:
             # 5.0: say why (DISCONNECT 0x8D), flushed within CLOSE_FLUSH_TIMEOUT_S
             conn.close(KeepAliveTimeout("keep alive timeout"))
         elif state == PAUSED:
-            engine = self.engine
-            if engine.flow.stall_deadline(conn) is not None:
-                engine.flow.release_stalled(conn, time.monotonic())
-            engine.disconnect_stalled_clients(now)
+            self.pauses.stall_check(conn)
             if client.state == PAUSED and not conn.closing:
-                if engine.reading_paused(conn):
-                    self._set_timer(client, self._stall_check_at(client))
+                if self.engine.reading_paused(conn):
+                    self._set_timer(client, now + self.pauses.stall_wait_s(conn))
                 else:
                     self._recheck = True
         elif state == WAITING:
