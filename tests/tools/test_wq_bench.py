@@ -15,7 +15,8 @@ def test_work_queue_rows_deliver_every_job_once_and_reject_a_tenth():
         assert mine["status"] == "ok", mine.get("error")
         assert mine["delivered"] == mine["expected"] == 400
         assert mine["lost"] == mine["duplicated"] == mine["unexpected"] == 0
-        assert mine["broker_cpu_us_per_job"] > 0 and mine["msgs_per_s"] > 0
+        # (CPU time comes in 10 ms clock ticks: 400 jobs may take less than one)
+        assert mine["broker_cpu_us_per_job"] >= 0 and mine["msgs_per_s"] > 0
         expected_rejections = 40 if scenario == "workqueue" else 0
         assert mine["rejected"] == expected_rejections
         for name in BROKERS[1:]:
