@@ -112,7 +112,7 @@ class Decoder:
         *,
         accept_v5: bool = False,
     ) -> None:
-        self._buf = bytearray()
+        self._buf = b""
         self.max_packet_size = max_packet_size
         self.accept_v5 = accept_v5
         # 0 until a CONNECT is seen (or set by a client-side caller)
@@ -132,22 +132,24 @@ class Decoder:
         """Bytes held for a packet that is not complete yet."""
         return len(self._buf)
 
-    def feed(self, data: Buffer) -> list[Packet]:
+    def feed(self, data: bytes | bytearray) -> list[Packet]:
         """Add ``data``; return the packets completed by it, in order.
 
         Raises :class:`MQTTError` for bad input; the exception's ``packets_before``
         holds the packets that were complete before the bad one. After an error the
         decoder must not be used again (the connection is closed).
         """
-        buf: Buffer
+        buf: bytes
         held = self._buf
         if held:
             # the bytes of an unfinished packet, then ``data``: joined as bytes, whose
             # slices (the topics and payloads below) are bytes without another copy, as
             # a bytearray's are not
-            buf = bytes(held) + data
-        else:
+            buf = held + data
+        elif type(data) is bytes:
             buf = data
+        else:
+            buf = bytes(data)
         n = len(buf)
         pos = 0
         out: list[Packet] = []
@@ -194,12 +196,12 @@ class Decoder:
                     decoders = self._decoders
         except MQTTError as exc:
             exc.packets_before = out
-            self._buf = bytearray()
+            self._buf = b""
             raise
         if pos < n:
-            self._buf = bytearray(buf[pos:])
+            self._buf = buf[pos:]
         elif held:
-            self._buf = bytearray()
+            self._buf = b""
         return out
 
     # -- one method per packet type: (flags, buffer, body start, body end) -> packet --
@@ -298,7 +300,7 @@ class Decoder:
         i += 2
         if i + n > end:
             raise MalformedPacket(f"topic name length {n} runs past the end of the packet")
-        raw = bytes(data[i:i + n])
+        raw = data[i:i + n]
         topic = _TOPICS.get(raw)  # a device publishes to the same topics again and again
         if topic is None:
             topic = _topic_name(raw)
@@ -314,7 +316,7 @@ class Decoder:
         # packets.wire_publish, inlined (once per PUBLISH received)
         packet = _new_object(_WirePublish)
         packet.topic = topic
-        packet.payload = bytes(data[i:end])
+        packet.payload = data[i:end]
         packet.qos = qos
         packet.retain = flags & 1 != 0
         packet.dup = dup

@@ -152,7 +152,7 @@ def publish(dec: object, flags: int, data: Buffer, i: int, end: int) -> Packet:
     if not topic and "topic_alias" not in props:
         # 5.0 section 3.3.2.1: an empty topic name needs a Topic Alias
         raise ProtocolError("PUBLISH with an empty topic name and no Topic Alias")
-    return Publish(topic, bytes(data[i:end]), qos, bool(flags & 1), dup, packet_id, props)
+    return Publish(topic, data[i:end], qos, bool(flags & 1), dup, packet_id, props)
 
 
 def _ack(flags: int, data: Buffer, i: int, end: int, kind: int, expected: int

@@ -252,7 +252,7 @@ def decode_properties(data: Buffer, i: int, end: int, packet_type: int) -> tuple
             i += 2
             if i + n > stop:
                 raise MalformedPacket(f"{spec.title} of {n} bytes runs past the property length")
-            value = bytes(data[i:i + n])
+            value = data[i:i + n]
             i += n
         check = _CHECKS.get(ident)
         if check is not None:

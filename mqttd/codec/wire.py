@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from mqttd.codec.errors import MalformedPacket
 
-Buffer = bytes | bytearray
+# What the decoders read: bytes only, so that the compiled build indexes and slices it
+# without a generic call per access (Decoder.feed turns a bytearray into bytes first)
+Buffer = bytes
 
 MAX_VARINT = 268_435_455
 
@@ -62,7 +64,7 @@ def read_bin(data: Buffer, i: int, end: int, what: str) -> tuple[bytes, int]:
     i += 2
     if i + n > end:
         raise MalformedPacket(f"{what} length {n} runs past the end of the packet")
-    return bytes(data[i:i + n]), i + n
+    return data[i:i + n], i + n
 
 
 def read_str(data: Buffer, i: int, end: int, what: str) -> tuple[str, int]:

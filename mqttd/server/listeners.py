@@ -144,6 +144,11 @@ class BoundListener:
     refused: int = 0  # over this listener's max_connections
     handshake_failures: int = 0  # TLS handshake or WebSocket upgrade failed or refused
     _refusals: _RefusalLog | None = None
+    # plain MQTT over TCP (served by the reactor): the accept path's test, as an attribute
+    plain_mqtt: bool = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.plain_mqtt = self.scheme == "mqtt"
 
     @property
     def scheme(self) -> str:
@@ -292,7 +297,7 @@ class TCPServer:
         bound.connections += 1
         bound.accepted += 1
         reactor = self.reactor
-        if reactor is not None and bound.scheme == "mqtt":
+        if reactor is not None and bound.plain_mqtt:
             try:
                 peer = format_address(*address[:2])
             except (TypeError, ValueError):

@@ -133,6 +133,8 @@ class Reactor:
         self._heap: list[tuple[float, int, int, Client]] = []
         self._heap_seq = 0
         self._timer_scope: trio.CancelScope | None = None
+        # that scope's deadline, read here (CancelScope.deadline is a Python property)
+        self._timer_deadline = math.inf
         pauses.add_listener(self._progress)
 
     # -- the listeners' side --------------------------------------------------------------
@@ -179,8 +181,10 @@ class Reactor:
         """Serve the connections' timers as they come due."""
         heap = self._heap
         while True:
-            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as scope:
+            deadline = heap[0][0] if heap else math.inf
+            with trio.CancelScope(deadline=deadline) as scope:
                 self._timer_scope = scope
+                self._timer_deadline = deadline
                 await trio.sleep_forever()
             self._timer_scope = None
             now = trio.current_time()
@@ -393,8 +397,8 @@ class Reactor:
         self._heap_seq += 1
         heapq.heappush(self._heap, (at, self._heap_seq, client.timer_gen, client))
         scope = self._timer_scope
-        if scope is not None and at < scope.deadline:
-            scope.deadline = at
+        if scope is not None and at < self._timer_deadline:
+            scope.deadline = self._timer_deadline = at
 
     def _timer_due(self, client: Client, now: float) -> None:
         state = client.state
