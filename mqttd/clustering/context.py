@@ -1,16 +1,18 @@
 """What the parts of a cluster node (retained, liveness) use of the node itself
-(:class:`mqttd.clustering.node.ClusterNode` is it; the parts sit below it)."""
+(:class:`mqttd.clustering.node.ClusterNode` is it; the parts sit below it), and what they
+share: pipelined writes to a stream."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+import trio
+
 from mqttd.cluster.jetstream import PendingPubAck
+from mqttd.cluster.nats_values import NatsError
 
 if TYPE_CHECKING:
-    import trio
-
     from mqttd.cluster.jetstream import JetStream
     from mqttd.cluster.nats_client import NatsClient
     from mqttd.clustering.gate import CommitGate
@@ -61,6 +63,26 @@ class PipelinedWrites:
     node: NodeContext
     writes: Sequence[PipelinedWrite]
     _unsent: int  # writes with pending None
+
+    def _send_now_or_later(self, write: PipelinedWrite, ready: bool) -> None:
+        """Send ``write`` at once when the stream is ``ready`` and no earlier write waits to
+        be sent (that keeps them in order); otherwise, or when the client cannot take it now,
+        count it unsent, for :meth:`_send_unsent`. The caller then queues it in ``writes``."""
+        if ready and not self._unsent:
+            node = self.node
+            try:
+                write.pending = PendingPubAck(node.client.request_nowait(
+                    write.subject, write.payload, write.block, node.config.js_timeout_s))
+            except (trio.WouldBlock, NatsError):
+                pass
+        if write.pending is None:
+            self._unsent += 1
+
+    def _send_again(self, write: PipelinedWrite) -> None:
+        """``write`` failed: :meth:`_send_unsent` sends it again (with the same Nats-Msg-Id,
+        so the stream stores it once)."""
+        write.pending = None
+        self._unsent += 1
 
     async def _send_unsent(self) -> None:
         """Send, in order, the writes not sent yet (or to be sent again)."""

@@ -262,14 +262,7 @@ class ClusterGroups(PipelinedWrites):
                           len(payload), topic, client.max_payload, known.name)
                 continue
             write = GroupWrite(ticket, hold, GROUP_PREFIX + known.key, payload, block)
-            if node.streams_ready and not self._unsent:
-                try:
-                    write.pending = PendingPubAck(client.request_nowait(
-                        write.subject, payload, block, node.config.js_timeout_s))
-                except (trio.WouldBlock, NatsError):
-                    pass
-            if write.pending is None:
-                self._unsent += 1
+            self._send_now_or_later(write, node.streams_ready)
             self.writes.append(write)
         self._wake()
 
@@ -302,8 +295,7 @@ class ClusterGroups(PipelinedWrites):
                 return
             except NatsError as exc:
                 self.write_retries += 1
-                write.pending = None
-                self._unsent += 1
+                self._send_again(write)
                 self.node.warn("group-write", "cluster: storing a message for a group in "
                                "%s failed (%s); trying again", STREAM, exc)
                 await trio.sleep(backoff)

@@ -421,15 +421,7 @@ class ClusterSessions(PipelinedWrites):
         return (head + "\r\n").encode()
 
     def _write(self, write: QueueWrite) -> None:
-        node = self.node
-        if self.ready and not self._unsent:
-            try:
-                write.pending = PendingPubAck(node.client.request_nowait(
-                    write.subject, write.payload, write.block, node.config.js_timeout_s))
-            except (trio.WouldBlock, NatsError):
-                pass
-        if write.pending is None:
-            self._unsent += 1
+        self._send_now_or_later(write, self.ready)
         self.writes.append(write)
         self._writes_changed.set()
 
@@ -463,8 +455,7 @@ class ClusterSessions(PipelinedWrites):
                           write.client_id)
             except NatsError as exc:
                 self.queue_retries += 1
-                write.pending = None
-                self._unsent += 1
+                self._send_again(write)
                 node.warn("queue", "cluster: writing to the queue of session %s failed (%s); "
                           "trying again", write.client_id, exc)
                 await trio.sleep(backoff)
