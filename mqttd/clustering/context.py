@@ -1,19 +1,20 @@
 """What the parts of a cluster node (retained, liveness) use of the node itself
 (:class:`mqttd.clustering.node.ClusterNode` is it; the parts sit below it), and what they
-share: pipelined writes to a stream."""
+share: pipelined writes to a stream, and the watch of a KV bucket."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from mqttd.cluster.jetstream import PendingPubAck
-from mqttd.cluster.nats_values import NatsError
+from mqttd.cluster.nats_values import ClientClosedError, NatsError
 
 if TYPE_CHECKING:
     from mqttd.cluster.jetstream import JetStream
+    from mqttd.cluster.kv import KeyValue, KvEntry
     from mqttd.cluster.nats_client import NatsClient
     from mqttd.clustering.gate import CommitGate
     from mqttd.config import Cluster
@@ -94,3 +95,34 @@ class PipelinedWrites:
                                                    timeout_s)
                 write.pending = PendingPubAck(reply)
                 self._unsent -= 1
+
+
+async def watch_bucket(
+    node: NodeContext,
+    kv: KeyValue,
+    keys: str,
+    warn_kind: str,
+    on_entry: Callable[[KvEntry], None],
+    on_loaded: Callable[[], None],
+    max_backoff_s: float = 2.0,
+) -> None:
+    """Follow the ``keys`` of a KV bucket: every entry (deletes included) to ``on_entry``,
+    ``on_loaded`` once the current ones are all delivered, then every change. When the
+    watch fails, warn and watch again after a backoff; return when the client closes."""
+    backoff = 0.05
+    while True:
+        try:
+            async with kv.watch(keys, heartbeat_s=max(1.0, node.config.heartbeat_s)) as entries:
+                backoff = 0.05
+                async for entry in entries:
+                    if entry is None:
+                        on_loaded()
+                    else:
+                        on_entry(entry)
+        except (ClientClosedError, trio.EndOfChannel):
+            return  # stopping
+        except NatsError as exc:
+            node.warn(warn_kind, "cluster: watching %s failed (%s); trying again",
+                      kv.bucket, exc)
+            await trio.sleep(backoff)
+            backoff = min(2 * backoff, max_backoff_s)
