@@ -19,6 +19,7 @@ As a library::
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 from collections.abc import Callable
@@ -27,8 +28,9 @@ from typing import Any
 import attrs
 import trio
 
-from devices.client import Backoff, Client, run_with_reconnect
+from devices.client import Backoff, Client
 from devices.fleet import Topics
+from devices.subscriber import Subscriber
 from mqttd import codec
 
 DEFAULT_TOPICS = Topics()
@@ -116,9 +118,7 @@ class Consumer:
     backoff_initial_s: float = 0.5
     stats: ConsumerStats = attrs.field(init=False, factory=ConsumerStats)
     client: Client = attrs.field(init=False)
-    _stop: trio.Event = attrs.field(init=False, factory=trio.Event)
-    _scope: trio.CancelScope = attrs.field(init=False, factory=trio.CancelScope)
-    _task_status: Any = attrs.field(init=False, default=None)
+    _subscriber: Subscriber = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.client = Client(
@@ -127,6 +127,7 @@ class Consumer:
             password=self.password.encode() if self.password is not None else None,
             on_message=self._on_message,
         )
+        self._subscriber = Subscriber(self.client)
 
     @property
     def subscription(self) -> str:
@@ -134,9 +135,7 @@ class Consumer:
 
     def stop(self) -> None:
         """Disconnect and end :meth:`run` (at once if not connected: no reconnecting)."""
-        self._stop.set()
-        if not self.client.is_connected:
-            self._scope.cancel()
+        self._subscriber.stop()
 
     def _on_message(self, packet: codec.Publish) -> None:
         stats = self.stats
@@ -168,43 +167,31 @@ class Consumer:
             (code,) = await client.subscribe((self.subscription, self.qos))
             if code == 0x80:
                 raise RuntimeError(f"subscription to {self.subscription!r} refused")
-        if self._task_status is not None:
-            self._task_status.started(self)
-            self._task_status = None
-        await self._stop.wait()
-        return True
+        return await self._subscriber.subscribed()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> ConsumerStats:
         """Consume until ``count`` messages, ``duration_s`` or :meth:`stop`; reconnects when
         the broker goes away. Reports started once subscribed."""
         started = trio.current_time()
-        self._task_status = task_status
         try:
-            async with trio.open_nursery() as nursery:
-                if self.report is not None:
-                    nursery.start_soon(self._report_loop, started)
-                if self.duration_s is not None:
-                    nursery.start_soon(self._stop_after, self.duration_s)
-                with self._scope:
-                    await run_with_reconnect(self.client, self._session, on_error=self._on_error,
-                                             backoff=Backoff(self.backoff_initial_s))
-                nursery.cancel_scope.cancel()
+            await self._subscriber.run(
+                self._session, backoff=Backoff(self.backoff_initial_s), on_error=self._on_error,
+                task_status=task_status, started_with=self,
+                report_loop=(functools.partial(self._report_loop, started)
+                             if self.report is not None else None),
+                duration_s=self.duration_s,
+            )
         finally:
             self.stats.elapsed_s = trio.current_time() - started
         return self.stats
 
     def _on_error(self, exc: BaseException) -> None:
-        if self._stop.is_set():  # lost while stopping: done
-            self._scope.cancel()
+        if self._subscriber.lost_while_stopping():
             return
         self.stats.errors += 1
         self.stats.last_error = str(exc) or repr(exc)
         if self.report is not None:
             self.report(f"connection error: {self.stats.last_error} (reconnecting)")
-
-    async def _stop_after(self, duration_s: float) -> None:
-        await trio.sleep(duration_s)
-        self.stop()
 
     def device_lines(self) -> list[str]:
         lines = []

@@ -19,6 +19,7 @@ As a library::
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from typing import Any
@@ -26,8 +27,9 @@ from typing import Any
 import attrs
 import trio
 
-from devices.client import Backoff, Client, run_with_reconnect
+from devices.client import Backoff, Client
 from devices.consumer import shared_filter
+from devices.subscriber import Subscriber
 from mqttd import codec
 
 UNSPECIFIED_ERROR = 0x80
@@ -67,9 +69,7 @@ class Worker:
     client: Client = attrs.field(init=False)
     _seen: set[bytes] = attrs.field(init=False, factory=set)
     _rng: random.Random = attrs.field(init=False)
-    _stop: trio.Event = attrs.field(init=False, factory=trio.Event)
-    _scope: trio.CancelScope = attrs.field(init=False, factory=trio.CancelScope)
-    _task_status: Any = attrs.field(init=False, default=None)
+    _subscriber: Subscriber = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -80,15 +80,14 @@ class Worker:
             on_message=self._on_message, protocol_level=codec.PROTOCOL_5,
             session_expiry_s=3600 if self.persistent else 0,
         )
+        self._subscriber = Subscriber(self.client)
 
     @property
     def subscription(self) -> str:
         return shared_filter(self.filter, self.group)
 
     def stop(self) -> None:
-        self._stop.set()
-        if not self.client.is_connected:
-            self._scope.cancel()
+        self._subscriber.stop()
 
     def _on_message(self, packet: codec.Publish) -> int:
         """Process a job: 0 (PUBACK Success) or the failure's reason code."""
@@ -114,42 +113,30 @@ class Worker:
             (code,) = await client.subscribe((self.subscription, self.qos))
             if code >= 0x80:
                 raise RuntimeError(f"subscription to {self.subscription!r} refused: {code:#x}")
-        if self._task_status is not None:
-            self._task_status.started(self)
-            self._task_status = None
-        await self._stop.wait()
-        return True
+        return await self._subscriber.subscribed()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> WorkerStats:
         """Work until ``count`` jobs, ``duration_s`` or :meth:`stop`; reconnects when the
         broker goes away. Reports started once subscribed."""
         started = trio.current_time()
-        self._task_status = task_status
         try:
-            async with trio.open_nursery() as nursery:
-                if self.report is not None:
-                    nursery.start_soon(self._report_loop, started)
-                if self.duration_s is not None:
-                    nursery.start_soon(self._stop_after, self.duration_s)
-                with self._scope:
-                    await run_with_reconnect(self.client, self._session, on_error=self._on_error,
-                                             backoff=Backoff(0.5))
-                nursery.cancel_scope.cancel()
+            await self._subscriber.run(
+                self._session, backoff=Backoff(0.5), on_error=self._on_error,
+                task_status=task_status, started_with=self,
+                report_loop=(functools.partial(self._report_loop, started)
+                             if self.report is not None else None),
+                duration_s=self.duration_s,
+            )
         finally:
             self.stats.elapsed_s = trio.current_time() - started
         return self.stats
 
     def _on_error(self, exc: BaseException) -> None:
-        if self._stop.is_set():
-            self._scope.cancel()
+        if self._subscriber.lost_while_stopping():
             return
         self.stats.errors += 1
         if self.report is not None:
             self.report(f"connection error: {exc or repr(exc)} (reconnecting)")
-
-    async def _stop_after(self, duration_s: float) -> None:
-        await trio.sleep(duration_s)
-        self.stop()
 
     def line(self) -> str:
         s = self.stats

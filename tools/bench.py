@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 from tools import cgen, loadgen, wqgen
 
@@ -298,7 +298,29 @@ def broker_version(name: str) -> str:
         return "unknown"
 
 
-class Broker:
+class StartedInWith:
+    """``with`` calls ``start`` and, at the end, ``stop``; a ``start`` that fails half-way
+    is stopped too (``stop`` stops what did start), so that no process outlives the run."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Broker(StartedInWith):
     """One broker process in its own directory; ``with`` starts and always stops it."""
 
     def __init__(self, name: str, workdir: str, durable: bool, devices: bool = False,
@@ -359,17 +381,6 @@ class Broker:
                 )
             return [amqtt_path() or "amqtt", "-c", config]
         raise ValueError(f"unknown broker {self.name!r}")
-
-    def __enter__(self) -> Broker:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def start(self) -> None:
         command = self.command()
@@ -445,26 +456,22 @@ def machine_busy_s() -> float:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
-class BrokerProbe(loadgen.Probe):
-    """Broker CPU seconds and the whole machine's, sampled every ``SAMPLE_S`` from the go
-    signal until ``stop``, so that they can be read over the measured window (go to the
-    last delivery) rather than until the generator reported (which may include its
-    wait for stragglers)."""
+class SampledProbe(loadgen.Probe):
+    """A probe that takes a sample (``_sample``, which appends it to ``samples``) at the go
+    signal, every ``SAMPLE_S`` after it in a thread, and at ``stop``, so that what it
+    measures can be read over the measured window (go to the last delivery) rather than
+    until the generator reported (which may include its wait for stragglers)."""
 
     SAMPLE_S = 0.01
+    THREAD_NAME = "probe"
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.samples: list[tuple[int, float, float]] = []  # (monotonic ns, broker, machine)
+    def __init__(self) -> None:
+        self.samples: list[Any] = []
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _sample(self) -> None:
-        try:
-            cpu = cpu_seconds(self.pid)
-        except (FileNotFoundError, ProcessLookupError):
-            cpu = self.samples[-1][1] if self.samples else 0.0
-        self.samples.append((time.monotonic_ns(), cpu, machine_busy_s()))
+        raise NotImplementedError
 
     def _run(self) -> None:
         while not self._done.wait(self.SAMPLE_S):
@@ -474,7 +481,7 @@ class BrokerProbe(loadgen.Probe):
         self.samples = []
         self._sample()
         self._done.clear()
-        self._thread = threading.Thread(target=self._run, name="broker-probe", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.THREAD_NAME, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -482,6 +489,25 @@ class BrokerProbe(loadgen.Probe):
         if self._thread is not None:
             self._thread.join()
         self._sample()
+
+
+class BrokerProbe(SampledProbe):
+    """Broker CPU seconds and the whole machine's, sampled from the go signal until
+    ``stop``."""
+
+    THREAD_NAME = "broker-probe"
+
+    def __init__(self, pid: int) -> None:
+        super().__init__()
+        self.pid = pid
+        self.samples: list[tuple[int, float, float]] = []  # (monotonic ns, broker, machine)
+
+    def _sample(self) -> None:
+        try:
+            cpu = cpu_seconds(self.pid)
+        except (FileNotFoundError, ProcessLookupError):
+            cpu = self.samples[-1][1] if self.samples else 0.0
+        self.samples.append((time.monotonic_ns(), cpu, machine_busy_s()))
 
     @property
     def t0_ns(self) -> int:

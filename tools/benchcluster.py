@@ -34,7 +34,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -233,7 +232,7 @@ class ClusterNode(bench.Broker):
             time.sleep(POLL_S)
 
 
-class Cluster:
+class Cluster(bench.StartedInWith):
     """3 nats-server (JetStream cluster) + 2 mqttd nodes; ``with`` starts them, ready, and
     always stops every one of them by PID."""
 
@@ -243,17 +242,6 @@ class Cluster:
         self.servers: list[NatsServer] = []
         self.nodes: list[ClusterNode] = []
         self.meta_leader = ""
-
-    def __enter__(self) -> Cluster:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def start(self) -> None:
         for attempt in range(START_ATTEMPTS):
@@ -339,24 +327,23 @@ class Cluster:
 # -- measuring -----------------------------------------------------------------------
 
 
-class GroupProbe(loadgen.Probe):
+class GroupProbe(bench.SampledProbe):
     """CPU seconds of groups of processes (``{"mqttd": [pid, ...], "nats": [...]}``) and of
     the whole machine, sampled every ``SAMPLE_S`` from the go signal until ``stop``.
     ``before_go`` runs in ``start`` before the first sample (the cross-node probe); ``pid``
     is the process the C generator watches to tell a broker still working through a
     backlog (the subscriber's node)."""
 
-    SAMPLE_S = 0.01
+    THREAD_NAME = "cluster-probe"
 
     def __init__(self, groups: dict[str, list[int]], pid: int,
                  before_go: Callable[[], None] | None = None) -> None:
+        super().__init__()
         self.groups = groups
         self.pid = pid
         self.before_go = before_go
         self.samples: list[tuple[int, dict[str, float], float]] = []
         self._last: dict[int, float] = {}
-        self._done = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def _cpu(self, pid: int) -> float:
         try:
@@ -369,24 +356,10 @@ class GroupProbe(loadgen.Probe):
         cpu = {name: sum(self._cpu(pid) for pid in pids) for name, pids in self.groups.items()}
         self.samples.append((time.monotonic_ns(), cpu, bench.machine_busy_s()))
 
-    def _run(self) -> None:
-        while not self._done.wait(self.SAMPLE_S):
-            self._sample()
-
     def start(self) -> None:
         if self.before_go is not None:
             self.before_go()
-        self.samples = []
-        self._sample()
-        self._done.clear()
-        self._thread = threading.Thread(target=self._run, name="cluster-probe", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._done.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._sample()
+        super().start()
 
     def window(self, elapsed_s: float | None) -> tuple[float, dict[str, float], float]:
         """(seconds, CPU s per group, machine busy CPU s) from the go signal to the first

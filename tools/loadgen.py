@@ -577,6 +577,67 @@ def _send_all(sock: socket.socket, data: bytes) -> None:
             poller.poll(100)
 
 
+@dataclass
+class Received:
+    """How a :func:`receive` loop ended."""
+
+    t_last_ns: int = 0  # when the last data came (0: none came)
+    timed_out: bool = False  # the deadline passed first
+    closed: int = 0  # connections the broker closed
+
+
+def receive(
+    control: Control, sel: selectors.BaseSelector, deadline: float,
+    done: Callable[[], bool], on_data: Callable[[Any, bytes, int], None],
+    on_closed: Callable[[Any], None] | None = None, batch_wait_s: float = BATCH_WAIT_S,
+) -> Received:
+    """The receiving loop of the subscriber and work-queue workers: read the non-blocking
+    sockets registered in ``sel`` and hand what each read gives to ``on_data(key.data, data,
+    monotonic ns)``, until ``done()``, the ``deadline``, the publishers are done and nothing
+    came for ``SETTLE_S``, the coordinator says stop, or the broker closed every socket (a
+    closed one is unregistered and given to ``on_closed(key.data)``). Less than
+    ``BATCH_BYTES`` read in a round: sleep ``batch_wait_s`` (see ``BATCH_WAIT_S``; 0: no
+    wait)."""
+    ended = Received()
+    last_data = time.monotonic()
+    next_check = 0.0
+    while not done():
+        now_s = time.monotonic()
+        if now_s > deadline:
+            ended.timed_out = True
+            break
+        if now_s > next_check:
+            next_check = now_s + EVENT_CHECK_S
+            if control.pubs_done.is_set() and now_s - last_data > SETTLE_S:
+                break
+            if control.stop.is_set() or not sel.get_map():
+                break
+        received = 0
+        for key, _ in sel.select(timeout=0.1):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            try:
+                data = sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                continue
+            except ConnectionError:
+                data = b""
+            if not data:
+                sel.unregister(sock)
+                if on_closed is not None:
+                    on_closed(key.data)
+                ended.closed += 1
+                continue
+            ended.t_last_ns = time.monotonic_ns()
+            received += len(data)
+            on_data(key.data, data, ended.t_last_ns)
+        if received:
+            last_data = ended.t_last_ns / 1e9
+            if batch_wait_s and received < BATCH_BYTES:
+                time.sleep(batch_wait_s)
+    return ended
+
+
 def subscriber_worker(
     control: Control, port: int, first: int, n: int, topic_filter: str, qos: int, clean: bool,
     pubs: int, per_pub: int, batch_wait_s: float = BATCH_WAIT_S,
@@ -604,48 +665,21 @@ def subscriber_worker(
     control.ready()
     deadline = control.wait_go()
     cpu0 = _cpu_s()
-    t_last = 0
-    last_data = time.monotonic()
-    timed_out = False
-    closed = 0
     expected = tally.expected
     acks: list[bytes] = []
-    next_check = 0.0
-    while tally.unique < expected:
-        now_s = time.monotonic()
-        if now_s > deadline:
-            timed_out = True
-            break
-        if now_s > next_check:
-            next_check = now_s + EVENT_CHECK_S
-            if control.pubs_done.is_set() and now_s - last_data > SETTLE_S:
-                break
-            if control.stop.is_set() or not sel.get_map():
-                break
-        received = 0
-        for key, _ in sel.select(timeout=0.1):
-            conn = key.data
-            try:
-                data = conn.sock.recv(RECV_SIZE)
-            except BlockingIOError:
-                continue
-            except ConnectionError:
-                data = b""
-            if not data:
-                sel.unregister(conn.sock)
-                conn.open = False
-                closed += 1
-                continue
-            t_last = time.monotonic_ns()
-            received += len(data)
-            tally.feed(conn, data, t_last, acks)
-            if acks:
-                _send_all(conn.sock, PUBACK_HEAD + PUBACK_HEAD.join(acks))
-                acks.clear()
-        if received:
-            last_data = t_last / 1e9
-            if batch_wait_s and received < BATCH_BYTES:
-                time.sleep(batch_wait_s)
+
+    def on_data(conn: _SubConn, data: bytes, now_ns: int) -> None:
+        tally.feed(conn, data, now_ns, acks)
+        if acks:
+            _send_all(conn.sock, PUBACK_HEAD + PUBACK_HEAD.join(acks))
+            acks.clear()
+
+    def on_closed(conn: _SubConn) -> None:
+        conn.open = False
+
+    ended = receive(control, sel, deadline, lambda: tally.unique >= expected, on_data,
+                    on_closed, batch_wait_s)
+    t_last, timed_out, closed = ended.t_last_ns, ended.timed_out, ended.closed
     cpu = _cpu_s() - cpu0
     sel.close()
     for conn in conns:
@@ -984,6 +1018,15 @@ def percentiles(latencies: array.array) -> dict[str, float] | None:
 def _run_pub_sub(
     coord: Coordinator, probe: Probe, sub_names: list[str], pub_names: list[str],
 ) -> dict[str, Any]:
+    subs, pubs = _pub_sub_reports(coord, probe, sub_names, pub_names)
+    return _merge_subscribers(subs, pubs, coord.t_go_ns)
+
+
+def _pub_sub_reports(
+    coord: Coordinator, probe: Probe, sub_names: list[str], pub_names: list[str],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Once every worker is ready, give the go signal (with ``probe``); the publishers'
+    reports, then (told the publishers are done) the subscribers': (subs, pubs)."""
     coord.collect(sub_names + pub_names, "ready", time.monotonic() + SETUP_TIMEOUT_S)
     coord.start(probe)
     end = time.monotonic() + coord.timeout_s + GRACE_S
@@ -991,7 +1034,7 @@ def _run_pub_sub(
     coord.pubs_done.set()
     subs = coord.collect(sub_names, "done", end)
     probe.stop()
-    return _merge_subscribers(subs, pubs, coord.t_go_ns)
+    return subs, pubs
 
 
 def fan_in(

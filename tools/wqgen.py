@@ -20,23 +20,19 @@ from typing import Any
 
 from mqttd.codec import PROTOCOL_5, ConnAck, Connect, Decoder, SubAck, Subscribe, Subscription
 from tools.loadgen import (
-    BATCH_BYTES,
-    BATCH_WAIT_S,
     DISCONNECT,
-    EVENT_CHECK_S,
-    GRACE_S,
     PAYLOAD,
-    RECV_SIZE,
-    SETTLE_S,
     SETUP_TIMEOUT_S,
     Control,
     Coordinator,
     Probe,
     _cpu_s,
     _merge_subscribers,
+    _pub_sub_reports,
     _send_all,
     _split,
     publisher_worker,
+    receive,
 )
 
 GROUP_FILTER = "$share/bench/bench/#"
@@ -144,49 +140,23 @@ def workers_worker(
     control.ready()
     deadline = control.wait_go()
     cpu0 = _cpu_s()
-    t_last, last_data, next_check, timed_out, closed = 0, time.monotonic(), 0.0, False, 0
     expected = pubs * per_pub
-    while jobs.unique < expected:
-        now_s = time.monotonic()
-        if now_s > deadline:
-            timed_out = True
-            break
-        if now_s > next_check:
-            next_check = now_s + EVENT_CHECK_S
-            if control.pubs_done.is_set() and now_s - last_data > SETTLE_S:
-                break
-            if control.stop.is_set() or not sel.get_map():
-                break
-        received = 0
-        for key, _ in sel.select(timeout=0.1):
-            sock = key.data
-            try:
-                data = sock.recv(RECV_SIZE)
-            except BlockingIOError:
-                continue
-            except ConnectionError:
-                data = b""
-            if not data:
-                sel.unregister(sock)
-                closed += 1
-                continue
-            t_last = time.monotonic_ns()
-            received += len(data)
-            out = bytearray()
-            rests[sock] = jobs.feed(rests[sock], data, out)
-            if out:
-                _send_all(sock, bytes(out))
-        if received:
-            last_data = t_last / 1e9
-            if received < BATCH_BYTES:
-                time.sleep(BATCH_WAIT_S)
+
+    def on_data(sock: socket.socket, data: bytes, now_ns: int) -> None:
+        out = bytearray()
+        rests[sock] = jobs.feed(rests[sock], data, out)
+        if out:
+            _send_all(sock, bytes(out))
+
+    ended = receive(control, sel, deadline, lambda: jobs.unique >= expected, on_data)
     cpu = _cpu_s() - cpu0
     sel.close()
     _disconnect(socks)
     control.done(
         expected=expected, unique=jobs.unique, lost=jobs.acked.count(0),
         duplicated=sum(c - 1 for c in jobs.acked if c > 1), bad=jobs.bad,
-        closed_by_broker=closed, timed_out=timed_out, t_last_ns=t_last, cpu_s=cpu,
+        closed_by_broker=ended.closed, timed_out=ended.timed_out, t_last_ns=ended.t_last_ns,
+        cpu_s=cpu,
         latencies=jobs.latencies.tobytes(), rejected=jobs.rejections,
     )
 
@@ -217,14 +187,7 @@ def work_queue(
             pub_names.append(f"pub{k}")
             coord.spawn(pub_names[-1], publisher_worker, port, list(range(first, first + n)),
                         messages, 1, window)
-        names = ["workers", *pub_names]
-        coord.collect(names, "ready", time.monotonic() + SETUP_TIMEOUT_S)
-        coord.start(probe)
-        end = time.monotonic() + coord.timeout_s + GRACE_S
-        pubs = coord.collect(pub_names, "done", end)
-        coord.pubs_done.set()
-        subs = coord.collect(["workers"], "done", end)
-        probe.stop()
+        subs, pubs = _pub_sub_reports(coord, probe, ["workers"], pub_names)
         result = _merge_subscribers(subs, pubs, coord.t_go_ns)
         result["rejected"] = subs["workers"]["rejected"]
         return result

@@ -61,7 +61,7 @@ from mqttd.cluster.kv import KeyValue, KvEntry
 from mqttd.cluster.nats_protocol import Msg
 from mqttd.cluster.nats_values import ClientClosedError, NatsError
 from mqttd.clustering import subjects, wire
-from mqttd.clustering.context import PipelinedWrites
+from mqttd.clustering.context import PipelinedWrites, watch_bucket
 from mqttd.clustering.gate import NO_FLOOR
 from mqttd.delivery import RemoteJob
 from mqttd.share_groups import ShareGroup, deliver_to
@@ -262,14 +262,7 @@ class ClusterGroups(PipelinedWrites):
                           len(payload), topic, client.max_payload, known.name)
                 continue
             write = GroupWrite(ticket, hold, GROUP_PREFIX + known.key, payload, block)
-            if node.streams_ready and not self._unsent:
-                try:
-                    write.pending = PendingPubAck(client.request_nowait(
-                        write.subject, payload, block, node.config.js_timeout_s))
-                except (trio.WouldBlock, NatsError):
-                    pass
-            if write.pending is None:
-                self._unsent += 1
+            self._send_now_or_later(write, node.streams_ready)
             self.writes.append(write)
         self._wake()
 
@@ -302,8 +295,7 @@ class ClusterGroups(PipelinedWrites):
                 return
             except NatsError as exc:
                 self.write_retries += 1
-                write.pending = None
-                self._unsent += 1
+                self._send_again(write)
                 self.node.warn("group-write", "cluster: storing a message for a group in "
                                "%s failed (%s); trying again", STREAM, exc)
                 await trio.sleep(backoff)
@@ -323,26 +315,9 @@ class ClusterGroups(PipelinedWrites):
     # -- the registry and the index ---------------------------------------------------------
 
     async def _watch_loop(self) -> None:
-        node = self.node
         assert self.kv is not None
-        backoff = 0.05
-        while True:
-            try:
-                async with self.kv.watch("g.>", heartbeat_s=max(1.0, node.config.heartbeat_s)
-                                         ) as entries:
-                    backoff = 0.05
-                    async for entry in entries:
-                        if entry is None:
-                            self._index_loaded()
-                        else:
-                            self._index_entry(entry)
-            except (ClientClosedError, trio.EndOfChannel):
-                return
-            except NatsError as exc:
-                node.warn("groups-watch", "cluster: watching %s failed (%s); trying again",
-                          BUCKET, exc)
-                await trio.sleep(backoff)
-                backoff = min(2 * backoff, 2.0)
+        await watch_bucket(self.node, self.kv, "g.>", "groups-watch",
+                           self._index_entry, self._index_loaded)
 
     def _index_entry(self, entry: KvEntry) -> None:
         parts = entry.key.split(".")

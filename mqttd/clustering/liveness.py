@@ -25,6 +25,7 @@ import trio
 from mqttd import cluster_view
 from mqttd.cluster.kv import KeyValue, KvEntry
 from mqttd.cluster.nats_values import ClientClosedError, NatsError
+from mqttd.clustering.context import watch_bucket
 from mqttd.clustering.subjects import NODE_LOCAL_PREFIXES
 
 if TYPE_CHECKING:
@@ -92,24 +93,11 @@ class Liveness:
 
     async def watch_loop(self) -> None:
         assert self.kv is not None
-        backoff = 0.05
-        while True:
-            try:
-                async with self.kv.watch("n.>", heartbeat_s=max(1.0,
-                                         self.node.config.heartbeat_s)) as entries:
-                    backoff = 0.05
-                    async for entry in entries:
-                        if entry is not None:
-                            self._seen(entry)
-                        else:
-                            self.loaded = True
-            except (ClientClosedError, trio.EndOfChannel):
-                return  # stopping
-            except NatsError as exc:
-                self.node.warn("watch", "cluster: watching %s failed (%s); trying again",
-                               BUCKET, exc)
-                await trio.sleep(backoff)
-                backoff = min(2 * backoff, 2.0)
+        await watch_bucket(self.node, self.kv, "n.>", "watch", self._seen, self._loaded)
+
+    def _loaded(self) -> None:
+        """The watch has delivered every node's last heartbeat."""
+        self.loaded = True
 
     def _seen(self, entry: KvEntry) -> None:
         name = entry.key[2:]

@@ -130,14 +130,7 @@ class RetainedSync(PipelinedWrites):
         self.own_pending[topic] = seq
         if self.restored is not None:
             self.restored.discard(topic)
-        if node.streams_ready and not self._unsent:
-            try:
-                write.pending = PendingPubAck(node.client.request_nowait(
-                    subject, message.payload, block, node.config.js_timeout_s))
-            except (trio.WouldBlock, NatsError):
-                pass
-        if write.pending is None:
-            self._unsent += 1
+        self._send_now_or_later(write, node.streams_ready)
         self.writes.append(write)
         self._wake()
 
@@ -171,8 +164,7 @@ class RetainedSync(PipelinedWrites):
             except NatsError as exc:
                 if not self._superseded(write):
                     self.retries += 1
-                    write.pending = None
-                    self._unsent += 1
+                    self._send_again(write)
                     self.node.warn("retained", "cluster: storing the retained message of "
                                    "%r in MQTTD_RET failed (%s); trying again", write.topic, exc)
                     await trio.sleep(backoff)

@@ -63,7 +63,7 @@ from mqttd.cluster.kv import KeyValue, KvEntry
 from mqttd.cluster.nats_protocol import Msg
 from mqttd.cluster.nats_values import ClientClosedError, NatsError
 from mqttd.clustering import subjects, wire
-from mqttd.clustering.context import PipelinedWrites
+from mqttd.clustering.context import PipelinedWrites, watch_bucket
 from mqttd.clustering.gate import NO_FLOOR
 from mqttd.clustering.streamsession import StreamSession
 from mqttd.codec.errors import ServerUnavailable
@@ -324,25 +324,11 @@ class ClusterSessions(PipelinedWrites):
 
     async def watch_loop(self) -> None:
         assert self.kv is not None
-        node = self.node
-        backoff = 0.05
-        while True:
-            try:
-                async with self.kv.watch("s.>", heartbeat_s=max(1.0, node.config.heartbeat_s)
-                                         ) as entries:
-                    backoff = 0.05
-                    async for entry in entries:
-                        if entry is None:
-                            self.loaded = True
-                        else:
-                            self._seen(entry)
-            except (ClientClosedError, trio.EndOfChannel):
-                return
-            except NatsError as exc:
-                node.warn("sess-watch", "cluster: watching %s failed (%s); trying again",
-                          BUCKET, exc)
-                await trio.sleep(backoff)
-                backoff = min(2 * backoff, 2.0)
+        await watch_bucket(self.node, self.kv, "s.>", "sess-watch", self._seen, self._loaded)
+
+    def _loaded(self) -> None:
+        """The watch has delivered every record the bucket held."""
+        self.loaded = True
 
     def _seen(self, entry: KvEntry) -> None:
         self.index_rev = max(self.index_rev, entry.revision)
@@ -421,15 +407,7 @@ class ClusterSessions(PipelinedWrites):
         return (head + "\r\n").encode()
 
     def _write(self, write: QueueWrite) -> None:
-        node = self.node
-        if self.ready and not self._unsent:
-            try:
-                write.pending = PendingPubAck(node.client.request_nowait(
-                    write.subject, write.payload, write.block, node.config.js_timeout_s))
-            except (trio.WouldBlock, NatsError):
-                pass
-        if write.pending is None:
-            self._unsent += 1
+        self._send_now_or_later(write, self.ready)
         self.writes.append(write)
         self._writes_changed.set()
 
@@ -463,8 +441,7 @@ class ClusterSessions(PipelinedWrites):
                           write.client_id)
             except NatsError as exc:
                 self.queue_retries += 1
-                write.pending = None
-                self._unsent += 1
+                self._send_again(write)
                 node.warn("queue", "cluster: writing to the queue of session %s failed (%s); "
                           "trying again", write.client_id, exc)
                 await trio.sleep(backoff)

@@ -73,6 +73,7 @@ from mqttd.cluster.jetstream import (
 from mqttd.cluster.kv import KV_OPERATION, KeyValue, KvEntry
 from mqttd.cluster.nats_values import ClientClosedError, MaxPayloadError, NatsError
 from mqttd.clustering import subjects
+from mqttd.clustering.context import watch_bucket
 from mqttd.codec import MQTTError
 from mqttd.codec.kinds import WILL
 from mqttd.codec.packets import Will
@@ -408,24 +409,12 @@ class ClusterWills:
 
     async def watch_loop(self) -> None:
         assert self.kv is not None
-        backoff = 0.05
-        while True:
-            try:
-                async with self.kv.watch(PREFIX + ">", heartbeat_s=max(
-                        1.0, self.node.config.heartbeat_s)) as entries:
-                    backoff = 0.05
-                    async for entry in entries:
-                        if entry is None:
-                            self.loaded = True
-                        else:
-                            self._indexed(entry)
-            except (ClientClosedError, trio.EndOfChannel):
-                return
-            except NatsError as exc:
-                self.node.warn("wills-watch", "cluster: watching %s failed (%s); trying "
-                               "again", BUCKET, exc)
-                await trio.sleep(backoff)
-                backoff = min(2 * backoff, MAX_BACKOFF_S)
+        await watch_bucket(self.node, self.kv, PREFIX + ">", "wills-watch", self._indexed,
+                           self._loaded, max_backoff_s=MAX_BACKOFF_S)
+
+    def _loaded(self) -> None:
+        """The watch has delivered the bucket's current keys."""
+        self.loaded = True
 
     def _indexed(self, entry: KvEntry) -> None:
         key = entry.key
