@@ -83,10 +83,13 @@ def expect_flags(flags: int, expected: int, name: str) -> None:
         raise MalformedPacket(f"{name} with reserved flags {flags:#06b}")
 
 
-# Heads of 3.1.1 PUBLISHes by (topic, first byte, payload size): a device publishes to the
-# same topic with payloads of the same size again and again, so the head is built once.
-_HEADS: dict[tuple[str, int, int], bytes] = {}
+# Heads of 3.1.1 PUBLISHes by topic, then by first byte and payload size (one int): a device
+# publishes to the same topic with payloads of the same size again and again, so the head
+# is built once. (Two lookups with a str key whose hash is kept and a small int, cheaper
+# than one with a (topic, first, size) tuple, which is built, hashed and compared.)
+_HEADS: dict[str, dict[int, bytes]] = {}
 _MAX_HEADS = 4096
+_heads_count = 0  # heads in _HEADS, all topics
 
 
 def encode_publish_parts(
@@ -95,14 +98,21 @@ def encode_publish_parts(
     """Encode a PUBLISH once as ``(head, tail)``; the packet is ``head + packet_id + tail``
     for QoS > 0 (two bytes) and ``head + tail`` for QoS 0. The parts are shared by every
     subscriber the message goes to; only the packet id differs."""
+    global _heads_count
     first = 0x30 | (qos << 1) | (1 if retain else 0) | (8 if dup else 0)
-    key = (topic, first, len(payload))
-    head = _HEADS.get(key)
+    key = (len(payload) << 8) | first
+    heads = _HEADS.get(topic)
+    head = heads.get(key) if heads is not None else None
     if head is None:
         t = topic.encode("utf-8")
         remaining = 2 + len(t) + len(payload) + (2 if qos else 0)
         head = bytes((first,)) + encode_varint(remaining) + len(t).to_bytes(2, "big") + t
-        if len(_HEADS) >= _MAX_HEADS:
+        if _heads_count >= _MAX_HEADS:
             _HEADS.clear()
-        _HEADS[key] = head
+            _heads_count = 0
+            heads = None
+        if heads is None:
+            heads = _HEADS[topic] = {}
+        heads[key] = head
+        _heads_count += 1
     return head, payload
