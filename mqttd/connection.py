@@ -150,7 +150,8 @@ class Connection:
     trace: bool = False
 
     def __attrs_post_init__(self) -> None:
-        self.decoder = Decoder(self.max_packet_size, accept_v5=True)
+        # (positional: a keyword argument costs a compiled class's constructor a slow parse)
+        self.decoder = Decoder(self.max_packet_size, 0, True)
 
     def defer(self, ticket: int, data: bytes, puback: bool = False) -> None:
         deferred = self.deferred

@@ -108,7 +108,6 @@ class Decoder:
         self,
         max_packet_size: int = MAX_PACKET_SIZE,
         protocol_level: int = 0,
-        *,
         accept_v5: bool = False,
     ) -> None:
         self._buf = b""

@@ -107,11 +107,11 @@ def accept(
         if persistent and cluster is not None:
             session = cluster.new_session(client_id, **limits)
         else:
+            # (positional, in the fields' order: keywords to a class cost a dict per call)
             session = Session(
-                client_id,
-                persistent=persistent,
-                writer=state.writer if persistent else None,
-                **limits,
+                client_id, persistent, limits["max_inflight"],
+                state.writer if persistent else None, limits["queue_limits"],
+                limits["qos0_buffer_bytes"], limits["counters"],
             )
         state.sessions[client_id] = session
     _bind_session(state, conn, session, packet, username, expiry_s)
@@ -195,11 +195,19 @@ def _bind_session(
     client_id = conn.client_id
     session.expiry_s = expiry_s
     window = state.session_limits(client_id, False)["max_inflight"]
-    session.max_inflight = min(window, (packet.properties or {}).get("receive_maximum", window))
+    # (conditional expressions: min() and max() of two cost an iterator each)
+    wanted = window if packet.properties is None else packet.properties.get(
+        "receive_maximum", window
+    )
+    session.max_inflight = wanted if wanted < window else window
     # pace before the queue budget drops anything (mqttd.engine.flow)
     high = state.config.limits.queue_high_watermark_messages
     budget = session.out.limits.max_messages
-    conn.pace_messages = max(1, min(high, budget // 2)) if budget >= 0 else high
+    if budget >= 0:
+        pace = high if high < budget // 2 else budget // 2
+        conn.pace_messages = pace if pace > 1 else 1
+    else:
+        conn.pace_messages = high
     if session.writer is not None:
         session.writer.submit(ops.SaveSession(client_id, None, expiry_s))
     conn.session = session

@@ -96,18 +96,17 @@ class Engine(BrokerState):
     def new_connection(
         self, peer: str, listener: Listener | None = None, tls_identity: str | None = None
     ) -> Connection:
-        conn = Connection(
-            peer=peer,
-            listener=listener,
-            tls_identity=tls_identity,
-            max_packet_size=self.config.limits.max_packet_size_bytes,
-            account=self.buffers,
-            pace_bytes=self.config.limits.output_high_watermark_bytes,
-            pace_messages=self.config.limits.queue_high_watermark_messages,
-            on_fed=self._on_fed,
-            publish_tokens=max(self.publish_rate, 1.0),  # the bucket starts full
-            trace=tracing(),  # decided once per connection: the hot path tests a flag
-        )
+        # (the first fields positionally, the rest set after: keywords to a class cost a
+        # dict per call)
+        limits = self.config.limits
+        conn = Connection(peer, limits.max_packet_size_bytes, listener, tls_identity)
+        conn.account = self.buffers
+        conn.pace_bytes = limits.output_high_watermark_bytes
+        conn.pace_messages = limits.queue_high_watermark_messages
+        conn.on_fed = self._on_fed
+        # the bucket starts full (a conditional expression: max() costs an iterator)
+        conn.publish_tokens = self.publish_rate if self.publish_rate > 1.0 else 1.0
+        conn.trace = tracing()  # decided once per connection: the hot path tests a flag
         self.connections.add(conn)
         self.connections_total += 1
         return conn
