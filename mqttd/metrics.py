@@ -157,6 +157,9 @@ _CLUSTER: tuple[tuple[str, str, str, str], ...] = (
     ("mqttd_cluster_paced_by", "gauge",
      "Nodes asking this one to pause its publishers now (its clients are not read).",
      "cluster_paced_by"),
+    ("mqttd_cluster_pacing", "gauge",
+     "Nodes this one is asking to pause now (its subscribers are behind on their messages).",
+     "cluster_pacing"),
     # wills in MQTTD_WILLS (mqttd.clustering.wills)
     ("mqttd_cluster_wills_local", "gauge",
      "Wills of this node's clients that it keeps in MQTTD_WILLS.", "cluster_wills_local"),

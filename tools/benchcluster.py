@@ -450,6 +450,8 @@ COUNTERS = {
     "mqttd_cluster_discarded_bytes_total": "discarded_bytes",
     "mqttd_cluster_not_exported_total": "not_exported",
     "mqttd_cluster_nats_reconnects_total": "nats_reconnects",
+    "mqttd_cluster_paces_sent_total": "paces_sent",
+    "mqttd_cluster_paces_received_total": "paces_received",
     'mqttd_messages_dropped_total{reason="queue_full"}': "dropped_queue_full",
     'mqttd_messages_dropped_total{reason="qos0_backed_up"}': "dropped_qos0",
 }
@@ -594,6 +596,8 @@ def run_cluster(scenario: str, size: bench.Size, binary: str | None, nats: dict[
             )
             if result.get("lost") or result["status"] != "ok":  # what the nodes said
                 result["node_logs"] = {n.node_name: n.log_tail(3000) for n in cluster.nodes}
+                # and what the NATS servers said (a slow consumer cut, say)
+                result["nats_logs"] = {s.name: s.log()[-3000:] for s in cluster.servers}
     except Exception as exc:
         result["status"] = "error"
         result["error"] = f"{type(exc).__name__}: {exc}"[:2000]

@@ -87,12 +87,12 @@ class RemotePacing:
     def routed(self, origin: str, conn: Connection) -> None:
         """After routing a message of ``origin``: tell it to pause if it is now held."""
         if conn.held_by and origin not in self.pacing:
-            self.pacing[origin] = 0.0
             self._send(origin, "on")
             self._changed.set()
 
     def _send(self, origin: str, state: str) -> None:
-        self.pacing[origin] = trio.current_time() if state == "on" else 0.0
+        if state == "on":  # (an "off" follows its removal from ``pacing``: not put back)
+            self.pacing[origin] = trio.current_time()
         try:
             self.node.client.publish_nowait(PREFIX + origin,
                                             f"{self.node.node} {state}".encode())
@@ -157,4 +157,5 @@ class RemotePacing:
             "cluster_paces_sent": self.paces_sent,
             "cluster_paces_received": self.paces_received,
             "cluster_paced_by": len(self.paced_by),
+            "cluster_pacing": len(self.pacing),
         }

@@ -342,4 +342,10 @@ async def test_a_slow_subscriber_paces_a_publisher_on_another_node(
             assert [p for p in received if p.startswith(b"f-")] == expected(b"f-", count)
             assert await metric(b, 'mqttd_messages_dropped_total{reason="queue_full"}') == 0
             assert await metric(a, "mqttd_cluster_paces_received_total") >= 1
+            # drained: n1 lets n0 go for good (it once put n0 back on its list with every
+            # "off", then paused it again 50 ms later, on and off, until its NATS server
+            # cut it as a slow consumer under a longer flood)
+            while (await metric(b, "mqttd_cluster_pacing")
+                   or await metric(a, "mqttd_cluster_paced_by")):
+                await trio.sleep(0.05)  # polling, bounded by the fail_after above
             ns.cancel_scope.cancel()
