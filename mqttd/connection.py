@@ -55,6 +55,7 @@ class State(enum.Enum):
 _CONNECTED = State.CONNECTED
 _CLOSED = State.CLOSED
 
+
 def _noop() -> None:
     pass
 
